@@ -1,0 +1,1 @@
+"""meshpilot.launch: local, Ray, Slurm, Kubernetes and MPI backends."""

@@ -1,0 +1,1 @@
+"""meshpilot.orchestrator: job configuration, the plan, the simulator, the planner and the CLI."""

@@ -1,0 +1,99 @@
+"""Cluster presets (cluster_configs/*.yaml, installed as package data) and local detection."""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+# Datasheet numbers for GPUs that `local` detection recognises by NVML name.
+_KNOWN_GPUS = {
+    "H100": dict(name="H100-SXM5-80GB", bf16_tflops=989.4, fp16_tflops=989.4, fp32_tflops=66.9,
+                 memory_bandwidth_gbs=3350),
+    "H200": dict(name="H200-SXM-141GB", bf16_tflops=989.4, fp16_tflops=989.4, fp32_tflops=66.9,
+                 memory_bandwidth_gbs=4800),
+    "A100": dict(name="A100", bf16_tflops=312, fp16_tflops=312, fp32_tflops=19.5,
+                 memory_bandwidth_gbs=1555),
+}
+
+
+def _preset_dir():
+    return resources.files("meshpilot.cluster_configs")
+
+
+def cluster_preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def cluster_preset(name: str) -> dict[str, Any]:
+    """The preset as a plain mapping of ClusterConfig fields (``local`` is detected)."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        data = yaml.safe_load(Path(name).read_text())
+    else:
+        f = _preset_dir() / f"{name}.yaml"
+        if not f.is_file():
+            raise ConfigError("cluster", name, reason="unknown cluster preset",
+                              fix="use one of " + ", ".join(cluster_preset_names())
+                              + ", a path to a cluster YAML, or an inline mapping with at least nodes and gpus_per_node")
+        data = yaml.safe_load(f.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError("cluster", name, reason="a cluster file must hold a mapping")
+    if data.get("name") == "local":
+        data = detect_local(data)
+    return data
+
+
+def detect_local(base: dict[str, Any]) -> dict[str, Any]:
+    """Fill the local preset from this machine: NVML GPUs if any, else CPU workers."""
+    out = dict(base, gpu=dict(base.get("gpu", {})))
+    mem_gib = _host_memory_gib()
+    cores = os.cpu_count() or 1
+    out["cpu_cores"], out["cpu_memory_gib"] = cores, round(mem_gib, 1)
+    gpus = _nvml_gpus()
+    if gpus:
+        name, total_bytes = gpus[0]
+        out.update(accelerator="gpu", gpus_per_node=len(gpus))
+        known = next((v for k, v in _KNOWN_GPUS.items() if k in name), None)
+        out["gpu"].update(known or dict(name=name))
+        out["gpu"]["memory_gib"] = round(total_bytes / 2**30, 1)
+        out.update(intra_node_bandwidth_gbs=300 if known else 20, pcie_bandwidth_gbs=25,
+                   intra_node_latency_us=10)
+    else:
+        workers = max(1, min(4, cores))
+        out.update(accelerator="cpu", gpus_per_node=workers)
+        out["gpu"]["memory_gib"] = round(mem_gib / workers, 1)
+    return out
+
+
+def _host_memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return 16.0
+
+
+def _nvml_gpus() -> list[tuple[str, int]]:
+    """(name, total memory bytes) per visible GPU via NVML; empty when NVML or GPUs are absent."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append((name.decode() if isinstance(name, bytes) else name,
+                        int(pynvml.nvmlDeviceGetMemoryInfo(h).total)))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            idx = [int(x) for x in visible.split(",") if x.strip().isdigit()]
+            out = [out[i] for i in idx if i < len(out)]
+        return out
+    finally:
+        pynvml.nvmlShutdown()

@@ -1,0 +1,147 @@
+"""The job configuration: four typed sections (model, cluster, train, plan).
+
+These are OmegaConf structured dataclasses. A job file is YAML; any key can be overridden
+from the command line with dotlist syntax (``plan.zero_stage=3 cluster=dgx-h100``).
+Loading, preset resolution and validation live in :mod:`meshpilot.orchestrator.job`;
+this module only declares the schema and the allowed values.
+
+``None`` in the plan section means "not fixed": with ``plan: auto`` the planner chooses
+it, with a fixed plan the default documented on the field applies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+ARCHS = ("llama", "gpt2", "opt", "mixtral")
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "sgd", "zo-sgd")
+OFFLOAD = ("none", "cpu")
+CHECKPOINTING = ("none", "full")
+ZO_MODES = ("none", "mezo", "zo2")
+ACCELERATORS = ("gpu", "cpu")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer dimensions. ``model: <preset>`` or a HF config.json path also work."""
+    name: str = "custom"
+    arch: str = "llama"                     # llama | gpt2 | opt | mixtral
+    layers: int = MISSING
+    hidden: int = MISSING
+    heads: int = MISSING
+    kv_heads: Optional[int] = None          # default: heads (no grouped-query attention)
+    ffn: Optional[int] = None               # default: 4*hidden (gpt2, opt); LLaMA's 8h/3 rule otherwise
+    vocab: int = MISSING
+    max_positions: int = 2048               # learned position table size (gpt2, opt)
+    tie_embeddings: Optional[bool] = None   # default: true for gpt2/opt, false for llama/mixtral
+    num_experts: int = 0                    # > 0 makes MoE layers
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    moe_every: int = 1                      # layer i is MoE when i % moe_every == moe_every - 1
+    norm_eps: float = 1.0e-5
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class GPUSpec:
+    """One accelerator. FLOP/s are dense peak (no sparsity); bandwidths in GB/s (1e9 B/s)."""
+    name: str = "generic"
+    memory_gib: float = MISSING
+    bf16_tflops: float = MISSING
+    fp16_tflops: float = MISSING
+    fp32_tflops: float = MISSING
+    memory_bandwidth_gbs: float = MISSING
+
+
+@dataclass
+class SlurmSettings:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time_limit: Optional[str] = None        # Slurm syntax, e.g. "04:00:00"
+    qos: Optional[str] = None
+    extra_sbatch: List[str] = field(default_factory=list)
+
+
+@dataclass
+class KubernetesSettings:
+    namespace: Optional[str] = None
+    image: Optional[str] = None
+    tolerations: List[Dict[str, str]] = field(default_factory=list)
+    node_selector: Dict[str, str] = field(default_factory=dict)
+    shm_size: str = "16Gi"
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster of identical nodes. ``cluster: <preset>`` loads cluster_configs/<preset>.yaml.
+
+    Bandwidths are achievable bus bandwidths per GPU in GB/s (nccl-tests convention);
+    ``inter_node_bandwidth_gbs`` is the share of one GPU (node NIC bandwidth / gpus_per_node).
+    """
+    name: str = "custom"
+    nodes: int = 1
+    gpus_per_node: int = MISSING
+    accelerator: str = "gpu"                # gpu | cpu (CPU workers over gloo)
+    gpu: GPUSpec = field(default_factory=GPUSpec)
+    intra_node_bandwidth_gbs: float = MISSING
+    inter_node_bandwidth_gbs: float = MISSING
+    intra_node_latency_us: float = 10.0
+    inter_node_latency_us: float = 20.0
+    pcie_bandwidth_gbs: float = MISSING     # host <-> device, per GPU, pinned memory
+    cpu_memory_gib: float = MISSING         # per node
+    cpu_cores: int = MISSING                # per node
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    global_batch: int = 16                  # sequences per optimizer step
+    precision: str = "bf16"                 # bf16 | fp16 | fp32
+    optimizer: str = "adamw"                # adamw | sgd | zo-sgd
+    lr: float = 1.0e-5
+    steps: int = 100
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 1234
+    zo_eps: float = 1.0e-3                  # perturbation scale of zeroth-order steps
+    data: str = "synthetic"                 # synthetic | demo | path to a token file
+    checkpoint_every: int = 0               # 0: only at the end
+    output_dir: str = "runs"
+
+
+@dataclass
+class ZOPlanConfig:
+    mode: Optional[str] = None              # none | mezo | zo2       (default none)
+    pertp: Optional[int] = None             # perturbation parallel degree, 1 or 2 (default 1)
+    dp: Optional[int] = None                # zeroth-order data parallel degree (default 1)
+
+
+@dataclass
+class PlanConfig:
+    """The parallel layout as the user wrote it. ``plan: auto`` sets ``auto``."""
+    auto: bool = False
+    dp: Optional[int] = None                # default: every GPU not used by tp
+    tp: Optional[int] = None                # default 1
+    ep: Optional[int] = None                # default 1
+    zero_stage: Optional[int] = None        # default 0
+    offload_optimizer: Optional[str] = None  # none | cpu (default none)
+    offload_params: Optional[str] = None    # none | cpu (default none; needs zero_stage 3)
+    micro_batch: Optional[int] = None       # default: global_batch / dp (no accumulation)
+    activation_checkpointing: Optional[str] = None  # none | full (default none)
+    sequence_parallel: Optional[bool] = None  # default false; only with tp > 1
+    zo: ZOPlanConfig = field(default_factory=ZOPlanConfig)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)

@@ -1,0 +1,232 @@
+"""Loading a job: YAML file + dotlist overrides + presets -> a validated :class:`JobConfig`.
+
+Order of operations (each step raises :class:`ConfigError` naming the full key):
+1. read the YAML file (a mapping with the sections model, cluster, train, plan);
+2. resolve section shorthands: ``model: <preset | config.json>``, ``cluster: <preset | file>``,
+   ``plan: auto``;
+3. apply the overrides left to right, so ``cluster=dgx-h100 cluster.nodes=128`` first
+   replaces the cluster by the preset and then changes one of its fields;
+4. reject unknown keys (with the allowed ones and a close match), merge onto the typed
+   schema (type errors name the key), fill derived defaults and check every value.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from . import config as C
+from .clusters import cluster_preset
+from .errors import ConfigError, check_choice, check_positive
+from .models import llama_ffn, model_from_hf_config, model_preset
+
+SECTIONS = ("model", "cluster", "train", "plan")
+
+
+def load_job(path: str | Path | None = None, overrides: Iterable[str] = ()) -> C.JobConfig:
+    """Read a job file (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("job file", str(path), reason="no such file")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+        except Exception as e:  # YAML syntax errors and bad interpolations
+            raise ConfigError("job file", str(path), reason=f"cannot parse: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("job file", str(path), reason="must be a mapping with the sections "
+                              + ", ".join(SECTIONS))
+        raw = loaded
+    return job_from_dict(raw, overrides)
+
+
+def job_from_dict(raw: dict[str, Any], overrides: Iterable[str] = ()) -> C.JobConfig:
+    raw = copy.deepcopy(raw)
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(str(key), reason="unknown section", allowed=SECTIONS, fix=_close(key, SECTIONS))
+    for s in SECTIONS:
+        raw[s] = _shorthand(s, raw.get(s))
+    for item in overrides:
+        _apply_override(raw, item)
+    _check_keys(raw, C.JobConfig, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(C.JobConfig), raw)
+        job = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(e.full_key, reason="is required (no default)") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(getattr(e, "full_key", "?") or "?", reason=_short(e)) from None
+    _fill_defaults(job)
+    validate_job(job)
+    return job
+
+
+def dump_job(job: C.JobConfig) -> str:
+    """The resolved job as YAML; loading it again gives an equal JobConfig."""
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def job_to_dict(job: C.JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(job)
+
+
+# --- steps --------------------------------------------------------------------------------
+
+def _shorthand(section: str, value: Any) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(section, value, reason="must be a mapping or a name")
+    if section == "model":
+        if value.endswith(".json"):
+            return model_from_hf_config(value)
+        return model_preset(value)
+    if section == "cluster":
+        return cluster_preset(value)
+    if section == "plan":
+        if value != "auto":
+            raise ConfigError("plan", value, reason="must be a mapping or 'auto'",
+                              fix="write plan: auto to let the planner choose, or give the degrees")
+        return {"auto": True}
+    raise ConfigError(section, value, reason="must be a mapping")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(item, reason="an override must be key=value", fix="e.g. plan.zero_stage=3")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception as e:
+        raise ConfigError(key, text, reason=f"cannot parse value: {e}") from None
+    parts = key.split(".")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(key, value, reason="unknown section", allowed=SECTIONS, fix=_close(parts[0], SECTIONS))
+    if len(parts) == 1:
+        raw[key] = _shorthand(key, value)
+        return
+    node = raw[parts[0]]
+    for i, p in enumerate(parts[1:-1], start=1):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), nxt, reason="is not a mapping; cannot set " + key)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _check_keys(raw: dict[str, Any], cls: type, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            names = sorted(fields)
+            raise ConfigError(full, reason="unknown key", allowed=names, fix=_close(key, names))
+        ftype = _dataclass_type(cls, key)
+        if ftype is not None:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(full, value, reason="must be a mapping with keys "
+                                  + ", ".join(f.name for f in dataclasses.fields(ftype)))
+            _check_keys(value, ftype, full + ".")
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = cls.__annotations__.get(name)
+    if isinstance(hint, str):
+        hint = getattr(C, hint, None)
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def _fill_defaults(job: C.JobConfig) -> None:
+    m = job.model
+    if m.kv_heads is None:
+        m.kv_heads = m.heads
+    if m.tie_embeddings is None:
+        m.tie_embeddings = m.arch in ("gpt2", "opt")
+    if m.ffn is None:
+        m.ffn = 4 * m.hidden if m.arch in ("gpt2", "opt") else llama_ffn(m.hidden)
+
+
+def validate_job(job: C.JobConfig) -> None:
+    """Check every value of each section on its own; cross-section checks live in the plan."""
+    m, c, t, p = job.model, job.cluster, job.train, job.plan
+    check_choice("model.arch", m.arch, C.ARCHS)
+    for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
+        check_positive(f"model.{k}", getattr(m, k))
+    if m.hidden % m.heads:
+        raise ConfigError("model.hidden", m.hidden, reason=f"must be divisible by model.heads={m.heads}")
+    if m.kv_heads > m.heads or m.heads % m.kv_heads:
+        raise ConfigError("model.kv_heads", m.kv_heads, reason=f"must divide model.heads={m.heads}")
+    check_positive("model.num_experts", m.num_experts, zero_ok=True)
+    if m.arch == "mixtral" and m.num_experts < 2:
+        raise ConfigError("model.num_experts", m.num_experts, reason="arch mixtral needs at least 2 experts")
+    if m.num_experts:
+        if not 1 <= m.top_k <= m.num_experts:
+            raise ConfigError("model.top_k", m.top_k, reason=f"must be between 1 and model.num_experts={m.num_experts}")
+        check_positive("model.capacity_factor", m.capacity_factor)
+        check_positive("model.moe_every", m.moe_every)
+        if m.moe_every > m.layers:
+            raise ConfigError("model.moe_every", m.moe_every, reason=f"exceeds model.layers={m.layers}: no MoE layer")
+
+    check_choice("cluster.accelerator", c.accelerator, C.ACCELERATORS)
+    for k in ("nodes", "gpus_per_node", "cpu_cores"):
+        check_positive(f"cluster.{k}", getattr(c, k))
+    for k in ("memory_gib", "bf16_tflops", "fp16_tflops", "fp32_tflops", "memory_bandwidth_gbs"):
+        check_positive(f"cluster.gpu.{k}", getattr(c.gpu, k))
+    for k in ("intra_node_bandwidth_gbs", "inter_node_bandwidth_gbs", "pcie_bandwidth_gbs", "cpu_memory_gib"):
+        check_positive(f"cluster.{k}", getattr(c, k))
+    for k in ("intra_node_latency_us", "inter_node_latency_us"):
+        check_positive(f"cluster.{k}", getattr(c, k), zero_ok=True)
+
+    for k in ("seq_len", "global_batch", "steps"):
+        check_positive(f"train.{k}", getattr(t, k))
+    check_choice("train.precision", t.precision, C.PRECISIONS)
+    check_choice("train.optimizer", t.optimizer, C.OPTIMIZERS)
+    check_positive("train.lr", t.lr)
+    check_positive("train.zo_eps", t.zo_eps)
+    for k in ("weight_decay", "warmup_steps", "grad_clip", "checkpoint_every"):
+        check_positive(f"train.{k}", getattr(t, k), zero_ok=True)
+    if m.arch in ("gpt2", "opt") and t.seq_len > m.max_positions:
+        raise ConfigError("train.seq_len", t.seq_len, reason=f"exceeds model.max_positions={m.max_positions} "
+                          f"(learned positions of arch {m.arch})", fix=f"use train.seq_len<={m.max_positions}")
+
+    for k in ("dp", "tp", "ep", "micro_batch"):
+        check_positive(f"plan.{k}", getattr(p, k))
+    if p.zero_stage is not None:
+        check_choice("plan.zero_stage", p.zero_stage, C.ZERO_STAGES)
+    if p.offload_optimizer is not None:
+        check_choice("plan.offload_optimizer", p.offload_optimizer, C.OFFLOAD)
+    if p.offload_params is not None:
+        check_choice("plan.offload_params", p.offload_params, C.OFFLOAD)
+    if p.activation_checkpointing is not None:
+        check_choice("plan.activation_checkpointing", p.activation_checkpointing, C.CHECKPOINTING)
+    if p.zo.mode is not None:
+        check_choice("plan.zo.mode", p.zo.mode, C.ZO_MODES)
+    if p.zo.pertp is not None:
+        check_choice("plan.zo.pertp", p.zo.pertp, (1, 2))
+    check_positive("plan.zo.dp", p.zo.dp)
+
+
+def _close(word: str, options: Iterable[str]) -> str | None:
+    m = difflib.get_close_matches(str(word), list(options), n=1)
+    return f"did you mean {m[0]!r}?" if m else None
+
+
+def _short(e: OmegaConfBaseException) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    return msg.split("\n")[0].strip()

@@ -1,0 +1,1 @@
+"""meshpilot.strategies: ZeRO/offload through DeepSpeed, tensor parallel, expert parallel, zeroth-order."""
