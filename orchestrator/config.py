@@ -76,6 +76,21 @@ class KubernetesSettings:
 
 
 @dataclass
+class CalibrationConfig:
+    """Measured rates that replace datasheet numbers (written by ``meshpilot probe``; None = not measured)."""
+    measured_on: Optional[str] = None          # card and date of the measurement
+    matmul_tflops: Optional[float] = None      # achieved bf16 TFLOP/s on transformer-shaped products
+    allreduce_busbw_gbs: Optional[float] = None
+    allgather_busbw_gbs: Optional[float] = None
+    reducescatter_busbw_gbs: Optional[float] = None
+    alltoall_busbw_gbs: Optional[float] = None
+    collective_latency_us: Optional[float] = None
+    h2d_gbs: Optional[float] = None            # pinned host -> device
+    d2h_gbs: Optional[float] = None            # device -> pinned host
+    cpu_adam_gparams_per_s: Optional[float] = None  # DeepSpeed CPUAdam, billions of parameters per second per node
+
+
+@dataclass
 class ClusterConfig:
     """A cluster of identical nodes. ``cluster: <preset>`` loads cluster_configs/<preset>.yaml.
 
@@ -96,6 +111,7 @@ class ClusterConfig:
     cpu_cores: int = MISSING                # per node
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 @dataclass
