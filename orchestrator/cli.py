@@ -12,6 +12,13 @@ from .errors import ConfigError
 _COMMAND_MODULES = (
     "meshpilot.orchestrator.cmd_presets",
     "meshpilot.orchestrator.cmd_validate",
+    "meshpilot.orchestrator.cmd_probe",
+    "meshpilot.orchestrator.cmd_run",
+    "meshpilot.orchestrator.cmd_status",
+    "meshpilot.orchestrator.cmd_logs",
+    "meshpilot.orchestrator.cmd_cancel",
+    "meshpilot.orchestrator.cmd_simulate",
+    "meshpilot.orchestrator.cmd_plan",
 )
 
 

@@ -11,7 +11,7 @@ it, with a fixed plan the default documented on the field applies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -130,6 +130,9 @@ class TrainConfig:
     data: str = "synthetic"                 # synthetic | demo | path to a token file
     checkpoint_every: int = 0               # 0: only at the end
     output_dir: str = "runs"
+    # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
+    # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.
+    deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -38,11 +38,12 @@ def _add(name: str, arch: str, layers: int, hidden: int, heads: int, ffn: int, v
 for _n, _L, _h, _a, _p in [("gpt2", 12, 768, 12, 124e6), ("gpt2-medium", 24, 1024, 16, 355e6),
                            ("gpt2-large", 36, 1280, 20, 774e6), ("gpt2-xl", 48, 1600, 25, 1.56e9)]:
     _add(_n, "gpt2", _L, _h, _a, 4 * _h, 50257, _p, max_positions=1024)
-# OPT (Zhang et al. 2022, Table 1); vocab 50272, 2048 positions (+2 offset rows).
-for _n, _L, _h, _a, _p in [("opt-125m", 12, 768, 12, 125e6), ("opt-1.3b", 24, 2048, 32, 1.3e9),
-                           ("opt-2.7b", 32, 2560, 32, 2.7e9), ("opt-6.7b", 32, 4096, 32, 6.7e9),
-                           ("opt-13b", 40, 5120, 40, 13e9), ("opt-30b", 48, 7168, 56, 30e9),
-                           ("opt-66b", 64, 9216, 72, 66e9), ("opt-175b", 96, 12288, 96, 175e9)]:
+# OPT (Zhang et al. 2022, Table 1); vocab 50272, 2048 positions (+2 offset rows). The names round
+# the size; the counts here are those of the released checkpoints (1.3b holds 1.316B, 2.7b 2.652B, 13b 12.85B).
+for _n, _L, _h, _a, _p in [("opt-125m", 12, 768, 12, 125e6), ("opt-1.3b", 24, 2048, 32, 1.316e9),
+                           ("opt-2.7b", 32, 2560, 32, 2.652e9), ("opt-6.7b", 32, 4096, 32, 6.658e9),
+                           ("opt-13b", 40, 5120, 40, 12.85e9), ("opt-30b", 48, 7168, 56, 29.97e9),
+                           ("opt-66b", 64, 9216, 72, 65.7e9), ("opt-175b", 96, 12288, 96, 175e9)]:
     _add(_n, "opt", _L, _h, _a, 4 * _h, 50272, _p)
 # LLaMA 2 (Touvron et al. 2023) and LLaMA 3; published counts as reported by the HF checkpoints.
 _add("llama-2-7b", "llama", 32, 4096, 32, 11008, 32000, 6.74e9, max_positions=4096)

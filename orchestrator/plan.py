@@ -70,12 +70,6 @@ class Plan:
             s += " off_param"
         if self.activation_checkpointing != "none":
             s += f" ac={self.activation_checkpointing}"
-        if self.world_size > gpus:
-            what = (f"pertp={self.zo_pertp} x zo.dp={self.zo_dp}" if zo else f"dp={self.dp} x tp={self.tp}")
-            raise ConfigError("plan.zo.dp" if zo else "plan.dp", self.zo_dp if zo else self.dp,
-                              reason=f"the plan needs {self.world_size} GPUs ({what}); cluster {cluster.name} has "
-                                     f"{gpus} ({cluster.nodes} node(s) x {cluster.gpus_per_node})",
-                              fix="lower the degrees or use a larger cluster (e.g. cluster.nodes=...)")
         if self.sequence_parallel:
             s += " sp"
         return s
@@ -125,6 +119,12 @@ class Plan:
                                   f"(cluster.gpus_per_node={cluster.gpus_per_node})",
                                   fix="keep tp a divisor of gpus_per_node: " + _divisors_str(cluster.gpus_per_node,
                                                                                              cluster.gpus_per_node))
+        if self.world_size > gpus:
+            what = (f"pertp={self.zo_pertp} x zo.dp={self.zo_dp}" if zo else f"dp={self.dp} x tp={self.tp}")
+            raise ConfigError("plan.zo.dp" if zo else "plan.dp", self.zo_dp if zo else self.dp,
+                              reason=f"the plan needs {self.world_size} GPUs ({what}); cluster {cluster.name} has "
+                                     f"{gpus} ({cluster.nodes} node(s) x {cluster.gpus_per_node})",
+                              fix="lower the degrees or use a larger cluster (e.g. cluster.nodes=...)")
         if self.sequence_parallel:
             if tp == 1:
                 raise ConfigError("plan.sequence_parallel", True, reason="needs plan.tp > 1")

@@ -1,0 +1,290 @@
+"""The run controller: an explicit state machine over a gang of workers.
+
+States and the transitions allowed between them::
+
+    pending ──> scheduling ──> running ──> succeeded
+                  │  ^            │
+                  │  └─ restarting <┘      (a worker died, its heartbeat stopped, a step hung)
+                  └───────────┴────────> failed | cancelled   (from any non-terminal state)
+
+The controller owns no resources itself: it drives a :class:`WorkerGroup` (the Ray gang in
+``meshpilot.launch.ray_backend``, a fake one in tests) through ``start`` / ``poll`` /
+``stop`` / ``shutdown``. Every failure tears the *whole* gang down (a collective cannot
+continue with a missing member) and asks the :class:`FailurePolicy` what to do; the policy
+returns a decision dataclass: :class:`RestartDecision` (after an exponential backoff
+``delay = min(backoff_max_s, backoff_s * factor**restarts)``) or :class:`FailDecision`.
+Restarted workers resume from the run directory's latest complete checkpoint, so only the
+steps after that checkpoint are repeated.
+
+:meth:`Controller.step` performs one action and returns; :meth:`Controller.run` loops it.
+Time and sleeping are injected, so tests step the machine deterministically. Every
+transition is passed to ``on_transition`` (the CLI persists it to state.json and
+events.jsonl) and logged.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Union
+
+log = logging.getLogger(__name__)
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "pending"
+    SCHEDULING = "scheduling"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+S = JobStatus
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    S.PENDING: frozenset({S.SCHEDULING, S.FAILED, S.CANCELLED}),
+    S.SCHEDULING: frozenset({S.RUNNING, S.RESTARTING, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.RESTARTING, S.FAILED, S.CANCELLED}),
+    S.RESTARTING: frozenset({S.SCHEDULING, S.FAILED, S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+# --- what the worker group reports --------------------------------------------------------
+
+FAILURE_KINDS = ("worker_died", "heartbeat_stale", "step_timeout", "worker_error", "placement", "rendezvous")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a gang stopped working. ``retryable=False`` fails the job without a restart
+    (a placement that cannot be satisfied, a configuration error inside a worker)."""
+    kind: str
+    message: str
+    rank: Optional[int] = None
+    retryable: bool = True
+
+    def __str__(self) -> str:
+        who = f"rank {self.rank}: " if self.rank is not None else ""
+        return f"{self.kind}: {who}{self.message}"
+
+
+class GangError(RuntimeError):
+    """Raised by :meth:`WorkerGroup.start` when the gang cannot be formed."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Rank 0's latest step (``metrics`` is whatever the worker's on_step reported)."""
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupPoll:
+    """One look at the gang: ``results`` (one dict per rank) once every worker returned,
+    ``failure`` if one failed, else still running."""
+    progress: Optional[Progress] = None
+    failure: Optional[Failure] = None
+    results: Optional[list[dict[str, Any]]] = None
+
+
+class WorkerGroup(Protocol):
+    def start(self, attempt: int) -> list[int]:
+        """Reserve resources, start one worker per rank, rendezvous; return worker pids.
+        Raises GangError."""
+
+    def poll(self) -> GroupPoll:
+        """Non-blocking check of the workers."""
+
+    def stop(self, grace_s: float) -> None:
+        """Ask the workers to stop at the next step (cancel); wait at most grace_s."""
+
+    def shutdown(self) -> None:
+        """Kill every worker and release the reservation. Idempotent."""
+
+
+# --- the failure policy -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RestartDecision:
+    delay_s: float
+    restart_number: int        # 1 for the first restart
+    reason: str
+
+
+@dataclass(frozen=True)
+class FailDecision:
+    reason: str
+
+
+Decision = Union[RestartDecision, FailDecision]
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """Restart up to ``max_restarts`` times, waiting ``min(backoff_max_s, backoff_s * factor**k)``
+    before restart k+1 (k = restarts so far). Non-retryable failures fail at once."""
+    max_restarts: int = 3
+    backoff_s: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.backoff_s < 0 or self.backoff_factor < 1 or self.backoff_max_s < 0:
+            raise ValueError(f"invalid failure policy {self}")
+
+    def backoff(self, restarts_so_far: int) -> float:
+        return min(self.backoff_max_s, self.backoff_s * self.backoff_factor ** restarts_so_far)
+
+    def decide(self, failure: Failure, restarts_so_far: int) -> Decision:
+        if not failure.retryable:
+            return FailDecision(f"{failure} (not retryable)")
+        if restarts_so_far >= self.max_restarts:
+            return FailDecision(f"{failure}; gave up after {restarts_so_far} restart(s) (max_restarts="
+                                f"{self.max_restarts})")
+        return RestartDecision(delay_s=self.backoff(restarts_so_far), restart_number=restarts_so_far + 1,
+                               reason=str(failure))
+
+
+# --- the controller -----------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    status: JobStatus
+    message: str
+    attempts: int
+    restarts: int
+    failures: list[Failure]
+    results: Optional[list[dict[str, Any]]]
+
+
+TransitionHook = Callable[[JobStatus, JobStatus, str, dict], None]
+
+
+class Controller:
+    """Drives one job through the state machine. Not thread-safe; call from one thread."""
+
+    def __init__(self, group: WorkerGroup, policy: FailurePolicy = FailurePolicy(), *,
+                 on_transition: Optional[TransitionHook] = None,
+                 on_progress: Optional[Callable[[Progress], None]] = None,
+                 cancel_requested: Callable[[], bool] = lambda: False,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 poll_interval_s: float = 0.5, cancel_grace_s: float = 10.0):
+        self.group, self.policy = group, policy
+        self._on_transition, self._on_progress = on_transition, on_progress
+        self._cancel_requested, self._clock, self._sleep = cancel_requested, clock, sleep
+        self.poll_interval_s, self.cancel_grace_s = poll_interval_s, cancel_grace_s
+        self.status = JobStatus.PENDING
+        self.attempt = 0            # index of the current (or next) gang
+        self.restarts = 0
+        self.failures: list[Failure] = []
+        self.results: Optional[list[dict[str, Any]]] = None
+        self.message = ""
+        self._restart_at = 0.0
+        self._gang_up = False
+
+    # --- transitions ----------------------------------------------------------------------
+    def _to(self, new: JobStatus, reason: str, **info: Any) -> None:
+        old = self.status
+        if new not in ALLOWED_TRANSITIONS[old]:
+            raise IllegalTransition(f"{old.value} -> {new.value} is not allowed ({reason})")
+        self.status, self.message = new, reason
+        log.info("controller: %s -> %s (attempt %d): %s", old.value, new.value, self.attempt, reason)
+        if self._on_transition is not None:
+            self._on_transition(old, new, reason, dict(info, attempt=self.attempt, restarts=self.restarts))
+
+    def _teardown(self) -> None:
+        try:
+            self.group.shutdown()
+        finally:
+            self._gang_up = False
+
+    def _handle_failure(self, failure: Failure) -> None:
+        self.failures.append(failure)
+        log.warning("controller: attempt %d failed: %s; tearing the gang down", self.attempt, failure)
+        self._teardown()
+        decision = self.policy.decide(failure, self.restarts)
+        if isinstance(decision, FailDecision):
+            self._to(S.FAILED, decision.reason, failure=failure.kind, rank=failure.rank)
+            return
+        self.restarts = decision.restart_number
+        self._restart_at = self._clock() + decision.delay_s
+        self._to(S.RESTARTING, f"{decision.reason}; restart {decision.restart_number}/{self.policy.max_restarts} "
+                 f"in {decision.delay_s:.1f}s", failure=failure.kind, rank=failure.rank, delay_s=decision.delay_s)
+
+    def _cancel(self) -> None:
+        if self._gang_up:
+            try:
+                self.group.stop(self.cancel_grace_s)
+            except Exception as e:  # the gang may already be half dead; shutdown below still runs
+                log.warning("controller: stopping the workers failed: %s", e)
+        self._teardown()
+        self._to(S.CANCELLED, "cancel requested")
+
+    # --- one action -----------------------------------------------------------------------
+    def step(self) -> bool:
+        """Do one action; return False once the job is in a terminal state."""
+        st = self.status
+        if st.terminal:
+            return False
+        if self._cancel_requested():
+            self._cancel()
+            return False
+        if st is S.PENDING:
+            self._to(S.SCHEDULING, "reserving resources for the gang")
+        elif st is S.SCHEDULING:
+            try:
+                self._gang_up = True
+                pids = self.group.start(self.attempt)
+            except GangError as e:
+                self._handle_failure(e.failure)
+            else:
+                self._to(S.RUNNING, f"{len(pids)} worker(s) started", pids=list(pids))
+        elif st is S.RUNNING:
+            poll = self.group.poll()
+            if poll.progress is not None and self._on_progress is not None:
+                self._on_progress(poll.progress)
+            if poll.failure is not None:
+                self._handle_failure(poll.failure)
+            elif poll.results is not None:
+                self.results = poll.results
+                self._teardown()
+                self._to(S.SUCCEEDED, f"all {len(poll.results)} worker(s) finished")
+            else:
+                self._sleep(self.poll_interval_s)
+        elif st is S.RESTARTING:
+            wait = self._restart_at - self._clock()
+            if wait > 0:
+                self._sleep(min(wait, self.poll_interval_s))
+            else:
+                self.attempt += 1
+                self._to(S.SCHEDULING, f"restarting the gang (attempt {self.attempt}) from the latest checkpoint")
+        return not self.status.terminal
+
+    def run(self) -> Outcome:
+        try:
+            while self.step():
+                pass
+        except BaseException:
+            # an exception in the controller itself (or Ctrl-C): never leave workers behind
+            self._teardown()
+            raise
+        return Outcome(self.status, self.message, self.attempt + 1, self.restarts, list(self.failures), self.results)

@@ -1,0 +1,146 @@
+"""What the simulator returns (:class:`Estimate`) and every constant it uses (:class:`SimulatorConstants`).
+
+All efficiency factors and overhead terms of the memory and time models live in
+:class:`SimulatorConstants`, so that measurements (``meshpilot probe`` and the accuracy
+runs) can fit them and pass a fitted copy to ``simulate(..., constants=...)``. Defaults
+are DeepSpeed 0.19 defaults (bucket sizes, overlap) and first-principles estimates for an
+H100 node; each field says where its default comes from.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+GIB = float(2**30)
+
+MEMORY_KEYS = ("weights", "gradients", "optimizer_states", "activations", "temporary",
+               "communication_buffers", "framework_overhead")
+TIME_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp_reduction_exposed", "zero3_gathers",
+             "expert_alltoall", "offload_transfers", "cpu_optimizer", "optimizer_step")
+
+
+@dataclass(frozen=True)
+class SimulatorConstants:
+    """Tunable constants of the memory and time models (fit these, do not scatter them)."""
+    # --- fixed memory costs -------------------------------------------------------------
+    cuda_context_gib: float = 0.5
+    """CUDA context + cuBLAS workspace outside the caching allocator (NVML sees it; torch does not)."""
+    nccl_base_gib: float = 0.25
+    """NCCL buffers of the first communicator (default NCCL_BUFFSIZE 4 MiB x channels x peers)."""
+    nccl_per_group_gib: float = 0.08
+    """Each further communicator (tp, ep, edp, ...) a rank joins."""
+    fragmentation: float = 0.06
+    """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1)."""
+    # --- DeepSpeed defaults (elements) ----------------------------------------------------
+    reduce_bucket_size: float = 5e8
+    """zero_optimization.reduce_bucket_size: one torch.empty(reduce_bucket_size) gradient staging buffer
+    (model dtype) per dtype, allocated for stages 1-3 with contiguous_gradients (the default)."""
+    allgather_bucket_size: float = 5e8
+    """zero_optimization.allgather_bucket_size (stages 1-2 all-gather of updated parameters)."""
+    stage3_prefetch_bucket_size: float = 5e7
+    """stage3_prefetch_bucket_size: parameters gathered ahead of use."""
+    stage3_max_live_parameters: float = 1e9
+    """stage3_max_live_parameters: cap on gathered parameters resident at once."""
+    stage0_allreduce_bucket: float = 5e8
+    """Elements per flattened all-reduce buffer of the engine's plain data-parallel path (stage 0)."""
+    # --- activations ----------------------------------------------------------------------
+    logits_saved_bytes: float = 6.0
+    """Bytes per token per vocabulary entry alive at the end of forward: bf16 logits (2) and the fp32
+    log-softmax output saved by the loss (4)."""
+    logits_backward_bytes: float = 8.0
+    """Extra bytes per token per vocabulary entry during the loss backward: the fp32 softmax gradient and
+    its input-gradient copy."""
+    logits_forward_only_bytes: float = 10.0
+    """Forward-only loss (zeroth-order): bf16 logits, fp32 copy and log-softmax (2 + 4 + 4)."""
+    working_set_factor: float = 2.0
+    """Transient buffers of one layer (autograd gradients of activations, fp32 norm upcasts) in units of
+    that layer's (h + f) 16-bit values per token."""
+    # --- compute --------------------------------------------------------------------------
+    matmul_efficiency: float = 0.62
+    """Achieved / datasheet bf16 matrix rate for transformer layers at hidden 4096 (used without calibration)."""
+    shape_half_hidden: float = 512.0
+    """Hidden size (per tensor-parallel shard) at which the matrix rate halves: rate ~ x/(x + this)."""
+    shape_half_tokens: float = 256.0
+    """Tokens per micro-batch at which the matrix rate halves."""
+    layer_overhead_s: float = 4.0e-5
+    """Kernel-launch and Python overhead per layer and pass (forward; backward counts twice)."""
+    step_overhead_s: float = 0.015
+    """Per optimizer step: DeepSpeed bookkeeping, gradient-norm and clipping, logging."""
+    hbm_efficiency: float = 0.7
+    """Achieved / datasheet memory bandwidth for element-wise kernels (optimizer step, perturbations)."""
+    optimizer_bytes_per_param: float = 36.0
+    """HBM bytes touched per parameter by the fused Adam step (fp32 master, m, v read+write, grad, 16-bit copy)."""
+    cpu_adam_gparams_per_core: float = 0.02
+    """DeepSpeed CPUAdam throughput per CPU core, billions of parameters per second (without calibration)."""
+    pcie_efficiency: float = 0.9
+    """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration)."""
+    # --- overlap --------------------------------------------------------------------------
+    overlap_comm_stage012: float = 0.0
+    """Fraction of the data-parallel reduction hidden behind backward for stages 0-2. DeepSpeed's default
+    overlap_comm is false for these stages: the reduction runs on the compute stream."""
+    overlap_comm_stage3: float = 0.7
+    """Fraction of backward/forward compute time that can hide ZeRO-3 gathers and reductions
+    (overlap_comm defaults to true for stage 3)."""
+    zo2_overlap: float = 0.8
+    """Fraction of ZO2's block uploads hidden behind compute (it prefetches the next block)."""
+    # --- zeroth order ---------------------------------------------------------------------
+    zo2_window_blocks: int = 3
+    """Transformer blocks resident on the GPU in ZO2 (computing, uploading next, offloading previous)."""
+    zo_perturb_passes: float = 4.0
+    """Passes over the parameters per MeZO step (+eps, -2eps, +eps restore, update), each regenerating z."""
+    # --- CPU side -------------------------------------------------------------------------
+    cpu_process_gib: float = 3.0
+    """Host memory of one training process before offload (torch, CUDA, DeepSpeed, data loader)."""
+    cpu_pinned_buffer_gib: float = 1.0
+    """Pinned staging buffers per offloading rank."""
+
+    def replace(self, **kw: Any) -> "SimulatorConstants":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class Estimate:
+    """The simulator's prediction for one plan (per GPU on the most loaded rank)."""
+    plan: str
+    plan_config: dict[str, Any]
+    world_size: int
+    fits: bool
+    peak_memory_gib: float
+    gpu_memory_gib: float
+    cpu_memory_gib_per_node: float
+    cpu_memory_available_gib: float
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    memory_breakdown_gib: dict[str, float]
+    time_breakdown_s: dict[str, float]
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def constants_for_deepspeed(ds_config: dict[str, Any], base: SimulatorConstants | None = None) -> SimulatorConstants:
+    """``base`` with the buffer sizes and overlap of a DeepSpeed config dict (e.g. the one
+    ``strategies.deepspeed_config`` generates, which may differ from DeepSpeed's defaults).
+
+    Reads zero_optimization.{reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size,
+    stage3_max_live_parameters, overlap_comm}; absent keys keep ``base``'s values. overlap_comm=false at
+    stage 3 sets ``overlap_comm_stage3`` to 0; true at stages 0-2 sets ``overlap_comm_stage012`` to the
+    stage-3 fraction.
+    """
+    c = base or SimulatorConstants()
+    z = ds_config.get("zero_optimization", {}) or {}
+    kw: dict[str, Any] = {}
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_max_live_parameters"):
+        if key in z:
+            kw[key] = float(z[key])
+    if "overlap_comm" in z and z["overlap_comm"] is not None:
+        if int(z.get("stage", 0)) == 3:
+            kw["overlap_comm_stage3"] = c.overlap_comm_stage3 if z["overlap_comm"] else 0.0
+        else:
+            kw["overlap_comm_stage012"] = c.overlap_comm_stage3 if z["overlap_comm"] else 0.0
+    return c.replace(**kw)

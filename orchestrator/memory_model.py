@@ -1,0 +1,238 @@
+"""GPU and CPU memory per rank: model states, activations, buffers, fixed costs.
+
+Notation: P_r = parameters a rank holds before ZeRO sharding (tensor-parallel shard of the
+sharded matrices, experts divided by ep, replicated norms/routers whole); P_s = its ZeRO
+shard (non-expert parameters over the dp group, expert parameters over the expert-data-
+parallel group of dp/ep ranks); w = bytes of a 16-bit (or 32-bit) value; K = 12 for
+mixed-precision AdamW (fp32 master 4 + momentum 4 + variance 4), 4 for SGD (master only).
+
+What DeepSpeed 0.19 allocates with bf16 and defaults (read from runtime/fp16/fused_optimizer.py,
+runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
+- stage 0 (FP16_Optimizer): w·P_r weights, w·P_r gradients, K·P_r optimizer state; at the step a
+  flat fp32 copy of all gradients (4·P_r) plus the bucketed all-reduce flat buffer;
+- stage 1/2 (DeepSpeedZeroOptimizer): w·P_r weights, gradients w·P_r (stage 1) or w·P_s
+  (stage 2), K·P_s states, one ``reduce_bucket_size`` staging buffer (torch.empty, model dtype, even
+  for tiny models), a 4·P_s fp32 gradient partition at the step;
+- stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
+  max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, 4·P_s at the step;
+- offload_optimizer=cpu: states and fp32 gradients (K + 4)·P_s in pinned host memory;
+  offload_params=cpu: the w·P_s weight partition in host memory as well.
+
+Peak (what NVML reports) = (static + max(activation phase, step phase)) x (1 + fragmentation)
++ CUDA context + NCCL buffers.
+
+Activations are counted from the saved tensors of the Hugging Face layers with SDPA (no s^2
+scores): see :func:`layer_activation_bytes`. Every evaluation function takes numpy arrays (one
+entry per plan) so the planner scores thousands of plans in one call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import JobConfig, ModelConfig
+from .models import param_counts
+
+
+# --- published formulas (paper mode, for tests and explanation) ----------------------------
+
+def zero_model_states_paper(params: float, dp: int, stage: int, k: float = 12.0) -> float:
+    """Bytes per GPU of model states in the ZeRO paper (Rajbhandari et al. 2019, Figure 1):
+    stage 0: (2+2+K)P; 1: 4P + KP/d; 2: 2P + (2+K)P/d; 3: (2+2+K)P/d."""
+    P, d = float(params), float(dp)
+    if stage == 0:
+        return (4 + k) * P
+    if stage == 1:
+        return 4 * P + k * P / d
+    if stage == 2:
+        return 2 * P + (2 + k) * P / d
+    if stage == 3:
+        return (4 + k) * P / d
+    raise ValueError(f"stage must be 0-3, got {stage}")
+
+
+def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, mode: str = "none") -> float:
+    """Activation bytes per transformer layer (Korthikanti et al. 2022, Table 2), 16-bit activations
+    and 1-byte dropout masks. mode: none | tp | tp+sp | full (full recomputation)."""
+    sbh = s * b * h
+    if mode == "none":
+        return sbh * (34 + 5 * a * s / h)
+    if mode == "tp":
+        return sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    if mode == "tp+sp":
+        return sbh * (34 / t + 5 * a * s / (h * t))
+    if mode == "full":
+        return 2 * sbh
+    raise ValueError(f"mode must be none, tp, tp+sp or full, got {mode!r}")
+
+
+# --- the model's fixed terms ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Saved bytes per token of one layer, split by how tensor/sequence parallelism divides them.
+
+    ``replicated`` (norm inputs/outputs, dropout masks) is divided by t only with sequence
+    parallelism; ``attention`` and ``mlp`` (inside the tensor-parallel region) by t.
+    ``expert_per_routed_token`` is an expert MLP's share per token routed to it (MoE layers).
+    """
+    replicated: float
+    attention: float
+    mlp: float
+    router: float = 0.0
+
+
+def layer_activation_bytes(m: ModelConfig) -> LayerActivations:
+    """Count the tensors autograd saves in one Hugging Face layer (bf16, SDPA attention).
+
+    llama/mixtral: each RMSNorm upcasts to fp32 and saves the fp32 input (4h) and the bf16
+    normalised output (2h): 12h for two. Attention saves q after RoPE, the GQA-expanded k and v
+    (repeat_kv copies them to h each), the SDPA output (2h each) and the o_proj input (2h), plus the
+    fp32 log-sum-exp per head (4a): 10h + 4a. SwiGLU saves gate output g, silu(g), up output u and
+    silu(g)*u (2f each): 8f. MoE adds fp32 router logits (4E).
+    gpt2/opt: LayerNorm inputs and outputs (2h each, two norms: 8h) and two 1-byte dropout masks
+    (2h) are replicated (Korthikanti's 10h); attention saves the fused qkv (6h), SDPA output (2h),
+    c_proj input (2h) and the log-sum-exp (4a): 10h + 4a; the GELU MLP saves fc output and GELU
+    output (2f each): 4f. (Korthikanti's 34h + 5as^2/h counts 24h inside the tensor-parallel
+    region; without the s^2 terms our gpt2 count is 10h + 10h + 16h = 36h for f = 4h.)
+    """
+    h, a, f = m.hidden, m.heads, m.ffn
+    if m.arch in ("gpt2", "opt"):
+        return LayerActivations(replicated=10.0 * h, attention=10.0 * h + 4.0 * a, mlp=4.0 * f)
+    return LayerActivations(replicated=12.0 * h, attention=10.0 * h + 4.0 * a, mlp=8.0 * f,
+                            router=4.0 * m.num_experts)
+
+
+@dataclass(frozen=True)
+class ModelTerms:
+    """Parameter and activation quantities of one model, precomputed once per job."""
+    total: float
+    active: float
+    replicated: float          # never tensor-parallel sharded (norms, routers)
+    sharded_dense: float       # tensor-parallel sharded, not experts
+    experts_total: float
+    largest_module: float      # largest single module gathered by ZeRO-3 (embedding or a layer)
+    layer_max: float           # parameters of the largest transformer block
+    blocks_total: float        # all transformer blocks (ZO2 offloads them)
+    resident_zo2: float        # embedding, head, final norm (ZO2 keeps them on the GPU)
+    matmul_params: float       # parameters in matrix products per token (head included, embedding excluded)
+    layers: int
+    moe_layers: int
+    dense_layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    vocab: int
+    top_k: int
+    capacity_factor: float
+    acts: LayerActivations
+
+
+def model_terms(m: ModelConfig) -> ModelTerms:
+    pc = param_counts(m)
+    norm_per_layer = (4 * m.hidden) if m.arch in ("gpt2", "opt") else 2 * m.hidden
+    replicated = m.layers * norm_per_layer + pc.final_norm + pc.moe_layers * pc.router
+    layer_max = max(pc.layer_dense if pc.dense_layers else 0, pc.layer_moe if pc.moe_layers else 0)
+    blocks = pc.dense_layers * pc.layer_dense + pc.moe_layers * pc.layer_moe
+    head_mm = m.vocab * m.hidden
+    return ModelTerms(
+        total=float(pc.total), active=float(pc.active), replicated=float(replicated),
+        sharded_dense=float(pc.total - pc.experts_total - replicated), experts_total=float(pc.experts_total),
+        largest_module=float(max(layer_max, pc.embedding, pc.head)), layer_max=float(layer_max),
+        blocks_total=float(blocks), resident_zo2=float(pc.embedding + pc.head + pc.final_norm),
+        matmul_params=float(pc.active - pc.embedding - pc.head + head_mm),
+        layers=m.layers, moe_layers=pc.moe_layers, dense_layers=pc.dense_layers, hidden=m.hidden, ffn=m.ffn,
+        heads=m.heads, vocab=m.vocab, top_k=m.top_k if m.num_experts else 0,
+        capacity_factor=m.capacity_factor, acts=layer_activation_bytes(m))
+
+
+def precision_bytes(job: JobConfig) -> tuple[float, float]:
+    """(bytes of a weight/gradient value, optimizer-state bytes K per parameter)."""
+    mixed = job.train.precision in ("bf16", "fp16")
+    w = 2.0 if mixed else 4.0
+    master = 4.0 if mixed else 0.0
+    states = {"adamw": 8.0, "sgd": 0.0, "zo-sgd": 0.0}[job.train.optimizer]
+    return w, master + states
+
+
+# --- vectorised evaluation ------------------------------------------------------------------
+
+def rank_params(mt: ModelTerms, tp, ep, dp):
+    """(P_r, P_s, P_n, P_e): parameters on a rank before/after ZeRO sharding, non-expert and expert parts."""
+    pn = mt.sharded_dense / tp + mt.replicated
+    pe = mt.experts_total / (tp * ep)
+    pr = pn + pe
+    ps = pn / dp + pe / np.maximum(dp / ep, 1)
+    return pr, ps, pn, pe
+
+
+def activation_terms(mt: ModelTerms, seq_len: int, a, c):
+    """(saved activations at the end of forward, transient working set) in bytes per rank.
+
+    ``a`` is the plan arrays object (fields micro_batch, tp, sp, ac, zo); ``c`` the constants.
+    """
+    tokens = a.micro_batch * float(seq_len)
+    tp = a.tp
+    spdiv = np.where(a.sp, tp, 1)
+    L = mt.acts
+    h, f = mt.hidden, mt.ffn
+    dense_full = L.replicated / spdiv + (L.attention + L.mlp) / tp
+    routed = mt.top_k * mt.capacity_factor
+    moe_full = L.replicated / spdiv + L.attention / tp + routed * (L.mlp / tp + 4.0 * h) + L.router
+    full_layers = mt.dense_layers * dense_full + mt.moe_layers * moe_full
+    one_layer = np.maximum(dense_full if mt.dense_layers else 0.0, moe_full if mt.moe_layers else 0.0)
+    ckpt_layers = mt.layers * 2.0 * h / spdiv + one_layer        # layer inputs + one layer recomputed
+    head = 6.0 * h / spdiv + c.logits_saved_bytes * mt.vocab / tp  # final norm + logits/log-softmax
+    saved = tokens * (np.where(a.ac, ckpt_layers, full_layers) + head)
+    working = tokens * (c.working_set_factor * 2.0 * (h + f * max(routed, 1.0)) / tp
+                        + c.logits_backward_bytes * mt.vocab / tp)
+    # zeroth order: inference, nothing saved; one layer's tensors and the forward-only loss live at once
+    zo_working = tokens * (one_layer + c.logits_forward_only_bytes * mt.vocab)
+    zo = a.zo > 0
+    return np.where(zo, 0.0, saved), np.where(zo, zo_working, working)
+
+
+def memory_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
+    """Per-rank bytes of every category for all plans in ``a`` (see the module docstring)."""
+    w, K = precision_bytes(job)
+    mixed = w == 2.0
+    pr, ps, pn, pe = rank_params(mt, a.tp, a.ep, a.dp)
+    st = a.zero
+    off_o, off_p = a.off_opt.astype(bool), a.off_param.astype(bool)
+    zo = a.zo
+    # ZeRO-3 gathered window; with one data-parallel rank the partition is the whole parameter (no window)
+    live = np.minimum(c.stage3_max_live_parameters, mt.largest_module / a.tp + c.stage3_prefetch_bucket_size)
+    live = np.where(a.dp > 1, live, 0.0)
+    weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * (np.maximum(live, mt.largest_module / a.tp) + mt.replicated))
+    grads = np.select([st <= 1, off_o], [w * pr, 0.0], w * ps)
+    opt = np.where(off_o, 0.0, K * np.where(st == 0, pr, ps))
+    bucket = np.where(st >= 1, w * c.reduce_bucket_size, 0.0)
+    fp32_grads = 4.0 if mixed else 0.0
+    step_tmp = np.select([st == 0, off_o], [fp32_grads * pr + w * np.minimum(pr, c.stage0_allreduce_bucket), 0.0],
+                         fp32_grads * ps)
+    acts, working = activation_terms(mt, job.train.seq_len, a, c)
+    # zeroth order: weights only (MeZO: all on the GPU; ZO2: embeddings/head + a window of blocks)
+    zo_weights = np.where(zo == 2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
+    is_zo = zo > 0
+    weights = np.where(is_zo, zo_weights, weights)
+    grads = np.where(is_zo, 0.0, grads)
+    opt = np.where(is_zo, 0.0, opt)
+    bucket = np.where(is_zo, 0.0, bucket)
+    step_tmp = np.where(is_zo, 0.0, step_tmp)
+    temporary = np.maximum(working, step_tmp - acts)
+    allocated = weights + grads + opt + bucket + acts + temporary
+    groups = (a.world > 1).astype(float) * (1.0 + (a.tp > 1) + (a.ep > 1) * 2 + (a.zo_pertp > 1))
+    nccl = np.where(a.world > 1, c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30,
+                    0.0)
+    framework = c.cuda_context_gib * 2**30 + c.fragmentation * allocated
+    # host memory per node: every rank of the node holds its offloaded share
+    per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
+                    + np.where(off_p & ~is_zo, w * ps, 0.0)
+                    + np.where(zo == 2, w * mt.blocks_total + c.cpu_pinned_buffer_gib * 2**30, 0.0))
+    ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
+    cpu_node = ranks_per_node * (per_rank_cpu + c.cpu_process_gib * 2**30)
+    return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
+                communication_buffers=bucket + nccl, framework_overhead=framework,
+                cpu_offload=ranks_per_node * per_rank_cpu, cpu_node=cpu_node,
+                peak=allocated + nccl + framework)

@@ -1,0 +1,144 @@
+"""Training metrics: loss, throughput, MFU and peak memory, to stdout, JSONL and TensorBoard.
+
+Model FLOPs per token (forward + backward, no recomputation counted, as MFU is defined)::
+
+    F = 6 * P_active + 12 * L * S * h
+
+with ``P_active`` the parameters one token touches (top-k experts only; embeddings are
+lookups but the LM head is a matmul, so ``P_active - embedding`` would be the stricter
+choice; we follow the common 6P convention of the reference note and PaLM's appendix),
+L layers, S sequence length, h hidden. ``MFU = F * tokens_per_s / (world * peak)`` with the
+cluster's dense peak for the training precision (``cluster.gpu.bf16_tflops`` ...).
+
+Peak memory per rank: torch's ``max_memory_allocated`` / ``max_memory_reserved`` on CUDA,
+NVML's device ``used`` bytes where pynvml works (not a peak: sampled at each log), and the
+process's peak resident set (``ru_maxrss``) everywhere.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import JobConfig
+from .models import param_counts
+
+log = logging.getLogger(__name__)
+
+
+def flops_per_token(job: JobConfig) -> float:
+    m = job.model
+    return 6.0 * param_counts(m).active + 12.0 * m.layers * job.train.seq_len * m.hidden
+
+
+def peak_flops_per_device(job: JobConfig) -> float:
+    g = job.cluster.gpu
+    tf = {"bf16": g.bf16_tflops, "fp16": g.fp16_tflops, "fp32": g.fp32_tflops}[job.train.precision]
+    return float(tf) * 1e12
+
+
+def mfu(job: JobConfig, tokens_per_s: float, world_size: int) -> float:
+    return flops_per_token(job) * tokens_per_s / (world_size * peak_flops_per_device(job))
+
+
+@dataclass
+class MemoryStats:
+    """Bytes; None where the source is unavailable."""
+    rank: int
+    torch_allocated_peak: int | None = None
+    torch_reserved_peak: int | None = None
+    nvml_used: int | None = None
+    host_rss_peak: int | None = None
+
+    def gib(self) -> dict[str, float | None]:
+        return {k: (None if v is None else round(v / 2**30, 3)) for k, v in asdict(self).items() if k != "rank"}
+
+
+def memory_stats(rank: int, device: torch.device | None = None) -> MemoryStats:
+    st = MemoryStats(rank=rank)
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    st.host_rss_peak = int(rss_kib) * (1 if sys.platform == "darwin" else 1024)
+    if device is not None and device.type == "cuda":
+        st.torch_allocated_peak = int(torch.cuda.max_memory_allocated(device))
+        st.torch_reserved_peak = int(torch.cuda.max_memory_reserved(device))
+        st.nvml_used = nvml_used_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return st
+
+
+def nvml_used_bytes(cuda_index: int) -> int | None:
+    """Device memory in use (all processes) as NVML sees it; None without NVML."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            import os
+            vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+            phys = int(vis.split(",")[cuda_index]) if vis and vis.split(",")[cuda_index].strip().isdigit() else cuda_index
+            h = pynvml.nvmlDeviceGetHandleByIndex(phys)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:                       # no driver, no NVML, MIG: memory from torch only
+        return None
+
+
+@dataclass
+class StepRecord:
+    step: int                  # 1-based: the number of optimizer steps done after this one
+    loss: float
+    lr: float
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    grad_norm: float | None = None
+    memory: list[dict[str, Any]] = field(default_factory=list)   # one entry per rank (on log steps)
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing (they contribute via gathers)."""
+
+    def __init__(self, run_dir: str | Path, *, rank: int, tensorboard: bool = True, log_every: int = 1):
+        self.rank, self.log_every = rank, max(1, log_every)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                except Exception as e:                  # tensorboard not installed: JSONL and stdout only
+                    log.warning("rank 0: TensorBoard disabled (%s)", e)
+
+    def write(self, rec: StepRecord) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(rec)) + "\n")
+        if self._tb is not None:
+            for k in ("loss", "lr", "step_time_s", "tokens_per_s", "mfu", "grad_norm"):
+                v = getattr(rec, k)
+                if v is not None:
+                    self._tb.add_scalar(f"train/{k}", v, rec.step)
+            for m in rec.memory:
+                for k, v in m.items():
+                    if k != "rank" and v is not None:
+                        self._tb.add_scalar(f"memory_gib/{k}/rank{m['rank']}", v / 2**30, rec.step)
+        if rec.step % self.log_every == 0 or rec.memory:
+            mem = ""
+            if rec.memory:
+                peaks = [m.get("torch_allocated_peak") or m.get("host_rss_peak") or 0 for m in rec.memory]
+                mem = f" peak_mem_gib(max rank)={max(peaks) / 2**30:.2f}"
+            log.info("rank 0: step %d loss %.4f lr %.3g %.3fs/step %.0f tok/s mfu %.1f%%%s", rec.step, rec.loss,
+                     rec.lr, rec.step_time_s, rec.tokens_per_s, 100 * rec.mfu, mem)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()

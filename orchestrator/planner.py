@@ -1,0 +1,251 @@
+"""The planner: enumerate every valid plan for a job's cluster, score them all, rank those that fit.
+
+Enumeration. A *structure* is (dp, tp, ep, zero stage, optimizer/parameter offload, sequence
+parallelism) or, for ``train.optimizer: zo-sgd``, (zo mode, pertp, zo dp). Each structure is
+validated once with :meth:`Plan.check` (the same rules the executor applies); the micro-batch
+sizes dividing ``global_batch / dp`` and the activation-checkpointing choices are then
+expanded without further checks, since they cannot make a valid structure invalid. All
+plans are scored in one vectorised call (:func:`meshpilot.orchestrator.simulator.evaluate`).
+
+World sizes. A plan uses all the cluster's GPUs or a divisor of their number (an equal share
+of a node, or whole nodes when the count is a multiple of gpus_per_node): a job whose batch
+does not divide over every GPU still gets a plan, and ``--objective cost`` can prefer fewer
+GPUs when communication dominates. Plans with other world sizes would leave ragged remainders
+of nodes idle and are not considered.
+
+Fields set in the job's plan section while ``plan: auto`` constrain the search to that value.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import JobConfig
+from .errors import ConfigError
+from .estimate import Estimate, SimulatorConstants
+from .memory_model import model_terms
+from .plan import Plan, resolve_plan
+from .simulator import PlanArrays, Scores, describe, estimate_at, evaluate
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("throughput", "memory", "cost")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class RejectedGroup:
+    """Plans dropped for one reason, with the closest one to fitting."""
+    reason: str
+    count: int
+    best_plan: str = ""
+    best_value: float = float("nan")
+
+    def line(self, limit_gib: float | None = None) -> str:
+        if self.reason == "gpu_memory":
+            return (f"{self.count} plans need more than {limit_gib:.1f} GiB per GPU, best of them "
+                    f"{self.best_value:.1f} GiB: {self.best_plan}")
+        if self.reason == "cpu_memory":
+            return (f"{self.count} plans need more host memory per node than available, best of them "
+                    f"{self.best_value:.1f} GiB: {self.best_plan}")
+        return f"{self.count} plans are invalid ({self.reason})"
+
+
+@dataclass
+class SearchResult:
+    job: JobConfig
+    objective: str
+    headroom: float
+    arrays: PlanArrays
+    scores: Scores
+    ranked: np.ndarray                        # indices of fitting plans, best first
+    top: list[Estimate]
+    rejected: list[RejectedGroup]
+    enumerated: int                           # structures x micro-batches x checkpointing, before checks
+    invalid: int
+    elapsed_s: float
+    fixed: Estimate | None = None             # the job's own plan when its plan section is fixed
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scored(self) -> int:
+        return self.arrays.n
+
+    @property
+    def best(self) -> Plan | None:
+        return self.arrays.plan(int(self.ranked[0])) if len(self.ranked) else None
+
+    @property
+    def limit_gib(self) -> float:
+        return self.job.cluster.gpu.memory_gib * (1.0 - self.headroom)
+
+    def rejected_lines(self) -> list[str]:
+        return [g.line(self.limit_gib) for g in self.rejected]
+
+    def find(self, plan: Plan) -> int | None:
+        """Index of ``plan`` among the scored plans (None if it was not enumerated)."""
+        a = self.arrays
+        probe = PlanArrays.from_plans([plan], self.job.cluster.gpus_per_node)
+        mask = np.ones(a.n, dtype=bool)
+        for k in PlanArrays.FIELDS:
+            mask &= getattr(a, k) == getattr(probe, k)[0]
+        idx = np.flatnonzero(mask)
+        return int(idx[0]) if len(idx) else None
+
+
+def _fixed(pc_value, options):
+    return [pc_value] if pc_value is not None else list(options)
+
+
+def _structures(job: JobConfig, constrain: bool):
+    """Yield (structure dict, data-parallel degree) for every candidate structure."""
+    c, t, m = job.cluster, job.train, job.model
+    pc = job.plan if constrain else None
+    G = c.nodes * c.gpus_per_node
+    worlds = set(_divisors(G))
+    gb = t.global_batch
+    get = (lambda name: getattr(pc, name)) if pc is not None else (lambda name: None)
+    if t.optimizer == "zo-sgd":
+        modes = _fixed(pc.zo.mode if pc else None, ("mezo", "zo2"))
+        for mode, pertp in itertools.product(modes, _fixed(pc.zo.pertp if pc else None, (1, 2))):
+            for zdp in _fixed(pc.zo.dp if pc else None, [d for d in _divisors(gb) if d * pertp <= G]):
+                if pertp * zdp in worlds:
+                    yield dict(zo=mode, pertp=pertp, zo_dp=zdp), zdp
+        return
+    offload_opts = ("none", "cpu") if t.optimizer == "adamw" else ("none",)
+    for tp in _fixed(get("tp"), _divisors(c.gpus_per_node)):
+        for dp in _fixed(get("dp"), [d for d in _divisors(gb) if d * tp <= G and d * tp in worlds]):
+            eps = [e for e in _divisors(m.num_experts) if dp % e == 0] if m.num_experts else [1]
+            for ep in _fixed(get("ep"), eps):
+                for zero in _fixed(get("zero_stage"), (0, 1, 2, 3)):
+                    # offload needs ZeRO (optimizer: stage >= 1, parameters: stage 3); unless the user fixed
+                    # the field, skip those combinations here instead of counting them as invalid
+                    oos = offload_opts if zero >= 1 else ("none",)
+                    for oo in _fixed(get("offload_optimizer"), oos):
+                        for op in _fixed(get("offload_params"), ("none", "cpu") if zero == 3 else ("none",)):
+                            for sp in _fixed(get("sequence_parallel"), (False, True) if tp > 1 else (False,)):
+                                yield dict(dp=dp, tp=tp, ep=ep, zero=zero, oo=oo, op=op, sp=sp), dp
+
+
+def enumerate_plans(job: JobConfig, *, constrain: bool = True) -> tuple[PlanArrays, dict[str, int], int]:
+    """All valid plans as arrays, the count of invalid structures by error key, and the total enumerated."""
+    t = job.train
+    cols: dict[str, list] = {k: [] for k in PlanArrays.FIELDS}
+    invalid: dict[str, int] = {}
+    enumerated = 0
+    pc = job.plan if constrain else None
+    ac_opts = [job.plan.activation_checkpointing] if (pc and pc.activation_checkpointing) else ["none", "full"]
+    for s, dpn in _structures(job, constrain):
+        mbs = [mb for mb in _divisors(t.global_batch // dpn)]
+        if pc is not None and pc.micro_batch is not None:
+            mbs = [mb for mb in mbs if mb == pc.micro_batch]
+        is_zo = "zo" in s
+        acs = ["none"] if is_zo else ac_opts
+        n = len(mbs) * len(acs)
+        enumerated += n
+        if not n:
+            continue
+        mb0 = mbs[0]
+        if is_zo:
+            probe = Plan(zo_mode=s["zo"], zo_pertp=s["pertp"], zo_dp=s["zo_dp"], micro_batch=mb0,
+                         grad_accum=t.global_batch // (mb0 * dpn))
+        else:
+            probe = Plan(dp=s["dp"], tp=s["tp"], ep=s["ep"], zero_stage=s["zero"], offload_optimizer=s["oo"],
+                         offload_params=s["op"], sequence_parallel=s["sp"], micro_batch=mb0,
+                         grad_accum=t.global_batch // (mb0 * dpn))
+        try:
+            probe.check(job.model, t, job.cluster)
+        except ConfigError as e:
+            key = f"{e.key}: {e.reason or e}"
+            invalid[key] = invalid.get(key, 0) + n
+            continue
+        for mb, ac in itertools.product(mbs, acs):
+            cols["dp"].append(probe.dp)
+            cols["tp"].append(probe.tp)
+            cols["ep"].append(probe.ep)
+            cols["zero"].append(probe.zero_stage)
+            cols["off_opt"].append(probe.offload_optimizer != "none")
+            cols["off_param"].append(probe.offload_params != "none")
+            cols["micro_batch"].append(mb)
+            cols["grad_accum"].append(t.global_batch // (mb * dpn))
+            cols["ac"].append(ac != "none")
+            cols["sp"].append(probe.sequence_parallel)
+            cols["zo"].append({"none": 0, "mezo": 1, "zo2": 2}[probe.zo_mode])
+            cols["zo_pertp"].append(probe.zo_pertp)
+            cols["zo_dp"].append(probe.zo_dp)
+    return PlanArrays(cols, job.cluster.gpus_per_node), invalid, enumerated
+
+
+def rank_order(scores: Scores, arrays: PlanArrays, idx: np.ndarray, objective: str) -> np.ndarray:
+    """``idx`` sorted best first by the objective (ties: faster, then fewer GPUs, then less memory)."""
+    st, peak, world = scores.step_time_s[idx], scores.peak_gib[idx], arrays.world[idx]
+    if objective == "throughput":
+        keys = (peak, world, st)
+    elif objective == "memory":
+        keys = (world, st, peak)
+    elif objective == "cost":
+        keys = (peak, st, world * st)   # GPU-seconds per step (= per token: tokens per step are fixed)
+    else:
+        raise ConfigError("--objective", objective, allowed=OBJECTIVES)
+    return idx[np.lexsort(keys)]
+
+
+def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0.05, top: int = 10,
+           constants: SimulatorConstants | None = None) -> SearchResult:
+    """Score every valid plan for ``job`` and rank those that fit (see the module docstring).
+
+    ``headroom`` is the fraction of GPU (and host) memory kept free. With a fixed plan section the
+    whole space is searched and the job's own plan is simulated beside it (``result.fixed``).
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError("--objective", objective, allowed=OBJECTIVES)
+    if not 0.0 <= headroom < 1.0:
+        raise ConfigError("--headroom", headroom, reason="must be a fraction in [0, 1)", fix="e.g. --headroom 0.05")
+    if top < 1:
+        raise ConfigError("--top", top, reason="must be at least 1")
+    t0 = time.perf_counter()
+    fixed_plan = None if job.plan.auto else resolve_plan(job)
+    arrays, invalid, enumerated = enumerate_plans(job, constrain=job.plan.auto)
+    scores = evaluate(job, arrays, constants, headroom=headroom, terms=model_terms(job.model))
+    fits = scores.fits
+    ranked = rank_order(scores, arrays, np.flatnonzero(fits), objective)
+    rejected = [RejectedGroup(reason=k, count=n) for k, n in sorted(invalid.items(), key=lambda kv: -kv[1])]
+    for reason, mask in (("gpu_memory", ~scores.fits_gpu), ("cpu_memory", scores.fits_gpu & ~scores.fits_cpu)):
+        idx = np.flatnonzero(mask)
+        if len(idx):
+            vals = scores.peak_gib if reason == "gpu_memory" else scores.cpu_node_gib
+            b = int(idx[np.argmin(vals[idx])])
+            rejected.append(RejectedGroup(reason, len(idx), describe(arrays.plan(b)), float(vals[b])))
+    top_est = [estimate_at(job, arrays, scores, int(i), headroom) for i in ranked[:top]]
+    result = SearchResult(job=job, objective=objective, headroom=headroom, arrays=arrays, scores=scores,
+                          ranked=ranked, top=top_est, rejected=rejected, enumerated=enumerated,
+                          invalid=sum(invalid.values()), elapsed_s=0.0)
+    if fixed_plan is not None:
+        from .simulator import simulate
+        result.fixed = simulate(job, fixed_plan, constants=constants, headroom=headroom)
+    result.elapsed_s = time.perf_counter() - t0
+    log.info("planner: %d plans enumerated, %d invalid, %d scored, %d fit, %.3f s", enumerated, result.invalid,
+             arrays.n, len(ranked), result.elapsed_s)
+    return result
+
+
+def choose_plan(job: JobConfig, *, objective: str = "throughput", headroom: float = 0.05,
+                constants: SimulatorConstants | None = None) -> Plan:
+    """The best plan for ``job`` (its fixed plan when the plan section is not ``auto``).
+
+    Raises ConfigError when no plan fits, with the rejection summary as the reason."""
+    if not job.plan.auto:
+        return resolve_plan(job)
+    res = search(job, objective=objective, headroom=headroom, top=1, constants=constants)
+    if res.best is None:
+        raise ConfigError("plan", "auto", reason="no plan fits: " + "; ".join(res.rejected_lines()),
+                          fix="use more GPUs (cluster.nodes), a smaller train.seq_len or global_batch, "
+                              "or allow offload (train.optimizer=adamw)")
+    return res.best

@@ -1,0 +1,53 @@
+"""Stop requests: SIGUSR2 / SIGTERM (Slurm preemption, Kubernetes eviction) or a controller's event.
+
+A signal reaches one process at a time, and not necessarily every rank, so the loop asks
+:meth:`StopRequest.agreed` once per step: an all-reduce (MAX) of the local flag over all
+ranks, after which every rank takes the same decision (checkpoint, then stop).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self, rank: int, stop_event: threading.Event | None = None):
+        self.rank, self.stop_event = rank, stop_event
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> "StopRequest":
+        """Catch the signals (only possible in the main thread: Ray actors use ``stop_event``)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        log.warning("rank %d: received %s: will checkpoint and stop after this step", self.rank,
+                    signal.Signals(signum).name)
+
+    @property
+    def local(self) -> bool:
+        return self.signal is not None or (self.stop_event is not None and self.stop_event.is_set())
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was asked to stop (collective)."""
+        flag = torch.tensor([1.0 if self.local else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)

@@ -1,0 +1,132 @@
+"""Presenting estimates and searches: rich tables for the terminal, a matplotlib report file.
+
+The report shows (1) the memory breakdown of the top plans as stacked bars against the GPU's
+memory and (2) step time against peak memory for every scored plan, with the GPU memory line,
+the fitting plans, the rejected ones and the chosen plan marked. ``.png`` writes the figure;
+``.html`` writes a page that embeds it (base64) with the top-plan table.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from rich.table import Table
+
+from .errors import ConfigError
+from .estimate import MEMORY_KEYS, TIME_KEYS, Estimate
+
+
+def estimate_tables(est: Estimate, title: str | None = None) -> list[Table]:
+    """A summary table and the two breakdown tables of one estimate."""
+    head = Table(title=title or f"plan {est.plan}", show_header=False)
+    head.add_column("", style="bold")
+    head.add_column("", justify="right")
+    head.add_row("fits", "[green]yes[/]" if est.fits else "[red]no[/]")
+    head.add_row("peak memory per GPU", f"{est.peak_memory_gib:.2f} GiB of {est.gpu_memory_gib:.1f}")
+    head.add_row("host memory per node", f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.0f}")
+    head.add_row("step time", f"{est.step_time_s:.4g} s")
+    head.add_row("tokens/s", f"{est.tokens_per_s:,.0f}")
+    head.add_row("MFU", f"{est.mfu:.1%}")
+    head.add_row("world size", str(est.world_size))
+    mem = Table(title="memory per GPU (GiB)")
+    mem.add_column("term")
+    mem.add_column("GiB", justify="right")
+    for k in MEMORY_KEYS:
+        mem.add_row(k, f"{est.memory_breakdown_gib[k]:.3f}")
+    mem.add_row("[bold]peak (NVML)[/]", f"[bold]{est.peak_memory_gib:.3f}[/]")
+    mem.add_row("cpu_offload (host, per node)", f"{est.memory_breakdown_gib['cpu_offload']:.3f}")
+    tim = Table(title="time per step (s)")
+    tim.add_column("term")
+    tim.add_column("s", justify="right")
+    for k in TIME_KEYS:
+        tim.add_row(k, f"{est.time_breakdown_s[k]:.4g}")
+    tim.add_row("[bold]step[/]", f"[bold]{est.step_time_s:.4g}[/]")
+    return [head, mem, tim]
+
+
+def top_table(result) -> Table:
+    t = Table(title=f"top plans by {result.objective} ({len(result.ranked)} of {result.scored} scored plans fit, "
+                    f"{result.elapsed_s:.2f} s)")
+    for col, just in (("#", "right"), ("plan", "left"), ("GPUs", "right"), ("peak GiB", "right"),
+                      ("step s", "right"), ("tokens/s", "right"), ("MFU", "right")):
+        t.add_column(col, justify=just)
+    for i, e in enumerate(result.top, 1):
+        t.add_row(str(i), e.plan, str(e.world_size), f"{e.peak_memory_gib:.1f}", f"{e.step_time_s:.3g}",
+                  f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}")
+    return t
+
+
+def _figure(result):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    mem_gib = result.job.cluster.gpu.memory_gib
+    tops = result.top
+    bottom = np.zeros(len(tops))
+    for k in MEMORY_KEYS:
+        vals = np.array([e.memory_breakdown_gib[k] for e in tops])
+        ax1.bar(range(len(tops)), vals, bottom=bottom, label=k)
+        bottom += vals
+    ax1.axhline(mem_gib, color="k", ls="--", lw=1, label=f"GPU memory {mem_gib:.1f} GiB")
+    ax1.set_xticks(range(len(tops)), [f"#{i + 1}" for i in range(len(tops))])
+    ax1.set_ylabel("GiB per GPU")
+    ax1.set_title("memory breakdown of the top plans")
+    ax1.legend(fontsize=7, loc="upper right")
+    s = result.scores
+    fits = s.fits
+    ax2.scatter(s.peak_gib[~fits], s.step_time_s[~fits], s=6, c="tab:red", alpha=0.4, label="does not fit")
+    ax2.scatter(s.peak_gib[fits], s.step_time_s[fits], s=6, c="tab:blue", alpha=0.5, label="fits")
+    ax2.axvline(mem_gib, color="k", ls="--", lw=1, label="GPU memory")
+    ax2.axvline(result.limit_gib, color="gray", ls=":", lw=1, label=f"limit with {result.headroom:.0%} headroom")
+    if len(result.ranked):
+        b = int(result.ranked[0])
+        ax2.scatter([s.peak_gib[b]], [s.step_time_s[b]], marker="*", s=250, c="gold", edgecolors="k",
+                    label=f"chosen: {tops[0].plan}", zorder=5)
+    if result.fixed is not None:
+        ax2.scatter([result.fixed.peak_memory_gib], [result.fixed.step_time_s], marker="X", s=120, c="k",
+                    label=f"job's plan: {result.fixed.plan}", zorder=5)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("peak memory per GPU (GiB)")
+    ax2.set_ylabel("step time (s)")
+    ax2.set_title(f"all {result.scored} scored plans")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{result.job.model.name} on {result.job.cluster.name} "
+                 f"({result.job.cluster.nodes} x {result.job.cluster.gpus_per_node} GPUs)")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(result, path: str | Path) -> Path:
+    """Write the search report as ``.png`` or ``.html`` (the PNG embedded)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".html", ".htm"):
+        raise ConfigError("--report", str(path), reason="must end in .png or .html")
+    import matplotlib.pyplot as plt
+
+    fig = _figure(result)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".png":
+        path.write_bytes(buf.getvalue())
+        return path
+    rows = "".join(f"<tr><td>{i}</td><td>{html.escape(e.plan)}</td><td>{e.world_size}</td>"
+                   f"<td>{e.peak_memory_gib:.1f}</td><td>{e.step_time_s:.3g}</td><td>{e.tokens_per_s:,.0f}</td>"
+                   f"<td>{e.mfu:.1%}</td></tr>" for i, e in enumerate(result.top, 1))
+    rej = "".join(f"<li>{html.escape(line)}</li>" for line in result.rejected_lines())
+    img = base64.b64encode(buf.getvalue()).decode()
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>meshpilot plan</title></head><body>"
+        f"<h1>meshpilot plan: {html.escape(result.job.model.name)} on {html.escape(result.job.cluster.name)}</h1>"
+        f"<p>objective {result.objective}, headroom {result.headroom:.0%}, {result.scored} plans scored, "
+        f"{len(result.ranked)} fit.</p><table border='1' cellpadding='3'><tr><th>#</th><th>plan</th><th>GPUs</th>"
+        f"<th>peak GiB</th><th>step s</th><th>tokens/s</th><th>MFU</th></tr>{rows}</table>"
+        f"<h2>rejected</h2><ul>{rej}</ul><img alt='report' src='data:image/png;base64,{img}'/></body></html>")
+    return path

@@ -1,0 +1,131 @@
+"""Step time per plan: compute, communication on and off the critical path, offload and optimizer.
+
+Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree t:
+- forward FLOPs = b s (2 P_mm + 4 L s h) / t, where P_mm are the parameters used in matrix
+  products per token (active experts only, LM head included, embedding lookup excluded) and
+  4 L s h the attention score and value products; backward = 2 x forward; full recomputation
+  adds one forward. Time = FLOPs / achieved rate + per-layer launch overhead. The achieved rate is
+  ``calibration.matmul_tflops`` or datasheet x ``matmul_efficiency``, scaled by a shape factor
+  x/(x + x_half) for the per-shard hidden size and the tokens per micro-batch (normalised at
+  hidden 4096 and 4096 tokens, where the efficiency constants are defined).
+- tensor parallel (Megatron): 2 all-reduces of b s h values in forward and 2 in backward per
+  layer (+2 with recomputation), inside the tp group, on the critical path (sequence parallelism
+  replaces each by a reduce-scatter + all-gather of the same volume).
+- data parallel: stages 0 and 1 all-reduce (reduce-scatter + all-gather) the w P_r gradient bytes
+  once per step; stage 2 reduce-scatters them every micro-batch and all-gathers the updated
+  16-bit parameters once per step; stage 3 all-gathers parameters in forward and backward (and
+  again for recomputation) and reduce-scatters gradients every micro-batch. Expert parameters
+  go over the expert-data-parallel group. Only the part not hidden behind compute is counted
+  (``overlap_comm_*`` constants; DeepSpeed overlaps by default only at stage 3).
+- expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
+  b s k c h values (k = top_k, c = capacity factor) in the ep group.
+- offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
+  parameter bytes back per step over PCIe; parameter offload uploads w P_s per forward and
+  backward pass; CPUAdam updates P_s parameters at the node's CPU Adam rate shared by its ranks.
+- GPU optimizer step: memory bound, ``optimizer_bytes_per_param`` x parameters / (HBM x efficiency).
+- zeroth order (MeZO/ZO2): two forwards per micro-batch (one each with pertp = 2), no backward;
+  ``zo_perturb_passes`` memory-bound passes over the parameters per step; ZO2 uploads the blocks
+  once per micro-batch (both forwards share the upload) and writes them back once per step, mostly
+  hidden behind compute; ranks exchange a few scalars (one latency-bound all-reduce).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from meshpilot.comm.cost_model import LinkRates, collective_time
+
+from .config import JobConfig
+from .memory_model import ModelTerms, precision_bytes, rank_params
+
+
+def achieved_rate(job: JobConfig, hidden_shard, tokens, c):
+    """Achieved matrix FLOP/s per GPU for the given per-shard hidden size and tokens per micro-batch."""
+    cl = job.cluster
+    cal = cl.calibration.matmul_tflops
+    if job.train.precision == "fp32":
+        peak = cl.gpu.fp32_tflops * 1e12 * c.matmul_efficiency
+    elif cal:
+        peak = cal * 1e12
+    else:
+        peak = (cl.gpu.bf16_tflops if job.train.precision == "bf16" else cl.gpu.fp16_tflops) * 1e12 * c.matmul_efficiency
+    xh, xt = c.shape_half_hidden, c.shape_half_tokens
+    shape = (hidden_shard / (hidden_shard + xh)) / (4096.0 / (4096.0 + xh))
+    shape = shape * (tokens / (tokens + xt)) / (4096.0 / (4096.0 + xt))
+    return peak * np.minimum(shape, 1.0)
+
+
+def flops_per_token_forward(mt: ModelTerms, seq_len: int) -> float:
+    return 2.0 * mt.matmul_params + 4.0 * mt.layers * seq_len * mt.hidden
+
+
+def time_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
+    """Seconds of every time category (one optimizer step) for all plans in ``a``."""
+    cl = job.cluster
+    s = float(job.train.seq_len)
+    w, _ = precision_bytes(job)
+    rates = LinkRates.from_cluster(cl)
+    tokens = a.micro_batch * s
+    ga = a.grad_accum
+    tp = a.tp
+    rate = achieved_rate(job, mt.hidden / tp, tokens, c)
+    fwd_one = tokens * flops_per_token_forward(mt, job.train.seq_len) / tp / rate + mt.layers * c.layer_overhead_s
+    ac = a.ac.astype(float)
+    forward = ga * fwd_one
+    backward = 2.0 * forward
+    recompute = ac * forward
+    compute = forward + backward + recompute
+    # tensor parallel
+    ar = collective_time("all_reduce", tokens * mt.hidden * w, a.tp_span[0], a.tp_span[1], a.tp_span[2], rates)
+    tp_comm = ga * mt.layers * (4.0 + 2.0 * ac) * ar
+    # data parallel
+    pr, ps, pn, pe = rank_params(mt, tp, a.ep, a.dp)
+    dspan, espan = a.dp_span, a.edp_span
+
+    def coll(op, nbytes_n, nbytes_e):
+        return (collective_time(op, nbytes_n, dspan[0], dspan[1], dspan[2], rates)
+                + collective_time(op, nbytes_e, espan[0], espan[1], espan[2], rates))
+
+    st = a.zero
+    grad_ar = coll("all_reduce", w * pn, w * pe)
+    grad_rs = coll("reduce_scatter", w * pn, w * pe)
+    param_ag = coll("all_gather", w * pn, w * pe)
+    dp_total = np.select([st <= 1, st == 2], [grad_ar, ga * grad_rs + param_ag], ga * grad_rs)
+    last_bwd = backward / np.maximum(ga, 1)
+    dp_hidden = np.where(st == 3, c.overlap_comm_stage3 * last_bwd, c.overlap_comm_stage012 * last_bwd)
+    dp_exposed = np.maximum(dp_total - dp_hidden, 0.0)
+    gathers = np.where(st == 3, ga * (2.0 + ac) * param_ag, 0.0)
+    gathers = np.maximum(gathers - c.overlap_comm_stage3 * (forward + recompute + backward * 0.5), 0.0)
+    gathers = np.where(st == 3, gathers, 0.0)
+    # expert parallel
+    a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,
+                          a.ep_span[0], a.ep_span[1], a.ep_span[2], rates)
+    alltoall = np.where(a.ep > 1, ga * mt.moe_layers * (4.0 + 2.0 * ac) * a2a, 0.0)
+    # offload
+    cal = cl.calibration
+    h2d = (cal.h2d_gbs or cl.pcie_bandwidth_gbs * c.pcie_efficiency) * 1e9
+    d2h = (cal.d2h_gbs or cl.pcie_bandwidth_gbs * c.pcie_efficiency) * 1e9
+    off_o, off_p = a.off_opt.astype(bool), a.off_param.astype(bool)
+    offload = (np.where(off_o, ga * w * ps / d2h + w * ps / h2d, 0.0)
+               + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
+    ranks_per_node = np.minimum(a.world, cl.gpus_per_node)
+    node_adam = (cal.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_gparams_per_core) * 1e9
+    cpu_opt = np.where(off_o, ps / (node_adam / ranks_per_node), 0.0)
+    hbm = cl.gpu.memory_bandwidth_gbs * 1e9 * c.hbm_efficiency
+    opt_params = np.where(st == 0, pr, ps)
+    opt_step = np.where(off_o, 0.0, c.optimizer_bytes_per_param * opt_params / hbm) + c.step_overhead_s
+    # zeroth order
+    is_zo = a.zo > 0
+    zo_fwd = ga * (2.0 / a.zo_pertp) * fwd_one
+    zo_perturb = c.zo_perturb_passes * mt.total * (2.0 * w) / hbm + c.step_overhead_s
+    zo_upload = ga * w * mt.blocks_total / h2d + w * mt.blocks_total / d2h
+    zo_off = np.where(a.zo == 2, np.maximum(zo_upload - c.zo2_overlap * zo_fwd, 0.0), 0.0)
+    wspan = a.world_span
+    zo_scalar = collective_time("all_reduce", 8.0 * 2, wspan[0], wspan[1], wspan[2], rates)
+    z = np.zeros_like(forward)
+    out = dict(
+        forward=np.where(is_zo, zo_fwd, forward), backward=np.where(is_zo, z, backward),
+        recompute=np.where(is_zo, z, recompute), tp_communication=np.where(is_zo, z, tp_comm),
+        dp_reduction_exposed=np.where(is_zo, zo_scalar, dp_exposed), zero3_gathers=np.where(is_zo, z, gathers),
+        expert_alltoall=np.where(is_zo, z, alltoall), offload_transfers=np.where(is_zo, zo_off, offload),
+        cpu_optimizer=np.where(is_zo, z, cpu_opt), optimizer_step=np.where(is_zo, zo_perturb, opt_step))
+    return out

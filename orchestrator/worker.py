@@ -1,0 +1,354 @@
+"""The training worker: one process per GPU (or CPU worker), started by every launcher.
+
+:func:`run_worker` runs one rank of a plan: it checks everything a user can get wrong
+(plan, data file, checkpoint to resume) before allocating anything, initialises
+torch.distributed (nccl on GPU, gloo on CPU with DeepSpeed's CPU accelerator), builds the
+plan's process groups, the model (under ``deepspeed.zero.Init`` for stage 3) and the
+DeepSpeed engine, then trains ``train.steps`` optimizer steps:
+
+    for step s: lr = warmup_cosine(s); for each of grad_accum micro-batches of this dp rank:
+    loss = engine(input_ids, labels); engine.backward(loss); engine.step()
+
+(DeepSpeed averages gradients over dp at the accumulation boundary and steps the
+optimizer there). Checkpoints every ``train.checkpoint_every`` steps, at the end, and when a
+stop is requested (SIGUSR2/SIGTERM or ``stop_event``); resumes at the exact step, data
+position and RNG state from ``RUN_DIR/checkpoints/latest`` when it exists.
+
+Command line (Slurm, Kubernetes, MPI, torchrun)::
+
+    python -m meshpilot.orchestrator.worker --job resolved_job.yaml --run-dir DIR [--resume PATH]
+
+reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or SLURM_PROCID/SLURM_NTASKS/
+SLURM_LOCALID, or OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import CheckpointManager, find_checkpoint, read_meta
+from .config import JobConfig
+from .data import BatchLayout, ShardedBatches, resolve_source
+from .errors import ConfigError
+from .metrics import MetricsLogger, StepRecord, flops_per_token, memory_stats, mfu
+from .plan import Plan
+from .preemption import StopRequest
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+ModelFactory = Callable[[JobConfig, Plan, Any], nn.Module]
+StepHook = Callable[[dict[str, Any]], None]
+
+
+# --- checks before any resource is allocated ----------------------------------------------------
+
+def preflight(job: JobConfig, plan: Plan, *, world_size: int, run_dir: str | Path,
+              resume: str | Path | None | bool = "auto", rank: int = 0) -> tuple[Path, str] | None:
+    """Every user mistake as a ConfigError; returns the checkpoint (root, tag) to resume from, or None."""
+    plan.check(job.model, job.train, job.cluster)
+    if world_size != plan.world_size:
+        raise ConfigError("plan", plan.to_config(), reason=f"needs {plan.world_size} ranks, the launcher started "
+                          f"{world_size}", fix="start one process per rank of the plan (WORLD_SIZE)")
+    resolve_source(job.train.data, vocab=job.model.vocab, seq_len=job.train.seq_len, seed=job.train.seed)
+    if resume is False or resume is None:
+        return None
+    if resume == "auto":
+        root = Path(run_dir) / "checkpoints"
+        found = find_checkpoint(root) if root.is_dir() else None
+    else:
+        found = find_checkpoint(resume)
+    if found is not None:
+        root, tag = found
+        meta = read_meta(root / tag)
+        CheckpointManager(root, job, plan, rank=rank, world_size=world_size).check_compatible(meta, root / tag)
+    return found
+
+
+# --- distributed setup -------------------------------------------------------------------------
+
+def _use_cpu(job: JobConfig) -> bool:
+    return job.cluster.accelerator == "cpu" or not torch.cuda.is_available()
+
+
+def _init_distributed(*, rank: int, world_size: int, master_addr: str, master_port: int, on_cpu: bool,
+                      timeout_s: float) -> bool:
+    """Initialise the default process group; False if the caller had already done it."""
+    if dist.is_initialized():
+        if dist.get_rank() != rank or dist.get_world_size() != world_size:
+            raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, not {rank} of {world_size}")
+        return False
+    backend = "gloo" if on_cpu else "nccl"
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    log.info("rank %d: torch.distributed %s initialised (%d ranks, master %s:%d)", rank, backend, world_size,
+             master_addr, master_port)
+    return True
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    import random
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def _default_model_factory(job: JobConfig, plan: Plan, groups: Any) -> nn.Module:
+    from meshpilot.strategies.model import build_model
+    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=torch.float32, device="cpu")
+
+
+def _train_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank: int, master_addr: str,
+               master_port: int, run_dir: str | Path, on_step: StepHook | None = None,
+               stop_event: threading.Event | None = None, model_factory: ModelFactory | None = None,
+               resume: str | Path | bool | None = "auto", dist_timeout_s: float = 300.0,
+               log_every: int = 1, tensorboard: bool = True) -> dict[str, Any]:
+    """Train ``plan`` as ``rank`` of ``world_size``; returns this rank's final metrics.
+
+    ``model_factory(job, plan, groups) -> nn.Module`` replaces the built-in transformer (e.g. a
+    user's Hugging Face model: data parallel + ZeRO only, its ``forward(input_ids, labels)``
+    must return the mean loss). ``resume``: "auto" (continue from RUN_DIR/checkpoints/latest
+    if present), a checkpoint path, or False. ``on_step`` gets every step's record on every
+    rank. Returns ``{"status": "completed"|"stopped", "step", "start_step", "losses",
+    "final_loss", "param_checksum", "tokens_per_s", "mfu", "peak_memory", "checkpoint"}``.
+    """
+    run_dir = Path(run_dir)
+    if plan.zeroth_order:
+        return _run_zeroth_order(job, plan, rank=rank, world_size=world_size, local_rank=local_rank,
+                                 master_addr=master_addr, master_port=master_port, run_dir=run_dir,
+                                 on_step=on_step, stop_event=stop_event)
+    resume_from = preflight(job, plan, world_size=world_size, run_dir=run_dir, resume=resume, rank=rank)
+    on_cpu = _use_cpu(job)
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    owns_pg = _init_distributed(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
+                                on_cpu=on_cpu, timeout_s=dist_timeout_s)
+    stop = StopRequest(rank, stop_event).install()
+    try:
+        return _train(job, plan, rank=rank, world_size=world_size, local_rank=local_rank, run_dir=run_dir,
+                      on_cpu=on_cpu, on_step=on_step, stop=stop, model_factory=model_factory,
+                      resume_from=resume_from, log_every=log_every, tensorboard=tensorboard)
+    finally:
+        stop.uninstall()
+        if owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank: int, run_dir: Path,
+           on_cpu: bool, on_step: StepHook | None, stop: StopRequest, model_factory: ModelFactory | None,
+           resume_from: tuple[Path, str] | None, log_every: int, tensorboard: bool) -> dict[str, Any]:
+    import deepspeed  # after DS_ACCELERATOR is set
+
+    from meshpilot.comm.groups import build_process_groups
+    from meshpilot.strategies.deepspeed_config import deepspeed_config
+    from meshpilot.strategies.zero import construction_context, initialize_engine
+
+    t = job.train
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    if not on_cpu:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", dist_init_required=False)
+    groups = build_process_groups(plan.layout(job.cluster.gpus_per_node))
+    _seed_everything(t.seed, rank)
+
+    ds_config = deepspeed_config(job, plan, on_cpu=on_cpu)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
+    factory = model_factory or _default_model_factory
+    with construction_context(job, plan, groups, ds_config, dtype=_train_dtype(t.precision)):
+        model = factory(job, plan, groups)
+    engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
+
+    ckpt = CheckpointManager(run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
+    start_step = 0
+    if resume_from is not None:
+        meta = ckpt.load(engine, *resume_from)
+        start_step = meta.step
+    source = resolve_source(t.data, vocab=job.model.vocab, seq_len=t.seq_len, seed=t.seed)
+    batches = ShardedBatches(source, BatchLayout(global_batch=t.global_batch, micro_batch=plan.micro_batch,
+                                                 grad_accum=plan.grad_accum, dp=plan.dp, dp_rank=groups.dp_rank),
+                             seed=t.seed)
+    metrics = MetricsLogger(run_dir, rank=rank, tensorboard=tensorboard, log_every=log_every)
+    tokens_per_step = t.global_batch * t.seq_len
+    losses: list[float] = []
+    rec: StepRecord | None = None
+    status, last_ckpt = "completed", None
+    step = start_step
+    if rank == 0:
+        log.info("rank 0: training %s from step %d to %d (%d tokens/step, %.3g model FLOPs/token)",
+                 " ".join(f"{k}={v}" for k, v in asdict(plan).items()), start_step, t.steps, tokens_per_step,
+                 flops_per_token(job))
+    try:
+        while step < t.steps:
+            lr = lr_at(step, lr=t.lr, warmup=t.warmup_steps, total=t.steps)
+            for g in engine.optimizer.param_groups:
+                g["lr"] = lr
+            _sync(device)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for input_ids, labels in batches.step_batches(step):
+                loss = engine(torch.from_numpy(input_ids).to(device), torch.from_numpy(labels).to(device))
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().to(torch.float64)
+            loss_avg = loss_sum / plan.grad_accum
+            dist.all_reduce(loss_avg, group=groups.dp)          # mean over the dp replicas
+            loss_val = float(loss_avg.item()) / plan.dp
+            _sync(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            losses.append(loss_val)
+            mem = _gather_memory(rank, device, world_size) if (step % log_every == 0 or step == t.steps) else []
+            gn = engine.get_global_grad_norm()
+            rec = StepRecord(step=step, loss=loss_val, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                             mfu=mfu(job, tokens_per_step / dt, world_size),
+                             grad_norm=None if gn is None else float(gn), memory=mem)
+            metrics.write(rec)
+            if on_step is not None:
+                on_step(asdict(rec))
+            stopping = stop.agreed(device)
+            if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                last_ckpt = ckpt.save(engine, step=step,
+                                      consumed_samples=ShardedBatches.consumed_samples(step, t.global_batch))
+            if stopping:
+                status = "stopped"
+                log.warning("rank %d: stopped at step %d on request; checkpoint %s", rank, step, last_ckpt)
+                break
+        checksum = param_checksum(engine)
+    finally:
+        metrics.close()
+    return {"status": status, "rank": rank, "start_step": start_step, "step": step, "losses": losses,
+            "final_loss": losses[-1] if losses else None, "param_checksum": checksum,
+            "tokens_per_s": rec.tokens_per_s if rec else None, "mfu": rec.mfu if rec else None,
+            "step_time_s": rec.step_time_s if rec else None,
+            "peak_memory": rec.memory if rec else [], "checkpoint": str(last_ckpt) if last_ckpt else None}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gather_memory(rank: int, device: torch.device, world_size: int) -> list[dict[str, Any]]:
+    mine = asdict(memory_stats(rank, device))
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def param_checksum(engine: Any) -> float:
+    """Sum of every element of the full (unsharded) model's parameters, in float64 (collective).
+
+    ZeRO-3 shards are gathered; tensor- and expert-parallel shards are reassembled by the
+    built-in model's ``full_state_dict``, so the value does not depend on the plan. For other
+    models (no ``full_state_dict``): the local parameters' sum (no tensor parallelism there).
+    """
+    import deepspeed
+    module = engine.module
+    params = list(module.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else _null()
+    with ctx:
+        if hasattr(module, "full_state_dict"):
+            tensors = list(module.full_state_dict().values())
+        else:
+            tensors = [p.detach() for p in params]
+        return float(sum(x.double().sum().item() for x in tensors))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _run_zeroth_order(job: JobConfig, plan: Plan, **kw: Any) -> dict[str, Any]:
+    try:
+        from meshpilot.strategies.zo import worker as zo_worker  # engineer C (issue 6)
+    except ImportError:
+        zo_worker = None
+    if zo_worker is None or not hasattr(zo_worker, "run_zo_worker"):
+        raise ConfigError("plan.zo.mode", plan.zo_mode, reason="zeroth-order plans arrive with issue 6",
+                          fix="use plan.zo.mode=none with train.optimizer=adamw for now")
+    return zo_worker.run_zo_worker(job, plan, **kw)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def env_rank_info(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """rank, world_size, local_rank, master_addr, master_port from torchrun, Slurm or Open MPI variables."""
+    e = dict(os.environ if env is None else env)
+    for r, w, lr in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+                     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")):
+        if r in e and w in e:
+            rank, world = int(e[r]), int(e[w])
+            local = int(e.get(lr, rank))
+            break
+    else:
+        raise ConfigError("environment", reason="no rank variables: set RANK/WORLD_SIZE/LOCAL_RANK (torchrun), "
+                          "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun) or OMPI_COMM_WORLD_* (mpirun)")
+    if "MASTER_ADDR" not in e or "MASTER_PORT" not in e:
+        raise ConfigError("environment", reason="MASTER_ADDR and MASTER_PORT must be set",
+                          fix="export MASTER_ADDR=<host of rank 0> MASTER_PORT=<free port>")
+    return dict(rank=rank, world_size=world, local_rank=local, master_addr=e["MASTER_ADDR"],
+                master_port=int(e["MASTER_PORT"]))
+
+
+def _configure_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stdout,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .job import load_job
+    from .plan import resolve_plan
+
+    p = argparse.ArgumentParser(prog="python -m meshpilot.orchestrator.worker", description="one training rank")
+    p.add_argument("--job", required=True, help="resolved job YAML (meshpilot writes resolved_job.yaml)")
+    p.add_argument("--run-dir", required=True, help="run directory (checkpoints, metrics.jsonl, tensorboard/)")
+    p.add_argument("--resume", default="auto", help="'auto' (RUN_DIR/checkpoints if present), 'none', or a path")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    try:
+        info = env_rank_info()
+        _configure_logging(info["rank"])
+        job = load_job(args.job, args.overrides)
+        plan = resolve_plan(job)
+        resume: Any = False if args.resume == "none" else args.resume
+        result = run_worker(job, plan, run_dir=args.run_dir, resume=resume, log_every=args.log_every, **info)
+    except ConfigError as e:
+        print(f"meshpilot worker: error: {e}", file=sys.stderr)
+        return 2
+    if info["rank"] == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+    return 0 if result["status"] in ("completed", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""`meshpilot probe`: bus-bandwidth arithmetic, the CPU probe (gloo collectives, matmul) and the profile it writes."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from meshpilot.comm.bandwidth import (bus_bandwidth_gbs, bus_factor, collective_time,
+                                      fit_latency_bandwidth)
+from meshpilot.comm.probe import (ProbeReport, ProbeSettings, calibrated_profile, free_port, matmul_shapes,
+                                  run_probe)
+from meshpilot.orchestrator.cli import main
+from meshpilot.orchestrator.clusters import cluster_preset
+from meshpilot.orchestrator.config import CalibrationConfig
+from meshpilot.orchestrator.job import load_job
+
+KiB = 1024
+
+
+# --- pure arithmetic --------------------------------------------------------------------------
+
+def test_bus_factor_hand_values():
+    assert bus_factor("all_reduce", 2) == 1.0            # 2 (n-1)/n
+    assert bus_factor("all_reduce", 4) == 1.5
+    assert bus_factor("all_reduce", 8) == 1.75
+    assert bus_factor("all_gather", 4) == 0.75           # (n-1)/n
+    assert bus_factor("reduce_scatter", 2) == 0.5
+    assert bus_factor("all_to_all", 8) == 0.875
+    assert bus_factor("all_reduce", 1) == 0.0
+    with pytest.raises(ValueError):
+        bus_factor("broadcast", 2)
+    # nccl-tests: 1 GiB all-reduce on 4 ranks in 4.5 ms -> algbw 238.6 GB/s, busbw 357.9 GB/s
+    assert bus_bandwidth_gbs("all_reduce", 4, 2**30, 4.5e-3) == pytest.approx(1.5 * 2**30 / 4.5e-3 / 1e9)
+    assert bus_bandwidth_gbs("all_reduce", 4, 2**30, 4.5e-3) == pytest.approx(357.91, abs=0.01)
+
+
+def test_collective_time_inverts_bus_bandwidth():
+    t = collective_time("all_gather", 4, 256 * 2**20, busbw_gbs=300.0, latency_us=10.0)
+    assert t == pytest.approx(10e-6 + 0.75 * 256 * 2**20 / 300e9)
+    assert bus_bandwidth_gbs("all_gather", 4, 256 * 2**20, t - 10e-6) == pytest.approx(300.0)
+
+
+def test_fit_latency_bandwidth_recovers_known_line():
+    alpha_us, bw = 25.0, 42.0
+    sizes = [2**k for k in range(16, 28, 2)]
+    times = [alpha_us * 1e-6 + 1.5 * s / (bw * 1e9) for s in sizes]
+    a, b = fit_latency_bandwidth(sizes, times, factor=1.5)
+    assert a == pytest.approx(alpha_us, rel=1e-6)
+    assert b == pytest.approx(bw, rel=1e-9)
+    with pytest.raises(ValueError):
+        fit_latency_bandwidth([1024, 1024], [1e-3, 2e-3], factor=1.0)
+
+
+def test_matmul_mix_flops_are_three_times_a_layer_forward():
+    T, h, f = 64, 32, 96
+    shapes = matmul_shapes(T, h, f)
+    assert len(shapes) == 12
+    weights = h * 3 * h + h * h + h * 2 * f + f * h      # llama layer linears (q,k,v | o | gate,up | down)
+    # forward 2*T*W FLOP, input gradient and weight gradient 2*T*W each: 6*T*W per layer
+    assert sum(2 * m * k * n for _, m, k, n in shapes) == 6 * T * weights
+
+
+def test_calibration_keys_are_calibration_config_fields():
+    r = ProbeReport(device_name="x", date="d", settings=ProbeSettings())
+    assert set(r.calibration()) == {f.name for f in dataclasses.fields(CalibrationConfig)}
+
+
+# --- the CPU probe: real gloo processes --------------------------------------------------------
+
+SMALL = ProbeSettings(device="cpu", world=2, collective_sizes=(64 * KiB, 1024 * KiB), collective_warmup=1,
+                      collective_iters=3, matmul_tokens=64, matmul_hidden=128, matmul_ffn=352, matmul_iters=2,
+                      skip=("cpu_adam",), timeout_s=120.0)
+
+
+@pytest.fixture(scope="module")
+def cpu_report() -> ProbeReport:
+    return run_probe(SMALL)
+
+
+@pytest.mark.slow
+def test_cpu_probe_collectives_consistent_with_timing(cpu_report):
+    r = cpu_report
+    ops = {s.op for s in r.collectives}
+    assert ops == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
+    for s in r.collectives:
+        assert s.ranks == 2
+        assert s.nbytes in (64 * KiB, 1024 * KiB)        # sizes divisible by 2 ranks: exact
+        assert 0 < s.min_s <= s.median_s < 10.0
+        # bus bandwidth is exactly f(op, n) * S / t of the recorded median time
+        assert s.busbw_gbs == pytest.approx(bus_factor(s.op, 2) * s.nbytes / s.median_s / 1e9)
+        assert s.algbw_gbs == pytest.approx(s.nbytes / s.median_s / 1e9)
+        assert 1e-4 < s.busbw_gbs < 1000.0               # loopback gloo: far below memory bandwidth
+    cal = r.calibration()
+    best = max((s for s in r.collectives if s.op == "all_reduce"), key=lambda s: s.busbw_gbs)
+    assert cal["allreduce_busbw_gbs"] == pytest.approx(best.busbw_gbs, rel=1e-3)
+    # the cost model with the calibrated bandwidth reproduces that measurement's time
+    t = collective_time("all_reduce", 2, best.nbytes, cal["allreduce_busbw_gbs"])
+    assert t == pytest.approx(best.median_s, rel=1e-3)
+    assert r.latency_sample is not None and r.latency_sample.nbytes == 8 * KiB
+    assert 0 <= cal["collective_latency_us"] <= r.latency_sample.median_s * 1e6
+
+
+def _timed_allreduce(rank: int, world: int, port: int, nbytes: int, iters: int, out: str) -> None:
+    """An independent measurement: wall time of ``iters`` back-to-back all-reduces on 2 gloo ranks."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x = torch.ones(nbytes // 4)
+    dist.all_reduce(x)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x)
+    dt = (time.perf_counter() - t0) / iters
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(repr(dt))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cpu_probe_allreduce_agrees_with_independent_timing(cpu_report, tmp_path):
+    nbytes = 1024 * KiB
+    out = str(tmp_path / "t.txt")
+    torch.multiprocessing.spawn(_timed_allreduce, args=(2, free_port(), nbytes, 5, out), nprocs=2)
+    t_indep = float(open(out).read())
+    probe = next(s for s in cpu_report.collectives if s.op == "all_reduce" and s.nbytes == nbytes)
+    # same operation, same size: the two timings agree within the noise of a shared 2-core machine
+    assert 1 / 8 < probe.median_s / t_indep < 8, (probe.median_s, t_indep)
+    assert probe.busbw_gbs == pytest.approx(nbytes / probe.median_s / 1e9)   # n = 2: busbw = algbw
+
+
+@pytest.mark.slow
+def test_cpu_probe_matmul_and_skips(cpu_report):
+    r = cpu_report
+    assert len(r.matmul) == 12
+    for m in r.matmul:
+        assert m.tflops == pytest.approx(2 * m.m * m.k * m.n / m.median_s / 1e12)
+        assert 0 < m.tflops < 100                       # a 2-core CPU is nowhere near 100 TFLOP/s
+    mix = r.matmul_tflops()
+    assert min(m.tflops for m in r.matmul) <= mix <= max(m.tflops for m in r.matmul)
+    assert "copies" in r.skipped and "cpu_adam" in r.skipped and "gpu" in r.skipped
+    cal = r.calibration()
+    assert cal["h2d_gbs"] is None and cal["d2h_gbs"] is None and cal["cpu_adam_gparams_per_s"] is None
+    assert "cpu" in cal["measured_on"]
+
+
+@pytest.mark.slow
+def test_profile_loads_as_job_cluster(cpu_report, tmp_path):
+    base = cluster_preset("local")
+    prof = calibrated_profile(base, cpu_report)
+    assert prof["name"] == "local-probed"              # not re-detected on load
+    import yaml
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(prof, sort_keys=False))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(f"model: tiny-llama\ncluster: {path}\ntrain: {{global_batch: 2, seq_len: 32}}\n")
+    job = load_job(job_file)
+    cal = job.cluster.calibration
+    assert cal.allreduce_busbw_gbs == pytest.approx(cpu_report.calibration()["allreduce_busbw_gbs"])
+    assert cal.matmul_tflops > 0 and cal.alltoall_busbw_gbs > 0
+    assert cal.h2d_gbs is None
+    assert job.cluster.gpus_per_node == base["gpus_per_node"]
+    # and as an override of a job given with another cluster
+    job2 = load_job(job_file, [f"cluster={path}"])
+    assert job2.cluster.calibration == cal
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def test_cli_rejects_bad_arguments_before_measuring(capsys, tmp_path):
+    assert main(["probe", "--cluster", "no-such-cluster", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "unknown cluster preset" in capsys.readouterr().err
+    assert main(["probe", "--skip", "matmul,bogus", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_cli_writes_profile_without_collectives(tmp_path, capsys):
+    """The CLI path end to end on a preset base: matmul only (fast), the rest skipped and said so."""
+    out = tmp_path / "h100.yaml"
+    assert main(["probe", "--quick", "--cluster", "h100-sxm-4", "--skip", "collectives,cpu_adam",
+                 "--out", str(out), "--json", str(tmp_path / "raw.json")]) == 0
+    text = out.read_text()
+    assert "# skipped collectives: skipped on request" in text
+    job = load_job(None, ["model=tiny-llama", f"cluster={out}"])
+    assert job.cluster.name == "h100-sxm-4" and job.cluster.gpus_per_node == 4
+    assert job.cluster.intra_node_bandwidth_gbs == 355      # datasheet fields are kept
+    assert job.cluster.calibration.matmul_tflops > 0
+    assert job.cluster.calibration.allreduce_busbw_gbs is None
+    import json
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert len(raw["matmul"]) == 12 and math.isclose(raw["calibration"]["matmul_tflops"],
+                                                     job.cluster.calibration.matmul_tflops)
+    assert "skipped collectives" in capsys.readouterr().out
