@@ -35,7 +35,7 @@ def _job_with_plan(job, plan):
 
 def run(args) -> int:
     from .planner import search
-    from .simulator import simulate
+    from .simulator import plan_overrides, simulate
 
     job = load_job(args.job, args.overrides)
     res = search(job, objective=args.objective, headroom=args.headroom, top=args.top)
@@ -49,7 +49,7 @@ def run(args) -> int:
     if args.explain:
         base = job_to_dict(job)
         base["plan"] = {"auto": False}
-        ej = job_from_dict(base, args.explain.split())
+        ej = job_from_dict(base, plan_overrides(args.explain))
         explained = simulate(ej, headroom=args.headroom)
         out["explain"] = explained.to_dict()
     if args.json:

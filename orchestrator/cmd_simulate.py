@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich.console import Console
 
@@ -15,6 +16,8 @@ def add_parser(sub) -> None:
     add_job_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--headroom", type=float, default=0.0, help="fraction of GPU memory kept free (default 0)")
+    p.add_argument("--deepspeed-config", metavar="FILE",
+                   help="a DeepSpeed config JSON whose bucket sizes and overlap_comm replace DeepSpeed's defaults")
     p.set_defaults(func=run)
 
 
@@ -24,7 +27,16 @@ def run(args) -> int:
 
     job = load_job(args.job, args.overrides)
     plan = choose_plan(job) if job.plan.auto else None
-    est = simulate(job, plan, headroom=args.headroom)
+    constants = None
+    if args.deepspeed_config:
+        from .errors import ConfigError
+        from .estimate import constants_for_deepspeed
+        try:
+            ds = json.loads(Path(args.deepspeed_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError("--deepspeed-config", args.deepspeed_config, reason=f"cannot read: {e}") from None
+        constants = constants_for_deepspeed(ds)
+    est = simulate(job, plan, headroom=args.headroom, constants=constants)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return 0

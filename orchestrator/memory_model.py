@@ -29,10 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .config import JobConfig, ModelConfig
 from .models import param_counts
+
+if TYPE_CHECKING:
+    from .estimate import SimulatorConstants
+    from .simulator import PlanArrays
 
 
 # --- published formulas (paper mode, for tests and explanation) ----------------------------
@@ -74,8 +80,8 @@ class LayerActivations:
     """Saved bytes per token of one layer, split by how tensor/sequence parallelism divides them.
 
     ``replicated`` (norm inputs/outputs, dropout masks) is divided by t only with sequence
-    parallelism; ``attention`` and ``mlp`` (inside the tensor-parallel region) by t.
-    ``expert_per_routed_token`` is an expert MLP's share per token routed to it (MoE layers).
+    parallelism; ``attention`` and ``mlp`` (inside the tensor-parallel region) by t; ``router`` is the
+    fp32 router output of an MoE layer (not divided).
     """
     replicated: float
     attention: float
@@ -96,6 +102,8 @@ def layer_activation_bytes(m: ModelConfig) -> LayerActivations:
     c_proj input (2h) and the log-sum-exp (4a): 10h + 4a; the GELU MLP saves fc output and GELU
     output (2f each): 4f. (Korthikanti's 34h + 5as^2/h counts 24h inside the tensor-parallel
     region; without the s^2 terms our gpt2 count is 10h + 10h + 16h = 36h for f = 4h.)
+    In an MoE layer each token routed to an expert (top_k x capacity_factor per token) saves that
+    expert's ``mlp`` bytes plus the dispatch and combine buffers (2h each); see :func:`activation_terms`.
     """
     h, a, f = m.hidden, m.heads, m.ffn
     if m.arch in ("gpt2", "opt"):
@@ -167,7 +175,7 @@ def rank_params(mt: ModelTerms, tp, ep, dp):
     return pr, ps, pn, pe
 
 
-def activation_terms(mt: ModelTerms, seq_len: int, a, c):
+def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorConstants):
     """(saved activations at the end of forward, transient working set) in bytes per rank.
 
     ``a`` is the plan arrays object (fields micro_batch, tp, sp, ac, zo); ``c`` the constants.
@@ -193,7 +201,7 @@ def activation_terms(mt: ModelTerms, seq_len: int, a, c):
     return np.where(zo, 0.0, saved), np.where(zo, zo_working, working)
 
 
-def memory_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
+def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants) -> dict[str, np.ndarray]:
     """Per-rank bytes of every category for all plans in ``a`` (see the module docstring)."""
     w, K = precision_bytes(job)
     mixed = w == 2.0
@@ -204,7 +212,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
     # ZeRO-3 gathered window; with one data-parallel rank the partition is the whole parameter (no window)
     live = np.minimum(c.stage3_max_live_parameters, mt.largest_module / a.tp + c.stage3_prefetch_bucket_size)
     live = np.where(a.dp > 1, live, 0.0)
-    weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * (np.maximum(live, mt.largest_module / a.tp) + mt.replicated))
+    offloaded_window = np.maximum(live, mt.largest_module / a.tp) + mt.replicated   # offload_params: window only
+    weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * offloaded_window)
     grads = np.select([st <= 1, off_o], [w * pr, 0.0], w * ps)
     opt = np.where(off_o, 0.0, K * np.where(st == 0, pr, ps))
     bucket = np.where(st >= 1, w * c.reduce_bucket_size, 0.0)
@@ -223,9 +232,10 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
     temporary = np.maximum(working, step_tmp - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
     groups = (a.world > 1).astype(float) * (1.0 + (a.tp > 1) + (a.ep > 1) * 2 + (a.zo_pertp > 1))
-    nccl = np.where(a.world > 1, c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30,
-                    0.0)
-    framework = c.cuda_context_gib * 2**30 + c.fragmentation * allocated
+    on_gpu = job.cluster.accelerator == "gpu"        # CPU workers (gloo) have no CUDA context or NCCL buffers
+    nccl = np.where((a.world > 1) & on_gpu,
+                    c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30, 0.0)
+    framework = (c.cuda_context_gib * 2**30 if on_gpu else 0.0) + c.fragmentation * allocated
     # host memory per node: every rank of the node holds its offloaded share
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)

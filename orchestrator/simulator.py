@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -30,12 +29,11 @@ _ZO = {"none": 0, "mezo": 1, "zo2": 2}
 _ZO_NAMES = {v: k for k, v in _ZO.items()}
 
 
-@lru_cache(maxsize=4096)
 def structure_spans(dp: int, tp: int, ep: int, zo: int, pertp: int, zo_dp: int, gpus_per_node: int):
     """Spans (n, nodes, per_node) of the tp, dp, ep, edp and world groups of rank 0's layout.
 
     Every group of one kind has the same shape in these layouts, so rank 0's are representative
-    (the most loaded rank for communication)."""
+    (the most loaded rank for communication). Computed once per distinct structure of a batch."""
     lay = build_layout(dp=dp, tp=tp, ep=ep, pertp=pertp, zo_dp=zo_dp, zeroth_order=zo > 0,
                        gpus_per_node=gpus_per_node)
     g = lay.groups_of(0)
@@ -163,6 +161,34 @@ def describe(plan: Plan) -> str:
     if plan.sequence_parallel:
         s += " sp"
     return s
+
+
+_SHORT_KEYS = {"dp": "plan.dp", "tp": "plan.tp", "ep": "plan.ep", "zero": "plan.zero_stage",
+               "ac": "plan.activation_checkpointing", "zo": "plan.zo.mode", "pertp": "plan.zo.pertp", "zo_dp": "plan.zo.dp"}
+_SHORT_FLAGS = {"off_opt": "plan.offload_optimizer=cpu", "off_param": "plan.offload_params=cpu",
+                "sp": "plan.sequence_parallel=true"}
+
+
+def plan_overrides(text: str) -> list[str]:
+    """Dotlist overrides for a plan written as :func:`describe` prints it (``dp=4 tp=1 zero=3 mb=2x2 ac=full``)
+    or as overrides (``plan.dp=4 plan.zero_stage=3``); the two forms may be mixed."""
+    out: list[str] = []
+    for tok in text.split():
+        key, _, val = tok.partition("=")
+        if key.startswith("plan."):
+            out.append(tok)
+        elif key in _SHORT_FLAGS and not val:
+            out.append(_SHORT_FLAGS[key])
+        elif key == "mb" and val:
+            out.append(f"plan.micro_batch={val.split('x')[0]}")
+        elif key in _SHORT_KEYS and val:
+            out.append(f"{_SHORT_KEYS[key]}={val}")
+        else:
+            from .errors import ConfigError
+            raise ConfigError("--explain", tok, reason="not a plan field",
+                              fix="write the plan as the table prints it (dp=4 tp=1 zero=3 mb=2x2 ac=full) "
+                                  "or as overrides (plan.dp=4 plan.zero_stage=3)")
+    return out
 
 
 def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, headroom: float = 0.0) -> Estimate:

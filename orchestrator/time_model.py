@@ -30,6 +30,8 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from meshpilot.comm.cost_model import LinkRates, collective_time
@@ -37,8 +39,12 @@ from meshpilot.comm.cost_model import LinkRates, collective_time
 from .config import JobConfig
 from .memory_model import ModelTerms, precision_bytes, rank_params
 
+if TYPE_CHECKING:
+    from .estimate import SimulatorConstants
+    from .simulator import PlanArrays
 
-def achieved_rate(job: JobConfig, hidden_shard, tokens, c):
+
+def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
     """Achieved matrix FLOP/s per GPU for the given per-shard hidden size and tokens per micro-batch."""
     cl = job.cluster
     cal = cl.calibration.matmul_tflops
@@ -47,7 +53,8 @@ def achieved_rate(job: JobConfig, hidden_shard, tokens, c):
     elif cal:
         peak = cal * 1e12
     else:
-        peak = (cl.gpu.bf16_tflops if job.train.precision == "bf16" else cl.gpu.fp16_tflops) * 1e12 * c.matmul_efficiency
+        datasheet = cl.gpu.bf16_tflops if job.train.precision == "bf16" else cl.gpu.fp16_tflops
+        peak = datasheet * 1e12 * c.matmul_efficiency
     xh, xt = c.shape_half_hidden, c.shape_half_tokens
     shape = (hidden_shard / (hidden_shard + xh)) / (4096.0 / (4096.0 + xh))
     shape = shape * (tokens / (tokens + xt)) / (4096.0 / (4096.0 + xt))
@@ -58,7 +65,7 @@ def flops_per_token_forward(mt: ModelTerms, seq_len: int) -> float:
     return 2.0 * mt.matmul_params + 4.0 * mt.layers * seq_len * mt.hidden
 
 
-def time_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
+def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants) -> dict[str, np.ndarray]:
     """Seconds of every time category (one optimizer step) for all plans in ``a``."""
     cl = job.cluster
     s = float(job.train.seq_len)
@@ -83,7 +90,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a, c) -> dict[str, np.ndarray]:
 
     def coll(op, nbytes_n, nbytes_e):
         return (collective_time(op, nbytes_n, dspan[0], dspan[1], dspan[2], rates)
-                + collective_time(op, nbytes_e, espan[0], espan[1], espan[2], rates))
+                + np.where(nbytes_e > 0, collective_time(op, nbytes_e, espan[0], espan[1], espan[2], rates), 0.0))
 
     st = a.zero
     grad_ar = coll("all_reduce", w * pn, w * pe)

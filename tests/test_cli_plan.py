@@ -1,0 +1,108 @@
+"""`meshpilot simulate` and `meshpilot plan` through the installed command line (subprocess)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from meshpilot.orchestrator.job import load_job
+from meshpilot.orchestrator.plan import resolve_plan
+
+# the installed console script; the module form when the script is not on PATH
+CLI = [shutil.which("meshpilot")] if shutil.which("meshpilot") else [sys.executable, "-m", "meshpilot.orchestrator.cli"]
+
+JOB = """\
+model: llama-2-7b
+cluster: h100-sxm-4
+train: {seq_len: 2048, global_batch: 16}
+plan: {dp: 4, zero_stage: 2, micro_batch: 1}
+"""
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(JOB)
+    return p
+
+
+def test_simulate_json_keys(job_file):
+    r = _run("simulate", str(job_file), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for k in ("fits", "peak_memory_gib", "step_time_s", "tokens_per_s", "mfu", "memory_breakdown_gib",
+              "time_breakdown_s", "plan", "reasons"):
+        assert k in d
+    assert set(d["memory_breakdown_gib"]) >= {"weights", "gradients", "optimizer_states", "activations", "temporary",
+                                              "communication_buffers", "framework_overhead", "cpu_offload"}
+    assert set(d["time_breakdown_s"]) >= {"forward", "backward", "recompute", "tp_communication",
+                                          "dp_reduction_exposed", "zero3_gathers", "expert_alltoall",
+                                          "offload_transfers", "cpu_optimizer", "optimizer_step"}
+    assert d["fits"] is True
+    assert d["tokens_per_s"] == pytest.approx(16 * 2048 / d["step_time_s"])
+    # the breakdown adds up to the peak and to the step time
+    mem = d["memory_breakdown_gib"]
+    assert sum(v for k, v in mem.items() if k != "cpu_offload") == pytest.approx(d["peak_memory_gib"])
+    assert sum(d["time_breakdown_s"].values()) == pytest.approx(d["step_time_s"])
+
+
+def test_simulate_table_and_not_fitting(job_file):
+    r = _run("simulate", str(job_file), "plan.zero_stage=0")
+    assert r.returncode == 0, r.stderr
+    assert "peak memory per GPU" in r.stdout and "does not fit" in r.stdout and "zero_stage=3" in r.stdout
+
+
+def test_bad_input_exits_2(job_file):
+    r = _run("simulate", str(job_file), "plan.zero_stage=5")
+    assert r.returncode == 2 and "plan.zero_stage" in r.stderr and "Traceback" not in r.stderr
+    r = _run("plan", str(job_file), "--objective", "fast")
+    assert r.returncode == 2 and "--objective" in r.stderr and "throughput" in r.stderr
+    r = _run("simulate", str(job_file), "plan.tp=3")
+    assert r.returncode == 2 and "plan.tp" in r.stderr
+
+
+def test_plan_exports_and_report(job_file, tmp_path):
+    out_yaml, ds, rep = tmp_path / "best.yaml", tmp_path / "ds.json", tmp_path / "report.html"
+    r = _run("plan", str(job_file), "plan.auto=true", "--json", "--top", "3", "--export-yaml", str(out_yaml),
+             "--export-deepspeed", str(ds), "--report", str(rep), "--explain", "plan.dp=4 plan.zero_stage=3")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert len(d["top"]) == 3 and d["fitting"] > 0 and d["explain"]["plan"].startswith("dp=4 tp=1 zero=3")
+    job = load_job(out_yaml)
+    best = resolve_plan(job)
+    assert best.to_config() == d["top"][0]["plan_config"]
+    cfg = json.loads(ds.read_text())
+    assert cfg["train_micro_batch_size_per_gpu"] == best.micro_batch
+    assert cfg["zero_optimization"]["stage"] == best.zero_stage
+    assert rep.read_text().startswith("<!doctype html>") and "data:image/png;base64," in rep.read_text()
+    png = tmp_path / "r.png"
+    r = _run("plan", str(job_file), "plan.auto=true", "--report", str(png))
+    assert r.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_with_fixed_section_explains_it(job_file):
+    r = _run("plan", str(job_file), "--top", "2")
+    assert r.returncode == 0, r.stderr
+    assert "the job's own plan: dp=4 tp=1 zero=2" in r.stdout and "top plans by throughput" in r.stdout
+
+
+def test_simulate_with_deepspeed_config_buckets(job_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8}}))
+    base = json.loads(_run("simulate", str(job_file), "--json").stdout)
+    r = _run("simulate", str(job_file), "--json", "--deepspeed-config", str(ds))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    # the bf16 staging buffer shrinks from 5e8 to 1e8 elements: 8e8 bytes
+    drop = base["memory_breakdown_gib"]["communication_buffers"] - d["memory_breakdown_gib"]["communication_buffers"]
+    assert drop * 2**30 == pytest.approx(8e8)
+    r = _run("simulate", str(job_file), "--deepspeed-config", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "--deepspeed-config" in r.stderr

@@ -1,0 +1,138 @@
+"""Alpha-beta collective costs: volumes, spans from the rank layout, hand-computed times."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshpilot.comm.cost_model import (LinkRates, bus_factor, bytes_sent_per_rank, collective_time,
+                                       group_collective_time, span_of)
+from meshpilot.comm.layout import build_layout
+from meshpilot.orchestrator.job import load_job
+
+GIB = 2**30
+
+
+def _cluster(name="dgx-h100", *ov):
+    return load_job(None, [f"cluster={name}", "model=tiny-llama", "plan=auto", *ov]).cluster
+
+
+def test_collective_volumes():
+    S = 1_000_000_000
+    assert bytes_sent_per_rank("all_reduce", S, 4) == pytest.approx(1.5e9)      # 2(n-1)/n S
+    assert bytes_sent_per_rank("all_gather", S, 4) == pytest.approx(0.75e9)     # (n-1)/n S
+    assert bytes_sent_per_rank("reduce_scatter", S, 8) == pytest.approx(0.875e9)
+    assert bytes_sent_per_rank("all_to_all", S, 2) == pytest.approx(0.5e9)
+    assert bus_factor("all_reduce", 1) == 0.0
+    with pytest.raises(ValueError):
+        bus_factor("broadcast", 4)
+
+
+def test_spans_from_layout():
+    lay = build_layout(dp=16, tp=1, gpus_per_node=8)
+    s = span_of(lay.groups_of(0).dp, 8)
+    assert (s.n, s.nodes, s.per_node, s.kind) == (16, 2, 8, "hierarchical")
+    lay = build_layout(dp=2, tp=8, gpus_per_node=8)
+    assert span_of(lay.groups_of(3).dp, 8).kind == "inter"          # one rank per node
+    assert span_of(lay.groups_of(3).tp, 8).kind == "intra"
+    assert span_of((5,), 8).kind == "single"
+
+
+def test_intra_node_time_hand_computed():
+    c = _cluster("h100-sxm-4")
+    r = LinkRates.from_cluster(c)
+    t = collective_time("all_reduce", GIB, 4, 1, 4, r)
+    assert t == pytest.approx(8e-6 + 1.5 * GIB / 355e9)
+    t2 = collective_time("all_gather", GIB, 4, 1, 4, r)
+    assert t2 == pytest.approx(8e-6 + 0.75 * GIB / 355e9)
+    assert collective_time("all_reduce", GIB, 1, 1, 1, r) == 0.0
+
+
+def test_matches_bandwidth_module_convention():
+    from meshpilot.comm.bandwidth import collective_time as measured_convention
+    c = _cluster("h100-sxm-4")
+    r = LinkRates.from_cluster(c)
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        expect = measured_convention(op, 4, 3 * GIB, 355.0, 8.0)
+        assert collective_time(op, 3 * GIB, 4, 1, 4, r) == pytest.approx(expect)
+
+
+def test_inter_and_hierarchical():
+    c = _cluster()
+    r = LinkRates.from_cluster(c)
+    S = GIB
+    inter = collective_time("all_reduce", S, 2, 2, 1, r)
+    assert inter == pytest.approx(25e-6 + 1.0 * S / 45e9)
+    intra = collective_time("all_reduce", S, 2, 1, 2, r)
+    assert inter > 5 * intra
+    # 16 ranks on 2 nodes: RS(8) intra + AR(2) inter of S/8 + AG(8) intra
+    hier = collective_time("all_reduce", S, 16, 2, 8, r)
+    expect = (8e-6 + 7 / 8 * S / 450e9) * 2 + 25e-6 + 1.0 * (S / 8) / 45e9
+    assert hier == pytest.approx(expect)
+    # flat inter-node ring over 16 ranks would be much slower than the hierarchical one
+    assert hier < 25e-6 + 2 * 15 / 16 * S / 45e9
+
+
+def test_tp_across_nodes_costs_more_than_inside():
+    c = _cluster("dgx-h100", "cluster.gpus_per_node=4")
+    r = LinkRates.from_cluster(c)
+    inside = build_layout(dp=1, tp=4, gpus_per_node=4).groups_of(0).tp
+    across = (0, 1, 4, 5)   # the same 4 ranks of a tp group, two per node
+    S = 64 * 2**20
+    t_across = group_collective_time("all_reduce", S, across, 4, r)
+    assert t_across > 2 * group_collective_time("all_reduce", S, inside, 4, r)
+
+
+def test_calibration_replaces_intra_bandwidth():
+    base = _cluster("h100-sxm-4")
+    cal = _cluster("h100-sxm-4", "cluster.calibration.allreduce_busbw_gbs=100",
+                   "cluster.calibration.collective_latency_us=20")
+    t0 = collective_time("all_reduce", GIB, 4, 1, 4, LinkRates.from_cluster(base))
+    t1 = collective_time("all_reduce", GIB, 4, 1, 4, LinkRates.from_cluster(cal))
+    assert t1 == pytest.approx(20e-6 + 1.5 * GIB / 100e9)
+    assert t1 > 3 * t0
+    # other collectives keep the profile's intra-node bandwidth
+    assert LinkRates.from_cluster(cal).intra_busbw_gbs["all_gather"] == 355.0
+
+
+def test_vectorised_equals_scalar():
+    r = LinkRates.from_cluster(_cluster())
+    n = np.array([1, 2, 8, 2, 16, 64])
+    nodes = np.array([1, 1, 1, 2, 2, 8])
+    g = np.array([1, 2, 8, 1, 8, 8])
+    S = np.array([1e6, 1e8, 1e9, 1e9, 3e9, 1e9])
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        vec = collective_time(op, S, n, nodes, g, r)
+        for i in range(len(n)):
+            assert vec[i] == pytest.approx(collective_time(op, S[i], int(n[i]), int(nodes[i]), int(g[i]), r))
+
+
+def test_step_time_terms_hand_computed():
+    """Forward/backward/TP/DP terms of the time model against the formulas evaluated by hand."""
+    from meshpilot.orchestrator.estimate import SimulatorConstants
+    from meshpilot.orchestrator.models import param_counts
+    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.simulator import simulate
+
+    job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "plan=auto", "train.global_batch=16",
+                          "train.seq_len=2048", "cluster.calibration.matmul_tflops=700"])
+    c = SimulatorConstants(layer_overhead_s=0.0, step_overhead_s=0.0)
+    pc = param_counts(job.model)
+    L, h, s, V = 32, 4096, 2048, 32000
+    mp = pc.total - pc.embedding - pc.head + V * h       # matrix-product parameters per token
+    per_token_fwd = 2 * mp + 4 * L * s * h
+    # tp=2, dp=2, micro-batch 4, 2 accumulation steps. Shape factor (normalised at h=4096, 4096 tokens):
+    # hidden shard 2048 -> (2048/2560)/(4096/4608) = 0.9; 8192 tokens -> (8192/8448)/(4096/4352)
+    e = simulate(job, Plan(dp=2, tp=2, zero_stage=0, micro_batch=4, grad_accum=2), constants=c)
+    tokens = 4 * s
+    shape = 0.9 * (8192 / 8448) / (4096 / 4352)
+    fwd = 2 * tokens * per_token_fwd / 2 / (700e12 * shape)
+    assert e.time_breakdown_s["forward"] == pytest.approx(fwd, rel=1e-9)
+    assert e.time_breakdown_s["backward"] == pytest.approx(2 * fwd, rel=1e-9)
+    assert e.time_breakdown_s["recompute"] == 0.0
+    ar_tp = 8e-6 + 1.0 * (tokens * h * 2) / 355e9          # all-reduce over 2 ranks: 2(n-1)/n = 1
+    assert e.time_breakdown_s["tp_communication"] == pytest.approx(2 * L * 4 * ar_tp, rel=1e-9)
+    # stage 0: one all-reduce of the 16-bit gradients of a tp shard over dp=2, not overlapped
+    repl = L * 2 * h + h
+    p_rank = (pc.total - repl) / 2 + repl
+    assert e.time_breakdown_s["dp_reduction_exposed"] == pytest.approx(8e-6 + 2 * p_rank / 355e9, rel=1e-9)
+    assert e.mfu == pytest.approx(16 * s * 3 * per_token_fwd / (e.step_time_s * 4 * 989.4e12), rel=1e-9)

@@ -1,0 +1,153 @@
+"""Planner: enumeration against a brute-force reference, ranking, constraints, rejection summary."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.job import load_job
+from meshpilot.orchestrator.plan import Plan, resolve_plan
+from meshpilot.orchestrator.planner import choose_plan, enumerate_plans, search
+from meshpilot.orchestrator.simulator import simulate
+
+
+def _job(*ov):
+    return load_job(None, ["plan=auto", *ov])
+
+
+def _brute_force(job):
+    """Every Plan that Plan.check accepts, built one by one (independent of the planner's code)."""
+    c, t = job.cluster, job.train
+    G = c.nodes * c.gpus_per_node
+    out = set()
+    for dp, tp, ep, z, oo, op, sp, ac in itertools.product(range(1, G + 1), range(1, G + 1), (1, 2, 4),
+                                                           range(4), ("none", "cpu"), ("none", "cpu"),
+                                                           (False, True), ("none", "full")):
+        if dp * tp > G or G % (dp * tp) or t.global_batch % dp:
+            continue
+        for mb in range(1, t.global_batch // dp + 1):
+            if (t.global_batch // dp) % mb:
+                continue
+            p = Plan(dp=dp, tp=tp, ep=ep, zero_stage=z, offload_optimizer=oo, offload_params=op, micro_batch=mb,
+                     grad_accum=t.global_batch // (dp * mb), activation_checkpointing=ac, sequence_parallel=sp)
+            try:
+                p.check(job.model, t, c)
+            except ConfigError:
+                continue
+            out.add(p)
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_enumeration_matches_brute_force(model):
+    job = _job(f"model={model}", "cluster=h100-sxm-4", "train.global_batch=8", "train.seq_len=64")
+    arrays, _, _ = enumerate_plans(job)
+    got = {arrays.plan(i) for i in range(arrays.n)}
+    assert len(got) == arrays.n            # no duplicates
+    assert got == _brute_force(job)
+
+
+def test_zeroth_order_enumeration():
+    job = _job("model=tiny-llama", "cluster=h100-sxm-4", "train.global_batch=4", "train.seq_len=64",
+               "train.optimizer=zo-sgd")
+    arrays, _, _ = enumerate_plans(job)
+    plans = {arrays.plan(i) for i in range(arrays.n)}
+    assert plans and all(p.zeroth_order for p in plans)
+    assert {p.zo_mode for p in plans} == {"mezo", "zo2"}
+    assert {p.zo_pertp for p in plans} == {1, 2}
+    for p in plans:
+        p.check(job.model, job.train, job.cluster)
+
+
+def test_search_ranks_and_agrees_with_simulate():
+    job = _job("model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16")
+    res = search(job, top=5)
+    assert res.best is not None and len(res.top) == 5
+    tps = [e.tokens_per_s for e in res.top]
+    assert tps == sorted(tps, reverse=True)
+    fit_idx = np.flatnonzero(res.scores.fits)
+    assert res.top[0].tokens_per_s == pytest.approx(res.scores.tokens_per_s[fit_idx].max())
+    for e in res.top:
+        assert e.fits and e.peak_memory_gib <= 79.6 * 0.95
+    again = simulate(job, res.best, headroom=0.05)
+    assert again.step_time_s == pytest.approx(res.top[0].step_time_s)
+    assert again.peak_memory_gib == pytest.approx(res.top[0].peak_memory_gib)
+    # memory objective: the smallest peak among fitting plans
+    mem = search(job, objective="memory", top=3)
+    assert mem.top[0].peak_memory_gib == pytest.approx(mem.scores.peak_gib[np.flatnonzero(mem.scores.fits)].min())
+    # cost objective: the fewest GPU-seconds per step
+    cost = search(job, objective="cost", top=1)
+    f = np.flatnonzero(cost.scores.fits)
+    gs = cost.scores.step_time_s[f] * cost.arrays.world[f]
+    assert cost.top[0].step_time_s * cost.top[0].world_size == pytest.approx(gs.min())
+
+
+def test_fixed_fields_constrain_the_search():
+    job = _job("model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16", "plan.zero_stage=2",
+               "plan.micro_batch=2")
+    res = search(job)
+    assert res.scored > 0
+    assert set(res.arrays.zero.tolist()) == {2} and set(res.arrays.micro_batch.tolist()) == {2}
+
+
+def test_fixed_plan_is_explained_against_the_best():
+    job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16", "plan.dp=4",
+                          "plan.zero_stage=1", "plan.micro_batch=1"])
+    res = search(job)
+    assert res.fixed is not None and res.fixed.plan.startswith("dp=4 tp=1 zero=1")
+    assert res.fixed.step_time_s >= res.top[0].step_time_s - 1e-12
+    assert choose_plan(job) == resolve_plan(job)
+
+
+def test_nothing_fits_summary_and_choose_plan_error():
+    job = _job("model=llama-2-70b", "cluster=a100-40gb-pcie", "train.global_batch=4", "train.seq_len=4096",
+               "train.optimizer=sgd", "cluster.cpu_memory_gib=64")
+    res = search(job)
+    assert res.best is None
+    lines = res.rejected_lines()
+    assert any("need more than" in s and "best of them" in s for s in lines)
+    with pytest.raises(ConfigError, match="no plan fits"):
+        choose_plan(job)
+
+
+def test_tensor_parallel_stays_inside_nodes():
+    job = _job("model=llama-2-13b", "cluster=dgx-h100", "cluster.nodes=2", "train.global_batch=32")
+    res = search(job, top=20)
+    for e in res.top:
+        p = Plan(**{k: v for k, v in e.plan_config.items() if k != "zo"})
+        lay = p.layout(job.cluster.gpus_per_node)
+        assert not any(lay.spans_nodes(g) for g in lay.tp_groups)
+    # a tp group across nodes is rejected before scoring
+    with pytest.raises(ConfigError):
+        Plan(dp=1, tp=16, micro_batch=1, grad_accum=32).check(job.model, job.train, job.cluster)
+
+
+def test_fewer_gpus_when_the_batch_does_not_divide():
+    job = _job("model=tiny-llama", "cluster=dgx-h100", "train.global_batch=6", "train.seq_len=64")
+    res = search(job)
+    assert res.best is not None
+    assert (job.cluster.nodes * job.cluster.gpus_per_node) % res.best.world_size == 0
+
+
+def test_bad_arguments():
+    job = _job("model=tiny-llama", "cluster=h100-sxm-4", "train.global_batch=4", "train.seq_len=64")
+    with pytest.raises(ConfigError, match="--objective"):
+        search(job, objective="speed")
+    with pytest.raises(ConfigError, match="--headroom"):
+        search(job, headroom=1.5)
+
+
+def test_plan_description_round_trip():
+    from meshpilot.orchestrator.job import job_from_dict, job_to_dict
+    from meshpilot.orchestrator.simulator import describe, plan_overrides
+    job = _job("model=tiny-mixtral", "cluster=h100-sxm-4", "train.global_batch=8", "train.seq_len=64")
+    arrays, _, _ = enumerate_plans(job)
+    for i in range(0, arrays.n, 7):
+        p = arrays.plan(i)
+        raw = job_to_dict(job)
+        raw["plan"] = {"auto": False}
+        assert resolve_plan(job_from_dict(raw, plan_overrides(describe(p)))) == p
+    with pytest.raises(ConfigError, match="--explain"):
+        plan_overrides("dp=4 banana")
