@@ -3,7 +3,8 @@
 ``y = sum_{i in topk(x)} g_i(x) * Expert_i(x)`` per token, with the router of
 :mod:`.router` (top-k of a softmax, capacity per expert per rank, dropped assignments
 contribute zero). Experts follow the architecture: SwiGLU ``w2(silu(w1 x) * w3 x)``
-(llama, mixtral; no biases) or ``fc2(gelu(fc1 x + b1)) + b2`` (gpt2, opt).
+(llama, mixtral; no biases) or ``fc2(act(fc1 x + b1)) + b2`` with act = GELU (tanh
+approximation) for gpt2 and ReLU for opt, as in the dense MLPs of :mod:`.layers`.
 
 Parallelism
 - Expert parallelism over ``ep_group`` (n ranks): rank r holds experts
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 
 from meshpilot.orchestrator.config import ModelConfig
 from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.models import llama_ffn
 
 from .expert_parallel import all_to_all, exchange_counts, gather_sequence_replicated
 from .tp_comm import copy_to_tp_region, group_rank, group_size, reduce_from_tp_region, scatter_to_sequence_region
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 SWIGLU_ARCHS = ("llama", "mixtral")
 GELU_ARCHS = ("gpt2", "opt")
 EXPERT_COMPUTE = ("auto", "loop", "grouped")
+GROUP_ALIGN = 16          # rows; grouped-GEMM segment alignment
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -92,15 +95,13 @@ class MoEFeedForward(nn.Module):
         m = model_cfg
         E, k = m.num_experts, m.top_k
         ep, tp = group_size(ep_group), group_size(tp_group)
-        f = m.ffn if m.ffn else (4 * m.hidden if m.arch in GELU_ARCHS else None)
+        f = m.ffn or (4 * m.hidden if m.arch in GELU_ARCHS else llama_ffn(m.hidden))
         if m.arch not in SWIGLU_ARCHS + GELU_ARCHS:
             raise ConfigError("model.arch", m.arch, allowed=SWIGLU_ARCHS + GELU_ARCHS)
         if E <= 0:
             raise ConfigError("model.num_experts", E, reason="an MoE layer needs at least one expert")
         if not 1 <= k <= E:
             raise ConfigError("model.top_k", k, reason=f"must be between 1 and model.num_experts={E}")
-        if f is None:
-            raise ConfigError("model.ffn", f, reason="the expert width is not set", fix="set model.ffn")
         if E % ep:
             raise ConfigError("plan.ep", ep, reason=f"must divide model.num_experts={E}")
         if f % tp:
@@ -124,8 +125,9 @@ class MoEFeedForward(nn.Module):
         self.num_local_experts = E // ep
         self.expert_offset = self.ep_rank * self.num_local_experts
         self.gated = m.arch in SWIGLU_ARCHS
+        self.arch = m.arch
         self.name_prefix = name_prefix
-        self._expert_compute = expert_compute
+        self.expert_compute = expert_compute
         out_std = init_std / math.sqrt(2 * max(int(m.layers), 1)) if out_init_std is None else out_init_std
 
         def param(t: torch.Tensor, expert: bool) -> nn.Parameter:
@@ -172,24 +174,14 @@ class MoEFeedForward(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def _use_grouped(self, x: torch.Tensor) -> bool:
-        if self._expert_compute != "auto":
-            return self._expert_compute == "grouped"
-        if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
-            return False
-        return (torch.cuda.get_device_capability(x.device) >= (9, 0)
-                and self.hidden % 8 == 0 and (self.ffn // self.tp_size) % 8 == 0)
+        """``grouped`` runs all local experts in one ``torch._grouped_mm`` per weight; ``auto`` uses the
+        per-expert loop (the grouped kernel is only checked on CPU here; select it explicitly on GPUs)."""
+        return self.expert_compute == "grouped"
 
     def _experts(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Local experts on rows grouped by local expert (segment l has counts[l] rows); output partial over tp."""
         if self._use_grouped(x):
-            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device,
-                                                                                           non_blocking=True)
-            if self.gated:
-                a = F.silu(_grouped_linear(x, self.w1, offs)) * _grouped_linear(x, self.w3, offs)
-                return _grouped_linear(a, self.w2, offs)
-            rows = self._row_expert(counts, x.device)
-            a = F.gelu(_grouped_linear(x, self.fc1, offs) + self.fc1_bias[rows], approximate="tanh")
-            return _grouped_linear(a, self.fc2, offs)
+            return self._experts_grouped(x, counts)
         outs, start = [], 0
         for e, n in enumerate(counts):      # empty segments still run, so every expert gets a gradient
             seg = x[start:start + n]
@@ -198,9 +190,29 @@ class MoEFeedForward(nn.Module):
                 a = F.silu(F.linear(seg, self.w1[e])) * F.linear(seg, self.w3[e])
                 outs.append(F.linear(a, self.w2[e]))
             else:
-                a = F.gelu(F.linear(seg, self.fc1[e], self.fc1_bias[e]), approximate="tanh")
+                a = self.act(F.linear(seg, self.fc1[e], self.fc1_bias[e]))
                 outs.append(F.linear(a, self.fc2[e]))
         return torch.cat(outs)
+
+    def _experts_grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One grouped GEMM per weight. Each expert's segment is padded with zero rows to a multiple of
+        GROUP_ALIGN rows (the CUDA kernel's weight-gradient pass needs aligned group boundaries)."""
+        padded = [GROUP_ALIGN * math.ceil(n / GROUP_ALIGN) for n in counts]
+        starts = [sum(padded[:e]) for e in range(len(padded))]
+        rows = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, counts)]).to(x.device, non_blocking=True)
+        xp = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, rows, x)
+        offs = torch.tensor(padded, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+        if self.gated:
+            a = F.silu(_grouped_linear(xp, self.w1, offs)) * _grouped_linear(xp, self.w3, offs)
+            out = _grouped_linear(a, self.w2, offs)
+        else:
+            a = self.act(_grouped_linear(xp, self.fc1, offs) + self.fc1_bias[self._row_expert(padded, x.device)])
+            out = _grouped_linear(a, self.fc2, offs)
+        return out[rows]
+
+    def act(self, u: torch.Tensor) -> torch.Tensor:
+        """The non-gated experts' activation: ReLU for opt, GELU (tanh approximation) for gpt2."""
+        return F.relu(u) if self.arch == "opt" else F.gelu(u, approximate="tanh")
 
     def _row_expert(self, counts: list[int], device: Any) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(len(counts), device=device),
@@ -235,9 +247,10 @@ class MoEFeedForward(nn.Module):
             out = out[inv]
         back = all_to_all(out, splits.recv, splits.send, self.ep_group)
 
-        # combine: weight by the gates and add each token's assignments
-        y = torch.zeros_like(flat).index_add(0, r.token_index, back * r.gate.to(back.dtype).unsqueeze(-1))
-        y = y.view(shape)
+        # combine: weight by the gates and add each token's assignments (accumulated in fp32)
+        y = flat.new_zeros(flat.shape, dtype=torch.float32).index_add(0, r.token_index,
+                                                                       back.float() * r.gate.unsqueeze(-1))
+        y = y.to(flat.dtype).view(shape)
         if self.sequence_parallel:
             y = scatter_to_sequence_region(y, self.tp_group)
 

@@ -11,15 +11,12 @@ the concatenated batch.
 from __future__ import annotations
 
 import math
-import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_utils import run_distributed
 
 from meshpilot.comm.groups import build_process_groups
 from meshpilot.comm.layout import build_layout
@@ -61,7 +58,8 @@ def naive(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
                 a = F.silu(moe.w1[e] @ tok) * (moe.w3[e] @ tok)
                 y = y + gi * (moe.w2[e] @ a)
             else:
-                a = F.gelu(moe.fc1[e] @ tok + moe.fc1_bias[e], approximate="tanh")
+                u = moe.fc1[e] @ tok + moe.fc1_bias[e]
+                a = torch.relu(u) if moe.arch == "opt" else F.gelu(u, approximate="tanh")
                 y = y + gi * (moe.fc2[e] @ a + moe.fc2_bias[e])
         out.append(y)
     return torch.stack(out).view_as(x)
@@ -184,27 +182,6 @@ def test_init_draws_full_named_weights():
 # ---------------------------------------------------------------------------------------------
 # multi-process (gloo)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world: int, *args) -> None:
-    port = _free_port()
-    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
-
-
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def _gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = dist.get_world_size(group)
     if n == 1:
@@ -237,7 +214,8 @@ def _check_case(rank: int, world: int, case: dict) -> None:
     yr = ref(Xr)
     (yr * W).sum().backward()
 
-    moe = layer(m, ep_group=groups.ep, tp_group=groups.tp, sequence_parallel=sp)
+    moe = layer(m, ep_group=groups.ep, tp_group=groups.tp, sequence_parallel=sp,
+                expert_compute=case.get("compute", "auto"))
     rows = slice(groups.dp_rank * per, (groups.dp_rank + 1) * per)
     cols = slice(groups.tp_rank * seq // tp, (groups.tp_rank + 1) * seq // tp) if sp else slice(None)
     x = X[rows, cols].clone().requires_grad_()
@@ -271,6 +249,8 @@ def _check_drops(rank: int, world: int) -> None:
     """ep=2 with capacity exceeded: per-rank capacity, so each rank drops what ep=1 drops on its shard."""
     m = cfg(cf=1.0)
     groups = build_process_groups(build_layout(dp=world, ep=world, gpus_per_node=world))
+    with pytest.raises(ConfigError, match="plan.ep"):           # 3 experts over 2 ranks
+        layer(cfg(experts=3), ep_group=groups.ep)
     moe = layer(m, ep_group=groups.ep)
     ref = layer(m)
     force_router(moe)
@@ -304,12 +284,13 @@ def _run_world2(rank: int, world: int) -> None:
 
 @pytest.mark.slow
 def test_expert_parallel_two_ranks():
-    _spawn(_run_world2, 2)
+    run_distributed(_run_world2, 2, timeout=90)
 
 
 WORLD4 = [
     dict(dp=4, ep=4, model=dict(arch="mixtral", experts=8, k=2, cf=32.0)),
     dict(dp=2, tp=2, ep=2, model=dict(arch="mixtral", experts=4, k=2, cf=16.0)),
+    dict(dp=2, tp=2, ep=2, compute="grouped", model=dict(arch="mixtral", experts=4, k=2, cf=16.0)),
     dict(dp=2, tp=2, ep=2, sp=True, model=dict(arch="gpt2", experts=4, k=2, cf=16.0)),
     dict(dp=4, ep=2, model=dict(arch="llama", experts=4, k=2, cf=16.0)),     # edp replicas of 2
 ]
@@ -317,4 +298,4 @@ WORLD4 = [
 
 @pytest.mark.slow
 def test_expert_parallel_four_ranks():
-    _spawn(_run_cases, 4, WORLD4)
+    run_distributed(_run_cases, 4, WORLD4, timeout=90)
