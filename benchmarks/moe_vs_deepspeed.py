@@ -217,7 +217,7 @@ def _step_seconds(impl: str, stack, x, b: Bench, cuda: bool) -> float:
     for _ in range(b.steps):
         _step(impl, stack, x)
     _sync(cuda)
-    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=x.device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item() / b.steps
 
@@ -297,9 +297,9 @@ def _worker(rank: int, b: Bench, ep: int, port: int, result_file: str) -> None:
                 o.capacity_factor = d.deepspeed_moe.gate.capacity_factor = b.capacity_factor
             _forward("ours", ours, x)      # drop statistics at the benchmarked capacity
         diff = torch.tensor([(yo.float() - yd.float()).abs().max().item(),
-                             yo.float().abs().max().item()], dtype=torch.float64)
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        row["max_abs_diff_vs_deepspeed"], row["max_abs_output"] = diff.tolist()
+                             yo.float().abs().max().item()], dtype=torch.float64, device=device)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)      # on the device: NCCL has no CPU tensors
+        row["max_abs_diff_vs_deepspeed"], row["max_abs_output"] = diff.cpu().tolist()
         st = ours[0].last_stats
         row["dropped_fraction_layer0"] = st["dropped"].item() / (st["local_tokens"] * b.top_k * groups.ep_size)
         row.update(_measure({"ours": ours, "deepspeed": ds, "ours-grouped": ours}, x, b, cuda))

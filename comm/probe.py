@@ -365,13 +365,16 @@ def device_name(settings: ProbeSettings) -> str:
 
 def run_probe(settings: ProbeSettings, progress: Progress = _noop) -> ProbeReport:
     """Measure every part not in ``settings.skip``; a part that cannot run here is recorded in ``skipped``."""
-    import deepspeed
+    from importlib import metadata
 
+    try:
+        ds_version = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        ds_version = "not installed"
     report = ProbeReport(device_name=device_name(settings),
                          date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                          settings=settings,
-                         versions=dict(torch=torch.__version__, deepspeed=deepspeed.__version__,
-                                       cuda=str(torch.version.cuda)))
+                         versions=dict(torch=torch.__version__, deepspeed=ds_version, cuda=str(torch.version.cuda)))
     for part in settings.skip:
         if part not in PARTS:
             raise ValueError(f"unknown probe part {part!r}; one of {PARTS}")

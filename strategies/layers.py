@@ -112,6 +112,16 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(h, k * d, name=f"{prefix}.v_proj", **col)
         self.o_proj = RowParallelLinear(a * d, h, name=f"{prefix}.o_proj", seed=seed, std=out_std,
                                         tp_group=tp_group, bias=bias, sequence_parallel=sequence_parallel)
+        # rotary tables by (seq, device, dtype): constants, not parameters or buffers
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rotary(self, s: int, device: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (s, str(device), dtype)
+        if key not in self._rope:
+            if len(self._rope) > 8:
+                self._rope.clear()
+            self._rope[key] = rotary_cos_sin(s, self.head_dim, self.rope_theta, device=device, dtype=dtype)
+        return self._rope[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.tp_group, self.sequence_parallel)
@@ -122,7 +132,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)
         if self.rotary:
-            cos, sin = rotary_cos_sin(s, d, self.rope_theta, device=x.device, dtype=q.dtype)
+            cos, sin = self._rotary(s, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         rep = q.shape[1] // k.shape[1]
         if rep > 1:

@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -178,7 +179,6 @@ class _VocabParallelCE(torch.autograd.Function):
             z[..., pad_from:] = float("-inf")
         m = z.max(dim=-1).values
         if group_size(tp_group) > 1:
-            import torch.distributed as dist
             m = m.contiguous()
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
         e = torch.exp(z - m.unsqueeze(-1))

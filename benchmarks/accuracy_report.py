@@ -1,0 +1,356 @@
+"""Predicted vs measured: the simulator's accuracy on the GPU measurements, and a fit of its constants.
+
+Reads measurement JSON(s) written by measure_deepspeed.py / measure_zo.py, runs
+``meshpilot.orchestrator.simulator.simulate`` on exactly the measured jobs, and prints per config:
+measured NVML peak vs predicted peak (error %), measured vs predicted median step time
+(error %), and measured OOM vs predicted fits. Summary: peak-memory MAPE, step-time MAPE and
+the count of configurations predicted to fit that ran out of memory (the target is 0).
+
+Calibrate / holdout: the successful configs are split alternately in file order (every other
+one calibrates). Constants of :class:`SimulatorConstants` are fitted on the calibration half
+by coordinate descent over a multiplicative grid (memory constants minimise the peak-memory
+MAPE, with a large penalty for every "predicted fits but OOMed"; time constants minimise the
+step-time MAPE) and the error is reported on the holdout half, before and after the fit. The
+fitted constants are written to YAML (``constants:`` mapping of field -> value) that
+:func:`load_constants` reads back (``simulate(job, constants=load_constants(path))``).
+
+    python benchmarks/accuracy_report.py results/deepspeed_measurements.json results/zo_measurements.json \\
+        --fit-out benchmarks/results/fitted_constants.yaml [--cluster-profile profile.yaml] [--json report.json]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Constants fitted, and to which metric each belongs (fields of SimulatorConstants).
+MEMORY_CONSTANTS = ("cuda_context_gib", "nccl_base_gib", "fragmentation", "working_set_factor",
+                    "logits_saved_bytes", "logits_backward_bytes", "logits_forward_only_bytes")
+TIME_CONSTANTS = ("matmul_efficiency", "layer_overhead_s", "step_overhead_s", "hbm_efficiency",
+                  "cpu_adam_gparams_per_core", "pcie_efficiency", "overlap_comm_stage3")
+GRID = (0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.45, 2.0)
+OOM_PENALTY = 100.0          # percentage points per "predicted fits but OOMed" in the memory objective
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One measured config with the job the simulator predicts."""
+    name: str
+    kind: str
+    status: str                       # ok | oom | ...
+    peak_gib: float | None            # measured NVML peak (max over the config's GPUs, training window)
+    reserved_gib: float | None
+    allocated_gib: float | None
+    step_s: float | None
+    job: Any
+    plan: Any
+    source: str
+
+    @property
+    def oom(self) -> bool:
+        return self.status == "oom"
+
+    @property
+    def has_peak(self) -> bool:
+        return self.status == "ok" and bool(self.peak_gib)
+
+    @property
+    def has_step(self) -> bool:
+        return self.status == "ok" and bool(self.step_s)
+
+    @property
+    def usable(self) -> bool:
+        return self.has_peak or self.has_step
+
+
+def _max(xs: Any) -> float | None:
+    vals = [x for x in (xs or []) if isinstance(x, (int, float))]
+    return max(vals) if vals else None
+
+
+def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tuple[list[Case], list[dict[str, Any]]]:
+    from meshpilot.orchestrator.job import job_from_dict
+    from meshpilot.orchestrator.plan import resolve_plan
+    cases, meta = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta.append({k: v for k, v in data.items() if k != "results"})
+        for r in data.get("results", []):
+            if r.get("status") not in ("ok", "oom"):
+                print(f"note: {r.get('name')}: status {r.get('status')} is not scored ({str(r.get('error'))[:120]})",
+                      file=sys.stderr)
+                continue
+            overrides = list(r.get("overrides") or [])
+            if cluster_profile:
+                overrides.append(f"cluster={cluster_profile}")
+            job = job_from_dict(r["job"], overrides)
+            peak = _max(r.get("nvml_peak_gib")) or _max(r.get("nvml_peak_all_gib"))
+            cases.append(Case(name=r["name"], kind=r.get("kind", "deepspeed"), status=r["status"], peak_gib=peak,
+                              reserved_gib=_max(r.get("max_reserved_gib")), allocated_gib=_max(r.get("max_allocated_gib")),
+                              step_s=r.get("step_time_s"), job=job, plan=resolve_plan(job), source=str(path)))
+    return cases, meta
+
+
+# --- prediction and errors ------------------------------------------------------------------------
+
+Predictor = Callable[[Any, Any, Any], Any]     # (job, plan, constants) -> Estimate-like (.fits .peak_memory_gib .step_time_s)
+
+
+def default_predictor() -> Predictor:
+    from meshpilot.orchestrator.simulator import simulate
+    return lambda job, plan, constants: simulate(job, plan, constants=constants)
+
+
+@dataclass
+class Row:
+    case: Case
+    fits: bool
+    peak_gib: float
+    step_s: float
+
+    @property
+    def mem_err(self) -> float | None:
+        c = self.case
+        return None if not c.has_peak else 100.0 * (self.peak_gib - c.peak_gib) / c.peak_gib
+
+    @property
+    def time_err(self) -> float | None:
+        c = self.case
+        return None if not c.has_step else 100.0 * (self.step_s - c.step_s) / c.step_s
+
+    @property
+    def missed_oom(self) -> bool:
+        """Predicted to fit, ran out of memory: the error users pay for."""
+        return self.case.oom and self.fits
+
+
+def predict(cases: Sequence[Case], constants: Any, predictor: Predictor) -> list[Row]:
+    out = []
+    for c in cases:
+        e = predictor(c.job, c.plan, constants)
+        out.append(Row(case=c, fits=bool(e.fits), peak_gib=float(e.peak_memory_gib), step_s=float(e.step_time_s)))
+    return out
+
+
+@dataclass
+class Summary:
+    n: int
+    mem_mape: float | None
+    time_mape: float | None
+    missed_oom: int
+    false_oom: int                   # predicted not to fit, ran
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def summarize(rows: Sequence[Row]) -> Summary:
+    me = [abs(r.mem_err) for r in rows if r.mem_err is not None]
+    te = [abs(r.time_err) for r in rows if r.time_err is not None]
+    return Summary(n=len(rows), mem_mape=statistics.fmean(me) if me else None,
+                   time_mape=statistics.fmean(te) if te else None,
+                   missed_oom=sum(r.missed_oom for r in rows),
+                   false_oom=sum((not r.fits) and r.case.status == "ok" for r in rows))
+
+
+# --- fitting --------------------------------------------------------------------------------
+
+def split(cases: Sequence[Case]) -> tuple[list[Case], list[Case]]:
+    """Alternate in file order within each (kind, status) group: every other config calibrates."""
+    cal, hold = [], []
+    for key in dict.fromkeys((c.kind, c.status) for c in cases):
+        group = [c for c in cases if (c.kind, c.status) == key]
+        cal += group[0::2]
+        hold += group[1::2]
+    order = {c.name: i for i, c in enumerate(cases)}
+    return sorted(cal, key=lambda c: order[c.name]), sorted(hold, key=lambda c: order[c.name])
+
+
+def _objective(rows: Sequence[Row], metric: str) -> float:
+    s = summarize(rows)
+    if metric == "memory":
+        return (s.mem_mape or 0.0) + OOM_PENALTY * s.missed_oom
+    return s.time_mape or 0.0
+
+
+def fit_constants(cases: Sequence[Case], base: Any, predictor: Predictor, *, sweeps: int = 2,
+                  fields: dict[str, Sequence[str]] | None = None, log: Callable[[str], None] = lambda s: None) -> Any:
+    """Coordinate descent of ``base``'s fields over a multiplicative grid, per metric.
+
+    For each metric (memory, time) and each of its fields in turn, try field * g for g in
+    GRID (g ** (1/k) in sweep k, a finer grid) and keep the value with the lowest objective on
+    ``cases``; repeat ``sweeps`` times or until a sweep improves nothing.
+    Fields whose value is 0 are tried at a small absolute grid instead. Pure: returns a new
+    constants object.
+    """
+    fields = fields or {"memory": MEMORY_CONSTANTS, "time": TIME_CONSTANTS}
+    c = base
+    names = {f.name for f in dataclasses.fields(base)}
+    for metric, keys in fields.items():
+        keys = [k for k in keys if k in names]
+        best = _objective(predict(cases, c, predictor), metric)
+        for sweep in range(sweeps):
+            improved = False
+            step = 1.0 / (sweep + 1)               # later sweeps refine: factors g ** (1 / sweep)
+            for k in keys:
+                v0 = getattr(c, k)
+                cands = [v0 * g ** step for g in GRID] if v0 else [0.1, 0.3, 0.5, 0.7, 0.9]
+                for v in cands:
+                    if k in ("fragmentation", "overlap_comm_stage3", "matmul_efficiency", "hbm_efficiency",
+                             "pcie_efficiency") and not 0.0 <= v <= 1.0:
+                        continue
+                    trial = c.replace(**{k: type(v0)(v) if isinstance(v0, int) else v})
+                    obj = _objective(predict(cases, trial, predictor), metric)
+                    if obj < best - 1e-9:
+                        best, c, improved = obj, trial, True
+                log(f"  {metric} sweep {sweep + 1}: {k} = {getattr(c, k):.6g} (objective {best:.3f})")
+            if not improved and sweep > 0:
+                break
+    return c
+
+
+def save_constants(path: str | Path, constants: Any, info: dict[str, Any]) -> None:
+    body = {"constants": {f.name: getattr(constants, f.name) for f in dataclasses.fields(constants)}, "fit": info}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("# SimulatorConstants fitted by benchmarks/accuracy_report.py; load with\n"
+                          "# benchmarks.accuracy_report.load_constants(path) (or SimulatorConstants(**data['constants']))\n"
+                          + yaml.safe_dump(body, sort_keys=False))
+
+
+def load_constants(path: str | Path):
+    """A SimulatorConstants from a file written by :func:`save_constants` (unknown fields are rejected)."""
+    from meshpilot.orchestrator.estimate import SimulatorConstants
+    data = yaml.safe_load(Path(path).read_text())
+    vals = data.get("constants", data)
+    known = {f.name for f in dataclasses.fields(SimulatorConstants)}
+    bad = sorted(set(vals) - known)
+    if bad:
+        raise ValueError(f"{path}: unknown SimulatorConstants fields {bad}")
+    return SimulatorConstants(**vals)
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+def _f(v: float | None, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        width = "".join(ch for ch in fmt.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width) if width else 1)
+    return format(v, fmt)
+
+
+def table(rows: Sequence[Row], title: str, holdout: set[str] | None = None) -> str:
+    lines = [title,
+             f"{'config':32s} {'set':4s} {'measured':8s} {'pred':5s} {'NVML GiB':>9s} {'pred GiB':>9s} {'err%':>7s} "
+             f"{'step s':>8s} {'pred s':>8s} {'err%':>7s}"]
+    for r in rows:
+        c = r.case
+        st = "oom" if c.oom else "ran"
+        s = "" if holdout is None else ("hold" if c.name in holdout else "cal")
+        flag = "  <-- predicted fits, OOMed" if r.missed_oom else ("  (predicted OOM, ran)" if (not r.fits and not c.oom) else "")
+        lines.append(f"{c.name:32s} {s:4s} {st:8s} {'fits' if r.fits else 'OOM':5s} {_f(c.peak_gib, '9.2f')} "
+                     f"{r.peak_gib:9.2f} {_f(r.mem_err, '+7.1f')} {_f(c.step_s, '8.3f')} {r.step_s:8.3f} "
+                     f"{_f(r.time_err, '+7.1f')}{flag}")
+    return "\n".join(lines)
+
+
+def summary_line(label: str, s: Summary) -> str:
+    return (f"{label:28s} n={s.n:3d}  peak-memory MAPE {_f(s.mem_mape, '5.1f')}%  step-time MAPE "
+            f"{_f(s.time_mape, '5.1f')}%  predicted-fits-but-OOMed {s.missed_oom}  predicted-OOM-but-ran {s.false_oom}")
+
+
+def run_report(cases: Sequence[Case], predictor: Predictor, base: Any, *, fit: bool = True, sweeps: int = 2,
+               out: Callable[[str], None] = print) -> dict[str, Any]:
+    cal, hold = split(cases)
+    hold_names = {c.name for c in hold}
+    before = predict(cases, base, predictor)
+    out(table(before, "predicted (default constants) vs measured", hold_names))
+    res: dict[str, Any] = dict(default=dict(all=summarize(before).to_dict(),
+                                            calibrate=summarize([r for r in before if r.case.name not in hold_names]).to_dict(),
+                                            holdout=summarize([r for r in before if r.case.name in hold_names]).to_dict()))
+    out("")
+    out(summary_line("default, all", summarize(before)))
+    res["rows_default"] = [_row_dict(r) for r in before]
+    if not fit or not [c for c in cal if c.usable]:
+        return res
+    out(f"\nfitting constants on {len(cal)} calibration configs ({sum(c.usable for c in cal)} with measurements)")
+    fitted = fit_constants(cal, base, predictor, sweeps=sweeps, log=out)
+    after = predict(cases, fitted, predictor)
+    out("")
+    out(table(after, "predicted (fitted constants) vs measured", hold_names))
+    out("")
+    for label, rows_b, rows_a in (("calibrate", [r for r in before if r.case.name not in hold_names],
+                                   [r for r in after if r.case.name not in hold_names]),
+                                  ("holdout", [r for r in before if r.case.name in hold_names],
+                                   [r for r in after if r.case.name in hold_names])):
+        out(summary_line(f"{label}, default constants", summarize(rows_b)))
+        out(summary_line(f"{label}, fitted constants", summarize(rows_a)))
+    res["fitted"] = dict(calibrate=summarize([r for r in after if r.case.name not in hold_names]).to_dict(),
+                         holdout=summarize([r for r in after if r.case.name in hold_names]).to_dict(),
+                         all=summarize(after).to_dict())
+    res["rows_fitted"] = [_row_dict(r) for r in after]
+    res["calibrate"] = sorted(c.name for c in cal)
+    res["holdout"] = sorted(hold_names)
+    res["constants"] = {f.name: getattr(fitted, f.name) for f in dataclasses.fields(fitted)}
+    res["changed"] = {f.name: [getattr(base, f.name), getattr(fitted, f.name)] for f in dataclasses.fields(fitted)
+                      if getattr(base, f.name) != getattr(fitted, f.name)}
+    res["_fitted_obj"] = fitted
+    return res
+
+
+def _row_dict(r: Row) -> dict[str, Any]:
+    c = r.case
+    return dict(name=c.name, kind=c.kind, status=c.status, measured_peak_gib=c.peak_gib, predicted_peak_gib=r.peak_gib,
+                mem_err_pct=r.mem_err, measured_step_s=c.step_s, predicted_step_s=r.step_s, time_err_pct=r.time_err,
+                predicted_fits=r.fits, missed_oom=r.missed_oom, measured_reserved_gib=c.reserved_gib,
+                measured_allocated_gib=c.allocated_gib)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("measurements", nargs="+", help="JSON files from measure_deepspeed.py / measure_zo.py")
+    p.add_argument("--cluster-profile", default=None, help="cluster YAML (e.g. from `meshpilot probe`) for every job")
+    p.add_argument("--constants", default=None, help="start from these constants (YAML from --fit-out)")
+    p.add_argument("--fit-out", default=None, help="write the fitted constants to this YAML")
+    p.add_argument("--no-fit", action="store_true", help="only the predicted vs measured table")
+    p.add_argument("--sweeps", type=int, default=2, help="coordinate-descent sweeps per metric")
+    p.add_argument("--json", default=None, help="write the report (rows and summaries) as JSON")
+    args = p.parse_args(argv)
+
+    from meshpilot.orchestrator.estimate import SimulatorConstants
+    base = load_constants(args.constants) if args.constants else SimulatorConstants()
+    cases, meta = load_cases(args.measurements, args.cluster_profile)
+    if not cases:
+        print("no scorable results (status ok or oom) in the given files", file=sys.stderr)
+        return 1
+    for m in meta:
+        print(f"measured on {m.get('card')} x{m.get('gpus')}, {m.get('date')}: {m.get('benchmark')} "
+              f"(torch {m.get('versions', {}).get('torch')}, deepspeed {m.get('versions', {}).get('deepspeed')}, "
+              f"transformers {m.get('versions', {}).get('transformers')})")
+    res = run_report(cases, default_predictor(), base, fit=not args.no_fit, sweeps=args.sweeps)
+    fitted = res.pop("_fitted_obj", None)
+    if fitted is not None and args.fit_out:
+        save_constants(args.fit_out, fitted, dict(measurements=[str(x) for x in args.measurements],
+                                                 measured_on=[f"{m.get('card')} {m.get('date')}" for m in meta],
+                                                 calibrate=res["calibrate"], holdout=res["holdout"],
+                                                 holdout_fitted=res["fitted"]["holdout"],
+                                                 holdout_default=res["default"]["holdout"]))
+        print(f"\nwrote fitted constants to {args.fit_out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(meta=meta, **res), indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
