@@ -95,6 +95,9 @@ def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tupl
             overrides = list(r.get("overrides") or [])
             if cluster_profile:
                 overrides.append(f"cluster={cluster_profile}")
+            elif "H200" in str(data.get("card", "")):
+                # the device tool may lend H200s (141 GB) in place of H100s: predict for the card measured
+                overrides.append("cluster=h200-sxm-4")
             job = job_from_dict(r["job"], overrides)
             peak = _max(r.get("nvml_peak_gib")) or _max(r.get("nvml_peak_all_gib"))
             cases.append(Case(name=r["name"], kind=r.get("kind", "deepspeed"), status=r["status"], peak_gib=peak,

@@ -29,7 +29,6 @@ environment makes that rank SIGKILL itself after that step, on the first attempt
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -79,6 +78,7 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("connecting to the Ray cluster at %s", address)
+        _token_auth_for_client()
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return RaySession(address=address, embedded=False)
     if accelerator == "gpu":
@@ -91,6 +91,20 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
     log.info("starting an embedded local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kw.items()))
     ctx = ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, **kw)
     return RaySession(address=getattr(ctx, "address_info", {}).get("gcs_address", "local"), embedded=True)
+
+
+def _token_auth_for_client() -> None:
+    """Ray 2.60 turns token authentication on for new local clusters, but a driver that
+    connects to an existing one sends no token unless RAY_AUTH_MODE=token. Do what
+    ``ray start`` does: with RAY_AUTH_MODE unset and a token available (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), switch this process to token mode."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # an older Ray without token authentication
+        return
+    if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        log.info("Ray token authentication: using the local token")
 
 
 # --- the gang's shape ---------------------------------------------------------------------
@@ -354,6 +368,14 @@ class RayWorkerGroup:
 
     # --- start ------------------------------------------------------------------------
     def start(self, attempt: int) -> list[int]:
+        try:
+            return self._start(attempt)
+        except GangError:
+            raise
+        except (RayActorError, GetTimeoutError, RayTaskError) as e:
+            raise GangError(Failure("rendezvous", f"forming the gang failed: {_first_line(e)}")) from None
+
+    def _start(self, attempt: int) -> list[int]:
         self.attempt = attempt
         sp = self.spec
         self._pg = placement_group(sp.bundles, strategy=sp.strategy, name=f"meshpilot-{os.getpid()}-{attempt}")
@@ -423,7 +445,8 @@ class RayWorkerGroup:
                 ray.get(f, timeout=0)
             except RayActorError as e:
                 died.append(Failure("worker_died", f"worker process (pid {self._pids[r]} on {self._nodes[r]}) "
-                                    f"died: {_first_line(e)}", rank=r))
+                                    f"died (killed, out of memory or crashed; see logs/rank{r}.log): "
+                                    f"{_first_line(e)[:160]}", rank=r))
             except RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 retry = not isinstance(cause, (ConfigError, ImportError, TypeError))
@@ -498,8 +521,9 @@ class RayWorkerGroup:
                 pass
         # wait until the worker processes are gone, so a restarted gang gets their resources and ports
         deadline = time.monotonic() + 30
-        for pid in self._pids:
-            while time.monotonic() < deadline and _pid_exists(pid):
+        here = ray.util.get_node_ip_address() if ray.is_initialized() else None
+        for pid, node in zip(self._pids, self._nodes):
+            while node == here and time.monotonic() < deadline and _pid_exists(pid):
                 time.sleep(0.1)
         self._actors, self._futures, self._pg, self._probes = [], [], None, {}
 
@@ -543,6 +567,3 @@ def _first_line(e: Any) -> str:
     s = str(e).strip().splitlines()
     return s[-1][:300] if s else type(e).__name__
 
-
-def dataclass_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="run even if the simulator says the plan does not fit")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else start an embedded local Ray)")
-    p.add_argument("--run-dir", default=None, help="run directory (default: train.output_dir/<run id>)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: train.output_dir/<run id>); an existing one resumes from its "
+                        "latest complete checkpoint")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts after worker failures (default 3)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first restart; doubles per restart, at most 60 (default 1)")
@@ -152,7 +153,7 @@ def check_worker(ref: str) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 class _StatePersister:
-    """Controller hooks -> state.json / events.jsonl (progress throttled to about once a second)."""
+    """Controller hooks -> state.json / events.jsonl (progress throttled to twice a second)."""
 
     def __init__(self, store: RunStore, state: JobState, group: Any):
         self.store, self.state, self.group = store, state, group
@@ -174,7 +175,7 @@ class _StatePersister:
         s.loss = float(loss) if loss is not None else s.loss
         s.tokens_per_s = tokens_per_s
         now = time.time()
-        if now - self._last_write >= 1.0:
+        if now - self._last_write >= 0.5:
             self._last_write = now
             self.store.write(s)
 
@@ -227,7 +228,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{'GPU' if spec.use_gpus else 'CPU'} worker(s); run dir {run_dir}")
 
     cancel_flag = threading.Event()
-    old_handlers = {s: signal.signal(s, lambda *_: cancel_flag.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def catch_signals() -> None:
+        for s in handlers:
+            signal.signal(s, lambda *_: cancel_flag.set())
+
+    catch_signals()
     session = None
     try:
         from meshpilot.launch.ray_backend import RayWorkerGroup, connect_ray
@@ -235,8 +242,13 @@ def run(args: argparse.Namespace) -> int:
             session = connect_ray(args.address, accelerator=c.accelerator, workers_per_node=c.gpus_per_node,
                                   nodes=c.nodes)
         except ConnectionError as e:
+            _abandon(store, state, "failed", f"cannot connect to Ray: {e}")
             raise ConfigError("--address", args.address or os.environ.get("RAY_ADDRESS"),
                               reason=f"cannot connect to Ray: {e}") from None
+        except (SystemExit, KeyboardInterrupt):   # ray.init replaces the SIGTERM handler while it starts
+            _abandon(store, state, "cancelled", "cancelled while Ray was starting")
+            return EXIT[JobStatus.CANCELLED]
+        catch_signals()                            # ... so take SIGTERM/SIGINT back
         state.ray_address = session.address
         store.write(state)
         group = RayWorkerGroup(job, plan, str(run_dir.resolve()), spec=spec,
@@ -246,14 +258,21 @@ def run(args: argparse.Namespace) -> int:
                                start_timeout_s=args.start_timeout, fail_at=fail_at)
         persist = _StatePersister(store, state, group)
         tput = _Throughput(job.train.global_batch * job.train.seq_len)
-        outcome, first_seen = _drive(console, args, job, group, persist, tput, store, cancel_flag)
+        try:
+            outcome, first_seen = _drive(console, args, job, group, persist, tput, store, cancel_flag)
+        except BaseException as e:                 # a controller bug: the gang is already torn down
+            _abandon(store, state, "failed", f"controller error: {type(e).__name__}: {e}")
+            raise
     finally:
-        for s, h in old_handlers.items():
+        for s, h in handlers.items():
             signal.signal(s, h)
         if session is not None:
             session.close()
 
     summary = _summary(job, plan, estimate, outcome, t_command, first_seen)
+    if outcome.results:                # the last progress write is throttled: record where it ended
+        state.step = max(int(r.get("step", state.step) or 0) for r in outcome.results)
+        state.loss = summary["final_loss"] if summary["final_loss"] is not None else state.loss
     state.result = summary
     store.write(state)
     store.append_event("summary", **summary)
@@ -290,6 +309,8 @@ def _drive(console, args, job, group, persist, tput, store, cancel_flag) -> tupl
 
     def on_transition(old, new, reason, info) -> None:
         persist.transition(old, new, reason, info)
+        if new is JobStatus.RUNNING:
+            tput.samples = []          # a new gang: do not count the restart gap as training time
         bar.update(task, description=new.value)
         if new in (JobStatus.RESTARTING, JobStatus.FAILED, JobStatus.CANCELLED):
             console.print(f"[yellow]{old.value} -> {new.value}[/yellow]: {reason}")
@@ -300,6 +321,15 @@ def _drive(console, args, job, group, persist, tput, store, cancel_flag) -> tupl
     with bar:
         outcome = ctl.run()
     return outcome, (first_seen[0] if first_seen else None)
+
+
+def _abandon(store: RunStore, state: JobState, status: str, reason: str) -> None:
+    """Record a terminal state reached outside the controller (Ray never came up, a crash)."""
+    if state.state not in ("succeeded", "failed", "cancelled"):
+        store.append_event("transition", old=state.state, new=status, reason=reason)
+        state.state, state.message = status, reason
+        store.write(state)
+    log.error("run %s: %s: %s", state.run_id, status, reason)
 
 
 def _controller_logging(path: Path) -> logging.Handler:

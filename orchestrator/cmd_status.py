@@ -38,7 +38,7 @@ def run(args) -> int:
             return 0
         t = Table(title="meshpilot runs")
         for col in ("run", "state", "step", "loss", "attempt", "workers", "plan", "updated"):
-            t.add_column(col)
+            t.add_column(col, no_wrap=col != "plan")
         for s in runs:
             st = s.read()
             t.add_row(st.run_id, _shown_state(s), f"{st.step}/{st.total_steps}",

@@ -217,3 +217,36 @@ def test_run_store_roundtrip_index_and_cancel(tmp_path, monkeypatch):
     st.controller_pid = 0
     store.write(st)
     assert store.request_cancel() is False and store.cancel_requested()
+
+
+# --- the gang's shape (pure functions of the Ray backend; no Ray cluster is started) --------
+
+def test_gang_spec_bundles_and_missing_resources_message():
+    from meshpilot.launch.ray_backend import gang_spec
+    g = gang_spec(8, 2, accelerator="gpu", gpus_per_node=4, cpu_cores=64)
+    assert g.bundles == [{"CPU": 8, "GPU": 1}] * 8 and g.strategy == "PACK" and g.max_nodes == 2
+    assert g.describe_need() == "needs 8 GPUs in bundles of 1 (+8 CPU each) on at most 2 nodes"
+    c = gang_spec(4, 2, accelerator="cpu", gpus_per_node=4, cpu_cores=2)
+    assert c.bundles == [{"CPU": 1}] * 4 and c.strategy == "STRICT_PACK"
+    assert c.describe_need() == "needs 4 CPUs in bundles of 1 on at most 1 node"
+
+
+def test_ranks_are_assigned_node_by_node_and_tp_groups_never_split():
+    from meshpilot.launch.ray_backend import assign_ranks
+    # bundles interleaved over two nodes: ranks are regrouped so each node holds contiguous ranks
+    ranks = assign_ranks(["a", "b", "a", "b"], tp=2)
+    assert ranks == [0, 2, 1, 3]
+    nodes_by_rank = [n for _, n in sorted(zip(ranks, ["a", "b", "a", "b"]))]
+    assert nodes_by_rank == ["a", "a", "b", "b"]
+    with pytest.raises(GangError, match="tensor-parallel group of ranks 2..3"):
+        assign_ranks(["a", "a", "a", "b"], tp=2)
+
+
+def test_local_ranks_and_shared_visible_devices_per_node():
+    from meshpilot.launch.ray_backend import _local_ranks
+    where = [dict(node_id="n1", gpu_ids=["2"]), dict(node_id="n1", gpu_ids=["0"]),
+             dict(node_id="n2", gpu_ids=["1"]), dict(node_id="n2", gpu_ids=["3"])]
+    local, visible = _local_ranks(where, use_gpus=True)
+    assert local == [1, 0, 0, 1] and visible == ["0,2", "0,2", "1,3", "1,3"]
+    local, visible = _local_ranks(where, use_gpus=False)
+    assert local == [0, 1, 0, 1] and visible == [None] * 4
