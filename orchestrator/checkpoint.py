@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def find_checkpoint(path: str | Path, *, key: str = "resume") -> tuple[Path, str
         p = p / "checkpoints"
     tag = read_latest(p, key=key)
     if tag is None:
-        if any(p.glob("step_*/" + META)):
+        if any(not d.parent.name.endswith(PARTIAL) for d in p.glob("step_*/" + META)):
             raise ConfigError(key, str(path), reason="has checkpoints but no 'latest' file",
                               fix="give one step_* directory explicitly")
         return None
@@ -192,6 +192,14 @@ class CheckpointManager:
 
     # --- save ----------------------------------------------------------------------------------
     def save(self, engine: Any, *, step: int, consumed_samples: int) -> Path:
+        """Save a DeepSpeed engine (module, optimizer, ZeRO shards of every rank)."""
+        return self.save_with(lambda d: engine.save_checkpoint(str(self.root), tag=d.name,
+                                                               client_state={"meshpilot_step": step},
+                                                               save_latest=False),
+                              step=step, consumed_samples=consumed_samples)
+
+    def save_with(self, write: Callable[[Path], None], *, step: int, consumed_samples: int) -> Path:
+        """Run ``write(partial_dir)`` on every rank, then complete the checkpoint atomically (collective)."""
         tag = tag_for(step)
         final = self.root / tag
         partial = self.root / (tag + PARTIAL)
@@ -201,8 +209,8 @@ class CheckpointManager:
             if partial.exists():
                 shutil.rmtree(partial)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag + PARTIAL, client_state={"meshpilot_step": step},
-                               save_latest=False)
+        partial.mkdir(parents=True, exist_ok=True)
+        write(partial)
         (partial / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), partial / "rng" / f"rank_{self.rank:05d}.pt")
         dist.barrier()
@@ -234,16 +242,22 @@ class CheckpointManager:
     # --- load ----------------------------------------------------------------------------------
     def load(self, engine: Any, root: Path, tag: str, *, key: str = "resume") -> CheckpointMeta:
         """Validate, then restore engine (module + optimizer) and this rank's RNG states."""
+        def read(where: Path) -> None:
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False, load_module_strict=True)
+            if path is None:
+                raise ConfigError(key, str(where), reason="DeepSpeed found no model states in it (incomplete checkpoint)")
+        return self.load_with(read, root, tag, key=key)
+
+    def load_with(self, read: Callable[[Path], None], root: Path, tag: str, *, key: str = "resume") -> CheckpointMeta:
+        """Validate the metadata, run ``read(checkpoint_dir)``, restore this rank's RNG states."""
         where = root / tag
         meta = read_meta(where, key=key)
         self.check_compatible(meta, where, key=key)
         rng_file = where / "rng" / f"rank_{self.rank:05d}.pt"
         if not rng_file.is_file():
             raise ConfigError(key, str(where), reason=f"has no RNG state for rank {self.rank}: incomplete checkpoint")
-        path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False, load_module_strict=True)
-        if path is None:
-            raise ConfigError(key, str(where), reason="DeepSpeed found no model states in it (incomplete checkpoint)")
+        read(where)
         set_rng_state(torch.load(rng_file, weights_only=False))
         log.info("rank %d: resumed from %s at step %d", self.rank, where, meta.step)
         return meta

@@ -63,10 +63,36 @@ class SimulatorConstants:
     """Hidden size (per tensor-parallel shard) at which the matrix rate halves: rate ~ x/(x + this)."""
     shape_half_tokens: float = 256.0
     """Tokens per micro-batch at which the matrix rate halves."""
-    layer_overhead_s: float = 4.0e-5
-    """Kernel-launch and Python overhead per layer and pass (forward; backward counts twice)."""
+    layer_overhead_s: float = 5.0e-4
+    """Host (CPU) time per transformer layer per forward pass: Python module calls and ~40 eager kernel launches
+    of a Hugging Face layer (2 norms, 4 attention projections, RoPE, SDPA, 3 MLP projections, SiLU, residuals) at
+    ~12 us each with autograd recording. Kernels are launched asynchronously, so a micro-batch takes
+    max(GPU time, host time): small models are host bound."""
+    backward_host_factor: float = 2.0
+    """Host time of one layer's backward (autograd engine, about twice the forward's kernels) in units of
+    ``layer_overhead_s``."""
+    grad_hook_s: float = 5.0e-5
+    """Host time of DeepSpeed's per-parameter-tensor gradient hook in backward (every stage: the bf16 optimizer's
+    fp32 accumulation at stage 0, the ipg-bucket copy of stages 1-2, the reduce-scatter bookkeeping of stage 3)."""
     step_overhead_s: float = 0.015
-    """Per optimizer step: DeepSpeed bookkeeping, gradient-norm and clipping, logging."""
+    """Per optimizer step, host: DeepSpeed engine bookkeeping, the all-reduce of the gradient norm and the host
+    synchronisations of the step (not per tensor)."""
+    step_tensor_s: float = 6.0e-5
+    """Host time per parameter tensor in the optimizer step: DeepSpeed's per-tensor Python loops (gradient norm,
+    clipping, fp32 -> 16-bit copy-back, zeroing gradients), ~5 eager ops at ~12 us."""
+    grad_clip_bytes_per_param: float = 12.0
+    """HBM bytes per owned parameter of the gradient-norm and clipping pass over the fp32 gradients (read 4 for
+    the norm, read + write 8 to scale), memory bound."""
+    loss_bytes_per_logit: float = 24.0
+    """HBM bytes per token per vocabulary entry of the fp32 loss (upcast of the bf16 logits 2+4, log-softmax 4+4,
+    its backward 4+4 and the bf16 logit gradient 2), memory bound; half counted in forward, half in backward."""
+    zero3_fetch_s: float = 4.0e-4
+    """ZeRO-3 host time per fetched (partitioned, numel > 1e5) parameter tensor per pass (forward, backward and
+    recompute): fetch_sub_module's all_gather_coalesced launch, in-flight registry, event record/wait and
+    release (re-partition), from deepspeed/runtime/zero/partitioned_param_coordinator.py."""
+    zero3_module_hook_s: float = 1.0e-4
+    """ZeRO-3 host time per nn.Module per pass: the pre/post forward hooks of parameter_offload.py (trace
+    bookkeeping, wrapping outputs in the backward-hook autograd functions) and their backward counterparts."""
     hbm_efficiency: float = 0.7
     """Achieved / datasheet memory bandwidth for element-wise kernels (optimizer step, perturbations)."""
     optimizer_bytes_per_param: float = 36.0

@@ -135,6 +135,53 @@ class ModelTerms:
     top_k: int
     capacity_factor: float
     acts: LayerActivations
+    # module structure (host-side overheads of the time model): counts for the whole model, experts split out
+    param_tensors: float = 0.0          # parameter tensors outside the experts (each gets a DeepSpeed grad hook)
+    expert_param_tensors: float = 0.0   # parameter tensors of all experts
+    fetch_tensors: float = 0.0          # ZeRO-3 partitioned (fetched) tensors outside experts: numel > 1e5
+    expert_fetch_tensors: float = 0.0   # the same inside experts
+    modules: float = 0.0                # nn.Modules ZeRO-3 hooks (pre/post forward and backward) outside experts
+    expert_modules: float = 0.0         # modules inside the experts
+
+
+PERSISTENCE_THRESHOLD = 1e5
+"""DeepSpeed's stage3_param_persistence_threshold default: smaller tensors stay gathered (never fetched)."""
+
+
+def module_structure(m: ModelConfig) -> dict[str, float]:
+    """Parameter tensors, ZeRO-3 fetched tensors and nn.Modules of the Hugging Face model of ``m``.
+
+    llama/mixtral layer: q, k, v, o, gate, up, down projections (7 weight matrices) and two RMSNorm
+    weights = 9 tensors, 7 of them above the persistence threshold; modules: the decoder layer,
+    self_attn, 4 projections, mlp, 3 projections, act_fn, 2 norms = 13. A Mixtral MoE layer replaces the
+    MLP by the block (router gate + E experts of w1, w2, w3 and act_fn: 5 modules, 3 tensors each).
+    gpt2 block: ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj with weights and biases = 12 tensors (4
+    fetched); 13 modules (with dropouts). opt layer: q, k, v, out_proj, fc1, fc2 and 2 LayerNorms with
+    biases = 16 tensors (6 fetched); 11 modules. Outside the layers: token (+ position) embeddings,
+    final norm, LM head unless tied; top-level, inner model, rotary/dropout modules.
+    """
+    pc = param_counts(m)
+    h = m.hidden
+    big = lambda n: float(n > PERSISTENCE_THRESHOLD)  # noqa: E731
+    E = float(m.num_experts)
+    if m.arch in ("gpt2", "opt"):
+        per_t, per_f, per_m = (12.0, 4.0, 13.0) if m.arch == "gpt2" else (16.0, 6.0, 11.0)
+        outer_t = 2.0 + 2.0 + (0.0 if m.tie_embeddings else 1.0)     # token + position embeddings, final LN w+b
+        outer_m = 7.0 + (0.0 if m.tie_embeddings else 1.0)
+        outer_f = 2.0 + (0.0 if m.tie_embeddings else 1.0)
+    else:
+        per_t, per_f, per_m = 9.0, 7.0 + 2.0 * big(h), 13.0
+        outer_t = 2.0 + (0.0 if m.tie_embeddings else 1.0)           # embeddings, final norm, head
+        outer_m = 5.0 + (0.0 if m.tie_embeddings else 1.0)           # CausalLM, model, embed, rotary, norm
+        outer_f = 1.0 + big(h) + (0.0 if m.tie_embeddings else 1.0)
+    dense, moe = float(pc.dense_layers), float(pc.moe_layers)
+    # an MoE layer: attention + norms as a dense layer, the MLP (3 tensors, 4 modules) replaced by router + experts
+    moe_t, moe_f, moe_m = per_t - 3.0 + 1.0, per_f - 3.0 + big(pc.router), per_m - 4.0 + 2.0
+    return dict(param_tensors=outer_t + dense * per_t + moe * moe_t,
+                expert_param_tensors=moe * E * 3.0,
+                fetch_tensors=outer_f + dense * per_f + moe * moe_f,
+                expert_fetch_tensors=moe * E * 3.0 * big(pc.expert / 3.0 if pc.expert else 0),
+                modules=outer_m + dense * per_m + moe * moe_m, expert_modules=moe * E * 5.0)
 
 
 def model_terms(m: ModelConfig) -> ModelTerms:
@@ -152,7 +199,7 @@ def model_terms(m: ModelConfig) -> ModelTerms:
         matmul_params=float(pc.active - pc.embedding - pc.head + head_mm),
         layers=m.layers, moe_layers=pc.moe_layers, dense_layers=pc.dense_layers, hidden=m.hidden, ffn=m.ffn,
         heads=m.heads, vocab=m.vocab, top_k=m.top_k if m.num_experts else 0,
-        capacity_factor=m.capacity_factor, acts=layer_activation_bytes(m))
+        capacity_factor=m.capacity_factor, acts=layer_activation_bytes(m), **module_structure(m))
 
 
 def precision_bytes(job: JobConfig) -> tuple[float, float]:

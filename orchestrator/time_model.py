@@ -75,12 +75,31 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     ga = a.grad_accum
     tp = a.tp
     rate = achieved_rate(job, mt.hidden / tp, tokens, c)
-    fwd_one = tokens * flops_per_token_forward(mt, job.train.seq_len) / tp / rate + mt.layers * c.layer_overhead_s
+    cl_hbm = cl.gpu.memory_bandwidth_gbs * 1e9 * c.hbm_efficiency
     ac = a.ac.astype(float)
-    forward = ga * fwd_one
-    backward = 2.0 * forward
-    recompute = ac * forward
-    compute = forward + backward + recompute
+    st = a.zero
+    # GPU time of one micro-batch: matrix products, plus the memory-bound fp32 loss over the logits
+    loss_half = 0.5 * tokens * (mt.vocab / tp) * c.loss_bytes_per_logit / cl_hbm
+    gpu_fwd = tokens * flops_per_token_forward(mt, job.train.seq_len) / tp / rate
+    gpu_f, gpu_b, gpu_r = gpu_fwd + loss_half, 2.0 * gpu_fwd + loss_half, ac * gpu_fwd
+    gpu_mb = gpu_f + gpu_b + gpu_r
+    # host time of one micro-batch (kernels launch asynchronously: a micro-batch takes max(GPU, host))
+    tensors = mt.param_tensors + mt.expert_param_tensors / a.ep
+    host_fwd = mt.layers * c.layer_overhead_s
+    host_model = (1.0 + ac + c.backward_host_factor) * host_fwd + tensors * c.grad_hook_s
+    # ZeRO-3: fetch/release of every partitioned tensor and the hooks of every module, per pass (fwd, bwd, recompute)
+    z3_host = np.where(st == 3, (2.0 + ac) * ((mt.fetch_tensors + mt.expert_fetch_tensors / a.ep) * c.zero3_fetch_s
+                                              + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s), 0.0)
+    host_mb = host_model + z3_host
+    excess = np.maximum(host_mb - gpu_mb, 0.0)             # host-bound time beyond the GPU's work
+    z3_excess = excess * np.where(host_mb > 0, z3_host / np.maximum(host_mb, 1e-30), 0.0)
+    stretch = 1.0 + (excess - z3_excess) / gpu_mb          # the rest stretches the compute phases
+    forward = ga * gpu_f * stretch
+    backward = ga * gpu_b * stretch
+    recompute = ga * gpu_r * stretch
+    z3_host_step = ga * z3_excess
+    # one forward without autograd (zeroth order): max(GPU, host) of the forward alone
+    fwd_one = np.maximum(gpu_fwd + loss_half, host_fwd)
     # tensor parallel
     ar = collective_time("all_reduce", tokens * mt.hidden * w, a.tp_span[0], a.tp_span[1], a.tp_span[2], rates)
     tp_comm = ga * mt.layers * (4.0 + 2.0 * ac) * ar
@@ -92,7 +111,6 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
         return (collective_time(op, nbytes_n, dspan[0], dspan[1], dspan[2], rates)
                 + np.where(nbytes_e > 0, collective_time(op, nbytes_e, espan[0], espan[1], espan[2], rates), 0.0))
 
-    st = a.zero
     grad_ar = coll("all_reduce", w * pn, w * pe)
     grad_rs = coll("reduce_scatter", w * pn, w * pe)
     param_ag = coll("all_gather", w * pn, w * pe)
@@ -102,7 +120,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     dp_exposed = np.maximum(dp_total - dp_hidden, 0.0)
     gathers = np.where(st == 3, ga * (2.0 + ac) * param_ag, 0.0)
     gathers = np.maximum(gathers - c.overlap_comm_stage3 * (forward + recompute + backward * 0.5), 0.0)
-    gathers = np.where(st == 3, gathers, 0.0)
+    gathers = np.where(st == 3, gathers + z3_host_step, 0.0)
     # expert parallel
     a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,
                           a.ep_span[0], a.ep_span[1], a.ep_span[2], rates)
@@ -117,9 +135,13 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     ranks_per_node = np.minimum(a.world, cl.gpus_per_node)
     node_adam = (cal.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_gparams_per_core) * 1e9
     cpu_opt = np.where(off_o, ps / (node_adam / ranks_per_node), 0.0)
-    hbm = cl.gpu.memory_bandwidth_gbs * 1e9 * c.hbm_efficiency
+    hbm = cl_hbm
     opt_params = np.where(st == 0, pr, ps)
-    opt_step = np.where(off_o, 0.0, c.optimizer_bytes_per_param * opt_params / hbm) + c.step_overhead_s
+    # memory-bound Adam over the owned fp32 states, the gradient-norm/clip pass over the owned fp32 gradients
+    # (on the host with optimizer offload: part of CPUAdam), DeepSpeed's per-tensor loops and fixed step cost
+    gpu_step_bytes = (c.optimizer_bytes_per_param + (c.grad_clip_bytes_per_param if job.train.grad_clip else 0.0))
+    opt_step = (np.where(off_o, 0.0, gpu_step_bytes * opt_params / hbm) + c.step_overhead_s
+                + tensors * c.step_tensor_s)
     # zeroth order
     is_zo = a.zo > 0
     zo_fwd = ga * (2.0 / a.zo_pertp) * fwd_one

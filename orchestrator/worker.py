@@ -94,11 +94,20 @@ def _init_distributed(*, rank: int, world_size: int, master_addr: str, master_po
                                f"{dist.get_world_size()}, not {rank} of {world_size}")
         return False
     backend = "gloo" if on_cpu else "nccl"
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    # env:// (MASTER_ADDR/PORT set by run_worker): under torchrun it joins the agent's store
+    # (TORCHELASTIC_USE_AGENT_STORE) instead of opening a second server on MASTER_PORT
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
     log.info("rank %d: torch.distributed %s initialised (%d ranks, master %s:%d)", rank, backend, world_size,
              master_addr, master_port)
     return True
+
+
+def _device(on_cpu: bool, local_rank: int) -> torch.device:
+    """cpu, or cuda:local_rank (cuda:0 when one GPU is visible, e.g. Ray's per-actor CUDA_VISIBLE_DEVICES)."""
+    if on_cpu:
+        return torch.device("cpu")
+    return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
 
 
 def _seed_everything(seed: int, rank: int) -> None:
@@ -123,32 +132,43 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
                master_port: int, run_dir: str | Path, on_step: StepHook | None = None,
                stop_event: threading.Event | None = None, model_factory: ModelFactory | None = None,
                resume: str | Path | bool | None = "auto", dist_timeout_s: float = 300.0,
-               log_every: int = 1, tensorboard: bool = True) -> dict[str, Any]:
+               log_every: int = 1, tensorboard: bool = True, save_final: bool = True) -> dict[str, Any]:
     """Train ``plan`` as ``rank`` of ``world_size``; returns this rank's final metrics.
 
     ``model_factory(job, plan, groups) -> nn.Module`` replaces the built-in transformer (e.g. a
     user's Hugging Face model: data parallel + ZeRO only, its ``forward(input_ids, labels)``
-    must return the mean loss). ``resume``: "auto" (continue from RUN_DIR/checkpoints/latest
+    must return the mean loss). ``save_final=False`` skips the checkpoint after the last step
+    (benchmarks). ``resume``: "auto" (continue from RUN_DIR/checkpoints/latest
     if present), a checkpoint path, or False. ``on_step`` gets every step's record on every
     rank. Returns ``{"status": "completed"|"stopped", "step", "start_step", "losses",
     "final_loss", "param_checksum", "tokens_per_s", "mfu", "peak_memory", "checkpoint"}``.
     """
     run_dir = Path(run_dir)
-    if plan.zeroth_order:
-        return _run_zeroth_order(job, plan, rank=rank, world_size=world_size, local_rank=local_rank,
-                                 master_addr=master_addr, master_port=master_port, run_dir=run_dir,
-                                 on_step=on_step, stop_event=stop_event)
     resume_from = preflight(job, plan, world_size=world_size, run_dir=run_dir, resume=resume, rank=rank)
     on_cpu = _use_cpu(job)
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed reads these from the environment (Slurm/MPI launches set other names)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
     owns_pg = _init_distributed(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
                                 on_cpu=on_cpu, timeout_s=dist_timeout_s)
+    if plan.zeroth_order:
+        from .zo_worker import train_zeroth_order
+        device = _device(on_cpu, local_rank)
+        try:
+            return train_zeroth_order(job, plan, rank=rank, world_size=world_size, device=device, run_dir=run_dir,
+                                      resume_from=resume_from, on_step=on_step, stop_event=stop_event,
+                                      model_factory=model_factory, tensorboard=tensorboard, log_every=log_every,
+                                      save_final=save_final)
+        finally:
+            if owns_pg and dist.is_initialized():
+                dist.destroy_process_group()
     stop = StopRequest(rank, stop_event).install()
     try:
         return _train(job, plan, rank=rank, world_size=world_size, local_rank=local_rank, run_dir=run_dir,
                       on_cpu=on_cpu, on_step=on_step, stop=stop, model_factory=model_factory,
-                      resume_from=resume_from, log_every=log_every, tensorboard=tensorboard)
+                      resume_from=resume_from, log_every=log_every, tensorboard=tensorboard, save_final=save_final)
     finally:
         stop.uninstall()
         if owns_pg and dist.is_initialized():
@@ -157,7 +177,8 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
 
 def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank: int, run_dir: Path,
            on_cpu: bool, on_step: StepHook | None, stop: StopRequest, model_factory: ModelFactory | None,
-           resume_from: tuple[Path, str] | None, log_every: int, tensorboard: bool) -> dict[str, Any]:
+           resume_from: tuple[Path, str] | None, log_every: int, tensorboard: bool,
+           save_final: bool = True) -> dict[str, Any]:
     import deepspeed  # after DS_ACCELERATOR is set
 
     from meshpilot.comm.groups import build_process_groups
@@ -165,7 +186,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
     from meshpilot.strategies.zero import construction_context, initialize_engine
 
     t = job.train
-    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    device = _device(on_cpu, local_rank)
     if not on_cpu:
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", dist_init_required=False)
@@ -177,8 +198,16 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
     factory = model_factory or _default_model_factory
+    if model_factory is None:
+        # import the model's classes before zero.Init: classes first defined inside Init keep its
+        # partitioning __init__ wrapper after Init exits (a later non-stage-3 model would be partitioned)
+        import meshpilot.strategies.model  # noqa: F401
     with construction_context(job, plan, groups, ds_config, dtype=_train_dtype(t.precision)):
         model = factory(job, plan, groups)
+    if plan.zero_stage != 3 and any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise RuntimeError(f"rank {rank}: the model was built with ZeRO-3 partitioned parameters although "
+                           f"plan.zero_stage={plan.zero_stage}: an earlier ZeRO-3 engine in this process left "
+                           "DeepSpeed's zero.Init patches on the model classes; run each plan in a fresh process")
     engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
 
     ckpt = CheckpointManager(run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
@@ -213,9 +242,12 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().to(torch.float64)
-            loss_avg = loss_sum / plan.grad_accum
-            dist.all_reduce(loss_avg, group=groups.dp)          # mean over the dp replicas
-            loss_val = float(loss_avg.item()) / plan.dp
+            # one all-reduce per step for the logged loss and the stop decision: the world sum of the
+            # ranks' losses / world = the mean over dp replicas (tp ranks of a replica hold equal losses)
+            red = torch.stack([loss_sum / plan.grad_accum,
+                               torch.tensor(1.0 if stop.local else 0.0, dtype=torch.float64, device=device)])
+            dist.all_reduce(red)
+            loss_val, stopping = float(red[0].item()) / world_size, bool(red[1].item() > 0)
             _sync(device)
             dt = time.perf_counter() - t0
             step += 1
@@ -228,15 +260,15 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
             metrics.write(rec)
             if on_step is not None:
                 on_step(asdict(rec))
-            stopping = stop.agreed(device)
-            if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+            if stopping or periodic or (step == t.steps and save_final):
                 last_ckpt = ckpt.save(engine, step=step,
                                       consumed_samples=ShardedBatches.consumed_samples(step, t.global_batch))
             if stopping:
                 status = "stopped"
                 log.warning("rank %d: stopped at step %d on request; checkpoint %s", rank, step, last_ckpt)
                 break
-        checksum = param_checksum(engine)
+        checksum = param_checksum(engine, plan)
     finally:
         metrics.close()
     return {"status": status, "rank": rank, "start_step": start_step, "step": step, "losses": losses,
@@ -258,7 +290,7 @@ def _gather_memory(rank: int, device: torch.device, world_size: int) -> list[dic
     return out
 
 
-def param_checksum(engine: Any) -> float:
+def param_checksum(engine: Any, plan: Plan) -> float:
     """Sum of every element of the full (unsharded) model's parameters, in float64 (collective).
 
     ZeRO-3 shards are gathered; tensor- and expert-parallel shards are reassembled by the
@@ -269,6 +301,12 @@ def param_checksum(engine: Any) -> float:
     module = engine.module
     params = list(module.parameters())
     zero3 = any(hasattr(p, "ds_id") for p in params)
+    if zero3 and plan.tp == 1 and plan.ep == 1:        # one parameter at a time: never the whole model on one device
+        total = 0.0
+        for p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                total += float(p.detach().double().sum().item())
+        return total
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else _null()
     with ctx:
         if hasattr(module, "full_state_dict"):
@@ -284,17 +322,6 @@ class _null:
 
     def __exit__(self, *a: Any) -> None:
         return None
-
-
-def _run_zeroth_order(job: JobConfig, plan: Plan, **kw: Any) -> dict[str, Any]:
-    try:
-        from meshpilot.strategies.zo import worker as zo_worker  # engineer C (issue 6)
-    except ImportError:
-        zo_worker = None
-    if zo_worker is None or not hasattr(zo_worker, "run_zo_worker"):
-        raise ConfigError("plan.zo.mode", plan.zo_mode, reason="zeroth-order plans arrive with issue 6",
-                          fix="use plan.zo.mode=none with train.optimizer=adamw for now")
-    return zo_worker.run_zo_worker(job, plan, **kw)
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -47,10 +47,16 @@ def construction_context(job: JobConfig, plan: Plan, groups: ProcessGroups, ds_c
     if plan.zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
+    import torch._dynamo  # noqa: F401  imported lazily by torch inside Init otherwise, where it clashes
+    # with Init's patched Tensor.__new__ ("Signature mismatch ... tensor_pynew")
     remote = "cpu" if plan.offload_params == "cpu" else None
+    # dtype=None on purpose: Init then takes the dtype from the config's bf16/fp16 sections. An explicit
+    # dtype is ignored on accelerators without fp16 (DeepSpeed 0.19.8 partition_parameters._set_dtype
+    # falls to bf16 on the CPU accelerator), which would round fp32 weights to bf16.
+    del dtype
     return deepspeed.zero.Init(data_parallel_group=groups.dp, remote_device=remote,
                                pin_memory=remote is not None and torch.cuda.is_available(),
-                               config_dict_or_path=ds_config, dtype=dtype, mpu=groups)
+                               config_dict_or_path=ds_config, mpu=groups)
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, plan: Plan) -> list[dict[str, Any]]:
@@ -97,6 +103,24 @@ def mark_experts_for_deepspeed(model: nn.Module, plan: Plan, groups: ProcessGrou
     return len(experts)
 
 
+def mark_tensor_parallel_for_deepspeed(model: nn.Module, plan: Plan) -> int:
+    """Flag tp-sharded params (``param.meshpilot_tp_dim``) with DeepSpeed's ``tensor_model_parallel``.
+
+    DeepSpeed's gradient norm (for clipping) sums squares over the model-parallel group, counting
+    a parameter on every tp rank only when it is flagged model-parallel and otherwise only on tp
+    rank 0 (replicated params). Unflagged shards would be counted once instead of tp times and
+    the clipped gradients would differ from the single-process run.
+    """
+    if plan.tp == 1:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if getattr(p, "meshpilot_tp_dim", None) is not None:
+            p.tensor_model_parallel = True
+            n += 1
+    return n
+
+
 def _engine_class(has_experts: bool, num_experts: int) -> type:
     from deepspeed.runtime.engine import DeepSpeedEngine
     if not has_experts:
@@ -132,6 +156,7 @@ def initialize_engine(model: nn.Module, job: JobConfig, plan: Plan, groups: Proc
     cfg = ds_config if ds_config is not None else deepspeed_config(job, plan)
     ds_dist.init_distributed(dist_backend=_backend(), dist_init_required=False)
     n_expert_params = mark_experts_for_deepspeed(model, plan, groups)
+    mark_tensor_parallel_for_deepspeed(model, plan)
     params = param_groups(model, weight_decay=job.train.weight_decay, plan=plan)
     if n_expert_params == 0:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg, mpu=groups,
