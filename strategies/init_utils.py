@@ -16,7 +16,9 @@ import torch
 def full_normal(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
     """N(0, std^2) tensor for the full parameter ``name`` (fp32, CPU), identical on every rank."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    return torch.randn(shape, generator=g, dtype=torch.float32) * std
+    # device given explicitly: under deepspeed.zero.Init the tensor constructors default to the GPU,
+    # which a CPU generator cannot fill
+    return torch.randn(shape, generator=g, dtype=torch.float32, device="cpu") * std
 
 
 def shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
