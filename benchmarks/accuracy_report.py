@@ -10,7 +10,11 @@ Calibrate / holdout: the successful configs are split alternately in file order 
 one calibrates). Constants of :class:`SimulatorConstants` are fitted on the calibration half
 by coordinate descent over a multiplicative grid (memory constants minimise the peak-memory
 MAPE, with a large penalty for every "predicted fits but OOMed"; time constants minimise the
-step-time MAPE) and the error is reported on the holdout half, before and after the fit. The
+step-time MAPE) and the error is reported on the holdout half, before and after the fit.
+``--split stratified`` alternates within (kind, status, ZeRO-3, accumulation, offload) groups
+instead, so that each regime with two or more configs has one in the calibration half;
+``--fit-metrics time`` fits only the time constants (the memory ones stay as given); single
+fields may be named too (``--fit-metrics time,cuda_context_gib,fragmentation``). The
 fitted constants are written to YAML (``constants:`` mapping of field -> value) that
 :func:`load_constants` reads back (``simulate(job, constants=load_constants(path))``).
 
@@ -36,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Constants fitted, and to which metric each belongs (fields of SimulatorConstants).
 MEMORY_CONSTANTS = ("cuda_context_gib", "nccl_base_gib", "fragmentation", "working_set_factor",
                     "logits_saved_bytes", "logits_backward_bytes", "logits_forward_only_bytes")
-TIME_CONSTANTS = ("matmul_efficiency", "layer_overhead_s", "step_overhead_s", "hbm_efficiency",
-                  "cpu_adam_gparams_per_core", "pcie_efficiency", "overlap_comm_stage3")
+TIME_CONSTANTS = ("matmul_efficiency", "layer_overhead_s", "grad_hook_s", "step_overhead_s", "step_tensor_s",
+                  "hbm_efficiency", "zero3_fetch_s", "zero3_module_hook_s", "zero3_step_tensor_s", "cpu_adam_gparams_per_core",
+                  "pcie_efficiency", "overlap_comm_stage3")
 GRID = (0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.45, 2.0)
 OOM_PENALTY = 100.0          # percentage points per "predicted fits but OOMed" in the memory objective
 
@@ -170,11 +175,21 @@ def summarize(rows: Sequence[Row]) -> Summary:
 
 # --- fitting --------------------------------------------------------------------------------
 
-def split(cases: Sequence[Case]) -> tuple[list[Case], list[Case]]:
-    """Alternate in file order within each (kind, status) group: every other config calibrates."""
+def _regime(c: Case, stratified: bool) -> tuple:
+    if not stratified:
+        return (c.kind, c.status)
+    p = c.plan
+    return (c.kind, c.status, p.zero_stage == 3, p.grad_accum > 1, p.offload_optimizer != "none")
+
+
+def split(cases: Sequence[Case], stratified: bool = False) -> tuple[list[Case], list[Case]]:
+    """Alternate in file order within each (kind, status) group: every other config calibrates.
+
+    ``stratified``: the groups are (kind, status, ZeRO-3, gradient accumulation, optimizer offload), so that
+    every regime the time model treats differently has a calibration config when it has two or more."""
     cal, hold = [], []
-    for key in dict.fromkeys((c.kind, c.status) for c in cases):
-        group = [c for c in cases if (c.kind, c.status) == key]
+    for key in dict.fromkeys(_regime(c, stratified) for c in cases):
+        group = [c for c in cases if _regime(c, stratified) == key]
         cal += group[0::2]
         hold += group[1::2]
     order = {c.name: i for i, c in enumerate(cases)}
@@ -222,6 +237,23 @@ def fit_constants(cases: Sequence[Case], base: Any, predictor: Predictor, *, swe
             if not improved and sweep > 0:
                 break
     return c
+
+
+def fit_fields(spec: Sequence[str]) -> dict[str, list[str]]:
+    """{metric: fields} from names: "memory" / "time" (every constant of that metric) or single fields of
+    MEMORY_CONSTANTS / TIME_CONSTANTS (e.g. ``("time", "cuda_context_gib", "fragmentation")``)."""
+    out: dict[str, list[str]] = {"memory": [], "time": []}
+    for name in spec:
+        if name in ("memory", "time"):
+            out[name] += [k for k in (MEMORY_CONSTANTS if name == "memory" else TIME_CONSTANTS) if k not in out[name]]
+        elif name in MEMORY_CONSTANTS:
+            out["memory"].append(name)
+        elif name in TIME_CONSTANTS:
+            out["time"].append(name)
+        else:
+            raise ValueError(f"{name!r} is neither memory, time nor a fitted constant "
+                             f"({', '.join(MEMORY_CONSTANTS + TIME_CONSTANTS)})")
+    return {k: v for k, v in out.items() if v}
 
 
 def save_constants(path: str | Path, constants: Any, info: dict[str, Any]) -> None:
@@ -274,8 +306,9 @@ def summary_line(label: str, s: Summary) -> str:
 
 
 def run_report(cases: Sequence[Case], predictor: Predictor, base: Any, *, fit: bool = True, sweeps: int = 2,
-               out: Callable[[str], None] = print) -> dict[str, Any]:
-    cal, hold = split(cases)
+               out: Callable[[str], None] = print, stratified: bool = False,
+               metrics: Sequence[str] = ("memory", "time")) -> dict[str, Any]:
+    cal, hold = split(cases, stratified)
     hold_names = {c.name for c in hold}
     before = predict(cases, base, predictor)
     out(table(before, "predicted (default constants) vs measured", hold_names))
@@ -288,7 +321,7 @@ def run_report(cases: Sequence[Case], predictor: Predictor, base: Any, *, fit: b
     if not fit or not [c for c in cal if c.usable]:
         return res
     out(f"\nfitting constants on {len(cal)} calibration configs ({sum(c.usable for c in cal)} with measurements)")
-    fitted = fit_constants(cal, base, predictor, sweeps=sweeps, log=out)
+    fitted = fit_constants(cal, base, predictor, sweeps=sweeps, log=out, fields=fit_fields(metrics))
     after = predict(cases, fitted, predictor)
     out("")
     out(table(after, "predicted (fitted constants) vs measured", hold_names))
@@ -329,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fit", action="store_true", help="only the predicted vs measured table")
     p.add_argument("--sweeps", type=int, default=2, help="coordinate-descent sweeps per metric")
     p.add_argument("--json", default=None, help="write the report (rows and summaries) as JSON")
+    p.add_argument("--fit-metrics", default="all",
+                   help="which constants to fit, comma-separated: all (default), memory, time, or single fields "
+                        "(e.g. time,cuda_context_gib,fragmentation)")
+    p.add_argument("--split", choices=("alternate", "stratified"), default="alternate",
+                   help="calibration/holdout split: every other config per (kind, status), or per regime "
+                        "(kind, status, ZeRO-3, accumulation, offload)")
     args = p.parse_args(argv)
 
     from meshpilot.orchestrator.estimate import SimulatorConstants
@@ -341,12 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measured on {m.get('card')} x{m.get('gpus')}, {m.get('date')}: {m.get('benchmark')} "
               f"(torch {m.get('versions', {}).get('torch')}, deepspeed {m.get('versions', {}).get('deepspeed')}, "
               f"transformers {m.get('versions', {}).get('transformers')})")
-    res = run_report(cases, default_predictor(), base, fit=not args.no_fit, sweeps=args.sweeps)
+    res = run_report(cases, default_predictor(), base, fit=not args.no_fit, sweeps=args.sweeps,
+                     stratified=args.split == "stratified",
+                     metrics=("memory", "time") if args.fit_metrics == "all" else tuple(args.fit_metrics.split(",")))
     fitted = res.pop("_fitted_obj", None)
     if fitted is not None and args.fit_out:
         save_constants(args.fit_out, fitted, dict(measurements=[str(x) for x in args.measurements],
                                                  measured_on=[f"{m.get('card')} {m.get('date')}" for m in meta],
-                                                 calibrate=res["calibrate"], holdout=res["holdout"],
+                                                 split=args.split, fitted_metrics=args.fit_metrics, calibrate=res["calibrate"], holdout=res["holdout"],
                                                  holdout_fitted=res["fitted"]["holdout"],
                                                  holdout_default=res["default"]["holdout"]))
         print(f"\nwrote fitted constants to {args.fit_out}")

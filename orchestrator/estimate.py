@@ -5,6 +5,17 @@ All efficiency factors and overhead terms of the memory and time models live in
 runs) can fit them and pass a fitted copy to ``simulate(..., constants=...)``. Defaults
 are DeepSpeed 0.19 defaults (bucket sizes, overlap) and first-principles estimates for an
 H100 node; each field says where its default comes from.
+
+Calibrated defaults (Hopper): the constants marked "fitted" below were fitted by
+benchmarks/accuracy_report.py (``--fit-metrics time,cuda_context_gib,nccl_base_gib,fragmentation``,
+calibration half of the alternate split) on the measurements of benchmarks/results/2026-11-27-h200x4/
+(4x H200 SXM, DeepSpeed 0.19.8, torch 2.11, HF Llama bf16 + AdamW, shards 1 and 2 + MeZO): see
+fitted_constants.yaml and accuracy_report.txt there, and first_principles_constants.yaml for the
+values before the fit. Of the memory constants only the fixed costs (context, NCCL, allocator
+reserve), which the measurements observe directly, are fitted; the activation ones stay at their
+first-principles values. The ZeRO-3 host constants are a priori (every ZeRO-3 configuration fell in
+the holdout half). Other GPUs use the same values (the efficiencies are relative to each GPU's
+datasheet) until measured.
 """
 from __future__ import annotations
 
@@ -24,14 +35,17 @@ TIME_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp_reducti
 class SimulatorConstants:
     """Tunable constants of the memory and time models (fit these, do not scatter them)."""
     # --- fixed memory costs -------------------------------------------------------------
-    cuda_context_gib: float = 0.5
-    """CUDA context + cuBLAS workspace outside the caching allocator (NVML sees it; torch does not)."""
-    nccl_base_gib: float = 0.25
-    """NCCL buffers of the first communicator (default NCCL_BUFFSIZE 4 MiB x channels x peers)."""
+    cuda_context_gib: float = 0.8367
+    """CUDA context + cuBLAS workspace outside the caching allocator (NVML sees it; torch does not).
+    First principles 0.5; fitted 0.8367 (NVML - torch reserved was ~2.6 GiB per GPU on the H200 runs)."""
+    nccl_base_gib: float = 0.4183
+    """NCCL buffers of the first communicator (default NCCL_BUFFSIZE 4 MiB x channels x peers).
+    First principles 0.25; fitted 0.4183."""
     nccl_per_group_gib: float = 0.08
     """Each further communicator (tp, ep, edp, ...) a rank joins."""
-    fragmentation: float = 0.06
-    """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1)."""
+    fragmentation: float = 0.12
+    """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1).
+    First principles 0.06; fitted 0.12 (measured reserved/allocated 1.13-1.45 on the H200 runs)."""
     # --- DeepSpeed defaults (elements) ----------------------------------------------------
     reduce_bucket_size: float = 5e8
     """zero_optimization.reduce_bucket_size: one torch.empty(reduce_bucket_size) gradient staging buffer
@@ -57,44 +71,56 @@ class SimulatorConstants:
     """Transient buffers of one layer (autograd gradients of activations, fp32 norm upcasts) in units of
     that layer's (h + f) 16-bit values per token."""
     # --- compute --------------------------------------------------------------------------
-    matmul_efficiency: float = 0.62
-    """Achieved / datasheet bf16 matrix rate for transformer layers at hidden 4096 (used without calibration)."""
+    matmul_efficiency: float = 0.4447
+    """Achieved / datasheet bf16 matrix rate for transformer layers at hidden 4096 (used without calibration).
+    First principles 0.62; fitted 0.4447 (HF Llama eager layers with SDPA reach ~440 of 989 TFLOP/s)."""
     shape_half_hidden: float = 512.0
     """Hidden size (per tensor-parallel shard) at which the matrix rate halves: rate ~ x/(x + this)."""
     shape_half_tokens: float = 256.0
     """Tokens per micro-batch at which the matrix rate halves."""
-    layer_overhead_s: float = 5.0e-4
+    layer_overhead_s: float = 1.204e-3
     """Host (CPU) time per transformer layer per forward pass: Python module calls and ~40 eager kernel launches
     of a Hugging Face layer (2 norms, 4 attention projections, RoPE, SDPA, 3 MLP projections, SiLU, residuals) at
     ~12 us each with autograd recording. Kernels are launched asynchronously, so a micro-batch takes
-    max(GPU time, host time): small models are host bound."""
+    max(GPU time, host time): small models are host bound. First principles 5e-4; fitted 1.204e-3."""
     backward_host_factor: float = 2.0
     """Host time of one layer's backward (autograd engine, about twice the forward's kernels) in units of
     ``layer_overhead_s``."""
-    grad_hook_s: float = 5.0e-5
+    grad_hook_s: float = 1.414e-4
     """Host time of DeepSpeed's per-parameter-tensor gradient hook in backward (every stage: the bf16 optimizer's
-    fp32 accumulation at stage 0, the ipg-bucket copy of stages 1-2, the reduce-scatter bookkeeping of stage 3)."""
-    step_overhead_s: float = 0.015
+    fp32 accumulation at stage 0, the ipg-bucket copy of stages 1-2, the reduce-scatter bookkeeping of stage 3).
+    First principles 5e-5; fitted 1.414e-4."""
+    step_overhead_s: float = 0.01538
     """Per optimizer step, host: DeepSpeed engine bookkeeping, the all-reduce of the gradient norm and the host
-    synchronisations of the step (not per tensor)."""
-    step_tensor_s: float = 6.0e-5
+    synchronisations of the step (not per tensor). First principles 0.015; fitted 0.01538."""
+    step_tensor_s: float = 1.004e-4
     """Host time per parameter tensor in the optimizer step: DeepSpeed's per-tensor Python loops (gradient norm,
-    clipping, fp32 -> 16-bit copy-back, zeroing gradients), ~5 eager ops at ~12 us."""
+    clipping, fp32 -> 16-bit copy-back, zeroing gradients), ~5 eager ops at ~12 us. First principles 6e-5;
+    fitted 1.004e-4."""
     grad_clip_bytes_per_param: float = 12.0
     """HBM bytes per owned parameter of the gradient-norm and clipping pass over the fp32 gradients (read 4 for
     the norm, read + write 8 to scale), memory bound."""
     loss_bytes_per_logit: float = 24.0
     """HBM bytes per token per vocabulary entry of the fp32 loss (upcast of the bf16 logits 2+4, log-softmax 4+4,
     its backward 4+4 and the bf16 logit gradient 2), memory bound; half counted in forward, half in backward."""
-    zero3_fetch_s: float = 4.0e-4
+    zero3_fetch_s: float = 3.0e-4
     """ZeRO-3 host time per fetched (partitioned, numel > 1e5) parameter tensor per pass (forward, backward and
     recompute): fetch_sub_module's all_gather_coalesced launch, in-flight registry, event record/wait and
-    release (re-partition), from deepspeed/runtime/zero/partitioned_param_coordinator.py."""
+    release (re-partition), from deepspeed/runtime/zero/partitioned_param_coordinator.py; in backward also the
+    gradient's ipg-bucket/reduce-scatter bookkeeping. A priori: a CPU/gloo probe of DeepSpeed 0.19.8 with a tiny
+    HF Llama (4 vs 20 layers, stage 2 vs 3) measured ~0.25 (forward) and ~0.15 (backward) x the stage-2 host
+    time of a layer's forward per fetched tensor; times a ~1 ms layer forward on a Hopper host."""
     zero3_module_hook_s: float = 1.0e-4
     """ZeRO-3 host time per nn.Module per pass: the pre/post forward hooks of parameter_offload.py (trace
     bookkeeping, wrapping outputs in the backward-hook autograd functions) and their backward counterparts."""
-    hbm_efficiency: float = 0.7
-    """Achieved / datasheet memory bandwidth for element-wise kernels (optimizer step, perturbations)."""
+    zero3_step_tensor_s: float = 3.5e-4
+    """ZeRO-3 host time per fetched tensor in the optimizer step (stage3.py step: _partition_all_parameters,
+    unflattening the updated 16-bit partition back into every parameter, zero_grad, secondary-tensor
+    invalidation), after the step's stream synchronisation, so not hidden behind GPU work. A priori from the
+    same CPU probe (~0.29 x a layer forward per fetched tensor)."""
+    hbm_efficiency: float = 0.7028
+    """Achieved / datasheet memory bandwidth for element-wise kernels (optimizer step, perturbations, loss).
+    First principles 0.7; fitted 0.7028."""
     optimizer_bytes_per_param: float = 36.0
     """HBM bytes touched per parameter by the fused Adam step (fp32 master, m, v read+write, grad, 16-bit copy)."""
     cpu_adam_gparams_per_core: float = 0.02

@@ -4,10 +4,23 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
 - forward FLOPs = b s (2 P_mm + 4 L s h) / t, where P_mm are the parameters used in matrix
   products per token (active experts only, LM head included, embedding lookup excluded) and
   4 L s h the attention score and value products; backward = 2 x forward; full recomputation
-  adds one forward. Time = FLOPs / achieved rate + per-layer launch overhead. The achieved rate is
+  adds one forward. GPU time = FLOPs / achieved rate, plus the memory-bound fp32 loss over the
+  b s V/t logits (``loss_bytes_per_logit``, half in forward, half in backward). The achieved rate is
   ``calibration.matmul_tflops`` or datasheet x ``matmul_efficiency``, scaled by a shape factor
   x/(x + x_half) for the per-shard hidden size and the tokens per micro-batch (normalised at
   hidden 4096 and 4096 tokens, where the efficiency constants are defined).
+- host (CPU) time: eager PyTorch launches kernels asynchronously, so a micro-batch takes
+  max(GPU time, host time), where host time = L x ``layer_overhead_s`` x (1 + recompute +
+  ``backward_host_factor``) + parameter tensors x ``grad_hook_s`` (DeepSpeed's per-tensor gradient
+  hook). Small models are host bound (0.4B Llama: ~0.1 s of host time against ~0.04 s of GPU work).
+  The host-bound excess stretches forward/backward/recompute in the breakdown.
+- ZeRO-3 (DeepSpeed's partitioned_param_coordinator / parameter_offload): per pass (forward,
+  backward, recompute) every partitioned tensor (numel > 1e5, the persistence threshold) is fetched
+  and released (``zero3_fetch_s``) and every nn.Module runs its hooks (``zero3_module_hook_s``);
+  the compute stream waits for each module's gather, so this host time adds to the micro-batch
+  (reported under zero3_gathers with the exposed gather communication); the stage-3 step adds
+  ``zero3_step_tensor_s`` per partitioned tensor. Tensor and module counts come from the Hugging
+  Face module structure (:func:`meshpilot.orchestrator.memory_model.module_structure`).
 - tensor parallel (Megatron): 2 all-reduces of b s h values in forward and 2 in backward per
   layer (+2 with recomputation), inside the tp group, on the critical path (sequence parallelism
   replaces each by a reduce-scatter + all-gather of the same volume).
@@ -22,7 +35,9 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
 - offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
   parameter bytes back per step over PCIe; parameter offload uploads w P_s per forward and
   backward pass; CPUAdam updates P_s parameters at the node's CPU Adam rate shared by its ranks.
-- GPU optimizer step: memory bound, ``optimizer_bytes_per_param`` x parameters / (HBM x efficiency).
+- optimizer step: memory bound, (``optimizer_bytes_per_param`` + ``grad_clip_bytes_per_param`` when
+  clipping) x owned parameters / (HBM x efficiency), plus ``step_overhead_s`` and
+  ``step_tensor_s`` per parameter tensor (DeepSpeed's per-tensor loops: norm, clip, copy-back).
 - zeroth order (MeZO/ZO2): two forwards per micro-batch (one each with pertp = 2), no backward;
   ``zo_perturb_passes`` memory-bound passes over the parameters per step; ZO2 uploads the blocks
   once per micro-batch (both forwards share the upload) and writes them back once per step, mostly
@@ -90,14 +105,15 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # ZeRO-3: fetch/release of every partitioned tensor and the hooks of every module, per pass (fwd, bwd, recompute)
     z3_host = np.where(st == 3, (2.0 + ac) * ((mt.fetch_tensors + mt.expert_fetch_tensors / a.ep) * c.zero3_fetch_s
                                               + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s), 0.0)
-    host_mb = host_model + z3_host
-    excess = np.maximum(host_mb - gpu_mb, 0.0)             # host-bound time beyond the GPU's work
-    z3_excess = excess * np.where(host_mb > 0, z3_host / np.maximum(host_mb, 1e-30), 0.0)
-    stretch = 1.0 + (excess - z3_excess) / gpu_mb          # the rest stretches the compute phases
+    # the model's host time overlaps the GPU (asynchronous launches); ZeRO-3's does not: the compute stream waits
+    # for every fetched module's all-gather, which the host launches only when it reaches that module, and the
+    # coordinator synchronises on in-flight fetch events, so the fetch/release host time adds to the micro-batch
+    excess = np.maximum(host_model - gpu_mb, 0.0)          # host-bound time beyond the GPU's work
+    stretch = 1.0 + excess / gpu_mb                        # stretches the compute phases
     forward = ga * gpu_f * stretch
     backward = ga * gpu_b * stretch
     recompute = ga * gpu_r * stretch
-    z3_host_step = ga * z3_excess
+    z3_host_step = ga * z3_host
     # one forward without autograd (zeroth order): max(GPU, host) of the forward alone
     fwd_one = np.maximum(gpu_fwd + loss_half, host_fwd)
     # tensor parallel
@@ -140,8 +156,9 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # memory-bound Adam over the owned fp32 states, the gradient-norm/clip pass over the owned fp32 gradients
     # (on the host with optimizer offload: part of CPUAdam), DeepSpeed's per-tensor loops and fixed step cost
     gpu_step_bytes = (c.optimizer_bytes_per_param + (c.grad_clip_bytes_per_param if job.train.grad_clip else 0.0))
+    fetched = mt.fetch_tensors + mt.expert_fetch_tensors / a.ep
     opt_step = (np.where(off_o, 0.0, gpu_step_bytes * opt_params / hbm) + c.step_overhead_s
-                + tensors * c.step_tensor_s)
+                + tensors * c.step_tensor_s + np.where(st == 3, fetched * c.zero3_step_tensor_s, 0.0))
     # zeroth order
     is_zo = a.zo > 0
     zo_fwd = ga * (2.0 / a.zo_pertp) * fwd_one

@@ -218,7 +218,9 @@ def test_accuracy_report_fits_constants_on_synthetic_measurements(tmp_path):
     H, R = _bench_modules()
     from meshpilot.orchestrator.estimate import SimulatorConstants
     from meshpilot.orchestrator.simulator import simulate
-    true = SimulatorConstants().replace(cuda_context_gib=1.0, matmul_efficiency=0.434)
+    d = SimulatorConstants()
+    # 'true' constants on the fit's grid from the defaults: context x 2.0, matrix rate x 0.7
+    true = d.replace(cuda_context_gib=2.0 * d.cuda_context_gib, matmul_efficiency=0.7 * d.matmul_efficiency)
     names = ["m04-z0-dp2-mb4", "m1b-z2-dp4-mb4", "m04-z3-dp2-mb4", "m3b-z2-dp4-mb2", "m7b-z0-dp4-mb1"]
     configs = H.load_configs(names=names)
     results = []
@@ -248,7 +250,7 @@ def test_accuracy_report_fits_constants_on_synthetic_measurements(tmp_path):
     assert {c.name for c in cal} | {c.name for c in hold} == set(names) and not {c.name for c in cal} & {c.name for c in hold}
     fitted = R.fit_constants(cal, base, R.default_predictor(), sweeps=2,
                              fields={"memory": ["cuda_context_gib"], "time": ["matmul_efficiency"]})
-    assert fitted.cuda_context_gib == pytest.approx(1.0, rel=1e-6)    # 0.5 x 2.0 is on the grid
+    assert fitted.cuda_context_gib == pytest.approx(true.cuda_context_gib, rel=1e-6)    # x 2.0 is on the grid
     after = R.summarize(R.predict(hold, fitted, R.default_predictor()))
     before = R.summarize(R.predict(hold, base, R.default_predictor()))
     assert after.mem_mape < 0.5 < before.mem_mape
