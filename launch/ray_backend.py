@@ -548,19 +548,8 @@ def _local_ranks(where: list[dict[str, Any]], use_gpus: bool) -> tuple[list[int]
 
 
 def _pid_exists(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    from meshpilot.orchestrator.job_state import pid_alive
+    return pid_alive(pid, unknown=False)
 
 
 def _first_line(e: Any) -> str:

@@ -132,10 +132,7 @@ def _suggestions(job, plan: Plan) -> str:
 
 
 def _describe(plan: Plan) -> str:
-    try:
-        return plan.describe()
-    except Exception:  # describe() of the foundation had a misplaced check; never let it hide the real error
-        return f"dp={plan.dp} tp={plan.tp} zero={plan.zero_stage} mb={plan.micro_batch}x{plan.grad_accum}"
+    return plan.describe()
 
 
 def check_worker(ref: str) -> None:

@@ -171,7 +171,7 @@ class RunStore:
         st = self.read()
         if st.terminal or not st.controller_pid or st.controller_host != socket.gethostname():
             return False
-        if not _pid_alive(st.controller_pid):
+        if not pid_alive(st.controller_pid):
             return False
         try:
             os.kill(st.controller_pid, signal.SIGTERM)
@@ -183,10 +183,11 @@ class RunStore:
         st = self.read()
         if st.controller_host and st.controller_host != socket.gethostname():
             return True  # cannot tell from here
-        return _pid_alive(st.controller_pid)
+        return pid_alive(st.controller_pid)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, *, unknown: bool = True) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (``unknown`` when /proc cannot tell)."""
     if pid <= 0:
         return False
     try:
@@ -200,7 +201,7 @@ def _pid_alive(pid: int) -> bool:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
-        return True
+        return unknown
 
 
 # --- runs index --------------------------------------------------------------------------

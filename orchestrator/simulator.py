@@ -145,22 +145,8 @@ def suggestions(plan: Plan, job: JobConfig) -> list[str]:
 
 
 def describe(plan: Plan) -> str:
-    """A short one-line name of a plan, e.g. ``dp=4 tp=2 zero=2 mb=2x4 ac=full``."""
-    if plan.zeroth_order:
-        return f"zo={plan.zo_mode} pertp={plan.zo_pertp} zo_dp={plan.zo_dp} mb={plan.micro_batch}x{plan.grad_accum}"
-    s = f"dp={plan.dp} tp={plan.tp}"
-    if plan.ep > 1:
-        s += f" ep={plan.ep}"
-    s += f" zero={plan.zero_stage} mb={plan.micro_batch}x{plan.grad_accum}"
-    if plan.offload_optimizer != "none":
-        s += " off_opt"
-    if plan.offload_params != "none":
-        s += " off_param"
-    if plan.activation_checkpointing != "none":
-        s += f" ac={plan.activation_checkpointing}"
-    if plan.sequence_parallel:
-        s += " sp"
-    return s
+    """A short one-line name of a plan (see :meth:`Plan.describe`)."""
+    return plan.describe()
 
 
 _SHORT_KEYS = {"dp": "plan.dp", "tp": "plan.tp", "ep": "plan.ep", "zero": "plan.zero_stage",
