@@ -142,6 +142,10 @@ class SimulatorConstants:
     zo_perturb_passes: float = 4.0
     """Passes over the parameters per MeZO step (+eps, -2eps, +eps restore, update), each regenerating z."""
     # --- CPU side -------------------------------------------------------------------------
+    cpu_worker_runtime_gib: float = 0.38
+    """Resident memory of a CPU (gloo) worker before its model and data: the torch and DeepSpeed
+    runtime. Stands in for the CUDA context when cluster.accelerator is cpu; the quickstart's
+    tiny-llama workers peaked at 0.40 GiB RSS (examples/quickstart.yaml, 2 CPU workers)."""
     cpu_process_gib: float = 3.0
     """Host memory of one training process before offload (torch, CUDA, DeepSpeed, data loader)."""
     cpu_pinned_buffer_gib: float = 1.0

@@ -285,7 +285,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     on_gpu = job.cluster.accelerator == "gpu"        # CPU workers (gloo) have no CUDA context or NCCL buffers
     nccl = np.where((a.world > 1) & on_gpu,
                     c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30, 0.0)
-    framework = (c.cuda_context_gib * 2**30 if on_gpu else 0.0) + c.fragmentation * allocated
+    framework = (c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib) * 2**30 + c.fragmentation * allocated
     # host memory per node: every rank of the node holds its offloaded share
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)
