@@ -86,21 +86,46 @@ def _use_cpu(job: JobConfig) -> bool:
 
 
 def _init_distributed(*, rank: int, world_size: int, master_addr: str, master_port: int, on_cpu: bool,
-                      timeout_s: float) -> bool:
-    """Initialise the default process group; False if the caller had already done it."""
+                      timeout_s: float, local_rank: int = 0) -> bool:
+    """Initialise the default process group; False if the caller had already done it.
+
+    On GPU the group is bound to this rank's device (``device_id``) as
+    ``deepspeed.init_distributed`` binds it for a plain DeepSpeed script (the direct loop of
+    benchmarks/train_bench.py): eager NCCL initialisation, and torch may then create later
+    groups by splitting the default communicator. Unbound, the worker's NCCL setup differed
+    from that loop's; the effect on step time is not measured (GPU only).
+    """
     if dist.is_initialized():
         if dist.get_rank() != rank or dist.get_world_size() != world_size:
             raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
                                f"{dist.get_world_size()}, not {rank} of {world_size}")
         return False
     backend = "gloo" if on_cpu else "nccl"
+    kwargs: dict[str, Any] = {}
+    if not on_cpu:
+        device = _device(on_cpu, local_rank)
+        torch.cuda.set_device(device)
+        if world_size > 1 and _can_bind_device():
+            kwargs["device_id"] = device
     # env:// (MASTER_ADDR/PORT set by run_worker): under torchrun it joins the agent's store
     # (TORCHELASTIC_USE_AGENT_STORE) instead of opening a second server on MASTER_PORT
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
     log.info("rank %d: torch.distributed %s initialised (%d ranks, master %s:%d)", rank, backend, world_size,
              master_addr, master_port)
     return True
+
+
+def _can_bind_device() -> bool:
+    """Whether init_process_group takes ``device_id`` safely (DeepSpeed's rule: torch >= 2.3,
+    not 2.6.0 < torch < 2.7.1, where binding hangs: pytorch/pytorch#153960)."""
+    import inspect
+
+    from torch.torch_version import TorchVersion
+    if "device_id" not in inspect.signature(dist.init_process_group).parameters:
+        return False
+    v = TorchVersion(torch.__version__.split("+")[0])
+    return not ("2.6.0" < v < "2.7.1")
 
 
 def _device(on_cpu: bool, local_rank: int) -> torch.device:
@@ -152,7 +177,7 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
     owns_pg = _init_distributed(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
-                                on_cpu=on_cpu, timeout_s=dist_timeout_s)
+                                on_cpu=on_cpu, timeout_s=dist_timeout_s, local_rank=local_rank)
     if plan.zeroth_order:
         from .zo_worker import train_zeroth_order
         device = _device(on_cpu, local_rank)
@@ -244,10 +269,12 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
                 loss_sum += loss.detach().to(torch.float64)
             # one all-reduce per step for the logged loss and the stop decision: the world sum of the
             # ranks' losses / world = the mean over dp replicas (tp ranks of a replica hold equal losses)
-            red = torch.stack([loss_sum / plan.grad_accum,
-                               torch.tensor(1.0 if stop.local else 0.0, dtype=torch.float64, device=device)])
+            # (nothing else per step gathers or reads parameters: the checksum is taken once after the
+            # loop; tests/test_train_step_counts.py holds the per-step work equal to a plain DeepSpeed loop's)
+            red = torch.stack([loss_sum / plan.grad_accum, torch.full_like(loss_sum, 1.0 if stop.local else 0.0)])
             dist.all_reduce(red)
-            loss_val, stopping = float(red[0].item()) / world_size, bool(red[1].item() > 0)
+            loss_total, stop_total = red.tolist()          # the step's one device-to-host read
+            loss_val, stopping = loss_total / world_size, stop_total > 0
             _sync(device)
             dt = time.perf_counter() - t0
             step += 1

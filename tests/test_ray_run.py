@@ -169,9 +169,11 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ru
     assert s["status"] == "succeeded" and s["restarts"] == 1 and s["attempts"] == 2, s["failures"]
     assert s["failures"] and s["failures"][0].split(":")[0] in ("worker_died", "worker_error")
     assert not _alive(victim)
-    # resumed from the latest complete checkpoint (a multiple of EVERY at or before the kill), not from 0
+    # resumed from the latest complete checkpoint (a multiple of EVERY), not from 0. `killed_at` is the
+    # step in state.json when the kill was sent; that file is written at most twice a second and can
+    # trail the workers by a few steps, so a checkpoint up to one interval later may already be complete
     start = s["results"][0]["start_step"]
-    assert start % EVERY == 0 and EVERY <= start <= killed_at + 1, (start, killed_at)
+    assert start % EVERY == 0 and EVERY <= start <= killed_at + EVERY, (start, killed_at)
     assert s["final_loss"] == ref["final_loss"]
     assert s["param_checksum"] == ref["param_checksum"]
     assert "===== attempt 1 rank" in (d / "logs" / f"rank{victim_rank}.log").read_text()
