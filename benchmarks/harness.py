@@ -20,7 +20,6 @@ import datetime as _dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
+
+from meshpilot.comm.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = HERE / "configs" / "accuracy.yaml"
@@ -158,6 +159,19 @@ def hf_llama_config(model, seq_len: int):
     return cfg
 
 
+def build_hf_llama(hf_config, device):
+    """``LlamaForCausalLM`` with bf16 weights created directly on ``device`` (no fp32 host copy)."""
+    import torch
+    from transformers import LlamaForCausalLM
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def enable_checkpointing(model) -> None:
     """Full activation checkpointing of every decoder layer (non-reentrant torch.utils.checkpoint)."""
     fn = getattr(model, "gradient_checkpointing_enable")
@@ -238,12 +252,6 @@ class NvmlSampler:
 
 
 # --- one config: its ranks as spawned processes ---------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def is_oom(exc: BaseException) -> bool:
     import torch

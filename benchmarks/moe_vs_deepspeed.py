@@ -27,7 +27,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from meshpilot.comm.ports import free_port
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 ROUNDS = 2          # alternating timing rounds per implementation; the best is reported
@@ -316,17 +317,11 @@ def _worker(rank: int, b: Bench, ep: int, port: int, result_file: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # driver
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(b: Bench, ep: int) -> dict[str, Any]:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "row.json")
-        ctx = mp.start_processes(_worker, args=(b, ep, _free_port(), result), nprocs=b.world, join=False,
+        ctx = mp.start_processes(_worker, args=(b, ep, free_port(), result), nprocs=b.world, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + b.deadline_s + 60     # + start-up
         try:

@@ -27,13 +27,14 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from meshpilot.comm.ports import free_port
 
 JOB = {
     "model": "llama-1b",
@@ -42,12 +43,6 @@ JOB = {
               "checkpoint_every": 0, "data": "synthetic"},
     "plan": {"tp": 2, "dp": 2, "zero_stage": 2, "micro_batch": 4},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def write_job(path: Path, steps: int, model: str, overrides: list[str]) -> dict[str, Any]:
@@ -69,7 +64,7 @@ def commands(job_file: Path, run_dir: Path, world: int) -> dict[str, list[str]]:
         "meshpilot_run": [sys.executable, "-m", "meshpilot.orchestrator.cli", "run", str(job_file),
                           "--run-dir", str(run_dir / "meshpilot"), "--no-progress", "--max-restarts", "0", "--force"],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                     "--master_addr", "127.0.0.1", "--master_port", str(free_port("")),
                      "-m", "meshpilot.orchestrator.worker", "--job", str(job_file), "--run-dir", str(run_dir / "torchrun")],
     }
 

@@ -39,7 +39,6 @@ import datetime as _dt
 import json
 import os
 import queue as queue_mod
-import socket
 import sys
 import time
 import traceback
@@ -56,6 +55,8 @@ except ImportError:                     # a bare checkout: the folders are meshp
     _pkg = types.ModuleType("meshpilot")
     _pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
     sys.modules["meshpilot"] = _pkg
+
+from meshpilot.comm.ports import free_port  # noqa: E402  (after the bare-checkout fallback)
 
 # H100/H200 SXM dense bf16 peak (datasheet, no sparsity)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -314,18 +315,12 @@ def _worker(rank: int, world: int, port: int, b: Bench, results) -> None:
         results.put((rank, [dict(variant="all", ok=False, error=traceback.format_exc()[-3000:])]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_tp_degree(b: Bench, world: int) -> list[dict[str, Any]]:
     """Run every variant for one tp degree in a fresh group of ``world`` processes; rank 0's rows."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, b, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

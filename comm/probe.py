@@ -27,7 +27,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .ports import free_port
 from .bandwidth import COLLECTIVES, MiB, CollectiveSample, bus_factor
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,6 @@ class ProbeReport:
 
 
 # --- collectives: one process per GPU (NCCL) or gloo workers ---------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _collective_worker(rank: int, world: int, port: int, settings: ProbeSettings, out_path: str, queue: Any) -> None:
     """Entry point of one spawned process: join the group, time every (op, size), rank 0 writes JSON."""

@@ -34,7 +34,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from meshpilot.comm.ports import free_port
 from meshpilot.orchestrator.controller import Failure, GangError, GroupPoll, Progress
 from meshpilot.orchestrator.errors import ConfigError
 
@@ -222,9 +222,7 @@ class GangWorker:
                     pid=os.getpid(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return int(s.getsockname()[1])
+        return free_port("")
 
     def progress(self) -> dict[str, Any]:
         with self._lock:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+from meshpilot.comm.ports import free_port
 
 
 class DistributedWorkerError(RuntimeError):
@@ -31,12 +32,6 @@ class DistributedWorkerError(RuntimeError):
         self.failures = failures
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
         super().__init__(f"rank(s) {sorted(failures)} failed:\n{text}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, pg_timeout: float, fn: Callable,
