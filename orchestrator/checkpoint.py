@@ -10,7 +10,7 @@ Write protocol (all ranks call :meth:`CheckpointManager.save`):
 1. every rank writes its DeepSpeed shards and its RNG states into ``TAG.partial/``;
 2. barrier; rank 0 writes ``meshpilot.json`` (step, consumed samples, plan and model
    fingerprints), fsyncs every file and the directory, renames ``TAG.partial`` -> ``TAG``,
-   then writes ``latest.tmp``, fsyncs it and renames it over ``latest``; barrier.
+   then writes ``latest`` through a fsynced temporary file renamed over it (atomic_io); barrier.
 A crash at any point leaves ``latest`` naming the previous complete checkpoint.
 (Rank 0 renames, so ``ROOT`` must be a filesystem shared by all nodes, as DeepSpeed's own
 multi-node checkpoints also assume.)
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .atomic_io import fsync_path, write_atomic
 from .config import JobConfig
 from .errors import ConfigError
 from .plan import Plan
@@ -81,29 +82,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
 
 
 def rng_state() -> dict[str, Any]:
@@ -224,8 +207,8 @@ class CheckpointManager:
             if final.exists():                       # re-saving the same step (e.g. signal right after a save)
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _fsync_path(self.root)
-            write_atomic(self.root / LATEST, tag + "\n")
+            fsync_path(self.root)
+            write_atomic(self.root / LATEST, tag + "\n", sync_dir=True)
             self._prune(tag)
             log.info("rank 0: checkpoint %s written in %.2fs (step %d, %d samples consumed)", final,
                      time.perf_counter() - t0, step, consumed_samples)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from .atomic_io import write_atomic
 from .errors import ConfigError
 from .tokenizer import ByteTokenizer
 
@@ -58,14 +58,8 @@ def write_token_file(tokens: np.ndarray, path: str | Path, *, tokenizer: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "num_tokens": int(tokens.size),
             "max_token": max_token, "tokenizer": tokenizer, "source": source}
-    for target, payload in ((path, tokens.astype(dtype).tobytes()),
-                            (sidecar_path(path), (json.dumps(meta, indent=1) + "\n").encode())):
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+    write_atomic(path, tokens.astype(dtype).tobytes())
+    write_atomic(sidecar_path(path), json.dumps(meta, indent=1) + "\n")
     return path
 
 

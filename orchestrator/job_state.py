@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic_io import write_atomic
 from .errors import ConfigError
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -82,15 +83,6 @@ def new_run_id(job_name: str) -> str:
     return f"{safe}-{stamp}-{os.urandom(2).hex()}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class RunStore:
     """Reads and writes one run directory. Safe to use from the controller and other shells."""
 
@@ -135,7 +127,7 @@ class RunStore:
 
     def write(self, state: JobState) -> None:
         state.updated = time.time()
-        _atomic_write(self.state_path, json.dumps(state.to_dict(), indent=1, default=str))
+        write_atomic(self.state_path, json.dumps(state.to_dict(), indent=1, default=str))
 
     def read(self) -> JobState:
         try:
@@ -167,7 +159,7 @@ class RunStore:
     def request_cancel(self, reason: str = "cancelled by user") -> bool:
         """Ask the controller to stop: write the cancel file, then SIGTERM the controller if it
         runs on this host. Returns whether the controller process was signalled."""
-        _atomic_write(self.cancel_path, json.dumps({"time": time.time(), "reason": reason, "pid": os.getpid()}))
+        write_atomic(self.cancel_path, json.dumps({"time": time.time(), "reason": reason, "pid": os.getpid()}))
         st = self.read()
         if st.terminal or not st.controller_pid or st.controller_host != socket.gethostname():
             return False
@@ -213,7 +205,7 @@ def _index_dir() -> Path:
 def register_run(run_id: str, run_dir: str | Path) -> None:
     d = _index_dir()
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / f"{run_id}.json", json.dumps({"run_id": run_id, "run_dir": str(Path(run_dir).resolve())}))
+    write_atomic(d / f"{run_id}.json", json.dumps({"run_id": run_id, "run_dir": str(Path(run_dir).resolve())}))
 
 
 def list_runs() -> list[RunStore]:

@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from meshpilot.orchestrator.checkpoint import (CheckpointManager, CheckpointMeta, find_checkpoint, model_fingerprint,
-                                               plan_fingerprint, plan_summary, write_atomic)
+                                               plan_fingerprint, plan_summary)
+from meshpilot.orchestrator.atomic_io import write_atomic
 from meshpilot.orchestrator.data import (BatchLayout, ShardedBatches, SyntheticSamples, WindowSamples, main as data_main,
                                          open_token_file, resolve_source, write_token_file)
 from meshpilot.orchestrator.errors import ConfigError
