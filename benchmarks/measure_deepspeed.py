@@ -100,13 +100,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: H.BenchConfig, device_kind
             with deepspeed.zero.Init(config_dict_or_path=dsc, dtype=torch.bfloat16):
                 model = LlamaForCausalLM(hf)
         else:
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(torch.bfloat16)
-            try:
-                with torch.device(device):
-                    model = LlamaForCausalLM(hf)
-            finally:
-                torch.set_default_dtype(prev)
+            model = H.build_hf_llama(hf, device)
         if plan.activation_checkpointing == "full":
             H.enable_checkpointing(model)
         model.train()

@@ -81,22 +81,15 @@ def _rank_main(rank: int, world: int, port: int, cfg: H.BenchConfig, device_kind
         else:
             torch.set_num_threads(1)
             dist.init_process_group("gloo", rank=rank, world_size=world)
-        from transformers import LlamaForCausalLM
 
         job, plan = cfg.job(), cfg.plan()
         seq, mb, t = job.train.seq_len, plan.micro_batch, job.train
         pertp, zo_dp = plan.zo_pertp, plan.zo_dp
-        pair, sign_index = divmod(rank, pertp)         # rank = z * pertp + s
-        sign = 1.0 if sign_index == 0 else -1.0
+        groups = plan.layout(world).groups_of(rank)    # rank = z * pertp + s (meshpilot.comm.layout)
+        pair, sign = groups.zo_dp.index(rank), float(groups.zo_sign)
         hf = H.hf_llama_config(job.model, seq)
         torch.manual_seed(t.seed)                      # identical initial weights on every rank
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(device):
-                model = LlamaForCausalLM(hf)
-        finally:
-            torch.set_default_dtype(prev)
+        model = H.build_hf_llama(hf, device)
         model.eval()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
