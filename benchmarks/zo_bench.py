@@ -11,9 +11,9 @@ when it needs several GPUs, so an OOM or a hang costs only that configuration):
    figures (1.3B 3.75 GB, 2.7B 4.14, 6.7B 4.99, 13B 6.18, 30B 8.86).
 2. throughput: plain MeZO step rate (samples/s) on 1 GPU vs pertp=2 on 2 GPUs (target
    >= 1.8x), zo dp=4 and 2D (pertp=2 x zo dp=2) on 4 GPUs (target >= 3.4x); same global
-   batch, same model.
-3. sliced: ZO2 with zo dp=4 on 4 GPUs, with and without sliced upload (each rank uploads
-   1/4 of a block and all-gathers over NVLink).
+   batch, same model. On a 2-GPU machine: zo dp=2 (held to the 2-GPU target, 1.8x), no 2D.
+3. sliced: ZO2 with zo dp=n on n GPUs (n = 4, or 2 on a 2-GPU machine), with and without
+   sliced upload (each rank uploads 1/n of a block and all-gathers over NVLink).
 
 Each result is written to ``--out`` (default $OUT, else ./zo_bench_out) as zo_bench.json
 with the card name, date and versions; a table is printed. Next to each plan, the
@@ -185,13 +185,14 @@ def _configs(args: argparse.Namespace, ngpu: int) -> list[tuple[str, str, dict[s
         common = dict(mode="mezo", model=m, batch=b, seq=s, warmup=1 if args.dry else 2, steps=steps, device=dev)
         out.append(("throughput", "mezo 1 gpu", dict(common, pertp=1, zo_dp=1)))
         out.append(("throughput", "pertp=2", dict(common, pertp=2, zo_dp=1)))
+        # zo dp over every visible GPU (4, or 2 on a 2-GPU machine; 2 in --dry); 2D needs 4
+        dp = 2 if args.dry else (4 if ngpu >= 4 else 2)
+        out.append(("throughput", f"zo dp={dp}", dict(common, pertp=1, zo_dp=dp)))
         if args.dry or ngpu >= 4:
-            dp = 2 if args.dry else 4
-            out.append(("throughput", f"zo dp={dp}", dict(common, pertp=1, zo_dp=dp)))
             out.append(("throughput", "2D pertp=2 x dp=2", dict(common, pertp=2, zo_dp=2)))
     if "sliced" in parts:
         m = "tiny" if args.dry else ("opt-2.7b" if args.quick else "opt-6.7b")
-        n = 2 if args.dry else 4
+        n = 2 if args.dry else max(2, min(4, ngpu))
         common = dict(mode="zo2", model=m, pertp=1, zo_dp=n, batch=n, seq=64 if args.dry else 1024,
                       warmup=1, steps=2 if args.dry or args.quick else 4, device=dev)
         out.append(("sliced", f"zo2 dp={n} full upload", dict(common, sliced=False)))
@@ -343,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             base["throughput"] = m["samples_per_s"]
         if r["part"] == "sliced" and "full upload" in r["name"]:
             base["sliced"] = m["samples_per_s"]
-    targets = {"pertp=2": 1.8, "zo dp=4": 3.4, "2D pertp=2 x dp=2": 3.4}
+    # the targets: >= 1.8x on 2 GPUs, >= 3.4x on 4 (zo dp=2 is held to the 2-GPU one)
+    targets = {"pertp=2": 1.8, "zo dp=2": 1.8, "zo dp=4": 3.4, "2D pertp=2 x dp=2": 3.4}
     for r in results:
         m = r["measured"]
         if "error" in m or r["part"] not in base:

@@ -16,7 +16,7 @@ from meshpilot.strategies.model import build_model
 from meshpilot.strategies.zo import MeZO, MeZOTrainer, ZO2, build_zo_trainer, direction, param_checksum, \
     step_seed, zo_parameters
 from meshpilot.strategies.zo import mezo as mezo_mod
-from meshpilot.strategies.zo.mezo import perturb_plus, perturb_restore, perturb_switch
+from meshpilot.strategies.zo.mezo import _add_, perturb_plus, perturb_restore, perturb_switch
 
 
 class Quadratic(nn.Module):
@@ -231,3 +231,18 @@ def test_zo2_full_state_round_trip():
     t2.load_state_dict(opt_state)
     a, b = t1.step(*_batch(cfg, seed=9)), t2.step(*_batch(cfg, seed=9))
     assert (a.loss_plus, a.loss_minus, a.g) == (b.loss_plus, b.loss_minus, b.g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtype_add_rounds_once_like_an_fp32_copy(dtype):
+    """The passes add an fp32 d to a bf16/fp16 parameter in place; that must equal computing
+    in fp32 and rounding once (the arithmetic the module docstring states)."""
+    gen = torch.Generator().manual_seed(3)
+    t = (torch.randn(100_003, generator=gen) * 0.02).to(dtype)
+    d = torch.randn(100_003, generator=gen) * 1e-3
+    for alpha in (1.0, -1.0, -0.37):
+        fast = t.clone()
+        _add_(fast, d, alpha)
+        slow = t.clone()
+        slow.copy_(slow.float().add_(d, alpha=alpha))
+        assert torch.equal(fast, slow)

@@ -149,11 +149,13 @@ def direction(seed: int, zp: ZOParam, tensor: torch.Tensor | None = None) -> tor
 
 
 def _add_(t: torch.Tensor, d: torch.Tensor, alpha: float = 1.0) -> None:
-    """t <- fl(t + alpha d): computed in fp32 (fp64 for fp64 t), rounded once to t's dtype."""
-    if t.dtype in (torch.float32, torch.float64):
-        t.add_(d, alpha=alpha)
-    else:
-        t.copy_(t.float().add_(d, alpha=alpha))
+    """t <- fl(t + alpha d): computed in fp32 (fp64 for fp64 t), rounded once to t's dtype.
+
+    For a bf16/fp16 ``t`` and an fp32 ``d`` this is one in-place mixed-dtype ``add_``:
+    PyTorch computes it in the promoted dtype (fp32) and rounds once on the store, so no
+    fp32 copy of ``t`` is made (3x less memory traffic per pass than copy-add-copy back,
+    checked equal bit for bit in tests/test_zo_mezo.py)."""
+    t.add_(d, alpha=alpha)
 
 
 def perturb_plus(t: torch.Tensor, d: torch.Tensor) -> None:
@@ -173,10 +175,11 @@ def perturb_restore(t: torch.Tensor, d: torch.Tensor) -> None:
 
 
 def sgd_update(t: torch.Tensor, z: torch.Tensor, *, g: float, lr: float, weight_decay: float) -> None:
-    """theta <- theta - lr (g z + wd theta), in fp32, rounded once to theta's dtype."""
-    upd = z.to(torch.float64) * g if t.dtype == torch.float64 else z * g
+    """theta <- theta - lr (g z + wd theta), in fp32, rounded once to theta's dtype.
+    ``z`` is consumed (scaled in place)."""
+    upd = z.to(torch.float64).mul_(g) if t.dtype == torch.float64 else z.mul_(g)
     if weight_decay:
-        upd.add_(t.to(upd.dtype), alpha=weight_decay)
+        upd.add_(t, alpha=weight_decay)
     _add_(t, upd, -lr)
 
 
@@ -184,22 +187,28 @@ def apply_pass(kind: str, zp: ZOParam, t: torch.Tensor, seed: int, eps: float, *
                lr: float = 0.0, weight_decay: float = 0.0) -> None:
     """One pass over parameter ``zp`` (data ``t``) along z(seed): ``kind`` is "plus",
     "switch", "restore" (no update), "restore+update" or "update" (``theta -= lr (g z + wd
-    theta)``, with ``wd`` applied only when ``zp.decay``)."""
+    theta)``, with ``wd`` applied only when ``zp.decay``).
+
+    Per chunk of CHUNK elements: one ``randn`` into fp32, ``d = eps z`` (in place unless z is
+    needed again for the update), and one in-place add per term; memory traffic per
+    element of a bf16 parameter is ~20 bytes for "plus"/"restore", ~28 for "switch" and
+    ~36 for "restore+update"."""
+    if kind not in ("plus", "switch", "restore", "restore+update", "update"):
+        raise ValueError(f"unknown pass {kind!r}")
     work = t if t.is_contiguous() else t.contiguous()
     wd = weight_decay if zp.decay else 0.0
     for tc, z in _chunks(seed, zp, work):
         if kind == "plus":
-            perturb_plus(tc, z * eps)
+            perturb_plus(tc, z.mul_(eps))
         elif kind == "switch":
-            perturb_switch(tc, z * eps)
-        elif kind in ("restore", "restore+update"):
+            perturb_switch(tc, z.mul_(eps))
+        elif kind == "restore":
+            perturb_restore(tc, z.mul_(eps))
+        elif kind == "restore+update":
             perturb_restore(tc, z * eps)
-            if kind == "restore+update":
-                sgd_update(tc, z, g=g, lr=lr, weight_decay=wd)
-        elif kind == "update":
             sgd_update(tc, z, g=g, lr=lr, weight_decay=wd)
         else:
-            raise ValueError(f"unknown pass {kind!r}")
+            sgd_update(tc, z, g=g, lr=lr, weight_decay=wd)
     if work is not t:
         t.copy_(work.view(t.shape))
 
