@@ -40,7 +40,7 @@ JOB = {
     "model": "llama-1b",
     "cluster": "h100-sxm-4",
     "train": {"seq_len": 2048, "global_batch": 16, "precision": "bf16", "lr": 1.0e-4, "warmup_steps": 2,
-              "checkpoint_every": 0, "data": "synthetic"},
+              "checkpoint_every": 0, "checkpoint_final": False, "data": "synthetic"},
     "plan": {"tp": 2, "dp": 2, "zero_stage": 2, "micro_batch": 4},
 }
 
@@ -170,7 +170,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     w = launch("warmup(torchrun)", wc, work / "warm" / "torchrun" / "metrics.jsonl",
                tokens_per_step=info["tokens_per_step"], warmup=0, timeout=max(args.timeout, 300),
                log=out / "warmup.log")
-    print(f"warm-up: {w}")
+    print(f"warm-up: {w}", flush=True)
+
+    def best(name: str, key: str) -> Optional[float]:
+        v = [r[key] for r in rows if r["name"] == name and r.get("ok") and r.get(key)]
+        return max(v) if v else None
+
+    def first(name: str) -> Optional[float]:
+        v = [r["command_to_first_step_s"] for r in rows if r["name"] == name and r.get("ok")]
+        return min(v) if v else None
+
+    def write() -> dict[str, Any]:
+        """(Re)write run_vs_torchrun.json from the launches so far (after each one: a run cut
+        short by a time limit keeps what finished)."""
+        summary: dict[str, Any] = {}
+        for key in ("tokens_per_s_timed", "tokens_per_s_wall"):
+            a, b = best("meshpilot_run", key), best("torchrun", key)
+            summary[key] = dict(meshpilot_run=a, torchrun=b, ratio=(a / b) if a and b else None)
+        summary["command_to_first_step_s"] = dict(meshpilot_run=first("meshpilot_run"), torchrun=first("torchrun"))
+        result = dict(meta, warmup_launch=w, launches=rows, summary=summary,
+                      targets=dict(tokens_per_s_ratio=">= 0.97", meshpilot_command_to_first_step_s="< 20"))
+        (out / "run_vs_torchrun.json").write_text(json.dumps(result, indent=1, default=str))
+        return summary
+
     for i in range(pairs):
         order = ["meshpilot_run", "torchrun"] if i % 2 == 0 else ["torchrun", "meshpilot_run"]
         cmds = commands(job_file, work / f"pair{i}", info["world_size"])
@@ -188,24 +210,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except Exception as e:
                     r["summary_error"] = str(e)
             rows.append(r)
-            print(json.dumps(r))
-
-    def best(name: str, key: str) -> Optional[float]:
-        v = [r[key] for r in rows if r["name"] == name and r.get("ok") and r.get(key)]
-        return max(v) if v else None
-
-    def first(name: str) -> Optional[float]:
-        v = [r["command_to_first_step_s"] for r in rows if r["name"] == name and r.get("ok")]
-        return min(v) if v else None
-
-    summary: dict[str, Any] = {}
-    for key in ("tokens_per_s_timed", "tokens_per_s_wall"):
-        a, b = best("meshpilot_run", key), best("torchrun", key)
-        summary[key] = dict(meshpilot_run=a, torchrun=b, ratio=(a / b) if a and b else None)
-    summary["command_to_first_step_s"] = dict(meshpilot_run=first("meshpilot_run"), torchrun=first("torchrun"))
-    result = dict(meta, launches=rows, summary=summary,
-                  targets=dict(tokens_per_s_ratio=">= 0.97", meshpilot_command_to_first_step_s="< 20"))
-    (out / "run_vs_torchrun.json").write_text(json.dumps(result, indent=1, default=str))
+            print(json.dumps(r), flush=True)
+            summary = write()
+    if not rows:
+        summary = write()
 
     print(f"\n{meta['card']} x{meta['gpus']}  {meta['date']}  torch {meta['torch']}  deepspeed {meta['deepspeed']}  "
           f"ray {meta['ray']}\n{args.model} {info['plan']}, {steps} steps (first {args.warmup} excluded)")

@@ -149,9 +149,11 @@ def _run_direct(job, plan, info, cfg: BenchConfig, *, cpu: bool, on_step=None) -
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     ds_config = deepspeed_config(job, plan, on_cpu=cpu)
     import torch._dynamo  # noqa: F401  (before zero.Init, see meshpilot.strategies.zero)
-    ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if plan.zero_stage == 3 else _Null()
+    # stage 3: built under zero.Init; else built on the GPU, as meshpilot's worker does
+    ctx = (deepspeed.zero.Init(config_dict_or_path=ds_config) if plan.zero_stage == 3
+           else torch.device(device) if device.type == "cuda" else _Null())
     with ctx:
-        model = build_model(job.model, plan, None, seed=job.train.seed)
+        model = build_model(job.model, plan, None, seed=job.train.seed, device=torch.get_default_device())
     # the usual decay / no-decay parameter groups (biases and norms without weight decay)
     def decays(n: str, p: Any) -> bool:
         return len(getattr(p, "ds_shape", p.shape)) >= 2 and not n.endswith(".bias")

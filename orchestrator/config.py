@@ -129,6 +129,7 @@ class TrainConfig:
     zo_eps: float = 1.0e-3                  # perturbation scale of zeroth-order steps
     data: str = "synthetic"                 # synthetic | demo | path to a token file
     checkpoint_every: int = 0               # 0: only at the end
+    checkpoint_final: bool = True           # checkpoint after the last step (false: e.g. benchmarks)
     output_dir: str = "runs"
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.

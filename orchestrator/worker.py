@@ -24,6 +24,7 @@ SLURM_LOCALID, or OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -143,8 +144,20 @@ def _seed_everything(seed: int, rank: int) -> None:
 
 
 def _default_model_factory(job: JobConfig, plan: Plan, groups: Any) -> nn.Module:
+    """The built-in transformer, built on the default device (the GPU for ZeRO 0-2, see
+    :func:`_build_device`; the CPU otherwise) in fp32; DeepSpeed casts and places it."""
     from meshpilot.strategies.model import build_model
-    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=torch.float32, device="cpu")
+    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=torch.float32,
+                       device=torch.get_default_device())
+
+
+def _build_device(device: torch.device, plan: Plan) -> Any:
+    """Context for building the built-in model: ``torch.device(gpu)`` for ZeRO stages 0-2 on a
+    GPU (weights drawn and created on the GPU, no host round trip); a no-op on the CPU and for
+    stage 3, whose ``zero.Init`` partitions each parameter as it is created."""
+    if device.type == "cuda" and plan.zero_stage < 3:
+        return torch.device(device)
+    return contextlib.nullcontext()
 
 
 def _train_dtype(precision: str) -> torch.dtype:
@@ -227,7 +240,8 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
         # import the model's classes before zero.Init: classes first defined inside Init keep its
         # partitioning __init__ wrapper after Init exits (a later non-stage-3 model would be partitioned)
         import meshpilot.strategies.model  # noqa: F401
-    with construction_context(job, plan, groups, ds_config, dtype=_train_dtype(t.precision)):
+    build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
+    with construction_context(job, plan, groups, ds_config, dtype=_train_dtype(t.precision)), build_ctx:
         model = factory(job, plan, groups)
     if plan.zero_stage != 3 and any(hasattr(p, "ds_id") for p in model.parameters()):
         raise RuntimeError(f"rank {rank}: the model was built with ZeRO-3 partitioned parameters although "
@@ -288,7 +302,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
             if on_step is not None:
                 on_step(asdict(rec))
             periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-            if stopping or periodic or (step == t.steps and save_final):
+            if stopping or periodic or (step == t.steps and save_final and t.checkpoint_final):
                 last_ckpt = ckpt.save(engine, step=step,
                                       consumed_samples=ShardedBatches.consumed_samples(step, t.global_batch))
             if stopping:
