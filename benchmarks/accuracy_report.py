@@ -38,7 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Constants fitted, and to which metric each belongs (fields of SimulatorConstants).
-MEMORY_CONSTANTS = ("cuda_context_gib", "nccl_base_gib", "fragmentation", "working_set_factor",
+MEMORY_CONSTANTS = ("cuda_context_gib", "nccl_base_gib", "fragmentation", "model_load_fragmentation", "working_set_factor",
                     "logits_saved_bytes", "logits_backward_bytes", "logits_forward_only_bytes")
 TIME_CONSTANTS = ("matmul_efficiency", "layer_overhead_s", "grad_hook_s", "step_overhead_s", "step_tensor_s",
                   "hbm_efficiency", "zero3_fetch_s", "zero3_module_hook_s", "zero3_step_tensor_s", "cpu_adam_gparams_per_core",
@@ -103,6 +103,9 @@ def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tupl
             elif "H200" in str(data.get("card", "")):
                 # the device tool may lend H200s (141 GB) in place of H100s: predict for the card measured
                 overrides.append("cluster=h200-sxm-4")
+            if not cluster_profile and data.get("host_cpus"):
+                # and for the host measured: CPU Adam scales with its cores (the 2-GPU machine has 32, not 64)
+                overrides.append(f"cluster.cpu_cores={int(data['host_cpus'])}")
             job = job_from_dict(r["job"], overrides)
             peak = _max(r.get("nvml_peak_gib")) or _max(r.get("nvml_peak_all_gib"))
             cases.append(Case(name=r["name"], kind=r.get("kind", "deepspeed"), status=r["status"], peak_gib=peak,
@@ -185,15 +188,19 @@ def _regime(c: Case, stratified: bool) -> tuple:
 def split(cases: Sequence[Case], stratified: bool = False) -> tuple[list[Case], list[Case]]:
     """Alternate in file order within each (kind, status) group: every other config calibrates.
 
+    A config measured more than once (e.g. on the 4-GPU and the 2-GPU machine) goes whole to one
+    half, so a holdout config is never the repeat of a calibration one.
     ``stratified``: the groups are (kind, status, ZeRO-3, gradient accumulation, optimizer offload), so that
     every regime the time model treats differently has a calibration config when it has two or more."""
     cal, hold = [], []
     for key in dict.fromkeys(_regime(c, stratified) for c in cases):
-        group = [c for c in cases if _regime(c, stratified) == key]
-        cal += group[0::2]
-        hold += group[1::2]
-    order = {c.name: i for i, c in enumerate(cases)}
-    return sorted(cal, key=lambda c: order[c.name]), sorted(hold, key=lambda c: order[c.name])
+        names = list(dict.fromkeys(c.name for c in cases if _regime(c, stratified) == key))
+        to_cal = set(names[0::2])
+        for c in cases:
+            if _regime(c, stratified) == key:
+                (cal if c.name in to_cal else hold).append(c)
+    order = {id(c): i for i, c in enumerate(cases)}
+    return sorted(cal, key=lambda c: order[id(c)]), sorted(hold, key=lambda c: order[id(c)])
 
 
 def _objective(rows: Sequence[Row], metric: str) -> float:

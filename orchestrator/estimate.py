@@ -7,15 +7,18 @@ are DeepSpeed 0.19 defaults (bucket sizes, overlap) and first-principles estimat
 H100 node; each field says where its default comes from.
 
 Calibrated defaults (Hopper): the constants marked "fitted" below were fitted by
-benchmarks/accuracy_report.py (``--fit-metrics time,cuda_context_gib,nccl_base_gib,fragmentation``,
-calibration half of the alternate split) on the measurements of benchmarks/results/2026-11-27-h200x4/
-(4x H200 SXM, DeepSpeed 0.19.8, torch 2.11, HF Llama bf16 + AdamW, shards 1 and 2 + MeZO): see
-fitted_constants.yaml and accuracy_report.txt there, and first_principles_constants.yaml for the
-values before the fit. Of the memory constants only the fixed costs (context, NCCL, allocator
-reserve), which the measurements observe directly, are fitted; the activation ones stay at their
-first-principles values. The ZeRO-3 host constants are a priori (every ZeRO-3 configuration fell in
-the holdout half). Other GPUs use the same values (the efficiencies are relative to each GPU's
-datasheet) until measured.
+benchmarks/accuracy_report.py (``--constants first_principles_constants.yaml --fit-metrics
+time,cuda_context_gib,nccl_base_gib,fragmentation,model_load_fragmentation --sweeps 4``, calibration
+half of the alternate split, a config measured twice kept whole in one half) on the 40
+measurements of benchmarks/results/2026-11-27-h200x4/ (4x H200: DeepSpeed shards 1-2 + MeZO) and
+benchmarks/results/2026-11-27-h200x2/ (2x H200: dp=2 configs incl. 2 OOMs, optimizer and
+parameter offload); DeepSpeed 0.19.8, torch 2.11, HF Llama bf16 + AdamW. See
+benchmarks/results/2026-11-27-h200x2/accuracy_report.txt and fitted_constants.yaml, and
+first_principles_constants.yaml there for the values before the fit. Of the memory constants
+only the fixed costs and the two allocator terms, which the measurements observe directly
+(NVML - reserved, reserved - allocated), are fitted; the activation ones stay at their
+first-principles values. Other GPUs use the same values (the efficiencies are relative to each
+GPU's datasheet) until measured.
 """
 from __future__ import annotations
 
@@ -35,17 +38,21 @@ TIME_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp_reducti
 class SimulatorConstants:
     """Tunable constants of the memory and time models (fit these, do not scatter them)."""
     # --- fixed memory costs -------------------------------------------------------------
-    cuda_context_gib: float = 0.8367
+    cuda_context_gib: float = 0.6664
     """CUDA context + cuBLAS workspace outside the caching allocator (NVML sees it; torch does not).
-    First principles 0.5; fitted 0.8367 (NVML - torch reserved was ~2.6 GiB per GPU on the H200 runs)."""
-    nccl_base_gib: float = 0.4183
+    First principles 0.5; fitted 0.6664 (NVML - torch reserved was ~2.4-2.65 GiB per GPU on the H200 runs)."""
+    nccl_base_gib: float = 0.236
     """NCCL buffers of the first communicator (default NCCL_BUFFSIZE 4 MiB x channels x peers).
-    First principles 0.25; fitted 0.4183."""
+    First principles 0.25; fitted 0.236."""
     nccl_per_group_gib: float = 0.08
     """Each further communicator (tp, ep, edp, ...) a rank joins."""
-    fragmentation: float = 0.12
+    fragmentation: float = 0.1133
     """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1).
-    First principles 0.06; fitted 0.12 (measured reserved/allocated 1.13-1.45 on the H200 runs)."""
+    First principles 0.06; fitted 0.1133 (with model_load_fragmentation for the model-sized part)."""
+    model_load_fragmentation: float = 0.9408
+    """Allocator blocks left reserved after DeepSpeed copies the loaded model (w·P_r bytes per rank)
+    into its flat buffers, as a fraction of w·P_r (see memory_model). Not used for zeroth-order plans.
+    First principles 0.5; fitted 0.9408 (reserved - allocated 12-19 GiB at 6.7B, bf16 model 12.6 GiB)."""
     # --- DeepSpeed defaults (elements) ----------------------------------------------------
     reduce_bucket_size: float = 5e8
     """zero_optimization.reduce_bucket_size: one torch.empty(reduce_bucket_size) gradient staging buffer
@@ -71,32 +78,32 @@ class SimulatorConstants:
     """Transient buffers of one layer (autograd gradients of activations, fp32 norm upcasts) in units of
     that layer's (h + f) 16-bit values per token."""
     # --- compute --------------------------------------------------------------------------
-    matmul_efficiency: float = 0.4447
+    matmul_efficiency: float = 0.4614
     """Achieved / datasheet bf16 matrix rate for transformer layers at hidden 4096 (used without calibration).
-    First principles 0.62; fitted 0.4447 (HF Llama eager layers with SDPA reach ~440 of 989 TFLOP/s)."""
+    First principles 0.62; fitted 0.4614 (HF Llama eager layers with SDPA reach ~450 of 989 TFLOP/s)."""
     shape_half_hidden: float = 512.0
     """Hidden size (per tensor-parallel shard) at which the matrix rate halves: rate ~ x/(x + this)."""
     shape_half_tokens: float = 256.0
     """Tokens per micro-batch at which the matrix rate halves."""
-    layer_overhead_s: float = 1.204e-3
+    layer_overhead_s: float = 0.001198
     """Host (CPU) time per transformer layer per forward pass: Python module calls and ~40 eager kernel launches
     of a Hugging Face layer (2 norms, 4 attention projections, RoPE, SDPA, 3 MLP projections, SiLU, residuals) at
     ~12 us each with autograd recording. Kernels are launched asynchronously, so a micro-batch takes
-    max(GPU time, host time): small models are host bound. First principles 5e-4; fitted 1.204e-3."""
+    max(GPU time, host time): small models are host bound. First principles 5e-4; fitted 1.198e-3."""
     backward_host_factor: float = 2.0
     """Host time of one layer's backward (autograd engine, about twice the forward's kernels) in units of
     ``layer_overhead_s``."""
-    grad_hook_s: float = 1.414e-4
+    grad_hook_s: float = 0.0001373
     """Host time of DeepSpeed's per-parameter-tensor gradient hook in backward (every stage: the bf16 optimizer's
     fp32 accumulation at stage 0, the ipg-bucket copy of stages 1-2, the reduce-scatter bookkeeping of stage 3).
-    First principles 5e-5; fitted 1.414e-4."""
-    step_overhead_s: float = 0.01538
+    First principles 5e-5; fitted 0.0001373."""
+    step_overhead_s: float = 0.01497
     """Per optimizer step, host: DeepSpeed engine bookkeeping, the all-reduce of the gradient norm and the host
-    synchronisations of the step (not per tensor). First principles 0.015; fitted 0.01538."""
-    step_tensor_s: float = 1.004e-4
+    synchronisations of the step (not per tensor). First principles 0.015; fitted 0.01497."""
+    step_tensor_s: float = 0.0001122
     """Host time per parameter tensor in the optimizer step: DeepSpeed's per-tensor Python loops (gradient norm,
     clipping, fp32 -> 16-bit copy-back, zeroing gradients), ~5 eager ops at ~12 us. First principles 6e-5;
-    fitted 1.004e-4."""
+    fitted 0.0001122."""
     grad_clip_bytes_per_param: float = 12.0
     """HBM bytes per owned parameter of the gradient-norm and clipping pass over the fp32 gradients (read 4 for
     the norm, read + write 8 to scale), memory bound."""
@@ -118,15 +125,17 @@ class SimulatorConstants:
     unflattening the updated 16-bit partition back into every parameter, zero_grad, secondary-tensor
     invalidation), after the step's stream synchronisation, so not hidden behind GPU work. A priori from the
     same CPU probe (~0.29 x a layer forward per fetched tensor)."""
-    hbm_efficiency: float = 0.7028
+    hbm_efficiency: float = 0.5576
     """Achieved / datasheet memory bandwidth for element-wise kernels (optimizer step, perturbations, loss).
-    First principles 0.7; fitted 0.7028."""
+    First principles 0.7; fitted 0.5576."""
     optimizer_bytes_per_param: float = 36.0
     """HBM bytes touched per parameter by the fused Adam step (fp32 master, m, v read+write, grad, 16-bit copy)."""
-    cpu_adam_gparams_per_core: float = 0.02
-    """DeepSpeed CPUAdam throughput per CPU core, billions of parameters per second (without calibration)."""
-    pcie_efficiency: float = 0.9
-    """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration)."""
+    cpu_adam_gparams_per_core: float = 0.07821
+    """DeepSpeed CPUAdam throughput per CPU core, billions of parameters per second (without calibration).
+    First principles 0.02; fitted 0.07821 (2 ranks on a 32-core host: ~1.25 G params/s each)."""
+    pcie_efficiency: float = 0.9963
+    """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration).
+    First principles 0.9; fitted 0.9963."""
     # --- overlap --------------------------------------------------------------------------
     overlap_comm_stage012: float = 0.0
     """Fraction of the data-parallel reduction hidden behind backward for stages 0-2. DeepSpeed's default

@@ -22,7 +22,14 @@ runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
   offload_params=cpu: the w·P_s weight partition in host memory as well.
 
 Peak (what NVML reports) = (static + max(activation phase, step phase)) x (1 + fragmentation)
-+ CUDA context + NCCL buffers.
++ model_load_fragmentation x w·P_r + CUDA context + NCCL buffers.
+
+The second allocator term is the hole the model leaves behind: the user's model is loaded
+as separate per-parameter tensors (w·P_r), then DeepSpeed copies them into its own flat
+buffers and frees the originals; the caching allocator keeps those blocks reserved, and
+later tensors of other sizes reuse them only in part. Measured reserved - allocated on the
+H200 runs grows with the model, not with the activations (0.8-2.2 GiB at 0.37B, 12-19 GiB
+at 6.7B at any micro-batch), which a fraction of the allocated peak alone cannot follow.
 
 Activations are counted from the saved tensors of the Hugging Face layers with SDPA (no s^2
 scores): see :func:`layer_activation_bytes`. Every evaluation function takes numpy arrays (one
@@ -285,7 +292,9 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     on_gpu = job.cluster.accelerator == "gpu"        # CPU workers (gloo) have no CUDA context or NCCL buffers
     nccl = np.where((a.world > 1) & on_gpu,
                     c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30, 0.0)
-    framework = (c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib) * 2**30 + c.fragmentation * allocated
+    load_hole = np.where(is_zo | (not on_gpu), 0.0, c.model_load_fragmentation * w * pr)
+    framework = ((c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib) * 2**30 + c.fragmentation * allocated
+                 + load_hole)
     # host memory per node: every rank of the node holds its offloaded share
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)
