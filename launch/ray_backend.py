@@ -25,7 +25,9 @@ Gang (:class:`RayWorkerGroup`, the controller's ``WorkerGroup``):
 5. **Tear down**: ``ray.kill`` every actor and remove the placement group.
 
 Failure injection for tests: ``MESHPILOT_FAIL_AT_STEP=rank:step`` in the controller's
-environment makes that rank SIGKILL itself after that step, on the first attempt only.
+environment makes that rank SIGKILL itself after that step, on the first attempt only;
+``rank:step:hang`` makes it stop training there instead while its actor keeps answering
+heartbeats (the other ranks then wait in the step's collective: a hang).
 """
 from __future__ import annotations
 
@@ -189,7 +191,8 @@ class WorkerSpec:
     attempt: int
     worker_fn: str = DEFAULT_WORKER
     cuda_visible_devices: Optional[str] = None
-    fail_at_step: Optional[int] = None        # failure injection: SIGKILL self after this step (attempt 0)
+    fail_at_step: Optional[int] = None        # failure injection: after this step (attempt 0) ...
+    fail_mode: str = "kill"                   # ... SIGKILL self ("kill") or block forever ("hang")
 
 
 def resolve_worker_fn(ref: str) -> Callable[..., dict]:
@@ -256,7 +259,13 @@ class GangWorker:
                 if self._progress.get("first_step_time") is None:
                     self._progress.update(first_step_time=now, first_step=int(step))
                 self._progress.update(step=int(step), metrics=_plain(metrics), time=now)
-            if spec.fail_at_step is not None and spec.attempt == 0 and int(step) == spec.fail_at_step:
+            if spec.fail_at_step is not None and spec.attempt == 0 and int(step) == spec.fail_at_step \
+                    and spec.fail_mode == "hang":
+                lg.warning("rank %d: failure injection: hanging after step %d", spec.rank, step)
+                while not self._stop.is_set():          # heartbeats are answered on the actor's other threads
+                    time.sleep(0.2)
+            if spec.fail_at_step is not None and spec.attempt == 0 and int(step) == spec.fail_at_step \
+                    and spec.fail_mode == "kill":
                 lg.warning("rank %d: failure injection: SIGKILL after step %d", spec.rank, step)
                 for h in logging.getLogger().handlers:
                     h.flush()
@@ -330,14 +339,20 @@ def _peak_memory_gib() -> float:
 
 # --- the gang -----------------------------------------------------------------------------
 
-def parse_fail_at(value: Optional[str]) -> Optional[tuple[int, int]]:
+def parse_fail_at(value: Optional[str]) -> Optional[tuple[int, int, str]]:
+    """``RANK:STEP`` or ``RANK:STEP:MODE`` (MODE kill, the default, or hang) -> (rank, step, mode)."""
     if not value:
         return None
     try:
-        r, s = value.split(":")
-        return int(r), int(s)
+        parts = value.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(value)
+        mode = parts[2] if len(parts) == 3 else "kill"
+        if mode not in ("kill", "hang"):
+            raise ValueError(mode)
+        return int(parts[0]), int(parts[1]), mode
     except ValueError:
-        raise ConfigError(FAIL_AT_ENV, value, reason="must be RANK:STEP, e.g. 1:5") from None
+        raise ConfigError(FAIL_AT_ENV, value, reason="must be RANK:STEP or RANK:STEP:hang, e.g. 1:5") from None
 
 
 class RayWorkerGroup:
@@ -346,7 +361,7 @@ class RayWorkerGroup:
     def __init__(self, job: Any, plan: Any, run_dir: str, *, spec: GangSpec, log_path: Callable[[int], str],
                  worker_fn: str = DEFAULT_WORKER, placement_timeout_s: float = 60.0,
                  heartbeat_timeout_s: float = 60.0, step_timeout_s: float = 600.0,
-                 start_timeout_s: float = 900.0, fail_at: Optional[tuple[int, int]] = None):
+                 start_timeout_s: float = 900.0, fail_at: Optional[tuple[int, int, str]] = None):
         self.job, self.plan, self.run_dir, self.spec = job, plan, run_dir, spec
         self.log_path, self.worker_fn = log_path, worker_fn
         self.placement_timeout_s, self.heartbeat_timeout_s = placement_timeout_s, heartbeat_timeout_s
@@ -407,7 +422,8 @@ class RayWorkerGroup:
             ws = WorkerSpec(job=self.job, plan=self.plan, rank=r, world_size=sp.world_size, local_rank=local_ranks[r],
                             master_addr=master_addr, master_port=master_port, run_dir=self.run_dir, attempt=attempt,
                             worker_fn=self.worker_fn, cuda_visible_devices=visible[r],
-                            fail_at_step=self.fail_at[1] if self.fail_at and self.fail_at[0] == r else None)
+                            fail_at_step=self.fail_at[1] if self.fail_at and self.fail_at[0] == r else None,
+                            fail_mode=self.fail_at[2] if self.fail_at else "kill")
             self._futures.append(a.run.remote(ws, self.log_path(r)))
         now = time.monotonic()
         self._started = self._last_step_time = now

@@ -250,3 +250,14 @@ def test_local_ranks_and_shared_visible_devices_per_node():
     assert local == [1, 0, 0, 1] and visible == ["0,2", "0,2", "1,3", "1,3"]
     local, visible = _local_ranks(where, use_gpus=False)
     assert local == [0, 1, 0, 1] and visible == [None] * 4
+
+
+def test_failure_injection_spec_is_parsed_strictly():
+    from meshpilot.launch.ray_backend import parse_fail_at
+    from meshpilot.orchestrator.errors import ConfigError
+    assert parse_fail_at(None) is None and parse_fail_at("") is None
+    assert parse_fail_at("1:5") == (1, 5, "kill")
+    assert parse_fail_at("3:16:hang") == (3, 16, "hang")
+    for bad in ("1", "1:x", "1:5:freeze", "1:5:hang:2"):
+        with pytest.raises(ConfigError, match="RANK:STEP"):
+            parse_fail_at(bad)

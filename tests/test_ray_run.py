@@ -221,6 +221,24 @@ def test_frozen_worker_is_detected_by_its_heartbeat(runs, tmp_path, ray_address)
     assert not _alive(frozen)
 
 
+def test_hung_collective_is_detected_by_the_step_timeout(runs, tmp_path, ray_address):
+    """Rank 1 stops training after step 12 while its actor keeps answering heartbeats, so rank 0
+    waits in the next step's all-reduce: a hang that only the step timeout can see. The gang
+    is torn down and restarted from the step-10 checkpoint, and ends where an uninterrupted run
+    ends."""
+    run_dir = tmp_path / "hung"
+    p = _start([str(QUICKSTART), *COMMON, "--run-dir", str(run_dir), "--address", ray_address,
+                "--step-timeout", "15", "--backoff", "0.5", "--no-progress"], runs["home"],
+               MESHPILOT_FAIL_AT_STEP=f"1:{EVERY + 2}:hang")
+    rc, out = _finish(p)
+    assert rc == 0, out
+    s, ref = _summary(run_dir), _summary(runs["ref"][2])
+    assert s["restarts"] == 1 and s["failures"][0].startswith("step_timeout"), s["failures"]
+    assert s["final_loss"] == ref["final_loss"] and s["param_checksum"] == ref["param_checksum"]
+    logs = (run_dir / "logs" / "rank1.log").read_text()
+    assert f"failure injection: hanging after step {EVERY + 2}" in logs and "===== attempt 1 rank 1" in logs
+
+
 def test_status_and_logs_from_another_shell(runs):
     d = runs["ref"][2]
     env = _env(runs["home"])
