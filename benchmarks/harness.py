@@ -261,6 +261,21 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text or "cuda error: out of memory" in text or "cublas_status_alloc_failed" in text
 
 
+def init_rank(rank: int, world: int, device_kind: str):
+    """This rank's device and its process group (MASTER_ADDR/PORT from the environment):
+    NCCL bound to cuda:rank, or gloo on one CPU thread. Returns the torch device."""
+    import torch
+    import torch.distributed as dist
+    if device_kind == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+        return device
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return torch.device("cpu")
+
+
 def run_coordinated(worker: Callable[..., None], world: int, args: tuple, result_dir: Path, *,
                     timeout_s: float, gpus: Sequence[int], grace_s: float = 8.0) -> dict[str, Any]:
     """Spawn ``worker(rank, world, port, *args, result_dir, started, finished)`` on ``world`` ranks.

@@ -76,14 +76,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: H.BenchConfig, device_kind
     log = logging.getLogger("measure_deepspeed")
     res: dict[str, Any] = dict(rank=rank, status=None)
     try:
-        if device_kind == "cuda":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-            dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
-        else:
-            device = torch.device("cpu")
-            torch.set_num_threads(1)
-            dist.init_process_group("gloo", rank=rank, world_size=world)
+        device = H.init_rank(rank, world, device_kind)
         import deepspeed
         from transformers import LlamaForCausalLM
         # deepspeed.comm must know the group before zero.Init reads the world size from it (it wraps the

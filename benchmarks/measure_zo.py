@@ -74,13 +74,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: H.BenchConfig, device_kind
     res: dict[str, Any] = dict(rank=rank, status=None)
     device = torch.device("cpu")
     try:
-        if device_kind == "cuda":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-            dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
-        else:
-            torch.set_num_threads(1)
-            dist.init_process_group("gloo", rank=rank, world_size=world)
+        device = H.init_rank(rank, world, device_kind)
 
         job, plan = cfg.job(), cfg.plan()
         seq, mb, t = job.train.seq_len, plan.micro_batch, job.train
