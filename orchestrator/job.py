@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import config as C
 from .clusters import cluster_preset
 from .errors import ConfigError, check_choice, check_positive
-from .models import llama_ffn, model_from_hf_config, model_preset
+from .models import fill_model_defaults, model_from_hf_config, model_preset
 
 SECTIONS = ("model", "cluster", "train", "plan")
 
@@ -65,7 +65,7 @@ def job_from_dict(raw: dict[str, Any], overrides: Iterable[str] = ()) -> C.JobCo
         raise ConfigError(e.full_key, reason="is required (no default)") from None
     except OmegaConfBaseException as e:
         raise ConfigError(getattr(e, "full_key", "?") or "?", reason=_short(e)) from None
-    _fill_defaults(job)
+    fill_model_defaults(job.model)
     validate_job(job)
     return job
 
@@ -150,16 +150,6 @@ def _dataclass_type(cls: type, name: str) -> type | None:
     if isinstance(hint, str):
         hint = getattr(C, hint, None)
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
-
-
-def _fill_defaults(job: C.JobConfig) -> None:
-    m = job.model
-    if m.kv_heads is None:
-        m.kv_heads = m.heads
-    if m.tie_embeddings is None:
-        m.tie_embeddings = m.arch in ("gpt2", "opt")
-    if m.ffn is None:
-        m.ffn = 4 * m.hidden if m.arch in ("gpt2", "opt") else llama_ffn(m.hidden)
 
 
 def validate_job(job: C.JobConfig) -> None:

@@ -130,6 +130,18 @@ def llama_ffn(hidden: int, multiple_of: int = 256) -> int:
     return multiple_of * math.ceil(f / multiple_of)
 
 
+def fill_model_defaults(m: ModelConfig) -> ModelConfig:
+    """Fill the derived defaults left None, in place: kv_heads = heads, tied embeddings for
+    gpt2/opt, ffn = 4h (gpt2/opt) or :func:`llama_ffn`. Returns ``m``."""
+    if m.kv_heads is None:
+        m.kv_heads = m.heads
+    if m.tie_embeddings is None:
+        m.tie_embeddings = m.arch in ("gpt2", "opt")
+    if m.ffn is None:
+        m.ffn = 4 * m.hidden if m.arch in ("gpt2", "opt") else llama_ffn(m.hidden)
+    return m
+
+
 def is_moe_layer(model: ModelConfig, i: int) -> bool:
     return model.num_experts > 0 and i % model.moe_every == model.moe_every - 1
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from meshpilot.orchestrator.config import ModelConfig
-from meshpilot.orchestrator.models import is_moe_layer, llama_ffn
+from meshpilot.orchestrator.models import fill_model_defaults, is_moe_layer
 from meshpilot.orchestrator.plan import Plan
 
 from .init_utils import full_normal
@@ -77,14 +77,7 @@ def _rank() -> int:
 
 def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
     """A copy with the derived defaults filled in (kv_heads, ffn, tie_embeddings), as the job loader does."""
-    c = dataclasses.replace(cfg)
-    if c.kv_heads is None:
-        c.kv_heads = c.heads
-    if c.tie_embeddings is None:
-        c.tie_embeddings = c.arch in ("gpt2", "opt")
-    if c.ffn is None:
-        c.ffn = 4 * c.hidden if c.arch in ("gpt2", "opt") else llama_ffn(c.hidden)
-    return c
+    return fill_model_defaults(dataclasses.replace(cfg))
 
 
 class Block(nn.Module):
