@@ -193,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         (out / "run_vs_torchrun.json").write_text(json.dumps(result, indent=1, default=str))
         return summary
 
+    summary = write()                     # the warm-up alone, in case no launch below finishes
     for i in range(pairs):
         order = ["meshpilot_run", "torchrun"] if i % 2 == 0 else ["torchrun", "meshpilot_run"]
         cmds = commands(job_file, work / f"pair{i}", info["world_size"])
@@ -212,8 +213,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
             summary = write()
-    if not rows:
-        summary = write()
 
     print(f"\n{meta['card']} x{meta['gpus']}  {meta['date']}  torch {meta['torch']}  deepspeed {meta['deepspeed']}  "
           f"ray {meta['ray']}\n{args.model} {info['plan']}, {steps} steps (first {args.warmup} excluded)")

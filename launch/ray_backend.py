@@ -259,13 +259,13 @@ class GangWorker:
                 if self._progress.get("first_step_time") is None:
                     self._progress.update(first_step_time=now, first_step=int(step))
                 self._progress.update(step=int(step), metrics=_plain(metrics), time=now)
-            if spec.fail_at_step is not None and spec.attempt == 0 and int(step) == spec.fail_at_step \
-                    and spec.fail_mode == "hang":
+            if spec.fail_at_step is None or spec.attempt != 0 or int(step) != spec.fail_at_step:
+                return
+            if spec.fail_mode == "hang":
                 lg.warning("rank %d: failure injection: hanging after step %d", spec.rank, step)
                 while not self._stop.is_set():          # heartbeats are answered on the actor's other threads
                     time.sleep(0.2)
-            if spec.fail_at_step is not None and spec.attempt == 0 and int(step) == spec.fail_at_step \
-                    and spec.fail_mode == "kill":
+            else:
                 lg.warning("rank %d: failure injection: SIGKILL after step %d", spec.rank, step)
                 for h in logging.getLogger().handlers:
                     h.flush()

@@ -83,7 +83,8 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
             if on_step is not None:
                 on_step(asdict(rec))
             stopping = stop.agreed(device)
-            if stopping or (step == t.steps and save_final and t.checkpoint_final) or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            final = step == t.steps and save_final and t.checkpoint_final
+            if stopping or final or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 trainer.flush()
                 last = ckpt.save_with(lambda d: _save(d, model, trainer, rank), step=step,
                                       consumed_samples=step * t.global_batch)
