@@ -8,9 +8,10 @@ host memory, stage-3 construction under ``deepspeed.zero.Init`` is used instead.
 
 Where the draw happens: on the default device (``torch.get_default_device()``) when that is
 a GPU, otherwise on the CPU. The worker builds the model under ``with torch.device(gpu)``
-for ZeRO stages 0-2, so a 1B model initialises in well under a second instead of ~15 s of
-serial CPU sampling. A CUDA generator gives other numbers than the CPU one (and may differ
-between GPU models, whose kernels split the Philox stream by SM count), so the same seed
+for ZeRO stages 0-2: on an H200 the 1B model's build (including CUDA start-up) took 6 s
+instead of 15 s of serial CPU sampling (benchmarks/results/2026-11-27-h200x2, torchrun logs).
+A CUDA generator gives other numbers than the CPU one (and may differ between GPU models,
+whose kernels split the Philox stream by SM count), so the same seed
 gives the same weights for every tp/ep layout on one kind of device, not across devices.
 """
 from __future__ import annotations
