@@ -258,6 +258,12 @@ def _env_info(dry: bool) -> dict[str, Any]:
         info["deepspeed"] = deepspeed.__version__
     except Exception:  # noqa: BLE001
         info["deepspeed"] = None
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["zo_kernel"] = os.environ.get("MESHPILOT_ZO_KERNEL", "auto")
     if torch.cuda.is_available() and not dry:
         info["card"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()
@@ -298,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="global batch of the throughput part")
     ap.add_argument("--seq", type=int, default=1024, help="sequence length of the throughput part")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
+    ap.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto",
+                    help="perturbation passes: the fused Triton kernel (auto on CUDA) or the PyTorch ops")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         run_worker(json.loads(args.worker), args.result)
         return 0
+    os.environ["MESHPILOT_ZO_KERNEL"] = args.kernel        # inherited by every worker
 
     import torch
     ngpu = 0 if args.dry else torch.cuda.device_count()

@@ -21,7 +21,10 @@ parameter). It therefore depends only on
 (s, k), not on the order in which parameters are visited, so ZO2's block-by-block pass
 and the distributed ranks reproduce exactly the same ``z`` without any shared stream.
 A tied weight is one ``Parameter`` (or shares storage with another) and is listed, and
-so perturbed, once.
+so perturbed, once. On CUDA the passes run as one Triton kernel per parameter that draws
+``z`` in registers (:mod:`.fused`: the same arithmetic, another normal stream keyed by the
+same ``mix(s, k)``, no fp32 temporaries); elsewhere, and with ``MESHPILOT_ZO_KERNEL=torch``,
+as the PyTorch operations below.
 
 Numerics of perturb-and-restore. Every operation is computed in fp32 and rounded once
 to the parameter's dtype. Pass 2 first undoes pass 1 (``- d``) before applying ``- d``,
@@ -48,6 +51,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn as nn
+
+from . import fused
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +147,11 @@ def _chunks(seed: int, zp: ZOParam, t: torch.Tensor) -> Iterator[tuple[torch.Ten
 def direction(seed: int, zp: ZOParam, tensor: torch.Tensor | None = None) -> torch.Tensor:
     """z ~ N(0, I) of parameter ``zp`` at step seed ``seed``: fp32, on ``tensor``'s device
     (default: the parameter's), regenerated identically on every call (for tests and tools;
-    the passes draw it chunk by chunk with :func:`apply_pass`)."""
+    the passes draw it chunk by chunk with :func:`apply_pass`). On CUDA with the fused
+    kernel (:mod:`.fused`) it is that kernel's direction."""
     t = zp.param if tensor is None else tensor
+    if fused.enabled(t):
+        return fused.direction(param_seed(seed, zp.index), t.shape, t.device)
     parts = [z for _, z in _chunks(seed, zp, torch.empty(t.shape, dtype=torch.float32, device=t.device))]
     return torch.cat(parts).view(t.shape) if parts else torch.empty(t.shape, device=t.device)
 
@@ -195,8 +203,11 @@ def apply_pass(kind: str, zp: ZOParam, t: torch.Tensor, seed: int, eps: float, *
     ~36 for "restore+update"."""
     if kind not in ("plus", "switch", "restore", "restore+update", "update"):
         raise ValueError(f"unknown pass {kind!r}")
-    work = t if t.is_contiguous() else t.contiguous()
     wd = weight_decay if zp.decay else 0.0
+    if fused.enabled(t):
+        fused.apply(kind, t, param_seed(seed, zp.index), eps, g=g, lr=lr, wd=wd)
+        return
+    work = t if t.is_contiguous() else t.contiguous()
     for tc, z in _chunks(seed, zp, work):
         if kind == "plus":
             perturb_plus(tc, z.mul_(eps))
@@ -211,6 +222,20 @@ def apply_pass(kind: str, zp: ZOParam, t: torch.Tensor, seed: int, eps: float, *
             sgd_update(tc, z, g=g, lr=lr, weight_decay=wd)
     if work is not t:
         t.copy_(work.view(t.shape))
+
+
+def apply_passes(kind: str, zps: Sequence[ZOParam], tensors: Sequence[torch.Tensor], seed: int, eps: float, *,
+                 g: float = 0.0, lr: float = 0.0, weight_decay: float = 0.0,
+                 groups: fused.GroupCache | None = None) -> None:
+    """:func:`apply_pass` over parameters ``zps`` (data ``tensors``): with ``groups`` and every
+    tensor on the fused path, one grouped launch (:class:`.fused.FusedGroup`), the same
+    arithmetic and directions element for element; otherwise one pass per parameter."""
+    grp = groups.get(list(tensors), [zp.index for zp in zps], [zp.decay for zp in zps]) if groups else None
+    if grp is not None:
+        grp.apply(kind, seed, eps, g=g, lr=lr, wd=weight_decay)
+        return
+    for zp, t in zip(zps, tensors):
+        apply_pass(kind, zp, t, seed, eps, g=g, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass(frozen=True)
@@ -291,14 +316,15 @@ class MeZO:
         self.lr, self.eps, self.weight_decay, self.base_seed = lr, float(eps), float(weight_decay), int(seed)
         self.exchange: LossExchange = exchange or LocalExchange()
         self.step_count = 0
+        self._groups = fused.GroupCache()
 
     @property
     def role(self) -> Role:
         return self.exchange.role
 
     def _pass(self, seed: int, kind: str, *, g: float = 0.0, lr: float = 0.0) -> None:
-        for zp in self.params:
-            apply_pass(kind, zp, zp.param.data, seed, self.eps, g=g, lr=lr, weight_decay=self.weight_decay)
+        apply_passes(kind, self.params, [zp.param.data for zp in self.params], seed, self.eps, g=g, lr=lr,
+                     weight_decay=self.weight_decay, groups=self._groups)
 
     @torch.no_grad()
     def step(self, loss_fn: Callable[[], Any]) -> ZOStep:

@@ -43,7 +43,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from .mezo import (LR, LocalExchange, LossExchange, Role, ZOParam, ZOStep, apply_pass, loss_value, lr_at,
+from . import fused
+from .mezo import (LR, LocalExchange, LossExchange, Role, ZOParam, ZOStep, apply_passes, loss_value, lr_at,
                    step_seed, zo_parameters)
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class ZO2:
         self.exchange: LossExchange = exchange or LocalExchange()
         self.transfer: Transfer = transfer or FullTransfer()
         self.step_count = 0
+        self._groups = fused.GroupCache()
         self._pending: _Pending | None = None
 
         self.params = zo_parameters(model)
@@ -251,15 +253,18 @@ class ZO2:
         p = self._pending
         if p is None:
             return
-        for e in self.entries[i]:
-            if e.zp is not None:
-                apply_pass("update", e.zp, e.param.data, p.seed, self.eps, g=p.g, lr=p.lr,
-                           weight_decay=self.weight_decay)
+        self._block_pass(i, "update", p.seed, g=p.g, lr=p.lr)
+
+    def _block_pass(self, i: int, kind: str, seed: int, *, g: float = 0.0, lr: float = 0.0) -> None:
+        """One pass over block ``i``'s trainable parameters (bound to a device slot)."""
+        mine = [e for e in self.entries[i] if e.zp is not None]
+        apply_passes(kind, [e.zp for e in mine], [e.param.data for e in mine], seed, self.eps, g=g, lr=lr,
+                     weight_decay=self.weight_decay, groups=self._groups)
 
     # --- resident parameters -------------------------------------------------------------------
     def _resident_pass(self, seed: int, kind: str, *, g: float = 0.0, lr: float = 0.0) -> None:
-        for zp in self.resident:
-            apply_pass(kind, zp, zp.param.data, seed, self.eps, g=g, lr=lr, weight_decay=self.weight_decay)
+        apply_passes(kind, self.resident, [zp.param.data for zp in self.resident], seed, self.eps, g=g, lr=lr,
+                     weight_decay=self.weight_decay, groups=self._groups)
 
     # --- the step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -280,19 +285,15 @@ class ZO2:
             nonlocal hp, hm
             block = model.blocks[i]
             self._apply_pending(i)
-            mine = [e for e in self.entries[i] if e.zp is not None]
-            for e in mine:
-                apply_pass("plus", e.zp, e.param.data, seed, self.eps)
+            self._block_pass(i, "plus", seed)
             if hp is not None:
                 hp = block(hp)
                 aux["+"].append(_aux_of(block))
-            for e in mine:
-                apply_pass("switch", e.zp, e.param.data, seed, self.eps)
+            self._block_pass(i, "switch", seed)
             if hm is not None:
                 hm = block(hm)
                 aux["-"].append(_aux_of(block))
-            for e in mine:
-                apply_pass("restore", e.zp, e.param.data, seed, self.eps)
+            self._block_pass(i, "restore", seed)
 
         self._run_blocks(work, write_back=True)
         for zp, st in zip(self.resident, self.stash):
