@@ -204,12 +204,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                        log=out / f"{name}_{i}.log")
             r["pair"] = i
             if name == "meshpilot_run" and r.get("ok"):
+                mdir = work / f"pair{i}" / "meshpilot"
                 try:
-                    s = json.loads((work / f"pair{i}" / "meshpilot" / "summary.json").read_text())
+                    s = json.loads((mdir / "summary.json").read_text())
                     r["controller_time_to_first_step_s"] = s.get("time_to_first_step_s")
                     r["controller_tokens_per_s"] = s.get("tokens_per_s")
+                    r["startup_phases_s"] = [x.get("startup_phases_s") for x in s.get("results", [])]
                 except Exception as e:
                     r["summary_error"] = str(e)
+                for src, dst in (("controller.log", "controller"), ("logs/rank0.log", "rank0")):
+                    if (mdir / src).exists():          # the start-up timeline (controller and rank 0)
+                        shutil.copy(mdir / src, out / f"{name}_{i}_{dst}.log")
             rows.append(r)
             print(json.dumps(r), flush=True)
             summary = write()

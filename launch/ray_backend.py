@@ -74,8 +74,12 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
                 object_store_mb: int = 150) -> RaySession:
     """Connect to a running cluster or start an embedded one sized from the cluster config.
 
-    Embedded with GPUs: ``num_gpus`` = the GPUs this machine shows, ``num_cpus`` = its cores.
+    Embedded with GPUs: Ray counts the GPUs this machine shows (CUDA_VISIBLE_DEVICES, else
+    NVML; the driver never imports torch), ``num_cpus`` = its cores.
     Embedded CPU workers: ``num_cpus = workers_per_node`` (each worker takes one CPU slot).
+    (Having Ray's pre-started workers import torch while the gang is placed was measured
+    and dropped: on 4 H200s the four imports delayed the placement by 10 s, more than the
+    7 s they saved inside the workers; benchmarks/results/2026-11-27-s3-h200x4, run_vs_torchrun_tp2dp2_preload.)
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -84,14 +88,14 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return RaySession(address=address, embedded=False)
     if accelerator == "gpu":
-        import torch
-        ngpu = torch.cuda.device_count()
-        kw: dict[str, Any] = dict(num_gpus=ngpu, num_cpus=os.cpu_count() or 1)
+        kw: dict[str, Any] = dict(num_cpus=os.cpu_count() or 1)
     else:
         kw = dict(num_gpus=0, num_cpus=workers_per_node)
     kw["object_store_memory"] = object_store_mb * 2**20
     log.info("starting an embedded local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kw.items()))
     ctx = ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, **kw)
+    if accelerator == "gpu":
+        log.info("embedded Ray sees %d GPU(s)", int(ray.cluster_resources().get("GPU", 0)))
     return RaySession(address=getattr(ctx, "address_info", {}).get("gcs_address", "local"), embedded=True)
 
 

@@ -136,8 +136,17 @@ def _describe(plan: Plan) -> str:
 
 
 def check_worker(ref: str) -> None:
+    """The worker function ``MODULE:FUNCTION`` exists. meshpilot's own worker is only located
+    (``find_spec``): importing it would import torch and DeepSpeed into the driver, which
+    never uses them (seconds of start-up); a user's module is imported and its function
+    checked."""
     import importlib
+    import importlib.util
     mod, _, name = ref.partition(":")
+    if ref == DEFAULT_WORKER:
+        if importlib.util.find_spec(mod) is None:
+            raise ConfigError("--worker", ref, reason=f"cannot find {mod}", fix="reinstall meshpilot")
+        return
     try:
         m = importlib.import_module(mod)
     except ImportError as e:

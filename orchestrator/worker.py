@@ -217,6 +217,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
            on_cpu: bool, on_step: StepHook | None, stop: StopRequest, model_factory: ModelFactory | None,
            resume_from: tuple[Path, str] | None, log_every: int, tensorboard: bool,
            save_final: bool = True) -> dict[str, Any]:
+    phases = _Phases()
     import deepspeed  # after DS_ACCELERATOR is set
 
     from meshpilot.comm.groups import build_process_groups
@@ -229,6 +230,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", dist_init_required=False)
     groups = build_process_groups(plan.layout(job.cluster.gpus_per_node))
+    phases.mark("deepspeed import + process groups")
     _seed_everything(t.seed, rank)
 
     ds_config = deepspeed_config(job, plan, on_cpu=on_cpu)
@@ -243,11 +245,13 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
     build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
     with construction_context(job, plan, groups, ds_config, dtype=_train_dtype(t.precision)), build_ctx:
         model = factory(job, plan, groups)
+    phases.mark("model build")
     if plan.zero_stage != 3 and any(hasattr(p, "ds_id") for p in model.parameters()):
         raise RuntimeError(f"rank {rank}: the model was built with ZeRO-3 partitioned parameters although "
                            f"plan.zero_stage={plan.zero_stage}: an earlier ZeRO-3 engine in this process left "
                            "DeepSpeed's zero.Init patches on the model classes; run each plan in a fresh process")
     engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
+    phases.mark("DeepSpeed engine")
 
     ckpt = CheckpointManager(run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
     start_step = 0
@@ -258,6 +262,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
     batches = ShardedBatches(source, BatchLayout(global_batch=t.global_batch, micro_batch=plan.micro_batch,
                                                  grad_accum=plan.grad_accum, dp=plan.dp, dp_rank=groups.dp_rank),
                              seed=t.seed)
+    phases.mark("checkpoint + data")
     metrics = MetricsLogger(run_dir, rank=rank, tensorboard=tensorboard, log_every=log_every)
     tokens_per_step = t.global_batch * t.seq_len
     losses: list[float] = []
@@ -265,6 +270,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
     status, last_ckpt = "completed", None
     step = start_step
     if rank == 0:
+        log.info("rank 0: start-up after the process group: %s", phases)
         log.info("rank 0: training %s from step %d to %d (%d tokens/step, %.3g model FLOPs/token)",
                  " ".join(f"{k}={v}" for k, v in asdict(plan).items()), start_step, t.steps, tokens_per_step,
                  flops_per_token(job))
@@ -316,7 +322,24 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
             "final_loss": losses[-1] if losses else None, "param_checksum": checksum,
             "tokens_per_s": rec.tokens_per_s if rec else None, "mfu": rec.mfu if rec else None,
             "step_time_s": rec.step_time_s if rec else None,
-            "peak_memory": rec.memory if rec else [], "checkpoint": str(last_ckpt) if last_ckpt else None}
+            "peak_memory": rec.memory if rec else [], "checkpoint": str(last_ckpt) if last_ckpt else None,
+            "startup_phases_s": phases.seconds}
+
+
+class _Phases:
+    """Wall time of consecutive start-up phases (seconds, in order), for the log and the result."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 3)
+        self._t = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
 
 
 def _sync(device: torch.device) -> None:

@@ -131,9 +131,9 @@ class Transformer(nn.Module):
                                                 tp_group=tp_group, sequence_parallel=sp)
         self.pos_offset = 2 if cfg.arch == "opt" else 0
         if cfg.arch in ("gpt2", "opt"):
-            self.pos_embed = nn.Embedding(cfg.max_positions + self.pos_offset, cfg.hidden, device="meta")
-            self.pos_embed.weight = nn.Parameter(full_normal("pos_embed.weight", tuple(self.pos_embed.weight.shape),
-                                                             INIT_STD, seed))
+            n_pos = cfg.max_positions + self.pos_offset
+            self.pos_embed = nn.Embedding(n_pos, cfg.hidden,
+                                          _weight=full_normal("pos_embed.weight", (n_pos, cfg.hidden), INIT_STD, seed))
             self.pos_embed.weight.meshpilot_sequence_parallel = sp
         else:
             self.pos_embed = None

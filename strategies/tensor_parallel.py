@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .init_utils import full_normal, shard
+from .init_utils import AssignedInit, full_normal, shard
 from .tp_comm import (_all_reduce, copy_to_tp_region, gather_from_sequence_region, group_rank, group_size,
                       reduce_from_tp_region, reduce_scatter_to_sequence_region)
 
@@ -59,7 +59,7 @@ def leave_tp_region(x: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> 
     return reduce_from_tp_region(x, tp_group)
 
 
-class ColumnParallelLinear(nn.Linear):
+class ColumnParallelLinear(AssignedInit, nn.Linear):
     """Y = X A^T + b with A [out, in] split by output rows: rank r holds A_r [out/t, in]
     and computes Y_r = X A_r^T + b_r, the r-th slice of the last dim of Y.
 
@@ -93,7 +93,7 @@ class ColumnParallelLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(AssignedInit, nn.Linear):
     """Y = X A^T + b with A [out, in] split by input columns: rank r holds A_r [out, in/t],
     receives X_r (the r-th slice of X's last dim, the output of a column-parallel layer)
     and computes the partial sum X_r A_r^T; Y = sum_r X_r A_r^T + b.
@@ -125,7 +125,7 @@ class RowParallelLinear(nn.Linear):
         return y
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(AssignedInit, nn.Embedding):
     """Token embedding with the vocabulary rows split over tp.
 
     The vocabulary is padded with zero rows to ``V_pad = tp * ceil(V / tp)`` so that every
