@@ -223,15 +223,20 @@ def _launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         return out
 
 
-def _simulated(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The simulator's prediction for the same plan on the H100 preset, if it can score it."""
+def preset_for(card: str) -> str:
+    """The cluster preset of the measured card (H200 machines were lent for H100 requests)."""
+    return "h200-sxm-4" if "H200" in card.upper() else "h100-sxm-4"
+
+
+def _simulated(spec: dict[str, Any], cluster: str = "h100-sxm-4") -> dict[str, Any] | None:
+    """The simulator's prediction for the same plan on ``cluster``, if it can score it."""
     try:
         from meshpilot.orchestrator.job import job_from_dict
         from meshpilot.orchestrator.plan import Plan
         from meshpilot.orchestrator.simulator import simulate
         model = "tiny-gpt2" if spec["model"] == "tiny" else spec["model"]
         world = spec["pertp"] * spec["zo_dp"]
-        job = job_from_dict({"model": model, "cluster": "h100-sxm-4",
+        job = job_from_dict({"model": model, "cluster": cluster,
                              "train": {"optimizer": "zo-sgd", "seq_len": spec["seq"], "global_batch": spec["batch"],
                                        "precision": "bf16"},
                              "plan": {"zo": {"mode": spec["mode"], "pertp": spec["pertp"], "dp": spec["zo_dp"]}}})
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["measured"] = _launch(spec, args.timeout)
             except Exception:  # noqa: BLE001 - one configuration never ends the run
                 row["measured"] = {"error": traceback.format_exc()[-1500:]}
-        row["simulated"] = _simulated(spec)
+        row["simulated"] = _simulated(spec, preset_for(info["card"]))
         if part == "memory":
             row["published_gb"] = PUBLISHED_ZO2_GB.get(spec["model"])
             w = row["measured"].get("weights_gb")
