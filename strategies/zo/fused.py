@@ -239,8 +239,11 @@ class GroupCache:
     """The :class:`FusedGroup` of each parameter list an optimizer passes over (owned by the
     optimizer instance; rebuilt when a tensor moved)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 8) -> None:
+        """``limit``: the number of lists kept (MeZO passes over one list; ZO2 over one per
+        block and device slot, plus the resident parameters); beyond it the cache starts over."""
         self._groups: dict[tuple, FusedGroup] = {}
+        self.limit = limit
 
     def get(self, tensors: list[torch.Tensor], indices: list[int], decays: list[bool]) -> FusedGroup | None:
         """The group for these tensors, or None when the fused path does not apply to all of
@@ -252,7 +255,7 @@ class GroupCache:
         key = FusedGroup.key_of(tensors, indices)
         grp = self._groups.get(key)
         if grp is None:
-            if len(self._groups) > 256:        # ZO2 binds blocks to a few slots: a bounded set of lists
+            if len(self._groups) >= self.limit:
                 self._groups.clear()
             grp = self._groups[key] = FusedGroup(tensors, indices, decays)
         return grp

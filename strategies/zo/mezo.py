@@ -316,7 +316,7 @@ class MeZO:
         self.lr, self.eps, self.weight_decay, self.base_seed = lr, float(eps), float(weight_decay), int(seed)
         self.exchange: LossExchange = exchange or LocalExchange()
         self.step_count = 0
-        self._groups = fused.GroupCache()
+        self._groups = fused.GroupCache(limit=2)       # the model's parameter list
 
     @property
     def role(self) -> Role:

@@ -146,7 +146,6 @@ class ZO2:
         self.exchange: LossExchange = exchange or LocalExchange()
         self.transfer: Transfer = transfer or FullTransfer()
         self.step_count = 0
-        self._groups = fused.GroupCache()
         self._pending: _Pending | None = None
 
         self.params = zo_parameters(model)
@@ -183,6 +182,8 @@ class ZO2:
         self.down = torch.cuda.Stream(self.device) if self.cuda else None
         self._offloaded: list[Any] = [None] * len(self.entries)
         self._slot_free: list[Any] = [None] * len(self.slots)
+        # fused passes: one launch table per (block, slot) it is bound to, and the resident list
+        self._groups = fused.GroupCache(limit=len(self.entries) * len(self.slots) + 2)
         log.info("ZO2: %d blocks offloaded (%.1fM parameters each, %d device slots, %s), %.1fM resident on %s",
                  len(self.entries), max(self.block_numel) / 1e6, len(self.slots), type(self.transfer).__name__,
                  resident_numel / 1e6, self.device)
