@@ -175,13 +175,35 @@ class Transformer(nn.Module):
         return F.linear(h, self.head_weight())
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (fp32) over non-ignored tokens + the MoE auxiliary losses."""
-        per_token = vocab_parallel_cross_entropy(self.local_logits(hidden), labels, tp_group=self.tp_group,
-                                                 vocab_start=self.tok_embed.vocab_start, vocab_size=self.cfg.vocab,
-                                                 ignore_index=IGNORE_INDEX)
+        """Mean cross-entropy (fp32) over non-ignored tokens + the MoE auxiliary losses.
+
+        Without autograd (zeroth-order steps, evaluation) and without tensor parallelism the
+        logits are formed and reduced ``FORWARD_ONLY_ROWS`` tokens at a time: the full fp32
+        cross-entropy holds ~14 bytes per token and vocabulary entry at once (bf16 logits,
+        their fp32 copy, ``z - m`` and its exp), 23 GB for 32 x 1024 tokens of a 50k
+        vocabulary; a chunk holds ``FORWARD_ONLY_ROWS`` rows of that. Each token's loss is
+        computed by the same operations on its own row."""
+        if not torch.is_grad_enabled() and group_size(self.tp_group) == 1:
+            per_token = self._forward_only_token_losses(hidden, labels)
+        else:
+            per_token = vocab_parallel_cross_entropy(self.local_logits(hidden), labels, tp_group=self.tp_group,
+                                                     vocab_start=self.tok_embed.vocab_start,
+                                                     vocab_size=self.cfg.vocab, ignore_index=IGNORE_INDEX)
         loss = mean_over_tokens(per_token, labels, IGNORE_INDEX)
         aux = self.aux_loss()
         return loss if aux is None else loss + aux.float()
+
+    FORWARD_ONLY_ROWS = 1024
+
+    def _forward_only_token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token losses ``[b, s]`` computed over chunks of ``FORWARD_ONLY_ROWS`` tokens (tp = 1)."""
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        out = torch.empty(y.shape, dtype=torch.float32, device=hidden.device)
+        for i in range(0, y.numel(), self.FORWARD_ONLY_ROWS):
+            rows = slice(i, i + self.FORWARD_ONLY_ROWS)
+            out[rows] = vocab_parallel_cross_entropy(self.local_logits(h[rows]), y[rows], vocab_size=self.cfg.vocab,
+                                                     ignore_index=IGNORE_INDEX)
+        return out.view(labels.shape)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' ``last_aux_loss`` from the latest forward (None for dense models)."""
