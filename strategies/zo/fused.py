@@ -95,14 +95,11 @@ if triton is not None:
         n0, n1, n2, n3 = tl.randn4x(seed, c)
         return tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [BLOCK])
 
-    @triton.jit(do_not_specialize=["seed", "eps", "g", "lr", "wd"])
-    def _pass_kernel(x_ptr, n, seed, eps, g, lr, wd, KIND: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        raw = tl.load(x_ptr + offs, mask=mask)
+    @triton.jit
+    def _passed(raw, z, eps, g, lr, wd, KIND: tl.constexpr):
+        """The new values of the loaded elements ``raw`` (their dtype) after pass ``KIND``
+        along ``z`` (the arithmetic of the module docstring, shared by both kernels)."""
         x = raw.to(tl.float32)
-        z = _normals(seed, pid, BLOCK)
         d = eps * z
         if KIND == 0:
             y = x + d
@@ -113,7 +110,15 @@ if triton is not None:
             y = x1 - lr * (g * z + wd * x1)
         else:
             y = x - lr * (g * z + wd * x)
-        tl.store(x_ptr + offs, y.to(raw.dtype), mask=mask)
+        return y.to(raw.dtype)
+
+    @triton.jit(do_not_specialize=["seed", "eps", "g", "lr", "wd"])
+    def _pass_kernel(x_ptr, n, seed, eps, g, lr, wd, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        raw = tl.load(x_ptr + offs, mask=mask)
+        tl.store(x_ptr + offs, _passed(raw, _normals(seed, pid, BLOCK), eps, g, lr, wd, KIND), mask=mask)
 
     @triton.jit
     def _splitmix(x):
@@ -140,20 +145,9 @@ if triton is not None:
         local = pid - tl.load(first_ptr + sid)
         offs = local * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(base + offs, mask=mask).to(tl.float32)
-        z = _normals(key, local, BLOCK)
-        d = eps * z
+        raw = tl.load(base + offs, mask=mask)
         wdl = wd * tl.load(decay_ptr + sid)
-        if KIND == 0:
-            y = x + d
-        elif KIND == 1:
-            y = (x - d).to(DTYPE).to(tl.float32) - d
-        elif KIND == 2:
-            x1 = (x + d).to(DTYPE).to(tl.float32)
-            y = x1 - lr * (g * z + wdl * x1)
-        else:
-            y = x - lr * (g * z + wdl * x)
-        tl.store(base + offs, y.to(DTYPE), mask=mask)
+        tl.store(base + offs, _passed(raw, _normals(key, local, BLOCK), eps, g, lr, wdl, KIND), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _direction_kernel(out_ptr, n, seed, BLOCK: tl.constexpr):
@@ -196,7 +190,7 @@ class FusedGroup:
     tensor: with ~400 tensors the per-launch cost (~50 us) was 15x the memory time of a
     1.3B-parameter pass (benchmarks/zo_pass_bench.py). The tables (segment addresses,
     lengths, ``splitmix64(index + 1)``, decay flags, program -> segment) are built once and
-    stay valid while the tensors stay where they are (:attr:`key`); z is the same as
+    stay valid while the tensors stay where they are (:meth:`key_of`); z is the same as
     :func:`apply`'s for every element."""
 
     def __init__(self, tensors: list[torch.Tensor], indices: list[int], decays: list[bool]):
@@ -214,7 +208,6 @@ class FusedGroup:
         self.programs = int(progs.sum())
         self.dtype = _tl_dtype(dtype)
         self.device = dev
-        self.key = FusedGroup.key_of(tensors, indices)
         self.addr = torch.tensor([r[0] for r in rows], dtype=torch.int64, device=dev)
         self.numel = torch.tensor([r[1] for r in rows], dtype=torch.int32, device=dev)
         self.mix = torch.tensor([r[2] for r in rows], dtype=torch.int64, device=dev)

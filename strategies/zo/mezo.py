@@ -21,10 +21,10 @@ parameter). It therefore depends only on
 (s, k), not on the order in which parameters are visited, so ZO2's block-by-block pass
 and the distributed ranks reproduce exactly the same ``z`` without any shared stream.
 A tied weight is one ``Parameter`` (or shares storage with another) and is listed, and
-so perturbed, once. On CUDA the passes run as one Triton kernel per parameter that draws
-``z`` in registers (:mod:`.fused`: the same arithmetic, another normal stream keyed by the
-same ``mix(s, k)``, no fp32 temporaries); elsewhere, and with ``MESHPILOT_ZO_KERNEL=torch``,
-as the PyTorch operations below.
+so perturbed, once. On CUDA the passes run as Triton kernels that draw ``z`` in registers,
+one launch per pass over all parameters (:mod:`.fused`: the same arithmetic, another
+normal stream keyed by the same ``mix(s, k)``, no fp32 temporaries); elsewhere, and with
+``MESHPILOT_ZO_KERNEL=torch``, as the PyTorch operations below.
 
 Numerics of perturb-and-restore. Every operation is computed in fp32 and rounded once
 to the parameter's dtype. Pass 2 first undoes pass 1 (``- d``) before applying ``- d``,

@@ -182,8 +182,9 @@ class ZO2:
         self.down = torch.cuda.Stream(self.device) if self.cuda else None
         self._offloaded: list[Any] = [None] * len(self.entries)
         self._slot_free: list[Any] = [None] * len(self.slots)
-        # fused passes: one launch table per (block, slot) it is bound to, and the resident list
-        self._groups = fused.GroupCache(limit=len(self.entries) * len(self.slots) + 2)
+        # fused passes: one launch table per block (block i is always bound to slot i % slots)
+        # and one for the resident parameters
+        self._groups = fused.GroupCache(limit=len(self.entries) + 1)
         log.info("ZO2: %d blocks offloaded (%.1fM parameters each, %d device slots, %s), %.1fM resident on %s",
                  len(self.entries), max(self.block_numel) / 1e6, len(self.slots), type(self.transfer).__name__,
                  resident_numel / 1e6, self.device)
