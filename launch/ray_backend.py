@@ -27,7 +27,8 @@ Gang (:class:`RayWorkerGroup`, the controller's ``WorkerGroup``):
 Failure injection for tests: ``MESHPILOT_FAIL_AT_STEP=rank:step`` in the controller's
 environment makes that rank SIGKILL itself after that step, on the first attempt only;
 ``rank:step:hang`` makes it stop training there instead while its actor keeps answering
-heartbeats (the other ranks then wait in the step's collective: a hang).
+heartbeats (the other ranks then wait in the step's collective: a hang); ``rank:step:stop``
+makes it SIGSTOP itself: the process lives but answers nothing (a stale heartbeat).
 """
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ class WorkerSpec:
     worker_fn: str = DEFAULT_WORKER
     cuda_visible_devices: Optional[str] = None
     fail_at_step: Optional[int] = None        # failure injection: after this step (attempt 0) ...
-    fail_mode: str = "kill"                   # ... SIGKILL self ("kill") or block forever ("hang")
+    fail_mode: str = "kill"                   # ... SIGKILL self ("kill"), block ("hang") or SIGSTOP self ("stop")
 
 
 def resolve_worker_fn(ref: str) -> Callable[..., dict]:
@@ -270,10 +271,11 @@ class GangWorker:
                 while not self._stop.is_set():          # heartbeats are answered on the actor's other threads
                     time.sleep(0.2)
             else:
-                lg.warning("rank %d: failure injection: SIGKILL after step %d", spec.rank, step)
+                sig = signal.SIGSTOP if spec.fail_mode == "stop" else signal.SIGKILL
+                lg.warning("rank %d: failure injection: %s after step %d", spec.rank, sig.name, step)
                 for h in logging.getLogger().handlers:
                     h.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
 
         try:
             result = fn(spec.job, spec.plan, rank=spec.rank, world_size=spec.world_size, local_rank=spec.local_rank,
@@ -344,7 +346,7 @@ def _peak_memory_gib() -> float:
 # --- the gang -----------------------------------------------------------------------------
 
 def parse_fail_at(value: Optional[str]) -> Optional[tuple[int, int, str]]:
-    """``RANK:STEP`` or ``RANK:STEP:MODE`` (MODE kill, the default, or hang) -> (rank, step, mode)."""
+    """``RANK:STEP`` or ``RANK:STEP:MODE`` (MODE kill, the default, hang or stop) -> (rank, step, mode)."""
     if not value:
         return None
     try:
@@ -352,11 +354,11 @@ def parse_fail_at(value: Optional[str]) -> Optional[tuple[int, int, str]]:
         if len(parts) not in (2, 3):
             raise ValueError(value)
         mode = parts[2] if len(parts) == 3 else "kill"
-        if mode not in ("kill", "hang"):
+        if mode not in ("kill", "hang", "stop"):
             raise ValueError(mode)
         return int(parts[0]), int(parts[1]), mode
     except ValueError:
-        raise ConfigError(FAIL_AT_ENV, value, reason="must be RANK:STEP or RANK:STEP:hang, e.g. 1:5") from None
+        raise ConfigError(FAIL_AT_ENV, value, reason="must be RANK:STEP or RANK:STEP:MODE (kill, hang, stop), e.g. 1:5") from None
 
 
 class RayWorkerGroup:

@@ -258,6 +258,7 @@ def test_failure_injection_spec_is_parsed_strictly():
     assert parse_fail_at(None) is None and parse_fail_at("") is None
     assert parse_fail_at("1:5") == (1, 5, "kill")
     assert parse_fail_at("3:16:hang") == (3, 16, "hang")
+    assert parse_fail_at("1:12:stop") == (1, 12, "stop")
     for bad in ("1", "1:x", "1:5:freeze", "1:5:hang:2"):
         with pytest.raises(ConfigError, match="RANK:STEP"):
             parse_fail_at(bad)

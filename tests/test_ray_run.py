@@ -204,15 +204,17 @@ def test_tp2_dp2_four_workers_with_injected_failure(runs):
 
 
 def test_frozen_worker_is_detected_by_its_heartbeat(runs, tmp_path, ray_address):
-    """SIGSTOP one worker: its process lives but answers nothing; the controller must notice the
-    stale heartbeat, tear the gang down (SIGKILL reaches a stopped process) and recover."""
+    """Rank 1 SIGSTOPs itself after step 12 (failure injection ``stop``: at a fixed step, where a
+    SIGSTOP sent from here could arrive after the 60 short steps had ended): its process lives
+    but answers nothing; the controller must notice the stale heartbeat, tear the gang down
+    (SIGKILL reaches a stopped process) and recover."""
     run_dir = tmp_path / "frozen"
     p = _start([str(QUICKSTART), *COMMON, "--run-dir", str(run_dir), "--address", ray_address,
-                "--heartbeat-timeout", "15", "--backoff", "0.5", "--no-progress"], runs["home"])
-    st = _wait_for(lambda: (s := _state(run_dir)).get("step", 0) >= EVERY + 2 and s.get("attempt") == 0 and s,
-                   420, "a step after the first checkpoint", p)
+                "--heartbeat-timeout", "15", "--backoff", "0.5", "--no-progress"], runs["home"],
+               MESHPILOT_FAIL_AT_STEP=f"1:{EVERY + 2}:stop")
+    st = _wait_for(lambda: (s := _state(run_dir)).get("worker_pids") and s.get("attempt") == 0 and s,
+                   420, "the first gang's workers", p)
     frozen = st["worker_pids"][1]
-    os.kill(frozen, signal.SIGSTOP)
     rc, out = _finish(p)
     assert rc == 0, out
     s, ref = _summary(run_dir), _summary(runs["ref"][2])
