@@ -8,6 +8,7 @@ set -uo pipefail
 source .devbundle/setup.sh >/dev/null
 export R=$OUT/r && mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
+nvidia-smi topo -m > "$R/topology.txt" 2>&1
 for spec in "$@"; do
   name=${spec%%:*}; rest=${spec#*:}; limit=${rest%%:*}; cmd=${rest#*:}
   mkdir -p "$R/$name"; start=$(date +%s)

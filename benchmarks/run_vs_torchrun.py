@@ -120,7 +120,16 @@ def launch(name: str, cmd: list[str], metrics: Path, *, tokens_per_step: int, wa
         wall_tps = tokens_per_step * n / span if span > 0 else None
     return dict(name=name, ok=True, wall_s=round(wall, 2), command_to_first_step_s=round(seen[steps[0]] - t0, 2),
                 steps=len(steps), tokens_per_s_timed=timed, tokens_per_s_wall=wall_tps,
-                final_loss=seen_rec[steps[-1]].get("loss"))
+                final_loss=seen_rec[steps[-1]].get("loss"),
+                step_times_s=[round(seen_rec[s]["step_time_s"], 4) for s in steps])
+
+
+def _topology() -> Optional[str]:
+    """``nvidia-smi topo -m``: which GPU pairs NVLink joins (the tensor-parallel pairs' links)."""
+    try:
+        return subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -161,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = dict(card=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
                 date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                 deepspeed=deepspeed.__version__, ray=ray.__version__, cuda=torch.version.cuda, job=JOB | {"model": args.model},
-                plan=info["plan"], steps=steps, warmup_steps=args.warmup, overrides=args.overrides)
+                plan=info["plan"], steps=steps, warmup_steps=args.warmup, overrides=args.overrides,
+                topology=_topology())
     rows: list[dict[str, Any]] = []
     # warm-up launch: compiles DeepSpeed's ops once, so neither launcher pays for it below
     wjob = work / "warm.yaml"

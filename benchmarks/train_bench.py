@@ -51,11 +51,12 @@ class BenchConfig:
 
 
 CONFIGS = [
-    BenchConfig("1b_zero1", "llama-1b", {"zero_stage": 1}),
-    # ZeRO-3 is host-bound and its step times vary more (4xH200, 2026-11-27: 0.25-0.36 s within one run): more
-    # measured steps, so a slow phase of a few steps does not move the median
-    BenchConfig("1b_zero3", "llama-1b", {"zero_stage": 3}, steps=24, warmup=6),
-    BenchConfig("1b_zero2", "llama-1b", {"zero_stage": 2}, quick=False),
+    # The overhead pairs measure 32 steps after 8 of warm-up (a few seconds of a ~20 s launch): with 8
+    # measured steps the medians of two identical direct runs were 18% apart (2xH200, 2026-11-27).
+    # ZeRO-3 is host-bound and its step times vary most (0.25-0.36 s within one run on 4xH200).
+    BenchConfig("1b_zero1", "llama-1b", {"zero_stage": 1}, steps=40, warmup=8),
+    BenchConfig("1b_zero3", "llama-1b", {"zero_stage": 3}, steps=40, warmup=8),
+    BenchConfig("1b_zero2", "llama-1b", {"zero_stage": 2}, steps=40, warmup=8, quick=False),
     BenchConfig("1b_zero2_offload_opt", "llama-1b", {"zero_stage": 2, "offload_optimizer": "cpu"}, direct=False,
                 steps=6, warmup=2, quick=False),
     BenchConfig("1b_zero3_offload_all", "llama-1b", {"zero_stage": 3, "offload_optimizer": "cpu",

@@ -418,6 +418,8 @@ class RayWorkerGroup:
             where = ray.get([a.where.remote() for a in self._actors], timeout=self.start_timeout_s)
         except (RayActorError, GetTimeoutError) as e:
             raise GangError(Failure("rendezvous", f"worker actors did not start: {e}")) from None
+        order = order_by_gpu(where)           # rank r of a node <-> its r-th GPU, as torchrun has it
+        self._actors, where = [self._actors[i] for i in order], [where[i] for i in order]
         self._pids = [w["pid"] for w in where]
         self._nodes = [w["node_ip"] for w in where]
         master_addr = where[0]["node_ip"]
@@ -435,8 +437,9 @@ class RayWorkerGroup:
         self._started = self._last_step_time = now
         self._last_step = -1
         self._probes = {}
-        log.info("gang attempt %d: %d worker(s) placed (%s), master %s:%d, pids %s", attempt, sp.world_size,
-                 sp.strategy, master_addr, master_port, self._pids)
+        log.info("gang attempt %d: %d worker(s) placed (%s), master %s:%d, pids %s%s", attempt, sp.world_size,
+                 sp.strategy, master_addr, master_port, self._pids,
+                 f", GPU of each rank {[w['gpu_ids'] for w in where]}" if sp.use_gpus else "")
         return list(self._pids)
 
     @property
@@ -546,6 +549,26 @@ class RayWorkerGroup:
             while node == here and time.monotonic() < deadline and _pid_exists(pid):
                 time.sleep(0.1)
         self._actors, self._futures, self._pg, self._probes = [], [], None, {}
+
+
+def order_by_gpu(where: list[dict[str, Any]]) -> list[int]:
+    """A permutation of the actors (given in rank order) that keeps each rank's node but, within a
+    node, gives the node's ranks to its actors in ascending GPU id: rank r of a node drives the
+    node's r-th GPU, the order torchrun uses. Ray hands GPUs to actors in no fixed order, and
+    consecutive ranks form the tensor-parallel groups: on hosts whose NVLink joins GPUs in pairs
+    or islands (H100/H200 NVL), a group on GPUs 0 and 2 would all-reduce over PCIe. Actors
+    without GPUs keep their order."""
+    order = list(range(len(where)))
+    by_node: dict[str, list[int]] = {}
+    for r, w in enumerate(where):
+        by_node.setdefault(w["node_id"], []).append(r)
+    for ranks in by_node.values():
+        if not all(where[r]["gpu_ids"] for r in ranks):
+            continue
+        key = lambda r: [(len(g), g) for g in where[r]["gpu_ids"]]     # "10" after "9"
+        for r, actor in zip(ranks, sorted(ranks, key=key)):
+            order[r] = actor
+    return order
 
 
 def _local_ranks(where: list[dict[str, Any]], use_gpus: bool) -> tuple[list[int], list[Optional[str]]]:

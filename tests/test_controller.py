@@ -252,6 +252,23 @@ def test_local_ranks_and_shared_visible_devices_per_node():
     assert local == [0, 1, 0, 1] and visible == [None] * 4
 
 
+def test_ranks_of_a_node_follow_its_gpu_ids_like_torchrun():
+    from meshpilot.launch.ray_backend import _local_ranks, order_by_gpu
+    # Ray gave rank 0..3 of node n1 the GPUs 2, 0, 10, 9 and node n2's two ranks 1 and 0
+    where = [dict(node_id="n1", gpu_ids=["2"]), dict(node_id="n1", gpu_ids=["0"]),
+             dict(node_id="n1", gpu_ids=["10"]), dict(node_id="n1", gpu_ids=["9"]),
+             dict(node_id="n2", gpu_ids=["1"]), dict(node_id="n2", gpu_ids=["0"])]
+    order = order_by_gpu(where)
+    assert order == [1, 0, 3, 2, 5, 4]
+    placed = [where[i] for i in order]
+    assert [w["gpu_ids"][0] for w in placed] == ["0", "2", "9", "10", "0", "1"]
+    assert [w["node_id"] for w in placed] == [w["node_id"] for w in where]      # nodes keep their ranks
+    local, _ = _local_ranks(placed, use_gpus=True)
+    assert local == [0, 1, 2, 3, 0, 1]
+    cpu = [dict(node_id="n1", gpu_ids=[]), dict(node_id="n1", gpu_ids=[])]
+    assert order_by_gpu(cpu) == [0, 1]
+
+
 def test_failure_injection_spec_is_parsed_strictly():
     from meshpilot.launch.ray_backend import parse_fail_at
     from meshpilot.orchestrator.errors import ConfigError
