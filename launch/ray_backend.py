@@ -198,6 +198,19 @@ class WorkerSpec:
     cuda_visible_devices: Optional[str] = None
     fail_at_step: Optional[int] = None        # failure injection: after this step (attempt 0) ...
     fail_mode: str = "kill"                   # ... SIGKILL self ("kill"), block ("hang") or SIGSTOP self ("stop")
+    omp_threads: Optional[int] = None         # OMP_NUM_THREADS for the rank (None: leave Ray's value)
+
+
+def omp_threads_for(plan: Any, cpus_per_worker: int, environ: Optional[dict[str, str]] = None) -> Optional[int]:
+    """OpenMP threads of a rank. A user's OMP_NUM_THREADS (in the controller's environment) is
+    kept. Otherwise a GPU rank gets 1, as torchrun gives it, unless its plan does math on the
+    CPU (ZeRO-Offload: DeepSpeed's CPU Adam runs on OpenMP threads), which gets the bundle's
+    cores. Ray's default (the bundle's cores for every actor) left 7 idle OpenMP threads per rank."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cpu_math = getattr(plan, "offload_optimizer", "none") != "none" or getattr(plan, "offload_params", "none") != "none"
+    return cpus_per_worker if cpu_math else 1
 
 
 def resolve_worker_fn(ref: str) -> Callable[..., dict]:
@@ -246,10 +259,15 @@ class GangWorker:
                    MESHPILOT_ATTEMPT=str(spec.attempt))
         if spec.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+        if spec.omp_threads is not None:
+            env["OMP_NUM_THREADS"] = str(spec.omp_threads)
+            if "torch" in sys.modules:            # read at the first parallel op; set it if torch is already in
+                sys.modules["torch"].set_num_threads(spec.omp_threads)
         os.environ.update(env)
         lg = logging.getLogger("meshpilot.worker")
-        lg.info("rank %d: attempt %d, world %d, local rank %d, master %s:%d, pid %d", spec.rank, spec.attempt,
-                spec.world_size, spec.local_rank, spec.master_addr, spec.master_port, os.getpid())
+        lg.info("rank %d: attempt %d, world %d, local rank %d, master %s:%d, pid %d, OMP_NUM_THREADS %s", spec.rank,
+                spec.attempt, spec.world_size, spec.local_rank, spec.master_addr, spec.master_port, os.getpid(),
+                os.environ.get("OMP_NUM_THREADS"))
         fn = resolve_worker_fn(spec.worker_fn)
         t0 = time.time()
 
@@ -431,7 +449,8 @@ class RayWorkerGroup:
                             master_addr=master_addr, master_port=master_port, run_dir=self.run_dir, attempt=attempt,
                             worker_fn=self.worker_fn, cuda_visible_devices=visible[r],
                             fail_at_step=self.fail_at[1] if self.fail_at and self.fail_at[0] == r else None,
-                            fail_mode=self.fail_at[2] if self.fail_at else "kill")
+                            fail_mode=self.fail_at[2] if self.fail_at else "kill",
+                            omp_threads=omp_threads_for(self.plan, sp.cpus_per_worker) if sp.use_gpus else None)
             self._futures.append(a.run.remote(ws, self.log_path(r)))
         now = time.monotonic()
         self._started = self._last_step_time = now

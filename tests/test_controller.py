@@ -269,6 +269,16 @@ def test_ranks_of_a_node_follow_its_gpu_ids_like_torchrun():
     assert order_by_gpu(cpu) == [0, 1]
 
 
+def test_openmp_threads_of_a_gpu_rank():
+    from types import SimpleNamespace as NS
+    from meshpilot.launch.ray_backend import omp_threads_for
+    gpu_only = NS(offload_optimizer="none", offload_params="none")
+    assert omp_threads_for(gpu_only, 8, environ={}) == 1                      # as torchrun
+    assert omp_threads_for(NS(offload_optimizer="cpu", offload_params="none"), 8, environ={}) == 8   # CPU Adam
+    assert omp_threads_for(NS(offload_optimizer="none", offload_params="cpu"), 8, environ={}) == 8
+    assert omp_threads_for(gpu_only, 8, environ={"OMP_NUM_THREADS": "4"}) is None   # the user's value stays
+
+
 def test_failure_injection_spec_is_parsed_strictly():
     from meshpilot.launch.ray_backend import parse_fail_at
     from meshpilot.orchestrator.errors import ConfigError
