@@ -172,8 +172,8 @@ def _configs(args: argparse.Namespace, ngpu: int) -> list[tuple[str, str, dict[s
     out: list[tuple[str, str, dict[str, Any]]] = []
     parts = set(args.parts.split(","))
     if "memory" in parts:
-        sizes = (["tiny"] if args.dry else ["opt-1.3b", "opt-6.7b"] if args.quick
-                 else ["opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b"]) + (["opt-30b"] if args.big else [])
+        sizes = (["tiny"] if args.dry else args.sizes.split(",") if args.sizes else ["opt-1.3b", "opt-6.7b"]
+                 if args.quick else ["opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b"]) + (["opt-30b"] if args.big else [])
         seq = 64 if args.dry else 2048
         for m in sizes:
             out.append(("memory", f"zo2 {m}", dict(mode="zo2", model=m, pertp=1, zo_dp=1, batch=1, seq=seq,
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", action="store_true", help="add opt-30b to the memory sweep")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny model, gloo: check the code path without a GPU")
     ap.add_argument("--parts", default="memory,throughput,sliced")
+    ap.add_argument("--sizes", default=None, help="models of the memory part, e.g. opt-1.3b,opt-13b")
     ap.add_argument("--budget-gb", type=float, default=8.0, help="plain-MeZO GPU budget for the memory part")
     ap.add_argument("--tp-model", default="opt-1.3b", help="model of the throughput part")
     ap.add_argument("--batch", type=int, default=32, help="global batch of the throughput part")

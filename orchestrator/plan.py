@@ -141,6 +141,11 @@ class Plan:
                                   "(expert parallelism re-divides the data-parallel ranks)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("plan.zero_stage", self.zero_stage, allowed=(0, 1, 2, 3))
+        if self.zero_stage == 3 and model.num_experts:
+            raise ConfigError("plan.zero_stage", 3, reason="DeepSpeed does not run MoE models under ZeRO-3 "
+                              f"(model.num_experts={model.num_experts})",
+                              fix="set plan.zero_stage to 0, 1 or 2 (expert optimizer states are still sharded "
+                                  "over the expert-data-parallel ranks), or plan.ep>1 to split the experts")
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ConfigError("plan.offload_params", self.offload_params, reason="needs plan.zero_stage=3",
                               fix="set plan.zero_stage=3, or plan.offload_params=none")

@@ -124,7 +124,7 @@ def _structures(job: JobConfig, constrain: bool):
         for dp in _fixed(get("dp"), [d for d in _divisors(gb) if d * tp <= G and d * tp in worlds]):
             eps = [e for e in _divisors(m.num_experts) if dp % e == 0] if m.num_experts else [1]
             for ep in _fixed(get("ep"), eps):
-                for zero in _fixed(get("zero_stage"), (0, 1, 2, 3)):
+                for zero in _fixed(get("zero_stage"), (0, 1, 2) if m.num_experts else (0, 1, 2, 3)):
                     # offload needs ZeRO (optimizer: stage >= 1, parameters: stage 3); unless the user fixed
                     # the field, skip those combinations here instead of counting them as invalid
                     oos = offload_opts if zero >= 1 else ("none",)

@@ -51,6 +51,19 @@ class AssignedInit:
         pass
 
 
+def base_device() -> str | None:
+    """The device for an :class:`AssignedInit` layer's base constructor: "meta" (nothing
+    allocated, the weights are assigned right after), except inside ``deepspeed.zero.Init``.
+    Init takes a ``device="meta"`` constructor for ``torch.nn.utils.skip_init`` and wraps every
+    module class's ``_apply`` until a ``to_empty`` that never comes here: one wrapper per
+    layer, and a 32-layer model's ``.to()`` then exceeded Python's recursion limit
+    (DeepSpeed 0.19.8). There the base weights are allocated; Init partitions each layer
+    once its constructor returns."""
+    import sys
+    zp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return None if zp is not None and getattr(zp, "zero_init_context", 0) > 0 else "meta"
+
+
 def shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     """The ``rank``-th of ``world`` equal contiguous chunks of ``t`` along ``dim`` (a copy)."""
     if t.shape[dim] % world:

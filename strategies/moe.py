@@ -47,7 +47,7 @@ from meshpilot.orchestrator.models import llama_ffn
 
 from .expert_parallel import all_to_all, exchange_counts, gather_sequence_replicated
 from .tp_comm import copy_to_tp_region, group_rank, group_size, reduce_from_tp_region, scatter_to_sequence_region
-from .init_utils import AssignedInit, full_normal, shard
+from .init_utils import AssignedInit, base_device, full_normal, shard
 from .router import Routing, route_top_k
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class MoEFeedForward(nn.Module):
             return p
 
         h = m.hidden
-        self.router = _Router(h, E, bias=False, device="meta")
+        self.router = _Router(h, E, bias=False, device=base_device())
         self.router.weight = param(full_normal(f"{name_prefix}.router.weight", (E, h), init_std, seed), False)
 
         local = range(self.expert_offset, self.expert_offset + self.num_local_experts)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .init_utils import AssignedInit, full_normal, shard
+from .init_utils import AssignedInit, base_device, full_normal, shard
 from .tp_comm import (_all_reduce, copy_to_tp_region, gather_from_sequence_region, group_rank, group_size,
                       reduce_from_tp_region, reduce_scatter_to_sequence_region)
 
@@ -77,7 +77,7 @@ class ColumnParallelLinear(AssignedInit, nn.Linear):
         full_out = pad_out_to or out_features
         if full_out % t:
             raise ValueError(f"{name}: output size {full_out} is not divisible by tp={t}")
-        super().__init__(in_features, full_out // t, bias=bias, device="meta")
+        super().__init__(in_features, full_out // t, bias=bias, device=base_device())
         self.tp_group, self.sequence_parallel, self.comm_input = tp_group, sequence_parallel, comm_input
         self.full_out = out_features
         w = full_normal(f"{name}.weight", (out_features, in_features), std, seed)
@@ -109,7 +109,7 @@ class RowParallelLinear(AssignedInit, nn.Linear):
         t, r = group_size(tp_group), group_rank(tp_group)
         if in_features % t:
             raise ValueError(f"{name}: input size {in_features} is not divisible by tp={t}")
-        super().__init__(in_features // t, out_features, bias=bias, device="meta")
+        super().__init__(in_features // t, out_features, bias=bias, device=base_device())
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         w = full_normal(f"{name}.weight", (out_features, in_features), std, seed)
         self.weight = mark_tp(nn.Parameter(shard(w, 1, r, t)), 1, in_features)
@@ -140,7 +140,7 @@ class VocabParallelEmbedding(AssignedInit, nn.Embedding):
                  sequence_parallel: bool = False):
         t, r = group_size(tp_group), group_rank(tp_group)
         v_pad = pad_to_multiple(vocab, t)
-        super().__init__(v_pad // t, hidden, device="meta")
+        super().__init__(v_pad // t, hidden, device=base_device())
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.vocab, self.vocab_padded = vocab, v_pad
         self.vocab_start = r * (v_pad // t)

@@ -138,3 +138,9 @@ def test_fingerprint_differs_between_layouts():
     a = build_layout(dp=4, tp=2, gpus_per_node=8).fingerprint()
     assert a == build_layout(dp=4, tp=2, gpus_per_node=8).fingerprint()
     assert a != build_layout(dp=2, tp=4, gpus_per_node=8).fingerprint()
+
+
+def test_moe_under_zero3_is_refused_before_deepspeed_asserts():
+    e = reject("model=tiny-mixtral", "plan.tp=1", "plan.dp=4", "plan.zero_stage=3")
+    assert e.key == "plan.zero_stage" and "MoE" in str(e) and "0, 1 or 2" in str(e)
+    assert plan("model=tiny-mixtral", "plan.tp=1", "plan.dp=4", "plan.zero_stage=2").zero_stage == 2

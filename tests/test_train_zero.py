@@ -80,3 +80,27 @@ def test_tp2_dp2_zero1_zero2_match_single_process(tmp_path):
             assert res[r][stage][0] == losses, f"zero{stage}: rank {r} reports other losses"
         assert losses == pytest.approx(ref, rel=RTOL), f"tp2 x dp2 zero{stage} vs single process:\n{losses}\n{ref}"
     assert res[0][1][1] == pytest.approx(res[0][2][1], rel=1e-4)
+
+
+def _deep_stage3(rank: int, world: int, tmp: str) -> dict:
+    from meshpilot.orchestrator.job import job_from_dict
+    from train_utils import TINY_TRAIN, run
+    out = {}
+    for model in ("tiny-llama",):
+        for stage in (0, 3):          # ZeRO-3 last (zero.Init leaves its class patches behind)
+            job = job_from_dict({"model": model, "cluster": "local", "train": {**TINY_TRAIN, "steps": 3},
+                                 "plan": {"dp": 2, "zero_stage": stage, "activation_checkpointing": "full"}},
+                                ["cluster.gpus_per_node=4", "model.layers=40"])
+            out[f"{model}_zero{stage}"] = run(job, rank, world, f"{tmp}/{model}{stage}", resume=False)["losses"]
+    return out
+
+
+def test_a_40_layer_model_builds_under_zero_init(tmp_path):
+    """Regression: the tensor-parallel layers built their base class on the meta device; zero.Init treats that as torch's skip_init and wrapped every module class's
+    ``_apply`` once per layer, so the 32-layer 7B model's build hit the recursion limit on a GPU
+    (DeepSpeed 0.19.8). 40 layers under ZeRO-3 must build and train as ZeRO-0 does."""
+    res = run_distributed(_deep_stage3, 2, str(tmp_path), timeout=900)
+    for model in ("tiny-llama",):
+        ref, got = res[0][f"{model}_zero0"], res[0][f"{model}_zero3"]
+        assert len(got) == 3 and got == res[1][f"{model}_zero3"]
+        assert got == pytest.approx(ref, rel=RTOL), f"{model}: ZeRO-3 vs ZeRO-0\n{got}\n{ref}"
