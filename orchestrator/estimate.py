@@ -72,8 +72,12 @@ class SimulatorConstants:
     logits_backward_bytes: float = 8.0
     """Extra bytes per token per vocabulary entry during the loss backward: the fp32 softmax gradient and
     its input-gradient copy."""
-    logits_forward_only_bytes: float = 10.0
-    """Forward-only loss (zeroth-order): bf16 logits, fp32 copy and log-softmax (2 + 4 + 4)."""
+    logits_forward_only_bytes: float = 14.0
+    """Forward-only loss (zeroth-order), per token and vocabulary entry of one chunk: bf16 logits,
+    their fp32 copy, ``z - max`` and its exp (2 + 4 + 4 + 4)."""
+    forward_only_rows: float = 1024.0
+    """Tokens per chunk of the built-in model's forward-only loss (``Transformer.FORWARD_ONLY_ROWS``):
+    the logits of at most this many tokens exist at once."""
     working_set_factor: float = 2.0
     """Transient buffers of one layer (autograd gradients of activations, fp32 norm upcasts) in units of
     that layer's (h + f) 16-bit values per token."""

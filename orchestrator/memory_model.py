@@ -252,8 +252,9 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     saved = tokens * (np.where(a.ac, ckpt_layers, full_layers) + head)
     working = tokens * (c.working_set_factor * 2.0 * (h + f * max(routed, 1.0)) / tp
                         + c.logits_backward_bytes * mt.vocab / tp)
-    # zeroth order: inference, nothing saved; one layer's tensors and the forward-only loss live at once
-    zo_working = tokens * (one_layer + c.logits_forward_only_bytes * mt.vocab)
+    # zeroth order: inference, nothing saved; one layer's tensors and one chunk of the forward-only loss
+    # (at most forward_only_rows tokens' logits) live at once
+    zo_working = tokens * one_layer + np.minimum(tokens, c.forward_only_rows) * c.logits_forward_only_bytes * mt.vocab
     zo = a.zo > 0
     return np.where(zo, 0.0, saved), np.where(zo, zo_working, working)
 

@@ -51,8 +51,11 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
         model = build_model(job.model, plan, None, seed=t.seed)     # ZO plans replicate the whole model
     if plan.zo_mode == "mezo":
         model = model.to(device)
+    # ZO2 on several ranks of one node: sliced upload (each rank moves 1/n of a block over PCIe and the
+    # slices are all-gathered); 4 x H200, opt-6.7b: 0.177 instead of 0.565 s/step (benchmarks/results)
     trainer = build_zo_trainer(model, plan, groups, eps=t.zo_eps, weight_decay=t.weight_decay, seed=t.seed,
-                               device=device, lr=lambda s: lr_at(s, lr=t.lr, warmup=t.warmup_steps, total=t.steps))
+                               device=device, lr=lambda s: lr_at(s, lr=t.lr, warmup=t.warmup_steps, total=t.steps),
+                               sliced_upload=None)
     ckpt = CheckpointManager(run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
     start = 0
     if resume_from is not None:
@@ -92,24 +95,36 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
                 status = "stopped"
                 break
         trainer.flush()
-        checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+        checksum = float(sum(v.double().sum().item() for v in _full_state(model, trainer).values()))
     finally:
         stop.uninstall()
         metrics.close()
     return {"status": status, "rank": rank, "start_step": start, "step": step, "losses": losses,
             "final_loss": losses[-1] if losses else None, "param_checksum": checksum,
-            "checkpoint": str(last) if last else None}
+            "checkpoint": str(last) if last else None,
+            "zo_transfer": type(getattr(trainer, "transfer", None)).__name__}
+
+
+def _full_state(model: torch.nn.Module, trainer: Any) -> dict[str, torch.Tensor]:
+    """Every weight by name on the host. ZO2's block weights live in its host stores (with sliced
+    upload each rank holds only a slice, gathered here: collective, every rank calls it)."""
+    if hasattr(trainer, "full_state"):
+        return trainer.full_state()
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _save(d: Path, model: torch.nn.Module, trainer: Any, rank: int) -> None:
+    weights = _full_state(model, trainer)
     if rank == 0:
-        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "trainer": trainer.state_dict()}, d / "zo_state.pt")
+        torch.save({"model": weights, "trainer": trainer.state_dict()}, d / "zo_state.pt")
 
 
 def _load(d: Path, model: torch.nn.Module, trainer: Any) -> None:
     st = torch.load(d / "zo_state.pt", map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(st["model"][k].to(v.device))
+    if hasattr(trainer, "load_full_state"):
+        trainer.load_full_state(st["model"])
+    else:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(st["model"][k].to(v.device))
     trainer.load_state_dict(st["trainer"])

@@ -199,3 +199,42 @@ def test_offload_cpu_memory_bytes_per_param():
     per_node = e.memory_breakdown_gib["cpu_offload"] * 2**30
     assert per_node == pytest.approx(16 * P + 4 * C.cpu_pinned_buffer_gib * 2**30, rel=1e-6)
     assert np.isfinite(e.step_time_s) and e.time_breakdown_s["cpu_optimizer"] > 0
+
+
+def test_zo2_transfers_duplex_and_sliced_over_one_node():
+    """ZO2 block traffic by hand (opt-1.3b, bf16, h100-sxm-4 preset, one micro-batch): up and down
+    run at once, so a rank's transfer time is max(up, down) = 2 B / bw; four ranks of one node
+    each move a quarter and all-gather the blocks over NVLink. (offload_transfers is what the
+    forwards do not hide: transfer - zo2_overlap * forward, at least 0.)"""
+    from meshpilot.comm.cost_model import collective_time
+    job = load_job(None, ["model=opt-1.3b", "cluster=h100-sxm-4", "plan=auto", "train.optimizer=zo-sgd",
+                          "train.global_batch=4", "train.seq_len=512"])
+    cl, B = job.cluster, model_terms(job.model).blocks_total
+    h2d = (cl.calibration.h2d_gbs or cl.pcie_bandwidth_gbs * C.pcie_efficiency) * 1e9
+    d2h = (cl.calibration.d2h_gbs or cl.pcie_bandwidth_gbs * C.pcie_efficiency) * 1e9
+    one = simulate(job, Plan(zo_mode="zo2", micro_batch=4, grad_accum=1))
+    four = simulate(job, Plan(zo_mode="zo2", zo_dp=4, micro_batch=1, grad_accum=1))
+
+    def hidden(e, transfer):
+        return max(transfer - C.zo2_overlap * e.time_breakdown_s["forward"], 0.0)
+    assert one.time_breakdown_s["offload_transfers"] == pytest.approx(hidden(one, max(2 * B / h2d, 2 * B / d2h)))
+    from meshpilot.comm.cost_model import LinkRates
+    gather = collective_time("all_gather", 2.0 * B, 4, 1, 4, LinkRates.from_cluster(cl))
+    assert four.time_breakdown_s["offload_transfers"] == pytest.approx(
+        hidden(four, max(2 * B / (4 * h2d), 2 * B / (4 * d2h)) + gather))
+
+
+def test_zo_loss_working_set_is_one_chunk_of_the_built_in_models_loss():
+    """Without autograd the built-in model forms the logits FORWARD_ONLY_ROWS tokens at a time;
+    the simulator's zeroth-order working set holds one such chunk, not every token's logits."""
+    from meshpilot.strategies.model import Transformer
+    assert C.forward_only_rows == Transformer.FORWARD_ONLY_ROWS
+    job = load_job(None, ["model=opt-1.3b", "cluster=h100-sxm-4", "plan=auto", "train.optimizer=zo-sgd",
+                          "train.global_batch=8", "train.seq_len=2048"])
+    V = job.model.vocab
+    small = simulate(job, Plan(zo_mode="mezo", micro_batch=4, grad_accum=2))     # 8192 tokens a forward
+    big = simulate(job, Plan(zo_mode="mezo", micro_batch=8, grad_accum=1))       # 16384
+    # doubling the tokens adds one layer's tensors for the extra tokens, the loss chunk stays
+    per_token_layer = (big.memory_breakdown_gib["temporary"] - small.memory_breakdown_gib["temporary"]) * 2**30 / 8192
+    chunk = C.forward_only_rows * C.logits_forward_only_bytes * V
+    assert small.memory_breakdown_gib["temporary"] * 2**30 == pytest.approx(8192 * per_token_layer + chunk)

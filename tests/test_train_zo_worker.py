@@ -1,6 +1,7 @@
-"""Zeroth-order plans through the worker (engineer C's trainer): a DistZO2-style MeZO run with a
-perturbation pair (pertp=2) on 2 processes equals the single-process MeZO run, and a killed
-run resumes from its checkpoint with the same losses."""
+"""Zeroth-order plans through the worker: a DistZO2-style run with a perturbation pair (pertp=2)
+on 2 processes, MeZO or ZO2 (whose blocks the two ranks then upload in slices, all-gathered),
+equals the single-process MeZO run, and a killed run resumes from its checkpoint with the same
+losses."""
 from __future__ import annotations
 
 import json
@@ -15,16 +16,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from dist_utils import DistributedWorkerError, run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ZO = {"zo": {"mode": "mezo", "pertp": 2, "dp": 1}}
+PAIRS = {"mezo": {"zo": {"mode": "mezo", "pertp": 2, "dp": 1}}, "zo2": {"zo": {"mode": "zo2", "pertp": 2, "dp": 1}}}
 TRAIN = dict(optimizer="zo-sgd", lr=1e-3, steps=8, warmup_steps=0, zo_eps=1e-3, weight_decay=0.0)
 
 
-def _first(rank: int, world: int, tmp: str) -> None:
+def _first(rank: int, world: int, tmp: str, mode: str) -> None:
     from train_utils import run, tiny_job
+    ZO = PAIRS[mode]
     full = run(tiny_job(ZO, **TRAIN), rank, world, f"{tmp}/full", resume=False)
     if rank == 0:
         with open(f"{tmp}/full.json", "w") as f:
-            json.dump(full["losses"], f)
+            json.dump({"losses": full["losses"], "checksum": full["param_checksum"]}, f)
 
     def die(rec: dict) -> None:
         if rec["step"] == 5:
@@ -32,25 +34,30 @@ def _first(rank: int, world: int, tmp: str) -> None:
     run(tiny_job(ZO, checkpoint_every=4, **TRAIN), rank, world, f"{tmp}/killed", on_step=die)
 
 
-def _second(rank: int, world: int, tmp: str) -> dict:
+def _second(rank: int, world: int, tmp: str, mode: str) -> dict:
     from train_utils import run, tiny_job
-    return run(tiny_job(ZO, checkpoint_every=4, **TRAIN), rank, world, f"{tmp}/killed")
+    return run(tiny_job(PAIRS[mode], checkpoint_every=4, **TRAIN), rank, world, f"{tmp}/killed")
 
 
-def _single(rank: int, world: int, tmp: str) -> list:
+def _single(rank: int, world: int, tmp: str) -> dict:
     from train_utils import run, tiny_job
     return run(tiny_job({"zo": {"mode": "mezo", "pertp": 1, "dp": 1}}, **TRAIN), rank, world, f"{tmp}/single",
-               resume=False)["losses"]
+               resume=False)
 
 
-def test_zo_pair_matches_single_process_and_resumes(tmp_path):
+@pytest.mark.parametrize("mode", ["mezo", "zo2"])
+def test_zo_pair_matches_single_process_and_resumes(tmp_path, mode):
     pytest.importorskip("meshpilot.strategies.zo")
     tmp = str(tmp_path)
     with pytest.raises(DistributedWorkerError) as e:
-        run_distributed(_first, 2, tmp, timeout=300)
+        run_distributed(_first, 2, tmp, mode, timeout=300)
     assert all("code 17" in msg for msg in e.value.failures.values()), e.value
     full = json.loads((tmp_path / "full.json").read_text())
     single = run_distributed(_single, 1, tmp, timeout=300)[0]
-    assert full == pytest.approx(single, rel=1e-5), (full, single)
-    res = run_distributed(_second, 2, tmp, timeout=300)
-    assert res[0]["start_step"] == 4 and res[0]["losses"] == pytest.approx(full[4:], rel=1e-6)
+    assert full["losses"] == pytest.approx(single["losses"], rel=1e-5), (full, single)
+    # final weights (ZO2: gathered from the ranks' slices) equal the single-process run's
+    assert full["checksum"] == pytest.approx(single["param_checksum"], rel=1e-6)
+    res = run_distributed(_second, 2, tmp, mode, timeout=300)
+    assert res[0]["start_step"] == 4 and res[0]["losses"] == pytest.approx(full["losses"][4:], rel=1e-6)
+    assert res[0]["param_checksum"] == res[1]["param_checksum"] == pytest.approx(full["checksum"], rel=1e-6)
+    assert res[0]["zo_transfer"] == {"mezo": "NoneType", "zo2": "SlicedTransfer"}[mode]
