@@ -317,6 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     rows: list[dict[str, Any]] = []
     t_start = time.time()
+    now = _dt.datetime.now(_dt.timezone.utc)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"train_bench_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+
+    def write_report() -> tuple[dict[str, float], dict[str, float]]:
+        """(Re)write the JSON from the rows so far: a run cut short by a time limit keeps them."""
+        over, over_min = _overheads(rows), _overheads(rows, "step_time_min_s")
+        report = {"benchmark": "train_bench", "card": card, "gpus": nproc, "date": now.isoformat(),
+                  "torch": torch.__version__, "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda,
+                  "quick": args.quick, "repeats": args.repeats, "rows": rows,
+                  "overhead_pct": over, "overhead_min_step_pct": over_min, "wall_s": time.time() - t_start}
+        path.write_text(json.dumps(report, indent=1, default=str))
+        return over, over_min
     for c in configs:
         if not cpu and nproc < c.min_gpus:
             rows.append({"config": c.name, "mode": "meshpilot", "error": f"needs {c.min_gpus} GPUs"})
@@ -335,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_launch(c, mode, nproc, cpu=cpu, timeout=timeout, count_steps=args.count_steps))
             r = rows[-1]
             print(f"         -> {r.get('error') or '%.3f s/step' % r['step_time_s']}", flush=True)
-    over, over_min = _overheads(rows), _overheads(rows, "step_time_min_s")
+            write_report()
+    over, over_min = write_report()
     print(_table(rows))
     for name, pct in over.items():
         print(f"meshpilot overhead on step time, {name}: {pct:+.2f}% median, {over_min[name]:+.2f}% fastest step "
@@ -346,15 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "meshpilot" and d is not None:
             diff = {k: (m.get(k, 0), d.get(k, 0)) for k in sorted(set(m) | set(d)) if m.get(k, 0) != d.get(k, 0)}
             print(f"per-step counts, {name}, meshpilot vs direct where they differ: {diff}")
-    now = _dt.datetime.now(_dt.timezone.utc)
-    report = {"benchmark": "train_bench", "card": card, "gpus": nproc, "date": now.isoformat(),
-              "torch": torch.__version__, "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda,
-              "quick": args.quick, "repeats": args.repeats, "rows": rows,
-              "overhead_pct": over, "overhead_min_step_pct": over_min, "wall_s": time.time() - t_start}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"train_bench_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -296,10 +296,12 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     load_hole = np.where(is_zo | (not on_gpu), 0.0, c.model_load_fragmentation * w * pr)
     framework = ((c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib) * 2**30 + c.fragmentation * allocated
                  + load_hole)
-    # host memory per node: every rank of the node holds its offloaded share
+    # host memory per node: every rank of the node holds its offloaded share; ZO2 ranks of one node
+    # upload in slices, each keeping 1/n of every block's store
+    zo2_slices = np.where((a.world_span[1] == 1) & (a.world > 1), a.world, 1)
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)
-                    + np.where(zo == 2, w * mt.blocks_total + c.cpu_pinned_buffer_gib * 2**30, 0.0))
+                    + np.where(zo == 2, w * mt.blocks_total / zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
     cpu_node = ranks_per_node * (per_rank_cpu + c.cpu_process_gib * 2**30)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,

@@ -222,6 +222,10 @@ def test_zo2_transfers_duplex_and_sliced_over_one_node():
     gather = collective_time("all_gather", 2.0 * B, 4, 1, 4, LinkRates.from_cluster(cl))
     assert four.time_breakdown_s["offload_transfers"] == pytest.approx(
         hidden(four, max(2 * B / (4 * h2d), 2 * B / (4 * d2h)) + gather))
+    # host: one rank keeps every block (bf16), four ranks of a node a quarter each, plus pinned buffers
+    pinned = C.cpu_pinned_buffer_gib * 2**30
+    assert one.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * B + pinned)
+    assert four.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(4 * (2 * B / 4 + pinned))
 
 
 def test_zo_loss_working_set_is_one_chunk_of_the_built_in_models_loss():
