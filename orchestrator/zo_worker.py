@@ -48,7 +48,10 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
         model = model_factory(job, plan, groups)
     else:
         from meshpilot.strategies.model import build_model
-        model = build_model(job.model, plan, None, seed=t.seed)     # ZO plans replicate the whole model
+        # ZO plans replicate the whole model, kept in train.precision (no optimizer copy in fp32): MeZO's
+        # and ZO2's weights, perturbations and transfers are in that dtype
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+        model = build_model(job.model, plan, None, seed=t.seed, dtype=dtype)
     if plan.zo_mode == "mezo":
         model = model.to(device)
     # ZO2 on several ranks of one node: sliced upload (each rank moves 1/n of a block over PCIe and the
@@ -102,7 +105,8 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
     return {"status": status, "rank": rank, "start_step": start, "step": step, "losses": losses,
             "final_loss": losses[-1] if losses else None, "param_checksum": checksum,
             "checkpoint": str(last) if last else None,
-            "zo_transfer": type(getattr(trainer, "transfer", None)).__name__}
+            "zo_transfer": type(getattr(trainer, "transfer", None)).__name__,
+            "param_dtype": str(next(model.parameters()).dtype)}
 
 
 def _full_state(model: torch.nn.Module, trainer: Any) -> dict[str, torch.Tensor]:
