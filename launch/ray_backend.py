@@ -204,12 +204,14 @@ class WorkerSpec:
 def omp_threads_for(plan: Any, cpus_per_worker: int, environ: Optional[dict[str, str]] = None) -> Optional[int]:
     """OpenMP threads of a rank. A user's OMP_NUM_THREADS (in the controller's environment) is
     kept. Otherwise a GPU rank gets 1, as torchrun gives it, unless its plan does math on the
-    CPU (ZeRO-Offload: DeepSpeed's CPU Adam runs on OpenMP threads), which gets the bundle's
-    cores. Ray's default (the bundle's cores for every actor) left 7 idle OpenMP threads per rank."""
+    CPU, which gets the bundle's cores: ZeRO-Offload (DeepSpeed's CPU Adam runs on OpenMP
+    threads) and zeroth-order plans (the model is built and cast on the host). Ray's default
+    (the bundle's cores for every actor) left 7 idle OpenMP threads per rank."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
         return None
-    cpu_math = getattr(plan, "offload_optimizer", "none") != "none" or getattr(plan, "offload_params", "none") != "none"
+    cpu_math = (getattr(plan, "offload_optimizer", "none") != "none" or getattr(plan, "offload_params", "none") != "none"
+                or getattr(plan, "zo_mode", "none") != "none")
     return cpus_per_worker if cpu_math else 1
 
 

@@ -272,10 +272,11 @@ def test_ranks_of_a_node_follow_its_gpu_ids_like_torchrun():
 def test_openmp_threads_of_a_gpu_rank():
     from types import SimpleNamespace as NS
     from meshpilot.launch.ray_backend import omp_threads_for
-    gpu_only = NS(offload_optimizer="none", offload_params="none")
+    gpu_only = NS(offload_optimizer="none", offload_params="none", zo_mode="none")
     assert omp_threads_for(gpu_only, 8, environ={}) == 1                      # as torchrun
     assert omp_threads_for(NS(offload_optimizer="cpu", offload_params="none"), 8, environ={}) == 8   # CPU Adam
     assert omp_threads_for(NS(offload_optimizer="none", offload_params="cpu"), 8, environ={}) == 8
+    assert omp_threads_for(NS(offload_optimizer="none", offload_params="none", zo_mode="zo2"), 8, environ={}) == 8
     assert omp_threads_for(gpu_only, 8, environ={"OMP_NUM_THREADS": "4"}) is None   # the user's value stays
 
 
