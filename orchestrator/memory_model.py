@@ -302,8 +302,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)
                     + np.where(zo == 2, w * mt.blocks_total / zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
+    # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
+    # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
+    zo_build = np.where(is_zo, w * mt.total, 0.0)
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
-    cpu_node = ranks_per_node * (per_rank_cpu + c.cpu_process_gib * 2**30)
+    cpu_node = ranks_per_node * (per_rank_cpu + zo_build + c.cpu_process_gib * 2**30)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl, framework_overhead=framework,
                 cpu_offload=ranks_per_node * per_rank_cpu, cpu_node=cpu_node,

@@ -226,6 +226,9 @@ def test_zo2_transfers_duplex_and_sliced_over_one_node():
     pinned = C.cpu_pinned_buffer_gib * 2**30
     assert one.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * B + pinned)
     assert four.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(4 * (2 * B / 4 + pinned))
+    # host peak per node: each rank also builds the whole bf16 model on the host first
+    P, proc = model_terms(job.model).total, C.cpu_process_gib * 2**30
+    assert four.cpu_memory_gib_per_node * 2**30 == pytest.approx(4 * (2 * B / 4 + pinned + 2 * P + proc))
 
 
 def test_zo_loss_working_set_is_one_chunk_of_the_built_in_models_loss():
