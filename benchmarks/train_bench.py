@@ -222,6 +222,9 @@ def _launch(cfg: BenchConfig, mode: str, nproc: int, *, cpu: bool, timeout: floa
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if cpu:
             env["DS_ACCELERATOR"] = "cpu"
+        threads = None if cpu else _omp_threads(cfg, nproc)
+        if threads is not None:          # what `meshpilot run` gives the rank (torchrun alone would give 1)
+            env["OMP_NUM_THREADS"] = str(threads)
         t0 = time.time()
         try:
             p = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
@@ -233,7 +236,20 @@ def _launch(cfg: BenchConfig, mode: str, nproc: int, *, cpu: bool, timeout: floa
             return {"config": cfg.name, "mode": mode, "error": err, "log_tail": tail}
         row = json.loads(result.read_text())
         row["wall_s"] = time.time() - t0
+        row["omp_num_threads"] = env.get("OMP_NUM_THREADS", "1 (torchrun's default)")
         return row
+
+
+def _omp_threads(cfg: BenchConfig, nproc: int) -> int | None:
+    """OpenMP threads per rank as meshpilot's Ray gang sets them: 1, or the rank's share of the
+    host's cores (at most 8) when the plan offloads to the CPU, whose Adam runs on OpenMP threads.
+    None: the caller's OMP_NUM_THREADS stands. (The offload rows of 2026-11-27 ran under torchrun's
+    default of 1 thread: CPU Adam on one core per rank.)"""
+    from types import SimpleNamespace
+    from meshpilot.launch.ray_backend import gang_spec, omp_threads_for
+    cpus = gang_spec(nproc, 1, accelerator="gpu", gpus_per_node=nproc, cpu_cores=os.cpu_count() or 1).cpus_per_worker
+    plan = SimpleNamespace(**{"offload_optimizer": "none", "offload_params": "none", "zo_mode": "none", **cfg.plan})
+    return omp_threads_for(plan, cpus)
 
 
 def _fmt_gib(b: Any) -> str:
