@@ -234,6 +234,10 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
     _seed_everything(t.seed, rank)
 
     ds_config = deepspeed_config(job, plan, on_cpu=on_cpu)
+    if plan.offload_optimizer != "none" and torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:
+        log.warning("rank %d: optimizer offload with 1 OpenMP thread: DeepSpeed's CPU Adam will use one core of "
+                    "%d (torchrun sets OMP_NUM_THREADS=1 when unset); set OMP_NUM_THREADS to the cores per rank",
+                    rank, os.cpu_count() or 1)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
