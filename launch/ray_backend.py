@@ -445,6 +445,7 @@ class RayWorkerGroup:
         master_addr = where[0]["node_ip"]
         master_port = ray.get(self._actors[0].free_port.remote(), timeout=60)
         local_ranks, visible = _local_ranks(where, sp.use_gpus)
+        omp = omp_threads_for(self.plan, sp.cpus_per_worker) if sp.use_gpus else None
         self._futures = []
         for r, a in enumerate(self._actors):
             ws = WorkerSpec(job=self.job, plan=self.plan, rank=r, world_size=sp.world_size, local_rank=local_ranks[r],
@@ -452,7 +453,7 @@ class RayWorkerGroup:
                             worker_fn=self.worker_fn, cuda_visible_devices=visible[r],
                             fail_at_step=self.fail_at[1] if self.fail_at and self.fail_at[0] == r else None,
                             fail_mode=self.fail_at[2] if self.fail_at else "kill",
-                            omp_threads=omp_threads_for(self.plan, sp.cpus_per_worker) if sp.use_gpus else None)
+                            omp_threads=omp)
             self._futures.append(a.run.remote(ws, self.log_path(r)))
         now = time.monotonic()
         self._started = self._last_step_time = now

@@ -298,10 +298,9 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
                  + load_hole)
     # host memory per node: every rank of the node holds its offloaded share; ZO2 ranks of one node
     # upload in slices, each keeping 1/n of every block's store
-    zo2_slices = np.where((a.world_span[1] == 1) & (a.world > 1), a.world, 1)
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)
-                    + np.where(zo == 2, w * mt.blocks_total / zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
+                    + np.where(zo == 2, w * mt.blocks_total / a.zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
     zo_build = np.where(is_zo, w * mt.total, 0.0)

@@ -58,6 +58,8 @@ class PlanArrays:
         for i, row in enumerate(uniq):
             spans[:, :, inv.reshape(-1) == i] = np.array(structure_spans(*map(int, row), gpus_per_node))[:, :, None]
         self.tp_span, self.dp_span, self.ep_span, self.edp_span, self.world_span = (spans[i] for i in range(5))
+        # ZO2 ranks that all share one node upload blocks in slices (the worker's default): 1/n each
+        self.zo2_slices = np.where((self.world_span[1] == 1) & (self.world > 1), self.world, 1)
 
     @classmethod
     def from_plans(cls, plans: Sequence[Plan], gpus_per_node: int) -> "PlanArrays":

@@ -168,7 +168,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # copy engines and streams over full-duplex PCIe: 1 x H200, opt-13b, 25.7 GB each way took 0.52 s a
     # step). On several ranks of one node (the worker's default) each rank moves 1/n of a block over its
     # own link and the slices are all-gathered over NVLink; across nodes every rank moves whole blocks.
-    n_slices = np.where((wspan[1] == 1) & (wspan[0] > 1), wspan[0], 1.0)
+    n_slices = a.zo2_slices
     gather = np.where(n_slices > 1, collective_time("all_gather", w * mt.blocks_total, wspan[0], wspan[1], wspan[2],
                                                     rates), 0.0)
     zo_upload = np.maximum(ga * w * mt.blocks_total / (n_slices * h2d),

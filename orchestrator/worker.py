@@ -160,7 +160,7 @@ def _build_device(device: torch.device, plan: Plan) -> Any:
     return contextlib.nullcontext()
 
 
-def _train_dtype(precision: str) -> torch.dtype:
+def train_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
@@ -247,7 +247,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
         # partitioning __init__ wrapper after Init exits (a later non-stage-3 model would be partitioned)
         import meshpilot.strategies.model  # noqa: F401
     build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
-    with construction_context(job, plan, groups, ds_config, dtype=_train_dtype(t.precision)), build_ctx:
+    with construction_context(job, plan, groups, ds_config, dtype=train_dtype(t.precision)), build_ctx:
         model = factory(job, plan, groups)
     phases.mark("model build")
     if plan.zero_stage != 3 and any(hasattr(p, "ds_id") for p in model.parameters()):

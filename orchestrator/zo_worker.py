@@ -8,7 +8,8 @@ applies the update (see meshpilot.strategies.zo). No DeepSpeed engine, no gradie
 
 Checkpoints use the same atomic protocol as the DeepSpeed worker (``TAG.partial`` ->
 ``TAG`` -> ``latest``); rank 0 writes the full model and the trainer state (every rank
-holds the same parameters in a zeroth-order plan).
+holds the same parameters in a zeroth-order plan; ZO2's are gathered from the ranks'
+slices with sliced upload).
 """
 from __future__ import annotations
 
@@ -48,10 +49,11 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
         model = model_factory(job, plan, groups)
     else:
         from meshpilot.strategies.model import build_model
+
+        from .worker import train_dtype
         # ZO plans replicate the whole model, kept in train.precision (no optimizer copy in fp32): MeZO's
         # and ZO2's weights, perturbations and transfers are in that dtype
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
-        model = build_model(job.model, plan, None, seed=t.seed, dtype=dtype)
+        model = build_model(job.model, plan, None, seed=t.seed, dtype=train_dtype(t.precision))
     if plan.zo_mode == "mezo":
         model = model.to(device)
     # ZO2 on several ranks of one node: sliced upload (each rank moves 1/n of a block over PCIe and the
@@ -62,7 +64,7 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
     ckpt = CheckpointManager(run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
     start = 0
     if resume_from is not None:
-        meta = ckpt.load_with(lambda d: _load(d, model, trainer), *resume_from)
+        meta = ckpt.load_with(lambda d: _load(d, trainer), *resume_from)
         start = meta.step
     zo_rank = rank // plan.zo_pertp
     source = resolve_source(t.data, vocab=job.model.vocab, seq_len=t.seq_len, seed=t.seed)
@@ -92,13 +94,13 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
             final = step == t.steps and save_final and t.checkpoint_final
             if stopping or final or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 trainer.flush()
-                last = ckpt.save_with(lambda d: _save(d, model, trainer, rank), step=step,
+                last = ckpt.save_with(lambda d: _save(d, trainer, rank), step=step,
                                       consumed_samples=step * t.global_batch)
             if stopping:
                 status = "stopped"
                 break
         trainer.flush()
-        checksum = float(sum(v.double().sum().item() for v in _full_state(model, trainer).values()))
+        checksum = float(sum(v.double().sum().item() for v in trainer.full_state().values()))
     finally:
         stop.uninstall()
         metrics.close()
@@ -109,26 +111,15 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
             "param_dtype": str(next(model.parameters()).dtype)}
 
 
-def _full_state(model: torch.nn.Module, trainer: Any) -> dict[str, torch.Tensor]:
-    """Every weight by name on the host. ZO2's block weights live in its host stores (with sliced
-    upload each rank holds only a slice, gathered here: collective, every rank calls it)."""
-    if hasattr(trainer, "full_state"):
-        return trainer.full_state()
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _save(d: Path, model: torch.nn.Module, trainer: Any, rank: int) -> None:
-    weights = _full_state(model, trainer)
+def _save(d: Path, trainer: Any, rank: int) -> None:
+    """Rank 0 writes every weight and the trainer state. The weights are gathered on every rank
+    (collective: ZO2's block weights live in its host stores, a slice per rank with sliced upload)."""
+    weights = trainer.full_state()
     if rank == 0:
         torch.save({"model": weights, "trainer": trainer.state_dict()}, d / "zo_state.pt")
 
 
-def _load(d: Path, model: torch.nn.Module, trainer: Any) -> None:
+def _load(d: Path, trainer: Any) -> None:
     st = torch.load(d / "zo_state.pt", map_location="cpu", weights_only=False)
-    if hasattr(trainer, "load_full_state"):
-        trainer.load_full_state(st["model"])
-    else:
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(st["model"][k].to(v.device))
+    trainer.load_full_state(st["model"])
     trainer.load_state_dict(st["trainer"])
