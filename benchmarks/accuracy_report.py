@@ -1,6 +1,6 @@
 """Predicted vs measured: the simulator's accuracy on the GPU measurements, and a fit of its constants.
 
-Reads measurement JSON(s) written by measure_deepspeed.py / measure_zo.py, runs
+Reads measurement JSON(s) written by measure_deepspeed.py / measure_zo.py / train_bench.py, runs
 ``meshpilot.orchestrator.simulator.simulate`` on exactly the measured jobs, and prints per config:
 measured NVML peak vs predicted peak (error %), measured vs predicted median step time
 (error %), and measured OOM vs predicted fits. Summary: peak-memory MAPE, step-time MAPE and
@@ -91,7 +91,10 @@ def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tupl
     cases, meta = [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        meta.append({k: v for k, v in data.items() if k != "results"})
+        meta.append({k: v for k, v in data.items() if k not in ("results", "rows")})
+        if data.get("benchmark") == "train_bench":
+            cases.extend(train_bench_cases(data, str(path), cluster_profile))
+            continue
         for r in data.get("results", []):
             if r.get("status") not in ("ok", "oom"):
                 print(f"note: {r.get('name')}: status {r.get('status')} is not scored ({str(r.get('error'))[:120]})",
@@ -112,6 +115,37 @@ def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tupl
                               reserved_gib=_max(r.get("max_reserved_gib")), allocated_gib=_max(r.get("max_allocated_gib")),
                               step_s=r.get("step_time_s"), job=job, plan=resolve_plan(job), source=str(path)))
     return cases, meta
+
+
+def train_bench_cases(data: dict[str, Any], source: str, cluster_profile: str | None = None) -> list[Case]:
+    """Cases from a train_bench.py JSON (the built-in model through meshpilot's worker): one per
+    config, its step time the median of the meshpilot launches' medians, its peak the largest
+    NVML reading over ranks and launches (taken after the last step; torch's caching allocator
+    keeps the peak reserved, so this is the NVML peak plus what the process freed to the driver)."""
+    from meshpilot.orchestrator.job import job_from_dict
+    from meshpilot.orchestrator.plan import resolve_plan
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in data.get("rows", []):
+        if r.get("mode") == "meshpilot" and r.get("step_time_s"):
+            by_config.setdefault(r["config"], []).append(r)
+    cluster = cluster_profile or ("h200-sxm-4" if "H200" in str(data.get("card", "")) else "h100-sxm-4")
+    out = []
+    for name, rows in by_config.items():
+        r = rows[0]
+        world = int(r["world"])
+        plan = {"dp": world, "tp": 1, "micro_batch": int(r["global_batch"]) // world, **r["plan"]}
+        train = {"seq_len": int(r["seq_len"]), "global_batch": int(r["global_batch"]), "precision": "bf16",
+                 "steps": 10, "data": "synthetic"}
+        job = job_from_dict({"model": r["model"], "cluster": cluster, "train": train, "plan": plan},
+                            [f"cluster.gpus_per_node={world}"])
+        nvml = [m.get("nvml_used") for x in rows for m in (x.get("memory") or []) if m and m.get("nvml_used")]
+        out.append(Case(name=f"{name}_dp{world}", kind="train_bench", status="ok",
+                        peak_gib=max(nvml) / 2**30 if nvml else None,
+                        reserved_gib=_max([m.get("torch_reserved_peak", 0) / 2**30 for x in rows for m in x["memory"] if m]),
+                        allocated_gib=_max([m.get("torch_allocated_peak", 0) / 2**30 for x in rows for m in x["memory"] if m]),
+                        step_s=statistics.median(x["step_time_s"] for x in rows), job=job, plan=resolve_plan(job),
+                        source=source))
+    return out
 
 
 # --- prediction and errors ------------------------------------------------------------------------
@@ -362,7 +396,7 @@ def _row_dict(r: Row) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("measurements", nargs="+", help="JSON files from measure_deepspeed.py / measure_zo.py")
+    p.add_argument("measurements", nargs="+", help="JSON files from measure_deepspeed.py / measure_zo.py / train_bench.py")
     p.add_argument("--cluster-profile", default=None, help="cluster YAML (e.g. from `meshpilot probe`) for every job")
     p.add_argument("--constants", default=None, help="start from these constants (YAML from --fit-out)")
     p.add_argument("--fit-out", default=None, help="write the fitted constants to this YAML")

@@ -61,6 +61,9 @@ CONFIGS = [
                 steps=6, warmup=2, quick=False),
     BenchConfig("1b_zero3_offload_all", "llama-1b", {"zero_stage": 3, "offload_optimizer": "cpu",
                                                      "offload_params": "cpu"}, direct=False, steps=6, warmup=2),
+    BenchConfig("7b_zero2_offload_opt_ac", "llama-2-7b", {"zero_stage": 2, "offload_optimizer": "cpu",
+                                                        "activation_checkpointing": "full"}, micro_batch=1,
+                direct=False, steps=5, warmup=2, quick=False, min_gpus=4),
     BenchConfig("7b_zero3_ac", "llama-2-7b", {"zero_stage": 3, "activation_checkpointing": "full"}, micro_batch=1,
                 seq_len=2048, direct=False, steps=6, warmup=2, quick=False, min_gpus=4),
 ]

@@ -131,6 +131,20 @@ def _suggestions(job, plan: Plan) -> str:
     return ("try " + ", or ".join(tried)) if tried else "use a larger cluster or a smaller model/batch"
 
 
+def bytecode_hint(environ) -> Optional[str]:
+    """A warning when the workers will compile their imports from source at every start.
+
+    With PYTHONDONTWRITEBYTECODE set and no PYTHONPYCACHEPREFIX, a Python install that shipped
+    without .pyc files (some container images) compiles torch, DeepSpeed and Ray from source in
+    every worker process: 5.3 s of rank 0's 12 s start-up on 4 x H200, and command to first step
+    28.5-31.2 s instead of 13.6-15.0 s (benchmarks/results/2026-11-27-s5-h200x4)."""
+    if environ.get("PYTHONDONTWRITEBYTECODE") and not environ.get("PYTHONPYCACHEPREFIX"):
+        return ("PYTHONDONTWRITEBYTECODE is set: where torch/DeepSpeed were installed without .pyc files, every "
+                "worker compiles them from source at start-up (seconds per worker); unset it, or set "
+                "PYTHONPYCACHEPREFIX to a writable folder")
+    return None
+
+
 def _describe(plan: Plan) -> str:
     return plan.describe()
 
@@ -232,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("run %s: %s, %d worker(s), run dir %s", run_id, _describe(plan), plan.world_size, run_dir)
     console.print(f"[bold]meshpilot run[/bold] {run_id}: {_describe(plan)} on {plan.world_size} "
                   f"{'GPU' if spec.use_gpus else 'CPU'} worker(s); run dir {run_dir}")
+    hint = bytecode_hint(os.environ)
+    if hint:
+        log.warning("%s", hint)
 
     cancel_flag = threading.Event()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -335,3 +335,31 @@ def test_scheduler_packs_disjoint_gpus_and_runs_exclusive_alone(bench_configs):
     skipped = {}
     H.schedule(big, 2, run_one, lambda cfg, res: skipped.__setitem__(cfg.name, res))
     assert skipped["m04-z2-dp4-mb8"]["status"] == "skipped"
+
+
+def test_accuracy_report_reads_train_bench_rows():
+    """train_bench.py rows become one case per config: the median of the meshpilot launches' medians,
+    the largest NVML reading over ranks and launches, and the plan the benchmark ran (dp = world)."""
+    _, R = _bench_modules()
+    mem = lambda nvml: [{"rank": 0, "nvml_used": nvml, "torch_reserved_peak": 2**30, "torch_allocated_peak": 2**29}]
+    row = dict(config="1b_zero2_offload_opt", model="llama-1b", plan={"zero_stage": 2, "offload_optimizer": "cpu"},
+               world=4, seq_len=2048, global_batch=8)
+    data = dict(benchmark="train_bench", card="NVIDIA H200", gpus=4, rows=[
+        dict(row, mode="meshpilot", step_time_s=0.40, memory=mem(12 * 2**30)),
+        dict(row, mode="meshpilot", step_time_s=0.50, memory=mem(13 * 2**30)),
+        dict(row, mode="meshpilot", step_time_s=0.90, memory=mem(11 * 2**30)),
+        dict(row, mode="direct", step_time_s=0.10, memory=mem(99 * 2**30)),        # not meshpilot: not a case
+        dict(row, config="failed", mode="meshpilot", error="OOM")])                 # no step time: not a case
+    (c,) = R.train_bench_cases(data, "x.json")
+    assert c.name == "1b_zero2_offload_opt_dp4" and c.step_s == 0.50 and c.peak_gib == 13.0
+    assert c.reserved_gib == 1.0 and c.allocated_gib == 0.5
+    assert (c.plan.dp, c.plan.tp, c.plan.micro_batch, c.plan.grad_accum) == (4, 1, 2, 1)
+    assert c.plan.zero_stage == 2 and c.plan.offload_optimizer == "cpu"
+    assert c.job.cluster.name == "h200-sxm-4" and c.job.cluster.gpus_per_node == 4
+
+
+def test_run_warns_when_workers_compile_their_imports():
+    from meshpilot.orchestrator.cmd_run import bytecode_hint
+    assert "PYTHONPYCACHEPREFIX" in bytecode_hint({"PYTHONDONTWRITEBYTECODE": "1"})
+    assert bytecode_hint({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/tmp/pyc"}) is None
+    assert bytecode_hint({}) is None
