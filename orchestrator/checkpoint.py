@@ -15,6 +15,12 @@ A crash at any point leaves ``latest`` naming the previous complete checkpoint.
 (Rank 0 renames, so ``ROOT`` must be a filesystem shared by all nodes, as DeepSpeed's own
 multi-node checkpoints also assume.)
 
+Expert parameters (``param.meshpilot_expert``) of a plan with ``ep > 1`` are also written by every
+rank to ``TAG/experts/rank_RRRRR.pt`` and restored from there: DeepSpeed's MoE checkpointing
+only knows its own ``deepspeed.moe.layer.MoE`` modules, so for ours it writes the module states
+of dp rank 0 alone, whose experts are not the other ep ranks' (each rank's ZeRO optimizer
+partitions are in its own DeepSpeed files and need nothing extra).
+
 Loading checks the metadata before DeepSpeed touches the files, so a checkpoint written by
 another plan or model, a missing directory, or a dangling ``latest`` is a
 :class:`ConfigError`, not a traceback from inside DeepSpeed.
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 META = "meshpilot.json"
 LATEST = "latest"
 PARTIAL = ".partial"
+EXPERTS = "experts"
 
 
 def plan_summary(plan: Plan) -> str:
@@ -175,11 +182,24 @@ class CheckpointManager:
 
     # --- save ----------------------------------------------------------------------------------
     def save(self, engine: Any, *, step: int, consumed_samples: int) -> Path:
-        """Save a DeepSpeed engine (module, optimizer, ZeRO shards of every rank)."""
-        return self.save_with(lambda d: engine.save_checkpoint(str(self.root), tag=d.name,
-                                                               client_state={"meshpilot_step": step},
-                                                               save_latest=False),
-                              step=step, consumed_samples=consumed_samples)
+        """Save a DeepSpeed engine (module, optimizer, ZeRO shards of every rank; this rank's experts)."""
+        def write(d: Path) -> None:
+            engine.save_checkpoint(str(self.root), tag=d.name, client_state={"meshpilot_step": step},
+                                   save_latest=False)
+            experts = self._local_experts(engine)
+            if experts:
+                (d / EXPERTS).mkdir(exist_ok=True)
+                torch.save({n: p.detach().cpu().clone() for n, p in experts.items()}, self._experts_file(d))
+        return self.save_with(write, step=step, consumed_samples=consumed_samples)
+
+    def _local_experts(self, engine: Any) -> dict[str, torch.nn.Parameter]:
+        """This rank's expert parameters when they differ between ranks (ep > 1), else {}."""
+        if self.plan.ep == 1:
+            return {}
+        return {n: p for n, p in engine.module.named_parameters() if getattr(p, "meshpilot_expert", False)}
+
+    def _experts_file(self, where: Path) -> Path:
+        return where / EXPERTS / f"rank_{self.rank:05d}.pt"
 
     def save_with(self, write: Callable[[Path], None], *, step: int, consumed_samples: int) -> Path:
         """Run ``write(partial_dir)`` on every rank, then complete the checkpoint atomically (collective)."""
@@ -230,6 +250,19 @@ class CheckpointManager:
                                              load_lr_scheduler_states=False, load_module_strict=True)
             if path is None:
                 raise ConfigError(key, str(where), reason="DeepSpeed found no model states in it (incomplete checkpoint)")
+            experts = self._local_experts(engine)
+            if experts:
+                f = self._experts_file(where)
+                if not f.is_file():
+                    raise ConfigError(key, str(where), reason=f"has no expert parameters for rank {self.rank} "
+                                      f"({f.relative_to(where)}): incomplete checkpoint")
+                saved = torch.load(f, map_location="cpu", weights_only=True)
+                if set(saved) != set(experts):
+                    raise ConfigError(key, str(where), reason=f"its expert parameters for rank {self.rank} do not "
+                                      "match this model's")
+                with torch.no_grad():
+                    for n, p in experts.items():
+                        p.copy_(saved[n])
         return self.load_with(read, root, tag, key=key)
 
     def load_with(self, read: Callable[[Path], None], root: Path, tag: str, *, key: str = "resume") -> CheckpointMeta:
