@@ -50,6 +50,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from meshpilot.comm.ports import free_port
+from meshpilot.orchestrator.clusters import cpu_threads_per_gpu_rank
 from meshpilot.orchestrator.controller import Failure, GangError, GroupPoll, Progress
 from meshpilot.orchestrator.errors import ConfigError
 
@@ -146,7 +147,7 @@ class GangSpec:
 
 def gang_spec(world_size: int, tp: int, *, accelerator: str, gpus_per_node: int, cpu_cores: int) -> GangSpec:
     use_gpus = accelerator == "gpu"
-    cpus = max(1, min(8, cpu_cores // max(1, gpus_per_node))) if use_gpus else 1
+    cpus = cpu_threads_per_gpu_rank(cpu_cores, gpus_per_node) if use_gpus else 1
     return GangSpec(world_size=world_size, use_gpus=use_gpus, cpus_per_worker=cpus,
                     max_nodes=(world_size - 1) // gpus_per_node + 1, tp=tp)
 

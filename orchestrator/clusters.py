@@ -47,6 +47,16 @@ def cluster_preset(name: str) -> dict[str, Any]:
     return data
 
 
+MAX_THREADS_PER_GPU_RANK = 8
+
+
+def cpu_threads_per_gpu_rank(cpu_cores: int, gpus_per_node: int) -> int:
+    """CPU cores (OpenMP threads for CPU math) that `meshpilot run` gives each GPU rank: the
+    node's cores shared by its GPUs, at most 8. The Ray gang's bundles use it and so does the
+    simulator's CPU Adam time."""
+    return max(1, min(MAX_THREADS_PER_GPU_RANK, int(cpu_cores) // max(1, int(gpus_per_node))))
+
+
 def detect_local(base: dict[str, Any]) -> dict[str, Any]:
     """Fill the local preset from this machine: NVML GPUs if any, else CPU workers."""
     out = dict(base, gpu=dict(base.get("gpu", {})))

@@ -134,9 +134,15 @@ class SimulatorConstants:
     First principles 0.7; fitted 0.5576."""
     optimizer_bytes_per_param: float = 36.0
     """HBM bytes touched per parameter by the fused Adam step (fp32 master, m, v read+write, grad, 16-bit copy)."""
-    cpu_adam_gparams_per_core: float = 0.07821
-    """DeepSpeed CPUAdam throughput per CPU core, billions of parameters per second (without calibration).
-    First principles 0.02; fitted 0.07821 (2 ranks on a 32-core host: ~1.25 G params/s each)."""
+    cpu_adam_gparams_per_core: float = 0.14
+    """DeepSpeed CPUAdam throughput of one rank per OpenMP thread while compute-bound, billions of
+    parameters per second. 4 x H200 host, 8 threads per rank, 2 ranks: 1.1 G params/s per rank
+    (benchmarks/results/2026-11-27-s5-h200x4, llama-1b ZeRO-2 + optimizer offload, step minus the
+    same plan's step without offload)."""
+    cpu_adam_node_gparams_per_core: float = 0.05
+    """The node's memory-bound CPUAdam ceiling over all its ranks, per core of the node (without a
+    probe calibration): ~30 host bytes per parameter, so 0.05 x 64 cores = 3.2 G params/s is ~96 GB/s.
+    Same source: 4 ranks of 8 threads ran 0.8 G params/s each."""
     pcie_efficiency: float = 0.9963
     """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration).
     First principles 0.9; fitted 0.9963."""

@@ -34,7 +34,10 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   b s k c h values (k = top_k, c = capacity factor) in the ep group.
 - offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
   parameter bytes back per step over PCIe; parameter offload uploads w P_s per forward and
-  backward pass; CPUAdam updates P_s parameters at the node's CPU Adam rate shared by its ranks.
+  backward pass; CPUAdam updates P_s parameters at min(threads x r_thread, R_node / ranks on the
+  node): compute-bound on the rank's threads (``clusters.cpu_threads_per_gpu_rank``, what the Ray
+  gang gives it) until the node's ranks share its memory bandwidth (4 x H200 host, 8 threads per
+  rank: 2 ranks ran 1.1 G params/s each, 4 ranks 0.8 each).
 - optimizer step: memory bound, (``optimizer_bytes_per_param`` + ``grad_clip_bytes_per_param`` when
   clipping) x owned parameters / (HBM x efficiency), plus ``step_overhead_s`` and
   ``step_tensor_s`` per parameter tensor (DeepSpeed's per-tensor loops: norm, clip, copy-back).
@@ -51,6 +54,7 @@ import numpy as np
 
 from meshpilot.comm.cost_model import LinkRates, collective_time
 
+from .clusters import cpu_threads_per_gpu_rank
 from .config import JobConfig
 from .memory_model import ModelTerms, precision_bytes, rank_params
 
@@ -148,9 +152,13 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     off_o, off_p = a.off_opt.astype(bool), a.off_param.astype(bool)
     offload = (np.where(off_o, ga * w * ps / d2h + w * ps / h2d, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
+    # DeepSpeed's CPU Adam on each offloading rank: compute-bound on the rank's OpenMP threads
+    # (what `meshpilot run` gives it), unless the node's ranks together hit the host's memory
+    # bandwidth (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy)
     ranks_per_node = np.minimum(a.world, cl.gpus_per_node)
-    node_adam = (cal.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_gparams_per_core) * 1e9
-    cpu_opt = np.where(off_o, ps / (node_adam / ranks_per_node), 0.0)
+    rank_adam = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node) * c.cpu_adam_gparams_per_core * 1e9
+    node_adam = (cal.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_node_gparams_per_core) * 1e9
+    cpu_opt = np.where(off_o, ps / np.minimum(rank_adam, node_adam / ranks_per_node), 0.0)
     hbm = cl_hbm
     opt_params = np.where(st == 0, pr, ps)
     # memory-bound Adam over the owned fp32 states, the gradient-norm/clip pass over the owned fp32 gradients

@@ -201,6 +201,29 @@ def test_offload_cpu_memory_bytes_per_param():
     assert np.isfinite(e.step_time_s) and e.time_breakdown_s["cpu_optimizer"] > 0
 
 
+def test_cpu_adam_is_thread_bound_until_the_node_is_memory_bound():
+    """ZeRO-Offload's CPU step by hand: a rank steps its P/dp parameters at
+    min(threads x r_thread, R_node / ranks on the node), threads = the node's cores per GPU, at most 8
+    (h100-sxm-4 preset: 4 GPUs). One and two ranks are thread-bound; four share the node's ceiling
+    when it is below 4 x 8 x r_thread."""
+    from meshpilot.orchestrator.clusters import cpu_threads_per_gpu_rank
+    job = _job(global_batch=4)
+    cl, P = job.cluster, param_counts(job.model).total
+    threads = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node)
+    assert threads == min(8, cl.cpu_cores // cl.gpus_per_node)
+    rank = threads * C.cpu_adam_gparams_per_core * 1e9
+    node = cl.cpu_cores * C.cpu_adam_node_gparams_per_core * 1e9
+    assert node / 4 < rank < node / 2                      # the regimes the docstring names
+    for dp in (1, 2, 4):
+        e = simulate(job, Plan(dp=dp, zero_stage=2, offload_optimizer="cpu", micro_batch=4 // dp))
+        ps = P / dp
+        assert e.time_breakdown_s["cpu_optimizer"] == pytest.approx(ps / min(rank, node / dp), rel=1e-3), dp
+    tight = job.cluster.calibration.__class__(cpu_adam_gparams_per_s=0.5)      # a probed node rate wins
+    job.cluster.calibration = tight
+    e = simulate(job, Plan(dp=4, zero_stage=2, offload_optimizer="cpu", micro_batch=1))
+    assert e.time_breakdown_s["cpu_optimizer"] == pytest.approx((P / 4) / (0.5e9 / 4), rel=1e-3)
+
+
 def test_zo2_transfers_duplex_and_sliced_over_one_node():
     """ZO2 block traffic by hand (opt-1.3b, bf16, h100-sxm-4 preset, one micro-batch): up and down
     run at once, so a rank's transfer time is max(up, down) = 2 B / bw; four ranks of one node
