@@ -30,13 +30,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshpilot.comm.ports import free_port
+
 HERE = Path(__file__).resolve().parent
 
-RAY_VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "prestart_off": {"_system_config": {"prestart_worker_first_driver": False}},
-    "num_cpus_gang": {"num_cpus": "gang"},
-}
+
+def ray_variants(gpus: int) -> dict[str, dict[str, Any]]:
+    """ray.init keyword arguments per variant; "num_cpus_gang" reserves only what `meshpilot
+    run`'s gang takes (the threads per GPU rank x the GPUs; the one CPU actor of a run without GPUs)."""
+    from meshpilot.orchestrator.clusters import cpu_threads_per_gpu_rank
+    gang = gpus * cpu_threads_per_gpu_rank(os.cpu_count() or 1, gpus) if gpus else 1
+    return {"default": {},
+            "prestart_off": {"_system_config": {"prestart_worker_first_driver": False}},
+            "num_cpus_gang": {"num_cpus": gang}}
 
 
 def _inner(argv: list[str]) -> int:
@@ -72,7 +78,7 @@ def part_worker(out: Path, gpus: int, timeout: float, *, cpu_smoke: bool = False
         prof_dir = out / f"worker_launch{i}"
         prof_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(gpus),
-               "--master_port", str(29500 + i), str(Path(__file__).resolve()), "--inner",
+               "--master_port", str(free_port("127.0.0.1")), str(Path(__file__).resolve()), "--inner",
                "--job", str(job), "--run-dir", str(work / f"run{i}")]
         t0 = time.time()
         p = subprocess.run(cmd, env=dict(os.environ, MP_PROF_DIR=str(prof_dir)), capture_output=True, text=True,
@@ -95,8 +101,6 @@ import json, os, sys, time
 t0 = time.time()
 import ray
 kw = json.loads(sys.argv[1]); gpus = int(sys.argv[2])
-if kw.get("num_cpus") == "gang":
-    kw["num_cpus"] = max(gpus, 1) * 8
 kw.setdefault("num_cpus", os.cpu_count())
 t1 = time.time()
 ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False,
@@ -129,9 +133,9 @@ print(json.dumps(dict(import_ray_s=t1 - t0, ray_init_s=t2 - t1, placement_group_
 
 
 def part_ray(out: Path, gpus: int, repeats: int) -> dict[str, Any]:
-    rows = []
+    rows, variants = [], ray_variants(gpus)
     for r in range(repeats):
-        for name, kw in RAY_VARIANTS.items():
+        for name, kw in variants.items():
             t0 = time.time()
             p = subprocess.run([sys.executable, "-c", _RAY_PROBE, json.dumps(kw), str(gpus)], capture_output=True,
                                text=True, timeout=180)
@@ -143,7 +147,7 @@ def part_ray(out: Path, gpus: int, repeats: int) -> dict[str, Any]:
                 row["error"] = (p.stdout + p.stderr)[-2000:]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return dict(variants=RAY_VARIANTS, rows=rows)
+    return dict(variants=variants, rows=rows)
 
 
 def main(argv: list[str] | None = None) -> int:
