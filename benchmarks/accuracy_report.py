@@ -1,7 +1,7 @@
 """Predicted vs measured: the simulator's accuracy on the GPU measurements, and a fit of its constants.
 
 Reads measurement JSON(s) written by measure_deepspeed.py / measure_zo.py / train_bench.py, runs
-``meshpilot.orchestrator.simulator.simulate`` on exactly the measured jobs, and prints per config:
+``meshpilot.orchestrator.sim.simulator.simulate`` on exactly the measured jobs, and prints per config:
 measured NVML peak vs predicted peak (error %), measured vs predicted median step time
 (error %), and measured OOM vs predicted fits. Summary: peak-memory MAPE, step-time MAPE and
 the count of configurations predicted to fit that ran out of memory (the target is 0).
@@ -86,8 +86,8 @@ def _max(xs: Any) -> float | None:
 
 
 def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tuple[list[Case], list[dict[str, Any]]]:
-    from meshpilot.orchestrator.job import job_from_dict
-    from meshpilot.orchestrator.plan import resolve_plan
+    from meshpilot.orchestrator.config.loader import job_from_dict
+    from meshpilot.orchestrator.plan.plan import resolve_plan
     cases, meta = [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -122,8 +122,8 @@ def train_bench_cases(data: dict[str, Any], source: str, cluster_profile: str | 
     config, its step time the median of the meshpilot launches' medians, its peak the largest
     NVML reading over ranks and launches (taken after the last step; torch's caching allocator
     keeps the peak reserved, so this is the NVML peak plus what the process freed to the driver)."""
-    from meshpilot.orchestrator.job import job_from_dict
-    from meshpilot.orchestrator.plan import resolve_plan
+    from meshpilot.orchestrator.config.loader import job_from_dict
+    from meshpilot.orchestrator.plan.plan import resolve_plan
     by_config: dict[str, list[dict[str, Any]]] = {}
     for r in data.get("rows", []):
         if r.get("mode") == "meshpilot" and r.get("step_time_s"):
@@ -154,7 +154,7 @@ Predictor = Callable[[Any, Any, Any], Any]     # (job, plan, constants) -> Estim
 
 
 def default_predictor() -> Predictor:
-    from meshpilot.orchestrator.simulator import simulate
+    from meshpilot.orchestrator.sim.simulator import simulate
     return lambda job, plan, constants: simulate(job, plan, constants=constants)
 
 
@@ -307,7 +307,7 @@ def save_constants(path: str | Path, constants: Any, info: dict[str, Any]) -> No
 
 def load_constants(path: str | Path):
     """A SimulatorConstants from a file written by :func:`save_constants` (unknown fields are rejected)."""
-    from meshpilot.orchestrator.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
     data = yaml.safe_load(Path(path).read_text())
     vals = data.get("constants", data)
     known = {f.name for f in dataclasses.fields(SimulatorConstants)}
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(kind, status, ZeRO-3, accumulation, offload)")
     args = p.parse_args(argv)
 
-    from meshpilot.orchestrator.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
     base = load_constants(args.constants) if args.constants else SimulatorConstants()
     cases, meta = load_cases(args.measurements, args.cluster_profile)
     if not cases:

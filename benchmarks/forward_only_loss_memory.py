@@ -28,9 +28,9 @@ WHOLE = 1 << 40          # FORWARD_ONLY_ROWS larger than any batch: the whole cr
 
 def _child(model: str, vocab: int | None, batch: int, seq: int, rows: int) -> dict:
     import torch
-    from meshpilot.orchestrator.config import ModelConfig
-    from meshpilot.orchestrator.models import model_preset
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.config.schema import ModelConfig
+    from meshpilot.orchestrator.config.models import model_preset
+    from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.strategies.model import build_model
     cuda = torch.cuda.is_available()
     preset = model_preset(model)

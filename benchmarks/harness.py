@@ -56,13 +56,13 @@ class BenchConfig:
         """The validated JobConfig (built once: OmegaConf merging is slow; do not mutate it)."""
         cached = self.__dict__.get("_job")
         if cached is None:
-            from meshpilot.orchestrator.job import job_from_dict
+            from meshpilot.orchestrator.config.loader import job_from_dict
             cached = job_from_dict(self.raw, self.overrides)
             object.__setattr__(self, "_job", cached)
         return cached
 
     def plan(self):
-        from meshpilot.orchestrator.plan import resolve_plan
+        from meshpilot.orchestrator.plan.plan import resolve_plan
         return resolve_plan(self.job())
 
     @property
@@ -123,7 +123,7 @@ def select(configs: list[BenchConfig], only: str | None, quick: bool) -> list[Be
 
 def config_table(configs: Sequence[BenchConfig]) -> str:
     """A plain-text table of the configs and the exact meshpilot job of each."""
-    from meshpilot.orchestrator.models import param_counts
+    from meshpilot.orchestrator.config.models import param_counts
     lines = [f"{'name':34s} {'kind':9s} {'params':>7s} {'seq':>5s} {'gb':>4s}  plan"]
     for c in configs:
         job, plan = c.job(), c.plan()

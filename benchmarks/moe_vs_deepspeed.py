@@ -128,7 +128,7 @@ def _build(b: Bench, ep: int, device: Any, dtype: Any):
 
     from meshpilot.comm.groups import build_process_groups
     from meshpilot.comm.layout import build_layout
-    from meshpilot.orchestrator.config import ModelConfig
+    from meshpilot.orchestrator.config.schema import ModelConfig
     from meshpilot.strategies.moe import MoEFeedForward
 
     world = torch.distributed.get_world_size()
@@ -345,8 +345,8 @@ def predicted_a2a_ms(b: Bench, ep: int, cluster: str = "h100-sxm-4") -> float | 
     and backward) of tokens*k*capacity_factor*h values. None if the model is unavailable."""
     try:
         from meshpilot.comm.cost_model import LinkRates, collective_time
-        from meshpilot.orchestrator.clusters import cluster_preset
-        from meshpilot.orchestrator.job import job_from_dict
+        from meshpilot.orchestrator.config.clusters import cluster_preset
+        from meshpilot.orchestrator.config.loader import job_from_dict
         job = job_from_dict({"model": "tiny-mixtral", "cluster": cluster_preset(cluster)})
         rates = LinkRates.from_cluster(job.cluster)
         width = 4 if b.dtype == "fp32" else 2

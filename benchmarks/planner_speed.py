@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import numpy as np
-    from meshpilot.orchestrator.job import load_job
-    from meshpilot.orchestrator.memory_model import model_terms
-    from meshpilot.orchestrator.planner import enumerate_plans, search
-    from meshpilot.orchestrator.simulator import evaluate
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.sim.memory import model_terms
+    from meshpilot.orchestrator.sim.planner import enumerate_plans, search
+    from meshpilot.orchestrator.sim.simulator import evaluate
 
     try:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})   # one core

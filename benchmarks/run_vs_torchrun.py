@@ -1,7 +1,7 @@
 """`meshpilot run` (Ray controller) vs the same training launched by torchrun directly.
 
 Same job, same plan (tp=2 x dp=2, ZeRO-2, bf16, 4 GPUs), same worker
-(``meshpilot.orchestrator.worker``), same call, alternating order. For each launch:
+(``meshpilot.orchestrator.train.worker``), same call, alternating order. For each launch:
 
 * tokens/s, two ways, computed identically for both launchers from the worker's
   ``metrics.jsonl`` (rank 0 writes one record per step): ``timed`` = tokens per step x steps /
@@ -47,8 +47,8 @@ JOB = {
 
 def write_job(path: Path, steps: int, model: str, overrides: list[str]) -> dict[str, Any]:
     """The resolved job file both launchers read (meshpilot's own loader checks it here)."""
-    from meshpilot.orchestrator.job import dump_job, job_from_dict
-    from meshpilot.orchestrator.plan import resolve_plan
+    from meshpilot.orchestrator.config.loader import dump_job, job_from_dict
+    from meshpilot.orchestrator.plan.plan import resolve_plan
     raw = json.loads(json.dumps(JOB))
     raw["model"] = model
     raw["train"]["steps"] = steps
@@ -65,7 +65,7 @@ def commands(job_file: Path, run_dir: Path, world: int) -> dict[str, list[str]]:
                           "--run-dir", str(run_dir / "meshpilot"), "--no-progress", "--max-restarts", "0", "--force"],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
                      "--master_addr", "127.0.0.1", "--master_port", str(free_port("")),
-                     "-m", "meshpilot.orchestrator.worker", "--job", str(job_file), "--run-dir", str(run_dir / "torchrun")],
+                     "-m", "meshpilot.orchestrator.train.worker", "--job", str(job_file), "--run-dir", str(run_dir / "torchrun")],
     }
 
 

@@ -2,7 +2,7 @@
 
 Two parts, each writing JSON (card, date, versions) and a text table into ``--out``:
 
-* ``--part worker``: the worker (``meshpilot.orchestrator.worker``) under torchrun on the
+* ``--part worker``: the worker (``meshpilot.orchestrator.train.worker``) under torchrun on the
   run_vs_torchrun job (llama-1b, tp=2 x dp=2, ZeRO-2), 3 steps, every rank under cProfile.
   The first launch compiles DeepSpeed's ops; the second is the one reported: rank 0's
   start-up phases and the functions with the largest cumulative time (``worker_profile.txt``,
@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 def ray_variants(gpus: int) -> dict[str, dict[str, Any]]:
     """ray.init keyword arguments per variant; "num_cpus_gang" reserves only what `meshpilot
     run`'s gang takes (the threads per GPU rank x the GPUs; the one CPU actor of a run without GPUs)."""
-    from meshpilot.orchestrator.clusters import cpu_threads_per_gpu_rank
+    from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
     gang = gpus * cpu_threads_per_gpu_rank(os.cpu_count() or 1, gpus) if gpus else 1
     return {"default": {},
             "prestart_off": {"_system_config": {"prestart_worker_first_driver": False}},
@@ -47,7 +47,7 @@ def ray_variants(gpus: int) -> dict[str, dict[str, Any]]:
 
 def _inner(argv: list[str]) -> int:
     """One torchrun rank: the worker's main() under cProfile; the profile goes to PROF_DIR/rank<R>.prof."""
-    from meshpilot.orchestrator import worker
+    from meshpilot.orchestrator.train import worker
     prof_dir = Path(os.environ["MP_PROF_DIR"])
     prof = cProfile.Profile()
     prof.enable()

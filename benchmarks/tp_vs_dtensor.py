@@ -85,7 +85,7 @@ class Bench:
 
 
 def model_config(b: Bench):
-    from meshpilot.orchestrator.config import ModelConfig
+    from meshpilot.orchestrator.config.schema import ModelConfig
     from meshpilot.strategies.model import resolved_model_config
     return resolved_model_config(ModelConfig(name="llama-1.3b-bench", arch="llama", layers=b.layers, hidden=b.hidden,
                                              heads=b.heads, kv_heads=b.kv_heads, ffn=b.ffn, vocab=b.vocab,
@@ -122,7 +122,7 @@ def _dtensor_model(cfg, b: Bench, device, dtype, world: int):
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, loss_parallel,
                                                    parallelize_module)
 
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.strategies.model import build_model
     model = build_model(cfg, Plan(), None, seed=b.seed, dtype=dtype, device=device)
     mesh = init_device_mesh(device.type, (world,))
@@ -153,7 +153,7 @@ def _dtensor_model(cfg, b: Bench, device, dtype, world: int):
 
 def _ours_model(cfg, b: Bench, device, dtype, world: int, sequence_parallel: bool = False):
     from meshpilot.comm.groups import build_process_groups
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.strategies.model import build_model
     plan = Plan(dp=1, tp=world, sequence_parallel=sequence_parallel)
     groups = build_process_groups(plan.layout(gpus_per_node=max(world, 1)))
@@ -356,9 +356,9 @@ def run_tp_degree(b: Bench, world: int) -> list[dict[str, Any]]:
 def simulator_prediction(b: Bench, tp: int) -> dict[str, Any] | None:
     """The simulator's step-time breakdown for the same job on h100-sxm-4 (None if unavailable)."""
     try:
-        from meshpilot.orchestrator.job import job_from_dict
-        from meshpilot.orchestrator.plan import Plan
-        from meshpilot.orchestrator.simulator import simulate
+        from meshpilot.orchestrator.config.loader import job_from_dict
+        from meshpilot.orchestrator.plan.plan import Plan
+        from meshpilot.orchestrator.sim.simulator import simulate
         cfg = model_config(b)
         job = job_from_dict(dict(model={k: getattr(cfg, k) for k in ("name", "arch", "layers", "hidden", "heads",
                                                                      "kv_heads", "ffn", "vocab", "max_positions",

@@ -72,7 +72,7 @@ CPU_SMOKE = BenchConfig("cpu_smoke_tiny_zero2", "tiny-llama", {"zero_stage": 2},
 
 
 def job_for(cfg: BenchConfig, world: int, *, cpu: bool):
-    from meshpilot.orchestrator.job import job_from_dict
+    from meshpilot.orchestrator.config.loader import job_from_dict
     plan = {"dp": world, "tp": 1, "micro_batch": cfg.micro_batch, **cfg.plan}
     train = {"seq_len": cfg.seq_len, "global_batch": cfg.micro_batch * world, "steps": cfg.steps,
              "precision": "fp32" if cpu else "bf16", "lr": 1e-4, "data": "synthetic", "warmup_steps": 0}
@@ -91,13 +91,13 @@ def job_for(cfg: BenchConfig, world: int, *, cpu: bool):
 
 def _worker(args: argparse.Namespace) -> int:
     cfg = next(c for c in CONFIGS + [CPU_SMOKE] if c.name == args.config)
-    from meshpilot.orchestrator.worker import env_rank_info
+    from meshpilot.orchestrator.train.worker import env_rank_info
     info = env_rank_info()
     cpu = args.cpu
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     job = job_for(cfg, info["world_size"], cpu=cpu)
-    from meshpilot.orchestrator.plan import resolve_plan
+    from meshpilot.orchestrator.plan.plan import resolve_plan
     plan = resolve_plan(job)
     counter = None
     if args.count_steps:       # count each step's collectives, ZeRO-3 fetches and host reads (no timing)
@@ -122,7 +122,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _run_meshpilot(job, plan, info, cfg: BenchConfig, on_step=None) -> dict[str, Any]:
     """meshpilot's worker; ``on_step()`` (tests) is called after every step."""
-    from meshpilot.orchestrator.worker import run_worker
+    from meshpilot.orchestrator.train.worker import run_worker
     times: list[float] = []
 
     def hook(r: dict[str, Any]) -> None:
@@ -142,7 +142,7 @@ def _run_direct(job, plan, info, cfg: BenchConfig, *, cpu: bool, on_step=None) -
     import torch
     import torch.distributed as dist
 
-    from meshpilot.orchestrator.metrics import memory_stats
+    from meshpilot.orchestrator.train.metrics import memory_stats
     from meshpilot.strategies.deepspeed_config import deepspeed_config
     from meshpilot.strategies.model import build_model
 
@@ -198,8 +198,8 @@ class _Null:
 
 def _row(job, cfg: BenchConfig, times: list[float], memory: list[Any], world: int, mode: str,
          loss: float | None) -> dict[str, Any]:
-    from meshpilot.orchestrator.metrics import mfu
-    from meshpilot.orchestrator.models import param_counts
+    from meshpilot.orchestrator.train.metrics import mfu
+    from meshpilot.orchestrator.config.models import param_counts
     measured = times[cfg.warmup:] or times
     step = statistics.median(measured)
     tokens = job.train.global_batch * job.train.seq_len

@@ -17,7 +17,7 @@ when it needs several GPUs, so an OOM or a hang costs only that configuration):
 
 Each result is written to ``--out`` (default $OUT, else ./zo_bench_out) as zo_bench.json
 with the card name, date and versions; a table is printed. Next to each plan, the
-simulator's prediction is added when ``meshpilot.orchestrator.simulator`` can score it.
+simulator's prediction is added when ``meshpilot.orchestrator.sim.simulator`` can score it.
 
     python benchmarks/zo_bench.py --quick            # ~3 min on 4 H100s
     python benchmarks/zo_bench.py                    # ~6 min; adds 13B to the memory sweep
@@ -80,8 +80,8 @@ def _fast_init() -> None:
 
 
 def _tiny_cfg():
-    from meshpilot.orchestrator.config import ModelConfig
-    from meshpilot.orchestrator.models import model_preset
+    from meshpilot.orchestrator.config.schema import ModelConfig
+    from meshpilot.orchestrator.config.models import model_preset
     return ModelConfig(**model_preset("tiny-gpt2"))
 
 
@@ -89,9 +89,9 @@ def run_worker(spec: dict[str, Any], result_path: str) -> None:
     import torch
     import torch.distributed as dist
     from meshpilot.comm.groups import build_process_groups
-    from meshpilot.orchestrator.config import ModelConfig
-    from meshpilot.orchestrator.models import model_preset, param_counts
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.config.schema import ModelConfig
+    from meshpilot.orchestrator.config.models import model_preset, param_counts
+    from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.strategies.model import build_model, resolved_model_config
     from meshpilot.strategies.zo import build_zo_trainer
 
@@ -231,9 +231,9 @@ def preset_for(card: str) -> str:
 def _simulated(spec: dict[str, Any], cluster: str = "h100-sxm-4") -> dict[str, Any] | None:
     """The simulator's prediction for the same plan on ``cluster``, if it can score it."""
     try:
-        from meshpilot.orchestrator.job import job_from_dict
-        from meshpilot.orchestrator.plan import Plan
-        from meshpilot.orchestrator.simulator import simulate
+        from meshpilot.orchestrator.config.loader import job_from_dict
+        from meshpilot.orchestrator.plan.plan import Plan
+        from meshpilot.orchestrator.sim.simulator import simulate
         model = "tiny-gpt2" if spec["model"] == "tiny" else spec["model"]
         world = spec["pertp"] * spec["zo_dp"]
         job = job_from_dict({"model": model, "cluster": cluster,

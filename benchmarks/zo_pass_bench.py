@@ -29,9 +29,9 @@ from harness import metadata  # noqa: E402
 def _params(model_name: str, device: torch.device):
     """The model's trainable parameters in MeZO's order, as bf16 N(0, 0.02^2) tensors on
     ``device`` (shapes from a meta-device build: the values do not matter for the timing)."""
-    from meshpilot.orchestrator.config import ModelConfig
-    from meshpilot.orchestrator.models import model_preset
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.config.schema import ModelConfig
+    from meshpilot.orchestrator.config.models import model_preset
+    from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.strategies import model as model_mod, moe, tensor_parallel
     from meshpilot.strategies.model import build_model
     from meshpilot.strategies.zo import ZOParam, zo_parameters

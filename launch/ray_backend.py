@@ -50,13 +50,13 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from meshpilot.comm.ports import free_port
-from meshpilot.orchestrator.clusters import cpu_threads_per_gpu_rank
-from meshpilot.orchestrator.controller import Failure, GangError, GroupPoll, Progress
+from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
+from meshpilot.orchestrator.run.controller import Failure, GangError, GroupPoll, Progress
 from meshpilot.orchestrator.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKER = "meshpilot.orchestrator.worker:run_worker"
+DEFAULT_WORKER = "meshpilot.orchestrator.train.worker:run_worker"
 FAIL_AT_ENV = "MESHPILOT_FAIL_AT_STEP"
 
 
@@ -614,7 +614,7 @@ def _local_ranks(where: list[dict[str, Any]], use_gpus: bool) -> tuple[list[int]
 
 
 def _pid_exists(pid: int) -> bool:
-    from meshpilot.orchestrator.job_state import pid_alive
+    from meshpilot.orchestrator.run.store import pid_alive
     return pid_alive(pid, unknown=False)
 
 

@@ -1,5 +1,5 @@
 """A small stand-in training function with the worker's signature (see
-``meshpilot.orchestrator.worker.run_worker``): data-parallel SGD on a two-layer MLP over real
+``meshpilot.orchestrator.train.worker.run_worker``): data-parallel SGD on a two-layer MLP over real
 gloo, with complete-marker checkpoints and automatic resume. The controller's tests of the
 launch machinery that need no transformer use it (``--worker meshpilot.launch.toy_worker:run_toy_worker``).
 

@@ -25,9 +25,9 @@ import copy
 import logging
 from typing import Any, Mapping
 
-from meshpilot.orchestrator.config import JobConfig
+from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.plan.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meshpilot.orchestrator.config import ModelConfig
+from meshpilot.orchestrator.config.schema import ModelConfig
 
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 from .tp_comm import copy_to_tp_region, group_size

@@ -50,9 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from meshpilot.orchestrator.config import ModelConfig
-from meshpilot.orchestrator.models import fill_model_defaults, is_moe_layer
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.config.models import fill_model_defaults, is_moe_layer
+from meshpilot.orchestrator.plan.plan import Plan
 
 from .init_utils import full_normal
 from .layers import Attention, GeluMLP, SwiGLUMLP, _replicated, make_norm

@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meshpilot.orchestrator.config import ModelConfig
+from meshpilot.orchestrator.config.schema import ModelConfig
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.models import llama_ffn
+from meshpilot.orchestrator.config.models import llama_ffn
 
 from .expert_parallel import all_to_all, exchange_counts, gather_sequence_replicated
 from .tp_comm import copy_to_tp_region, group_rank, group_size, reduce_from_tp_region, scatter_to_sequence_region

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from meshpilot.comm.groups import ProcessGroups
-from meshpilot.orchestrator.config import JobConfig
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.plan.plan import Plan
 
 from .deepspeed_config import deepspeed_config
 

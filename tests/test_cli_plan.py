@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from meshpilot.orchestrator.job import load_job
-from meshpilot.orchestrator.plan import resolve_plan
+from meshpilot.orchestrator.config.loader import load_job
+from meshpilot.orchestrator.plan.plan import resolve_plan
 
 # the installed console script; the module form when the script is not on PATH
 CLI = [shutil.which("meshpilot")] if shutil.which("meshpilot") else [sys.executable, "-m", "meshpilot.orchestrator.cli"]

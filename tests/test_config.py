@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.job import dump_job, job_from_dict, load_job
+from meshpilot.orchestrator.config.loader import dump_job, job_from_dict, load_job
 
 BASE = {
     "model": {"arch": "llama", "layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "ffn": 11008,

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from meshpilot.orchestrator.controller import (ALLOWED_TRANSITIONS, Controller, FailDecision, Failure,
+from meshpilot.orchestrator.run.controller import (ALLOWED_TRANSITIONS, Controller, FailDecision, Failure,
                                                FailurePolicy, GangError, GroupPoll, IllegalTransition, JobStatus,
                                                Progress, RestartDecision)
-from meshpilot.orchestrator.job_state import JobState, RunStore, find_run, list_runs
+from meshpilot.orchestrator.run.store import JobState, RunStore, find_run, list_runs
 
 S = JobStatus
 

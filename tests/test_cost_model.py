@@ -7,7 +7,7 @@ import pytest
 from meshpilot.comm.cost_model import (LinkRates, bus_factor, bytes_sent_per_rank, collective_time,
                                        group_collective_time, span_of)
 from meshpilot.comm.layout import build_layout
-from meshpilot.orchestrator.job import load_job
+from meshpilot.orchestrator.config.loader import load_job
 
 GIB = 2**30
 
@@ -108,10 +108,10 @@ def test_vectorised_equals_scalar():
 
 def test_step_time_terms_hand_computed():
     """Forward/backward/TP/DP terms of the time model against the formulas evaluated by hand."""
-    from meshpilot.orchestrator.estimate import SimulatorConstants
-    from meshpilot.orchestrator.models import param_counts
-    from meshpilot.orchestrator.plan import Plan
-    from meshpilot.orchestrator.simulator import simulate
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.config.models import param_counts
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.sim.simulator import simulate
 
     job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "plan=auto", "train.global_batch=16",
                           "train.seq_len=2048", "cluster.calibration.matmul_tflops=700"])

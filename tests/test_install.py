@@ -16,7 +16,7 @@ def test_plain_install_resolves_presets_from_another_directory(tmp_path):
     for sub in ("orchestrator", "strategies", "comm", "launch", "cluster_configs"):
         assert (target / "meshpilot" / sub / "__init__.py").is_file(), sub
     assert not (target / "comm").exists(), "a top-level `comm` package would shadow Jupyter's"
-    code = ("import meshpilot.orchestrator.job as j, meshpilot.orchestrator.clusters as c;"
+    code = ("import meshpilot.orchestrator.config.loader as j, meshpilot.orchestrator.config.clusters as c;"
             "assert j.__file__.startswith(%r), j.__file__;"
             "job = j.job_from_dict({'model': 'llama-2-7b', 'cluster': 'dgx-h100'});"
             "print(job.cluster.gpus_per_node, job.model.layers, len(c.cluster_preset_names()))") % str(target)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshpilot.orchestrator.estimate import SimulatorConstants
-from meshpilot.orchestrator.job import load_job
-from meshpilot.orchestrator.memory_model import (korthikanti_layer_bytes, layer_activation_bytes, memory_terms,
+from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+from meshpilot.orchestrator.config.loader import load_job
+from meshpilot.orchestrator.sim.memory import (korthikanti_layer_bytes, layer_activation_bytes, memory_terms,
                                                  model_terms, zero_model_states_paper)
-from meshpilot.orchestrator.models import param_counts
-from meshpilot.orchestrator.plan import Plan
-from meshpilot.orchestrator.simulator import PlanArrays, simulate
+from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.plan.plan import Plan
+from meshpilot.orchestrator.sim.simulator import PlanArrays, simulate
 
 C = SimulatorConstants()
 
@@ -206,7 +206,7 @@ def test_cpu_adam_is_thread_bound_until_the_node_is_memory_bound():
     min(threads x r_thread, R_node / ranks on the node), threads = the node's cores per GPU, at most 8
     (h100-sxm-4 preset: 4 GPUs). One and two ranks are thread-bound; four share the node's ceiling
     when it is below 4 x 8 x r_thread."""
-    from meshpilot.orchestrator.clusters import cpu_threads_per_gpu_rank
+    from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
     job = _job(global_batch=4)
     cl, P = job.cluster, param_counts(job.model).total
     threads = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node)

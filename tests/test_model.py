@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from dist_utils import run_distributed
 from meshpilot.comm.groups import build_process_groups
-from meshpilot.orchestrator.config import ModelConfig
-from meshpilot.orchestrator.models import model_preset, param_counts
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.config.models import model_preset, param_counts
+from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.strategies.model import apply_activation_checkpointing, build_model, decays, resolved_model_config
 
 SEED = 11

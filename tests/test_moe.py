@@ -20,7 +20,7 @@ from dist_utils import run_distributed
 
 from meshpilot.comm.groups import build_process_groups
 from meshpilot.comm.layout import build_layout
-from meshpilot.orchestrator.config import ModelConfig
+from meshpilot.orchestrator.config.schema import ModelConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.strategies.init_utils import full_normal
 from meshpilot.strategies.moe import MoEFeedForward

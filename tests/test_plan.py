@@ -5,8 +5,8 @@ import pytest
 
 from meshpilot.comm.layout import build_layout
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.job import job_from_dict
-from meshpilot.orchestrator.plan import Plan, resolve_plan
+from meshpilot.orchestrator.config.loader import job_from_dict
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 
 JOB = {"model": "llama-2-7b", "cluster": "h100-sxm-4",
        "train": {"seq_len": 2048, "global_batch": 16},

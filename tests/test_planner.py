@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.job import load_job
-from meshpilot.orchestrator.plan import Plan, resolve_plan
-from meshpilot.orchestrator.planner import choose_plan, enumerate_plans, search
-from meshpilot.orchestrator.simulator import simulate
+from meshpilot.orchestrator.config.loader import load_job
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
+from meshpilot.orchestrator.sim.planner import choose_plan, enumerate_plans, search
+from meshpilot.orchestrator.sim.simulator import simulate
 
 
 def _job(*ov):
@@ -141,8 +141,8 @@ def test_bad_arguments():
 
 
 def test_plan_description_round_trip():
-    from meshpilot.orchestrator.job import job_from_dict, job_to_dict
-    from meshpilot.orchestrator.simulator import describe, plan_overrides
+    from meshpilot.orchestrator.config.loader import job_from_dict, job_to_dict
+    from meshpilot.orchestrator.sim.simulator import describe, plan_overrides
     job = _job("model=tiny-mixtral", "cluster=h100-sxm-4", "train.global_batch=8", "train.seq_len=64")
     arrays, _, _ = enumerate_plans(job)
     for i in range(0, arrays.n, 7):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from meshpilot.orchestrator.clusters import cluster_preset, cluster_preset_names
-from meshpilot.orchestrator.job import job_from_dict
-from meshpilot.orchestrator.models import model_preset_names, param_counts, published_params
+from meshpilot.orchestrator.config.clusters import cluster_preset, cluster_preset_names
+from meshpilot.orchestrator.config.loader import job_from_dict
+from meshpilot.orchestrator.config.models import model_preset_names, param_counts, published_params
 
 PUBLISHED = [n for n in model_preset_names() if published_params(n)[0] is not None]
 

@@ -13,10 +13,10 @@ from meshpilot.comm.bandwidth import (bus_bandwidth_gbs, bus_factor, collective_
                                       fit_latency_bandwidth)
 from meshpilot.comm.probe import (ProbeReport, ProbeSettings, calibrated_profile, free_port, matmul_shapes,
                                   run_probe)
-from meshpilot.orchestrator.cli import main
-from meshpilot.orchestrator.clusters import cluster_preset
-from meshpilot.orchestrator.config import CalibrationConfig
-from meshpilot.orchestrator.job import load_job
+from meshpilot.orchestrator.cli.main import main
+from meshpilot.orchestrator.config.clusters import cluster_preset
+from meshpilot.orchestrator.config.schema import CalibrationConfig
+from meshpilot.orchestrator.config.loader import load_job
 
 KiB = 1024
 
@@ -216,8 +216,8 @@ def test_accuracy_report_fits_constants_on_synthetic_measurements(tmp_path):
     """Measurements made by the simulator with known 'true' constants: the fit must recover them on the holdout."""
     import json
     H, R = _bench_modules()
-    from meshpilot.orchestrator.estimate import SimulatorConstants
-    from meshpilot.orchestrator.simulator import simulate
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.simulator import simulate
     d = SimulatorConstants()
     # 'true' constants on the fit's grid from the defaults: context x 2.0, matrix rate x 0.7
     true = d.replace(cuda_context_gib=2.0 * d.cuda_context_gib, matmul_efficiency=0.7 * d.matmul_efficiency)
@@ -286,7 +286,7 @@ def bench_configs():
 
 def test_accuracy_config_list_covers_the_issue(bench_configs):
     """>= 20 DeepSpeed configs (ZeRO 0-3, both offloads, micro-batch, checkpointing, 0.3B-7B, dp 2 and 4) and >= 5 ZO."""
-    from meshpilot.orchestrator.models import param_counts
+    from meshpilot.orchestrator.config.models import param_counts
     ds = [c for c in bench_configs if c.kind == "deepspeed"]
     zo = [c for c in bench_configs if c.kind == "zo"]
     assert len(ds) >= 20 and len(zo) >= 5
@@ -359,7 +359,7 @@ def test_accuracy_report_reads_train_bench_rows():
 
 
 def test_run_warns_when_workers_compile_their_imports():
-    from meshpilot.orchestrator.cmd_run import bytecode_hint
+    from meshpilot.orchestrator.cli.cmd_run import bytecode_hint
     assert "PYTHONPYCACHEPREFIX" in bytecode_hint({"PYTHONDONTWRITEBYTECODE": "1"})
     assert bytecode_hint({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/tmp/pyc"}) is None
     assert bytecode_hint({}) is None

@@ -1,5 +1,5 @@
 """`meshpilot run` end to end: real local Ray, real CPU worker processes over gloo, the real
-training worker (meshpilot.orchestrator.worker.run_worker with DeepSpeed), driven through the
+training worker (meshpilot.orchestrator.train.worker.run_worker with DeepSpeed), driven through the
 CLI in subprocesses, as a user would.
 
 One Ray cluster (6 CPU slots) is started for the module by a holder process and runs connect
@@ -134,7 +134,9 @@ def runs(tmp_path_factory, ray_address):
     victim_rank = random.Random().randint(0, 1)
     victim = st["worker_pids"][victim_rank]
     os.kill(victim, signal.SIGKILL)
-    killed_at = st["step"]
+    # the newest complete checkpoint when the kill landed: a later one needs the dead rank's files
+    latest = kill_dir / "checkpoints" / "latest"
+    killed_at = int(latest.read_text().strip().split("_")[-1]) if latest.is_file() else 0
     rc_k, out_k = _finish(killed)
     rc_r, out_r = _finish(ref)
     rc_t, out_t = _finish(tp)
@@ -169,11 +171,11 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ru
     assert s["status"] == "succeeded" and s["restarts"] == 1 and s["attempts"] == 2, s["failures"]
     assert s["failures"] and s["failures"][0].split(":")[0] in ("worker_died", "worker_error")
     assert not _alive(victim)
-    # resumed from the latest complete checkpoint (a multiple of EVERY), not from 0. `killed_at` is the
-    # step in state.json when the kill was sent; that file is written at most twice a second and can
-    # trail the workers by a few steps, so a checkpoint up to one interval later may already be complete
+    # resumed from the latest complete checkpoint, not from 0. `killed_at` is the step that `latest` named
+    # right after the kill; the checkpoint after it can still complete when the victim had already written
+    # its part of it before the signal landed (rank 0 then renames it), never a later one
     start = s["results"][0]["start_step"]
-    assert start % EVERY == 0 and EVERY <= start <= killed_at + EVERY, (start, killed_at)
+    assert start % EVERY == 0 and EVERY <= start and start in (killed_at, killed_at + EVERY), (start, killed_at)
     assert s["final_loss"] == ref["final_loss"]
     assert s["param_checksum"] == ref["param_checksum"]
     assert "===== attempt 1 rank" in (d / "logs" / f"rank{victim_rank}.log").read_text()

@@ -38,8 +38,8 @@ def _count(rank: int, world: int, mode: str, stage: int) -> list[dict]:
     import train_bench as tb
     from step_counter import StepCounter
 
-    from meshpilot.orchestrator.plan import resolve_plan
-    from meshpilot.orchestrator.worker import env_rank_info
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.train.worker import env_rank_info
     cfg = tb.BenchConfig("step_counts", "tiny-llama", {"zero_stage": stage}, seq_len=32, micro_batch=2,
                          steps=STEPS, warmup=1)
     job = tb.job_for(cfg, world, cpu=True)

@@ -12,18 +12,18 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from meshpilot.orchestrator.checkpoint import (CheckpointManager, CheckpointMeta, find_checkpoint, model_fingerprint,
+from meshpilot.orchestrator.train.checkpoint import (CheckpointManager, CheckpointMeta, find_checkpoint, model_fingerprint,
                                                plan_fingerprint, plan_summary)
 from meshpilot.orchestrator.atomic_io import write_atomic
-from meshpilot.orchestrator.data import (BatchLayout, ShardedBatches, SyntheticSamples, WindowSamples, main as data_main,
+from meshpilot.orchestrator.train.data import (BatchLayout, ShardedBatches, SyntheticSamples, WindowSamples, main as data_main,
                                          open_token_file, resolve_source, write_token_file)
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.metrics import flops_per_token, mfu
-from meshpilot.orchestrator.models import param_counts
-from meshpilot.orchestrator.plan import resolve_plan
-from meshpilot.orchestrator.schedule import lr_at
-from meshpilot.orchestrator.tokenizer import ByteTokenizer
-from meshpilot.orchestrator.worker import env_rank_info, preflight
+from meshpilot.orchestrator.train.metrics import flops_per_token, mfu
+from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.plan.plan import resolve_plan
+from meshpilot.orchestrator.train.schedule import lr_at
+from meshpilot.orchestrator.train.tokenizer import ByteTokenizer
+from meshpilot.orchestrator.train.worker import env_rank_info, preflight
 from meshpilot.strategies.deepspeed_config import deepspeed_config, merge_extra
 from train_utils import tiny_job
 
@@ -198,7 +198,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
     bigger = tiny_job({"dp": 2, "zero_stage": 1}, model="tiny-gpt2")
     with pytest.raises(ConfigError, match="different model"):
         CheckpointManager(root, bigger, plan, rank=0, world_size=2).check_compatible(
-            __import__("meshpilot.orchestrator.checkpoint", fromlist=["x"]).read_meta(d), d)
+            __import__("meshpilot.orchestrator.train.checkpoint", fromlist=["x"]).read_meta(d), d)
     write_atomic(root / "latest", "step_00000099\n")
     with pytest.raises(ConfigError, match="missing or incomplete"):
         preflight(job, plan, world_size=2, run_dir=tmp_path / "run")
@@ -248,7 +248,7 @@ def test_causal_lm_adapter_for_user_models():
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
-    from meshpilot.orchestrator.metrics import MetricsLogger, StepRecord, memory_stats
+    from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, memory_stats
     m = MetricsLogger(tmp_path, rank=0, tensorboard=True)
     mem = memory_stats(0).__dict__
     assert mem["host_rss_peak"] > 10 * 2**20 and mem["torch_allocated_peak"] is None   # CPU: RSS only

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _job_file(tmp_path, **train):
-    from meshpilot.orchestrator.job import dump_job
+    from meshpilot.orchestrator.config.loader import dump_job
     from train_utils import tiny_job
     job = tiny_job({"dp": 2, "zero_stage": 1, "micro_batch": 4}, steps=3, **train)
     p = tmp_path / "job.yaml"
@@ -34,7 +34,7 @@ def _launch(job_file, run_dir, world=2):
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)
-        procs.append(subprocess.Popen([sys.executable, "-m", "meshpilot.orchestrator.worker", "--job", str(job_file),
+        procs.append(subprocess.Popen([sys.executable, "-m", "meshpilot.orchestrator.train.worker", "--job", str(job_file),
                                        "--run-dir", str(run_dir)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = []

@@ -83,7 +83,7 @@ def test_tp2_dp2_zero1_zero2_match_single_process(tmp_path):
 
 
 def _deep_stage3(rank: int, world: int, tmp: str) -> dict:
-    from meshpilot.orchestrator.job import job_from_dict
+    from meshpilot.orchestrator.config.loader import job_from_dict
     from train_utils import TINY_TRAIN, run
     out = {}
     for model in ("tiny-llama",):

@@ -15,9 +15,9 @@ import torch
 
 from dist_utils import run_distributed
 from meshpilot.comm.groups import build_process_groups
-from meshpilot.orchestrator.config import ModelConfig
-from meshpilot.orchestrator.models import model_preset
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.config.models import model_preset
+from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.strategies.model import build_model
 from meshpilot.strategies.zo import MeZO, build_zo_trainer, check_identical, param_checksum, zo_parameters
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshpilot.orchestrator.config import ModelConfig
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.strategies.model import build_model
 from meshpilot.strategies.zo import build_zo_trainer
 

@@ -148,9 +148,9 @@ def test_zo2_equals_mezo_bitwise_on_gpu(preset):
     """On a GPU (fused kernel, three CUDA streams, pinned host stores) ZO2 reproduces plain
     MeZO's losses, g and final parameters exactly, and a step moves a weight by the
     hand-computed -lr g z."""
-    from meshpilot.orchestrator.config import ModelConfig
-    from meshpilot.orchestrator.models import model_preset
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.config.schema import ModelConfig
+    from meshpilot.orchestrator.config.models import model_preset
+    from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.strategies.model import build_model
     from meshpilot.strategies.zo import MeZO, MeZOTrainer, ZO2, direction, param_checksum, zo_parameters
 

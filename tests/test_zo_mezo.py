@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from meshpilot.orchestrator.config import ModelConfig
-from meshpilot.orchestrator.models import model_preset
-from meshpilot.orchestrator.plan import Plan
+from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.config.models import model_preset
+from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.strategies.model import build_model
 from meshpilot.strategies.zo import MeZO, MeZOTrainer, ZO2, build_zo_trainer, direction, param_checksum, \
     step_seed, zo_parameters

@@ -16,14 +16,14 @@ TINY_TRAIN = {"seq_len": 32, "global_batch": 8, "steps": 20, "precision": "fp32"
 
 
 def tiny_job(plan: dict[str, Any], model: str = "tiny-llama", **train: Any):
-    from meshpilot.orchestrator.job import job_from_dict
+    from meshpilot.orchestrator.config.loader import job_from_dict
     return job_from_dict({"model": model, "cluster": "local", "train": {**TINY_TRAIN, **train}, "plan": plan},
                          ["cluster.gpus_per_node=4"])
 
 
 def run(job, rank: int, world: int, run_dir: str, **kw: Any) -> dict[str, Any]:
-    from meshpilot.orchestrator.plan import resolve_plan
-    from meshpilot.orchestrator.worker import run_worker
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.train.worker import run_worker
     return run_worker(job, resolve_plan(job), rank=rank, world_size=world, local_rank=rank, master_addr="127.0.0.1",
                       master_port=int(os.environ.get("MASTER_PORT", "0")), run_dir=run_dir, tensorboard=False, **kw)
 
@@ -31,7 +31,7 @@ def run(job, rank: int, world: int, run_dir: str, **kw: Any) -> dict[str, Any]:
 def _optimizer(model: torch.nn.Module, job) -> torch.optim.Optimizer:
     from meshpilot.strategies.deepspeed_config import ADAM_BETAS, ADAM_EPS
     from meshpilot.strategies.zero import param_groups
-    from meshpilot.orchestrator.plan import Plan
+    from meshpilot.orchestrator.plan.plan import Plan
     groups = param_groups(model, weight_decay=job.train.weight_decay, plan=Plan())
     return torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
                              lr=job.train.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
@@ -47,9 +47,9 @@ def reference_losses(job, *, dp: int = 1, dp_rank: int = 0, ddp_group: Any = Non
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from meshpilot.orchestrator.data import BatchLayout, ShardedBatches, resolve_source
-    from meshpilot.orchestrator.plan import Plan
-    from meshpilot.orchestrator.schedule import lr_at
+    from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.train.schedule import lr_at
     from meshpilot.strategies.model import build_model
 
     t = job.train

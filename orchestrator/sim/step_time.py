@@ -20,7 +20,7 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   the compute stream waits for each module's gather, so this host time adds to the micro-batch
   (reported under zero3_gathers with the exposed gather communication); the stage-3 step adds
   ``zero3_step_tensor_s`` per partitioned tensor. Tensor and module counts come from the Hugging
-  Face module structure (:func:`meshpilot.orchestrator.memory_model.module_structure`).
+  Face module structure (:func:`meshpilot.orchestrator.sim.memory.module_structure`).
 - tensor parallel (Megatron): 2 all-reduces of b s h values in forward and 2 in backward per
   layer (+2 with recomputation), inside the tp group, on the critical path (sequence parallelism
   replaces each by a reduce-scatter + all-gather of the same volume).
@@ -54,13 +54,13 @@ import numpy as np
 
 from meshpilot.comm.cost_model import LinkRates, collective_time
 
-from .clusters import cpu_threads_per_gpu_rank
-from .config import JobConfig
-from .memory_model import ModelTerms, precision_bytes, rank_params
+from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.sim.memory import ModelTerms, precision_bytes, rank_params
 
 if TYPE_CHECKING:
-    from .estimate import SimulatorConstants
-    from .simulator import PlanArrays
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.simulator import PlanArrays
 
 
 def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .errors import ConfigError
-from .estimate import MEMORY_KEYS, TIME_KEYS, Estimate
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.sim.estimate import MEMORY_KEYS, TIME_KEYS, Estimate
 
 
 def estimate_tables(est: Estimate, title: str | None = None) -> list[Table]:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .config import JobConfig
-from .models import param_counts
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.config.models import param_counts
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .atomic_io import fsync_path, write_atomic
-from .config import JobConfig
-from .errors import ConfigError
-from .plan import Plan
+from meshpilot.orchestrator.atomic_io import fsync_path, write_atomic
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.plan.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .errors import ConfigError
-from .job import dump_job, job_from_dict, job_to_dict, load_job
-from .report import estimate_tables, top_table, write_report
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.config.loader import dump_job, job_from_dict, job_to_dict, load_job
+from meshpilot.orchestrator.sim.report import estimate_tables, top_table, write_report
 
 
 def add_parser(sub) -> None:
-    from .cli import add_job_arguments
+    from meshpilot.orchestrator.cli.main import add_job_arguments
     p = sub.add_parser("plan", help="search all parallel layouts and rank those that fit")
     add_job_arguments(p)
     p.add_argument("--objective", default="throughput", help="throughput | memory | cost (default throughput)")
@@ -34,8 +34,8 @@ def _job_with_plan(job, plan):
 
 
 def run(args) -> int:
-    from .planner import search
-    from .simulator import plan_overrides, simulate
+    from meshpilot.orchestrator.sim.planner import search
+    from meshpilot.orchestrator.sim.simulator import plan_overrides, simulate
 
     job = load_job(args.job, args.overrides)
     res = search(job, objective=args.objective, headroom=args.headroom, top=args.top)

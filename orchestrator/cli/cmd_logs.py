@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .errors import ConfigError
-from .job_state import find_run
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.run.store import find_run
 
 
 def add_parser(sub) -> None:

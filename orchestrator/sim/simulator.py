@@ -17,11 +17,11 @@ import numpy as np
 from meshpilot.comm.cost_model import span_of
 from meshpilot.comm.layout import build_layout
 
-from .config import JobConfig
-from .estimate import GIB, MEMORY_KEYS, TIME_KEYS, Estimate, SimulatorConstants
-from .memory_model import ModelTerms, memory_terms, model_terms
-from .plan import Plan, resolve_plan
-from .time_model import flops_per_token_forward, time_terms
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.sim.estimate import GIB, MEMORY_KEYS, TIME_KEYS, Estimate, SimulatorConstants
+from meshpilot.orchestrator.sim.memory import ModelTerms, memory_terms, model_terms
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
+from meshpilot.orchestrator.sim.step_time import flops_per_token_forward, time_terms
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def plan_overrides(text: str) -> list[str]:
         elif key in _SHORT_KEYS and val:
             out.append(f"{_SHORT_KEYS[key]}={val}")
         else:
-            from .errors import ConfigError
+            from meshpilot.orchestrator.errors import ConfigError
             raise ConfigError("--explain", tok, reason="not a plan field",
                               fix="write the plan as the table prints it (dp=4 tp=1 zero=3 mb=2x2 ac=full) "
                                   "or as overrides (plan.dp=4 plan.zero_stage=3)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .job_state import find_run
+from meshpilot.orchestrator.run.store import find_run
 
 
 def add_parser(sub) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from meshpilot.orchestrator.errors import ConfigError
 
 # Datasheet numbers for GPUs that `local` detection recognises by NVML name.
 _KNOWN_GPUS = {

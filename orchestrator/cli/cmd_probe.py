@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .clusters import cluster_preset
-from .errors import ConfigError
-from .job import job_from_dict
+from meshpilot.orchestrator.config.clusters import cluster_preset
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.config.loader import job_from_dict
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
-from .errors import ConfigError
+from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.errors import ConfigError
 
 # name: (arch, layers, hidden, heads, kv_heads, ffn, vocab, max_positions, extra, published params)
 _PRESETS: dict[str, dict[str, Any]] = {}

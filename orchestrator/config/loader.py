@@ -20,10 +20,10 @@ from typing import Any, Iterable
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from . import config as C
-from .clusters import cluster_preset
-from .errors import ConfigError, check_choice, check_positive
-from .models import fill_model_defaults, model_from_hf_config, model_preset
+import meshpilot.orchestrator.config.schema as C
+from meshpilot.orchestrator.config.clusters import cluster_preset
+from meshpilot.orchestrator.errors import ConfigError, check_choice, check_positive
+from meshpilot.orchestrator.config.models import fill_model_defaults, model_from_hf_config, model_preset
 
 SECTIONS = ("model", "cluster", "train", "plan")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .clusters import cluster_preset, cluster_preset_names
-from .job import job_from_dict
+from meshpilot.orchestrator.config.clusters import cluster_preset, cluster_preset_names
+from meshpilot.orchestrator.config.loader import job_from_dict
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .models import model_preset_names, param_counts
+    from meshpilot.orchestrator.config.models import model_preset_names, param_counts
     console = Console()
     t = Table(title="models")
     for col in ("name", "arch", "layers", "hidden", "heads/kv", "ffn", "vocab", "experts", "params", "active"):

@@ -5,7 +5,7 @@ parallelism) or, for ``train.optimizer: zo-sgd``, (zo mode, pertp, zo dp). Each 
 validated once with :meth:`Plan.check` (the same rules the executor applies); the micro-batch
 sizes dividing ``global_batch / dp`` and the activation-checkpointing choices are then
 expanded without further checks, since they cannot make a valid structure invalid. All
-plans are scored in one vectorised call (:func:`meshpilot.orchestrator.simulator.evaluate`).
+plans are scored in one vectorised call (:func:`meshpilot.orchestrator.sim.simulator.evaluate`).
 
 World sizes. A plan uses all the cluster's GPUs or a divisor of their number (an equal share
 of a node, or whole nodes when the count is a multiple of gpus_per_node): a job whose batch
@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import JobConfig
-from .errors import ConfigError
-from .estimate import Estimate, SimulatorConstants
-from .memory_model import model_terms
-from .plan import Plan, resolve_plan
-from .simulator import PlanArrays, Scores, describe, estimate_at, evaluate
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.sim.estimate import Estimate, SimulatorConstants
+from meshpilot.orchestrator.sim.memory import model_terms
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
+from meshpilot.orchestrator.sim.simulator import PlanArrays, Scores, describe, estimate_at, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0
                           ranked=ranked, top=top_est, rejected=rejected, enumerated=enumerated,
                           invalid=sum(invalid.values()), elapsed_s=0.0)
     if fixed_plan is not None:
-        from .simulator import simulate
+        from meshpilot.orchestrator.sim.simulator import simulate
         result.fixed = simulate(job, fixed_plan, constants=constants, headroom=headroom)
     result.elapsed_s = time.perf_counter() - t0
     log.info("planner: %d plans enumerated, %d invalid, %d scored, %d fit, %.3f s", enumerated, result.invalid,

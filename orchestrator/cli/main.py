@@ -7,18 +7,18 @@ import argparse
 import importlib
 import sys
 
-from .errors import ConfigError
+from meshpilot.orchestrator.errors import ConfigError
 
 _COMMAND_MODULES = (
-    "meshpilot.orchestrator.cmd_presets",
-    "meshpilot.orchestrator.cmd_validate",
-    "meshpilot.orchestrator.cmd_probe",
-    "meshpilot.orchestrator.cmd_run",
-    "meshpilot.orchestrator.cmd_status",
-    "meshpilot.orchestrator.cmd_logs",
-    "meshpilot.orchestrator.cmd_cancel",
-    "meshpilot.orchestrator.cmd_simulate",
-    "meshpilot.orchestrator.cmd_plan",
+    "meshpilot.orchestrator.cli.cmd_presets",
+    "meshpilot.orchestrator.cli.cmd_validate",
+    "meshpilot.orchestrator.cli.cmd_probe",
+    "meshpilot.orchestrator.cli.cmd_run",
+    "meshpilot.orchestrator.cli.cmd_status",
+    "meshpilot.orchestrator.cli.cmd_logs",
+    "meshpilot.orchestrator.cli.cmd_cancel",
+    "meshpilot.orchestrator.cli.cmd_simulate",
+    "meshpilot.orchestrator.cli.cmd_plan",
 )
 
 

@@ -7,7 +7,7 @@ Order (everything that can be wrong with the job is found before any resource is
    ``--force``; check that the worker function can be imported;
 3. create the run directory (state.json, events.jsonl, job.yaml, logs/) and index it;
 4. connect to Ray (``--address``, RAY_ADDRESS, or an embedded local Ray);
-5. run the :class:`~meshpilot.orchestrator.controller.Controller` over a
+5. run the :class:`~meshpilot.orchestrator.run.controller.Controller` over a
    :class:`~meshpilot.launch.ray_backend.RayWorkerGroup`, showing a progress bar;
 6. print the summary (time, tokens/s, MFU, peak memory per rank next to the prediction)
    and write it to ``<run_dir>/summary.json``.
@@ -31,21 +31,21 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .controller import Controller, FailurePolicy, JobStatus, Outcome
-from .controller import Progress as StepProgress
-from .errors import ConfigError
-from .job import dump_job, load_job
-from .job_state import JobState, RunStore, new_run_id
-from .plan import Plan, resolve_plan
+from meshpilot.orchestrator.run.controller import Controller, FailurePolicy, JobStatus, Outcome
+from meshpilot.orchestrator.run.controller import Progress as StepProgress
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.config.loader import dump_job, load_job
+from meshpilot.orchestrator.run.store import JobState, RunStore, new_run_id
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 
 log = logging.getLogger("meshpilot.run")
 
-DEFAULT_WORKER = "meshpilot.orchestrator.worker:run_worker"
+DEFAULT_WORKER = "meshpilot.orchestrator.train.worker:run_worker"
 EXIT = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.CANCELLED: 3}
 
 
 def add_parser(sub) -> None:
-    from .cli import add_job_arguments
+    from meshpilot.orchestrator.cli.main import add_job_arguments
     p = sub.add_parser("run", help="train a job on Ray: plan, gang-schedule, restart on failure")
     add_job_arguments(p)
     p.add_argument("--force", action="store_true", help="run even if the simulator says the plan does not fit")
@@ -76,9 +76,9 @@ def choose_plan(job) -> Plan:
     if not job.plan.auto:
         return resolve_plan(job)
     try:
-        from .planner import choose_plan as planner_choose
+        from meshpilot.orchestrator.sim.planner import choose_plan as planner_choose
     except ImportError:
-        raise ConfigError("plan", "auto", reason="the planner (meshpilot.orchestrator.planner) is not installed",
+        raise ConfigError("plan", "auto", reason="the planner (meshpilot.orchestrator.sim.planner) is not installed",
                           fix="give the degrees in the plan section (plan.dp=..., plan.tp=...)") from None
     return planner_choose(job)
 
@@ -86,9 +86,9 @@ def choose_plan(job) -> Plan:
 def fit_check(job, plan: Plan, *, force: bool) -> Optional[Any]:
     """The simulator's Estimate (None without a simulator); raises ConfigError if it does not fit."""
     try:
-        from .simulator import simulate
+        from meshpilot.orchestrator.sim.simulator import simulate
     except ImportError:
-        log.warning("the simulator (meshpilot.orchestrator.simulator) is not available: no fit check")
+        log.warning("the simulator (meshpilot.orchestrator.sim.simulator) is not available: no fit check")
         return None
     est = simulate(job, plan)
     if est.fits or force:
@@ -107,14 +107,14 @@ def _suggestions(job, plan: Plan) -> str:
     """Suggest plans the simulator says fit (the planner's choice first, if it has one)."""
     tried: list[str] = []
     try:
-        from .planner import choose_plan as planner_choose
+        from meshpilot.orchestrator.sim.planner import choose_plan as planner_choose
         alt = planner_choose(job)
         if alt != plan:
             tried.append(f"the planner's choice {_describe(alt)} (plan: auto)")
     except Exception:
         pass
     try:
-        from .simulator import simulate
+        from meshpilot.orchestrator.sim.simulator import simulate
         for kw in (dict(zero_stage=3), dict(activation_checkpointing="full"),
                    dict(zero_stage=3, activation_checkpointing="full"),
                    dict(zero_stage=3, offload_optimizer="cpu", activation_checkpointing="full")):
@@ -379,7 +379,7 @@ def _summary(job, plan: Plan, estimate, outcome: Outcome, t_command: float, firs
     mfu = None
     if tps:
         try:
-            from .metrics import mfu as mfu_of
+            from meshpilot.orchestrator.train.metrics import mfu as mfu_of
             mfu = mfu_of(job, tps, plan.world_size)
         except Exception as e:
             log.warning("MFU not computed: %s", e)

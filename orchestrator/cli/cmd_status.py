@@ -11,7 +11,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from .job_state import find_run, list_runs
+from meshpilot.orchestrator.run.store import find_run, list_runs
 
 
 def add_parser(sub) -> None:

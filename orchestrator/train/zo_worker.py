@@ -23,13 +23,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager
-from .config import JobConfig
-from .data import BatchLayout, ShardedBatches, resolve_source
-from .metrics import MetricsLogger, StepRecord, mfu
-from .plan import Plan
-from .preemption import StopRequest
-from .schedule import lr_at
+from meshpilot.orchestrator.train.checkpoint import CheckpointManager
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
+from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, mfu
+from meshpilot.orchestrator.plan.plan import Plan
+from meshpilot.orchestrator.train.preemption import StopRequest
+from meshpilot.orchestrator.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
     else:
         from meshpilot.strategies.model import build_model
 
-        from .worker import train_dtype
+        from meshpilot.orchestrator.train.worker import train_dtype
         # ZO plans replicate the whole model, kept in train.precision (no optimizer copy in fp32): MeZO's
         # and ZO2's weights, perturbations and transfers are in that dtype
         model = build_model(job.model, plan, None, seed=t.seed, dtype=train_dtype(t.precision))

@@ -5,8 +5,8 @@ the vocabulary fits, else uint32); the sidecar ``NAME.bin.json`` holds
 ``{"format": "meshpilot-tokens", "version": 1, "dtype", "num_tokens", "max_token",
 "tokenizer", "source"}``. Build one with::
 
-    python -m meshpilot.orchestrator.data prepare --input corpus.txt --out tokens.bin
-    python -m meshpilot.orchestrator.data prepare --input demo --out demo.bin
+    python -m meshpilot.orchestrator.train.data prepare --input corpus.txt --out tokens.bin
+    python -m meshpilot.orchestrator.train.data prepare --input demo --out demo.bin
 
 Samples: sample ``i`` is the window ``tokens[i*S : i*S + S + 1]`` (S = seq_len); the model
 reads ``input_ids = w[:-1]`` and ``labels = w[1:]`` (labels are already shifted).
@@ -33,14 +33,14 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from .atomic_io import write_atomic
-from .errors import ConfigError
-from .tokenizer import ByteTokenizer
+from meshpilot.orchestrator.atomic_io import write_atomic
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.train.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
 FORMAT = "meshpilot-tokens"
-DEMO_CORPUS = Path(__file__).resolve().parent / "data" / "demo_corpus.txt"
+DEMO_CORPUS = Path(__file__).resolve().parent / "corpus" / "demo_corpus.txt"
 
 
 # --- token files -----------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def write_token_file(tokens: np.ndarray, path: str | Path, *, tokenizer: str = "
 def open_token_file(path: str | Path, *, key: str = "train.data") -> tuple[np.ndarray, dict]:
     """Memory-map a token file; raise ConfigError naming ``key`` if it is missing or malformed."""
     p = Path(path)
-    fix = ("build it with `python -m meshpilot.orchestrator.data prepare --input TEXT --out "
+    fix = ("build it with `python -m meshpilot.orchestrator.train.data prepare --input TEXT --out "
            f"{p}`, or set {key}=demo or {key}=synthetic")
     if not p.is_file():
         raise ConfigError(key, str(path), reason="no such token file", fix=fix)
@@ -223,7 +223,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meshpilot.orchestrator.data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m meshpilot.orchestrator.train.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="tokenize a UTF-8 text file (byte-level) into a token file")
     pp.add_argument("--input", required=True, help="text file, or 'demo' for the shipped corpus")

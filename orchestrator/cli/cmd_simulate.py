@@ -6,12 +6,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .job import load_job
-from .report import estimate_tables
+from meshpilot.orchestrator.config.loader import load_job
+from meshpilot.orchestrator.sim.report import estimate_tables
 
 
 def add_parser(sub) -> None:
-    from .cli import add_job_arguments
+    from meshpilot.orchestrator.cli.main import add_job_arguments
     p = sub.add_parser("simulate", help="predict peak GPU memory, host memory and step time of the job's plan")
     add_job_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -22,15 +22,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .planner import choose_plan
-    from .simulator import simulate
+    from meshpilot.orchestrator.sim.planner import choose_plan
+    from meshpilot.orchestrator.sim.simulator import simulate
 
     job = load_job(args.job, args.overrides)
     plan = choose_plan(job) if job.plan.auto else None
     constants = None
     if args.deepspeed_config:
-        from .errors import ConfigError
-        from .estimate import constants_for_deepspeed
+        from meshpilot.orchestrator.errors import ConfigError
+        from meshpilot.orchestrator.sim.estimate import constants_for_deepspeed
         try:
             ds = json.loads(Path(args.deepspeed_config).read_text())
         except (OSError, json.JSONDecodeError) as e:

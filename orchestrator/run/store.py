@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic_io import write_atomic
-from .errors import ConfigError
+from meshpilot.orchestrator.atomic_io import write_atomic
+from meshpilot.orchestrator.errors import ConfigError
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 STATE_FILE = "state.json"

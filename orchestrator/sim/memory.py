@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import JobConfig, ModelConfig
-from .models import param_counts
+from meshpilot.orchestrator.config.schema import JobConfig, ModelConfig
+from meshpilot.orchestrator.config.models import param_counts
 
 if TYPE_CHECKING:
-    from .estimate import SimulatorConstants
-    from .simulator import PlanArrays
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.simulator import PlanArrays
 
 
 # --- published formulas (paper mode, for tests and explanation) ----------------------------

@@ -2,7 +2,7 @@
 
 These are OmegaConf structured dataclasses. A job file is YAML; any key can be overridden
 from the command line with dotlist syntax (``plan.zero_stage=3 cluster=dgx-h100``).
-Loading, preset resolution and validation live in :mod:`meshpilot.orchestrator.job`;
+Loading, preset resolution and validation live in :mod:`meshpilot.orchestrator.config.loader`;
 this module only declares the schema and the allowed values.
 
 ``None`` in the plan section means "not fixed": with ``plan: auto`` the planner chooses

@@ -15,8 +15,8 @@ from typing import Any
 
 from meshpilot.comm.layout import RankLayout, build_layout
 
-from .config import ClusterConfig, JobConfig, ModelConfig, PlanConfig, TrainConfig
-from .errors import ConfigError
+from meshpilot.orchestrator.config.schema import ClusterConfig, JobConfig, ModelConfig, PlanConfig, TrainConfig
+from meshpilot.orchestrator.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,13 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from .job import dump_job, load_job
-from .models import param_counts
-from .plan import resolve_plan
+from meshpilot.orchestrator.config.loader import dump_job, load_job
+from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.plan.plan import resolve_plan
 
 
 def add_parser(sub) -> None:
-    from .cli import add_job_arguments
+    from meshpilot.orchestrator.cli.main import add_job_arguments
     p = sub.add_parser("validate", help="check a job file and print the resolved configuration and rank layout")
     add_job_arguments(p)
     p.set_defaults(func=run)

@@ -1,0 +1,5 @@
+import sys
+
+from meshpilot.orchestrator.cli.main import main
+
+sys.exit(main())
