@@ -34,6 +34,7 @@ from rich.table import Table
 from meshpilot.orchestrator.run.controller import Controller, FailurePolicy, JobStatus, Outcome
 from meshpilot.orchestrator.run.controller import Progress as StepProgress
 from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.sim.flops import mfu as mfu_of
 from meshpilot.orchestrator.config.loader import dump_job, load_job
 from meshpilot.orchestrator.run.store import JobState, RunStore, new_run_id
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
@@ -378,11 +379,7 @@ def _summary(job, plan: Plan, estimate, outcome: Outcome, t_command: float, firs
         tps = (r0["last_step"] - r0["first_step"]) * tokens_per_step / (r0["last_step_time"] - r0["first_step_time"])
     mfu = None
     if tps:
-        try:
-            from meshpilot.orchestrator.train.metrics import mfu as mfu_of
-            mfu = mfu_of(job, tps, plan.world_size)
-        except Exception as e:
-            log.warning("MFU not computed: %s", e)
+        mfu = mfu_of(job, tps, plan.world_size, zeroth_order=plan.zeroth_order)
     first_step = r0.get("first_step_time") if outcome.restarts == 0 and r0.get("first_step_time") else first_seen
     return dict(
         status=outcome.status.value, message=outcome.message, attempts=outcome.attempts, restarts=outcome.restarts,

@@ -41,6 +41,26 @@ class Plan:
         return self.zo_mode != "none"
 
     @property
+    def offloads_optimizer(self) -> bool:
+        """Optimizer states and fp32 gradients live in host memory (DeepSpeed's CPUAdam steps them)."""
+        return self.offload_optimizer != "none"
+
+    @property
+    def offloads_params(self) -> bool:
+        """ZeRO-3 parameter partitions live in host memory."""
+        return self.offload_params != "none"
+
+    @property
+    def checkpoints_activations(self) -> bool:
+        """Every transformer block's activations are recomputed in backward."""
+        return self.activation_checkpointing != "none"
+
+    @property
+    def zo2(self) -> bool:
+        """ZO2: transformer blocks kept in host memory and streamed through the GPU."""
+        return self.zo_mode == "zo2"
+
+    @property
     def world_size(self) -> int:
         return self.zo_pertp * self.zo_dp if self.zeroth_order else self.dp * self.tp
 

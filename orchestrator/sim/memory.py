@@ -45,6 +45,7 @@ import numpy as np
 
 from meshpilot.orchestrator.config.schema import JobConfig, ModelConfig
 from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.sim.flops import matmul_params
 
 if TYPE_CHECKING:
     from meshpilot.orchestrator.sim.estimate import SimulatorConstants
@@ -200,13 +201,12 @@ def model_terms(m: ModelConfig) -> ModelTerms:
     replicated = m.layers * norm_per_layer + pc.final_norm + pc.moe_layers * pc.router
     layer_max = max(pc.layer_dense if pc.dense_layers else 0, pc.layer_moe if pc.moe_layers else 0)
     blocks = pc.dense_layers * pc.layer_dense + pc.moe_layers * pc.layer_moe
-    head_mm = m.vocab * m.hidden
     return ModelTerms(
         total=float(pc.total), active=float(pc.active), replicated=float(replicated),
         sharded_dense=float(pc.total - pc.experts_total - replicated), experts_total=float(pc.experts_total),
         largest_module=float(max(layer_max, pc.embedding, pc.head)), layer_max=float(layer_max),
         blocks_total=float(blocks), resident_zo2=float(pc.embedding + pc.head + pc.final_norm),
-        matmul_params=float(pc.active - pc.embedding - pc.head + head_mm),
+        matmul_params=matmul_params(m),
         layers=m.layers, moe_layers=pc.moe_layers, dense_layers=pc.dense_layers, hidden=m.hidden, ffn=m.ffn,
         heads=m.heads, vocab=m.vocab, top_k=m.top_k if m.num_experts else 0,
         capacity_factor=m.capacity_factor, acts=layer_activation_bytes(m), **module_structure(m))

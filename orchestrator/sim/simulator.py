@@ -21,7 +21,8 @@ from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.sim.estimate import GIB, MEMORY_KEYS, TIME_KEYS, Estimate, SimulatorConstants
 from meshpilot.orchestrator.sim.memory import ModelTerms, memory_terms, model_terms
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
-from meshpilot.orchestrator.sim.step_time import flops_per_token_forward, time_terms
+from meshpilot.orchestrator.sim.flops import BACKPROP_PASSES, ZEROTH_ORDER_PASSES, forward_flops, peak_flops
+from meshpilot.orchestrator.sim.step_time import time_terms
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,13 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     step = sum(tim[k] for k in TIME_KEYS)
     tokens = float(job.train.global_batch * job.train.seq_len)
     cl = job.cluster
-    peak_flops = {"bf16": cl.gpu.bf16_tflops, "fp16": cl.gpu.fp16_tflops, "fp32": cl.gpu.fp32_tflops}[
-        job.train.precision] * 1e12
-    fpt = flops_per_token_forward(mt, job.train.seq_len)
-    useful = np.where(arrays.zo > 0, 2.0 * fpt, 3.0 * fpt) * tokens   # model FLOPs, recomputation excluded
+    peak = peak_flops(cl, job.train.precision)
+    fpt = forward_flops(mt.matmul_params, mt.layers, job.train.seq_len, mt.hidden)
+    useful = np.where(arrays.zo > 0, ZEROTH_ORDER_PASSES, BACKPROP_PASSES) * fpt * tokens   # sim.flops' rule
     peak_gib = mem["peak"] / GIB
     cpu_gib = mem["cpu_node"] / GIB
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
-                  tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak_flops),
+                  tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
                   fits_gpu=peak_gib <= cl.gpu.memory_gib * (1.0 - headroom),
                   fits_cpu=cpu_gib <= cl.cpu_memory_gib * (1.0 - headroom))
 

@@ -56,6 +56,7 @@ from meshpilot.comm.cost_model import LinkRates, collective_time
 
 from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
 from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.sim.flops import forward_flops
 from meshpilot.orchestrator.sim.memory import ModelTerms, precision_bytes, rank_params
 
 if TYPE_CHECKING:
@@ -80,10 +81,6 @@ def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
     return peak * np.minimum(shape, 1.0)
 
 
-def flops_per_token_forward(mt: ModelTerms, seq_len: int) -> float:
-    return 2.0 * mt.matmul_params + 4.0 * mt.layers * seq_len * mt.hidden
-
-
 def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants) -> dict[str, np.ndarray]:
     """Seconds of every time category (one optimizer step) for all plans in ``a``."""
     cl = job.cluster
@@ -99,7 +96,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     st = a.zero
     # GPU time of one micro-batch: matrix products, plus the memory-bound fp32 loss over the logits
     loss_half = 0.5 * tokens * (mt.vocab / tp) * c.loss_bytes_per_logit / cl_hbm
-    gpu_fwd = tokens * flops_per_token_forward(mt, job.train.seq_len) / tp / rate
+    gpu_fwd = tokens * forward_flops(mt.matmul_params, mt.layers, job.train.seq_len, mt.hidden) / tp / rate
     gpu_f, gpu_b, gpu_r = gpu_fwd + loss_half, 2.0 * gpu_fwd + loss_half, ac * gpu_fwd
     gpu_mb = gpu_f + gpu_b + gpu_r
     # host time of one micro-batch (kernels launch asynchronously: a micro-batch takes max(GPU, host))

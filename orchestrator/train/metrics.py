@@ -1,14 +1,7 @@
 """Training metrics: loss, throughput, MFU and peak memory, to stdout, JSONL and TensorBoard.
 
-Model FLOPs per token (forward + backward, no recomputation counted, as MFU is defined)::
-
-    F = 6 * P_active + 12 * L * S * h
-
-with ``P_active`` the parameters one token touches (top-k experts only; embeddings are
-lookups but the LM head is a matmul, so ``P_active - embedding`` would be the stricter
-choice; we follow the common 6P convention of the reference note and PaLM's appendix),
-L layers, S sequence length, h hidden. ``MFU = F * tokens_per_s / (world * peak)`` with the
-cluster's dense peak for the training precision (``cluster.gpu.bf16_tflops`` ...).
+MFU follows :mod:`meshpilot.orchestrator.sim.flops`, the rule the simulator predicts with
+(3 forward-equivalents per token with backpropagation, 2 for a zeroth-order step).
 
 Peak memory per rank: torch's ``max_memory_allocated`` / ``max_memory_reserved`` on CUDA,
 NVML's device ``used`` bytes where pynvml works (not a peak: sampled at each log), and the
@@ -26,25 +19,8 @@ from typing import Any
 
 import torch
 
-from meshpilot.orchestrator.config.schema import JobConfig
-from meshpilot.orchestrator.config.models import param_counts
 
 log = logging.getLogger(__name__)
-
-
-def flops_per_token(job: JobConfig) -> float:
-    m = job.model
-    return 6.0 * param_counts(m).active + 12.0 * m.layers * job.train.seq_len * m.hidden
-
-
-def peak_flops_per_device(job: JobConfig) -> float:
-    g = job.cluster.gpu
-    tf = {"bf16": g.bf16_tflops, "fp16": g.fp16_tflops, "fp32": g.fp32_tflops}[job.train.precision]
-    return float(tf) * 1e12
-
-
-def mfu(job: JobConfig, tokens_per_s: float, world_size: int) -> float:
-    return flops_per_token(job) * tokens_per_s / (world_size * peak_flops_per_device(job))
 
 
 @dataclass

@@ -45,7 +45,8 @@ from meshpilot.orchestrator.train.checkpoint import CheckpointManager, find_chec
 from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, flops_per_token, memory_stats, mfu
+from meshpilot.orchestrator.sim.flops import mfu, model_flops_per_token
+from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, memory_stats
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.train.preemption import StopRequest
 from meshpilot.orchestrator.train.schedule import lr_at
@@ -277,7 +278,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
         log.info("rank 0: start-up after the process group: %s", phases)
         log.info("rank 0: training %s from step %d to %d (%d tokens/step, %.3g model FLOPs/token)",
                  " ".join(f"{k}={v}" for k, v in asdict(plan).items()), start_step, t.steps, tokens_per_step,
-                 flops_per_token(job))
+                 model_flops_per_token(job.model, t.seq_len, zeroth_order=False))
     try:
         while step < t.steps:
             lr = lr_at(step, lr=t.lr, warmup=t.warmup_steps, total=t.steps)
@@ -306,7 +307,7 @@ def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank
             mem = _gather_memory(rank, device, world_size) if (step % log_every == 0 or step == t.steps) else []
             gn = engine.get_global_grad_norm()
             rec = StepRecord(step=step, loss=loss_val, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                             mfu=mfu(job, tokens_per_step / dt, world_size),
+                             mfu=mfu(job, tokens_per_step / dt, world_size, zeroth_order=False),
                              grad_norm=None if gn is None else float(gn), memory=mem)
             metrics.write(rec)
             if on_step is not None:

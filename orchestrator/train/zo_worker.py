@@ -26,7 +26,8 @@ import torch
 from meshpilot.orchestrator.train.checkpoint import CheckpointManager
 from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
-from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, mfu
+from meshpilot.orchestrator.sim.flops import mfu
+from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.train.preemption import StopRequest
 from meshpilot.orchestrator.train.schedule import lr_at
@@ -86,7 +87,7 @@ def train_zeroth_order(job: JobConfig, plan: Plan, *, rank: int, world_size: int
             step += 1
             losses.append(float(r.loss))
             rec = StepRecord(step=step, loss=float(r.loss), lr=float(r.lr), step_time_s=dt, tokens_per_s=tokens / dt,
-                             mfu=mfu(job, tokens / dt, world_size) / 3.0)   # 2 forwards ~ 1/3 of fwd+bwd
+                             mfu=mfu(job, tokens / dt, world_size, zeroth_order=True))
             metrics.write(rec)
             if on_step is not None:
                 on_step(asdict(rec))
