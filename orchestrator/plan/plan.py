@@ -69,6 +69,14 @@ class Plan:
         """Ranks that see different data."""
         return self.zo_dp if self.zeroth_order else self.dp
 
+    def zo2_upload_slices(self, gpus_per_node: int) -> int:
+        """Slices ZO2 cuts every block upload into: the world size when all ranks share one node (each
+        rank moves 1/n of a block over its own PCIe link and the slices are all-gathered over the
+        node's fabric), else 1 (whole blocks on every rank). Ranks fill nodes in blocks of
+        ``gpus_per_node``, so they share one node exactly when ``world_size <= gpus_per_node``."""
+        n = self.world_size
+        return n if self.zo2 and 1 < n <= gpus_per_node else 1
+
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.data_parallel
 
