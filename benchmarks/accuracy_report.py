@@ -42,7 +42,7 @@ MEMORY_CONSTANTS = ("cuda_context_gib", "nccl_base_gib", "fragmentation", "model
                     "logits_saved_bytes", "logits_backward_bytes", "logits_forward_only_bytes")
 TIME_CONSTANTS = ("matmul_efficiency", "layer_overhead_s", "grad_hook_s", "step_overhead_s", "step_tensor_s",
                   "hbm_efficiency", "zero3_fetch_s", "zero3_module_hook_s", "zero3_step_tensor_s", "cpu_adam_gparams_per_core", "cpu_adam_node_gparams_per_core",
-                  "pcie_efficiency", "overlap_comm_stage3")
+                  "pcie_efficiency", "overlap_comm_fraction")
 GRID = (0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.45, 2.0)
 OOM_PENALTY = 100.0          # percentage points per "predicted fits but OOMed" in the memory objective
 
@@ -267,7 +267,7 @@ def fit_constants(cases: Sequence[Case], base: Any, predictor: Predictor, *, swe
                 v0 = getattr(c, k)
                 cands = [v0 * g ** step for g in GRID] if v0 else [0.1, 0.3, 0.5, 0.7, 0.9]
                 for v in cands:
-                    if k in ("fragmentation", "overlap_comm_stage3", "matmul_efficiency", "hbm_efficiency",
+                    if k in ("fragmentation", "overlap_comm_fraction", "matmul_efficiency", "hbm_efficiency",
                              "pcie_efficiency") and not 0.0 <= v <= 1.0:
                         continue
                     trial = c.replace(**{k: type(v0)(v) if isinstance(v0, int) else v})

@@ -198,7 +198,7 @@ class _Null:
 
 def _row(job, cfg: BenchConfig, times: list[float], memory: list[Any], world: int, mode: str,
          loss: float | None) -> dict[str, Any]:
-    from meshpilot.orchestrator.train.metrics import mfu
+    from meshpilot.orchestrator.sim.flops import mfu
     from meshpilot.orchestrator.config.models import param_counts
     measured = times[cfg.warmup:] or times
     step = statistics.median(measured)
@@ -207,7 +207,7 @@ def _row(job, cfg: BenchConfig, times: list[float], memory: list[Any], world: in
             "plan": cfg.plan, "world": world, "seq_len": job.train.seq_len, "global_batch": job.train.global_batch,
             "step_time_s": step, "step_time_min_s": min(measured), "step_times_s": times,
             "tokens_per_s": tokens / step,
-            "mfu": mfu(job, tokens / step, world), "final_loss": loss, "memory": memory}
+            "mfu": mfu(job, tokens / step, world, zeroth_order=False), "final_loss": loss, "memory": memory}
 
 
 # --- driver ----------------------------------------------------------------------------------------
@@ -248,11 +248,10 @@ def _omp_threads(cfg: BenchConfig, nproc: int) -> int | None:
     host's cores (at most 8) when the plan offloads to the CPU, whose Adam runs on OpenMP threads.
     None: the caller's OMP_NUM_THREADS stands. (The offload rows of 2026-11-27 ran under torchrun's
     default of 1 thread: CPU Adam on one core per rank.)"""
-    from types import SimpleNamespace
-    from meshpilot.launch.ray_backend import gang_spec, omp_threads_for
+    from meshpilot.launch.gang import gang_spec, omp_threads_for
+    from meshpilot.orchestrator.plan.plan import Plan
     cpus = gang_spec(nproc, 1, accelerator="gpu", gpus_per_node=nproc, cpu_cores=os.cpu_count() or 1).cpus_per_worker
-    plan = SimpleNamespace(**{"offload_optimizer": "none", "offload_params": "none", "zo_mode": "none", **cfg.plan})
-    return omp_threads_for(plan, cpus)
+    return omp_threads_for(Plan(**cfg.plan), cpus)
 
 
 def _fmt_gib(b: Any) -> str:

@@ -1,12 +1,21 @@
-"""Alpha-beta cost of collectives, per group span (inside a node, across nodes, hierarchical).
+"""The collective-cost formulas: bus factor, bus bandwidth, alpha-beta fit and time, per group span.
 
-Conventions are nccl-tests' (the same as :mod:`meshpilot.comm.bandwidth`, which measures
-them): ``nbytes`` S is the whole tensor of the collective (the all-reduce buffer, the
-all-gather output, the reduce-scatter input, one rank's all-to-all buffer), and
+Conventions are nccl-tests' (so numbers compare with published ones; :mod:`.collective_timing`
+measures them): ``nbytes`` S is the whole tensor of the collective (the all-reduce buffer, the
+all-gather output, the reduce-scatter input, one rank's all-to-all buffer). With t the time of
+one collective over n ranks,
 
-    t = alpha + f(op, n) * S / B_bus,   f(all_reduce) = 2(n-1)/n,  f(others) = (n-1)/n.
+    algorithm bandwidth  B_alg = S / t
+    bus bandwidth        B_bus = f(op, n) * B_alg,   f(all_reduce) = 2(n-1)/n,  f(others) = (n-1)/n
 
-``f(op, n) * S`` is also the number of bytes each rank sends (:func:`bytes_sent_per_rank`).
+so B_bus is the per-link rate a ring would need and does not depend on n (:func:`bus_factor`,
+:func:`bus_bandwidth_gbs`). The inverse, with a latency alpha, is the alpha-beta time
+
+    t = alpha + f(op, n) * S / B_bus                                       (:func:`alpha_beta_time`)
+
+and alpha and B_bus are fitted to measured (S, t) points by least squares
+(:func:`fit_latency_bandwidth`). ``f(op, n) * S`` is also the number of bytes each rank sends
+(:func:`bytes_sent_per_rank`).
 
 Span. A group is a tuple of global ranks; node = rank // gpus_per_node. With n ranks on m
 nodes and g ranks per node:
@@ -29,6 +38,7 @@ Every function below is written with numpy operations so that it evaluates one p
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -82,39 +92,71 @@ class LinkRates:
 
 
 def bus_factor(op: str, n):
-    """nccl-tests' ratio of bus to algorithm bandwidth (0 for one rank)."""
+    """f(op, n): nccl-tests' ratio of bus to algorithm bandwidth, 2(n-1)/n for all-reduce and (n-1)/n
+    for the others (0 for one rank; n < 1 counts as 1). Scalars or arrays."""
     if op not in COLLECTIVES:
         raise ValueError(f"unknown collective {op!r}; one of {COLLECTIVES}")
     n = np.maximum(np.asarray(n, dtype=float), 1.0)
-    return (2.0 if op == "all_reduce" else 1.0) * (n - 1.0) / n
+    f = (2.0 if op == "all_reduce" else 1.0) * (n - 1.0) / n
+    return f if f.ndim else float(f)
+
+
+def bus_bandwidth_gbs(op: str, n: int, nbytes: float, seconds: float) -> float:
+    """B_bus = f(op, n) * S / t in GB/s (1e9 B/s) of one ``op`` of ``nbytes`` that took ``seconds``."""
+    return bus_factor(op, n) * nbytes / seconds / 1e9
 
 
 def bytes_sent_per_rank(op: str, nbytes, n):
-    """Bytes each rank puts on the wire for one collective of ``nbytes`` (ring algorithms)."""
+    """Bytes each rank puts on the wire for one collective of ``nbytes`` (ring algorithms): f(op, n) * S."""
     return bus_factor(op, n) * np.asarray(nbytes, dtype=float)
 
 
-def _flat(op: str, nbytes, n, bw_gbs, lat_s):
-    return np.where(np.asarray(n) > 1, lat_s + bus_factor(op, n) * nbytes / (bw_gbs * 1e9), 0.0)
+def alpha_beta_time(op: str, nbytes, n, busbw_gbs, latency_s):
+    """alpha + f(op, n) * S / B_bus seconds for one ``op`` over ``n`` ranks (0 for one rank). Scalars or arrays."""
+    t = np.where(np.asarray(n) > 1, latency_s + bus_factor(op, n) * np.asarray(nbytes, dtype=float)
+                 / (busbw_gbs * 1e9), 0.0)
+    return t if t.ndim else float(t)
+
+
+def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float], factor: float) -> tuple[float, float]:
+    """Least-squares fit of ``t = alpha + factor * S / B`` to measured (S, t) points.
+
+    Returns ``(alpha_us, B_gbs)``; alpha is clipped at 0 (a negative intercept means the
+    small sizes are already bandwidth bound). Needs two distinct sizes.
+    """
+    xs = [factor * s for s in sizes]
+    if len(set(xs)) < 2:
+        raise ValueError("need at least two distinct message sizes to fit latency and bandwidth")
+    mx, my = statistics.fmean(xs), statistics.fmean(seconds)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, seconds))
+    slope = sxy / sxx                      # seconds per byte = 1 / B
+    alpha = max(0.0, my - slope * mx)
+    if slope <= 0:
+        raise ValueError("time does not grow with size: cannot fit a bandwidth")
+    return alpha * 1e6, 1.0 / slope / 1e9
 
 
 def collective_time(op: str, nbytes, n, nodes, per_node, rates: LinkRates):
     """Seconds for one collective of ``nbytes`` over a group of ``n`` ranks spread over
-    ``nodes`` nodes with ``per_node`` ranks each (scalars or numpy arrays)."""
+    ``nodes`` nodes with ``per_node`` ranks each (scalars or numpy arrays): :func:`alpha_beta_time`
+    on the span's link, or the hierarchical composition of the module docstring."""
     n = np.asarray(n, dtype=float)
     nodes = np.asarray(nodes, dtype=float)
     g = np.asarray(per_node, dtype=float)
     S = np.asarray(nbytes, dtype=float)
     bi, be = rates.intra_busbw_gbs[op], rates.inter_busbw_gbs
     li, le = rates.intra_latency_s, rates.inter_latency_s
-    intra = _flat(op, S, n, bi, li)
-    inter = _flat(op, S, n, be, le)
+    intra = alpha_beta_time(op, S, n, bi, li)
+    inter = alpha_beta_time(op, S, n, be, le)
     if op == "all_reduce":
         # reduce-scatter (g) + all-reduce across nodes of S/g on each GPU's NIC + all-gather (g)
-        hier = (_flat("reduce_scatter", S, g, bi, li) + _flat("all_reduce", S / np.maximum(g, 1), nodes, be, le)
-                + _flat("all_gather", S, g, bi, li))
+        hier = (alpha_beta_time("reduce_scatter", S, g, bi, li)
+                + alpha_beta_time("all_reduce", S / np.maximum(g, 1), nodes, be, le)
+                + alpha_beta_time("all_gather", S, g, bi, li))
     elif op in ("all_gather", "reduce_scatter"):
-        hier = _flat(op, S / np.maximum(nodes, 1), g, bi, li) + _flat(op, S / np.maximum(g, 1), nodes, be, le)
+        hier = (alpha_beta_time(op, S / np.maximum(nodes, 1), g, bi, li)
+                + alpha_beta_time(op, S / np.maximum(g, 1), nodes, be, le))
     else:  # all_to_all: the part leaving the node over the NIC, the rest over NVLink, concurrently
         n1 = np.maximum(n, 1.0)
         off = (n1 - g) / n1 * S

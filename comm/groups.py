@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from .layout import Group, RankGroups, RankLayout
@@ -69,6 +68,16 @@ class ProcessGroups:
     @property
     def edp_size(self) -> int:
         return len(self.ranks.edp)
+
+    @property
+    def zo_dp_size(self) -> int:
+        return len(self.ranks.zo_dp)
+
+    @property
+    def zo_dp_rank(self) -> int:
+        """This rank's zeroth-order data-parallel index: its position in its zo dp group (both ranks
+        of a perturbation pair have the same index, so they read the same batch)."""
+        return self.ranks.zo_dp.index(self.ranks.rank)
 
     # --- DeepSpeed mpu interface ---------------------------------------------------------
     def get_model_parallel_group(self):
@@ -133,7 +142,3 @@ def build_process_groups(layout: RankLayout, *, timeout: timedelta | None = None
     rg = layout.groups_of(rank)
     log.debug("rank %d: groups tp=%s dp=%s ep=%s edp=%s", rank, rg.tp, rg.dp, rg.ep, rg.edp)
     return ProcessGroups(layout=layout, ranks=rg, world=dist.group.WORLD, **mine)
-
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"

@@ -3,7 +3,7 @@
 What is measured (each part is skipped, with the reason recorded, when it cannot run here):
 
 - collectives: all-reduce, all-gather, reduce-scatter and all-to-all bus bandwidth over
-  message sizes (see :mod:`meshpilot.comm.bandwidth` for the conventions), one process
+  message sizes (see :mod:`meshpilot.comm.cost_model` for the conventions), one process
   per local GPU over NCCL, or 2 gloo processes on CPU with small sizes; the latency is
   the time of a small (8 KiB) all-reduce less its bandwidth term;
 - matmul: the achieved bf16 rate of transformer-shaped products. For a layer with T
@@ -37,10 +37,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .ports import free_port
-from .bandwidth import COLLECTIVES, MiB, CollectiveSample, bus_factor
+from .collective_timing import CollectiveSample
+from .cost_model import COLLECTIVES, alpha_beta_time
 
 log = logging.getLogger(__name__)
 
+MiB = 2**20
 Progress = Callable[[str], None]
 
 
@@ -145,7 +147,7 @@ class ProbeReport:
         s, bw = self.latency_sample, self.busbw_gbs("all_reduce")
         if s is None or not bw:
             return None
-        return max(0.0, s.median_s - bus_factor("all_reduce", s.ranks) * s.nbytes / (bw * 1e9)) * 1e6
+        return max(0.0, s.median_s - alpha_beta_time("all_reduce", s.nbytes, s.ranks, bw, 0.0)) * 1e6
 
     def matmul_tflops(self) -> float | None:
         if not self.matmul:
@@ -190,7 +192,7 @@ def _collective_worker(rank: int, world: int, port: int, settings: ProbeSettings
     """Entry point of one spawned process: join the group, time every (op, size), rank 0 writes JSON."""
     import torch.distributed as dist
 
-    from .bandwidth import time_collective
+    from .collective_timing import time_collective
 
     import warnings
 

@@ -1,7 +1,9 @@
 """The DeepSpeed configuration dictionary for one job and plan.
 
 :func:`deepspeed_config` is pure (no torch.distributed, no GPU): it maps the plan onto
-DeepSpeed's keys so that the simulator's plan and the engine's config cannot drift apart.
+DeepSpeed's keys. It is the one builder: the worker runs its output, ``meshpilot plan
+--export-deepspeed`` writes it, and the simulator reads its bucket sizes, persistence
+threshold and overlap through :func:`zero_settings`, so the three cannot drift apart.
 
 Batch arithmetic (DeepSpeed checks the same identity at start-up)::
 
@@ -23,17 +25,19 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.config.schema import Accelerator, JobConfig, Optimizer, Precision
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
 
 log = logging.getLogger(__name__)
 
-# Bucket sizes (elements). DeepSpeed's defaults are 5e8; 2e8 keeps the temporary buffers of
-# a 7B model under ~1 GB in bf16 while still saturating NVLink (see memory-and-comm-model.md).
 DEFAULT_BUCKET = 200_000_000
+"""Elements of the ZeRO gradient-reduction bucket and of the stage 1-2 parameter all-gather bucket
+(DeepSpeed's default is 5e8). The reduce bucket is one staging buffer of this many model-dtype
+elements on every rank (``sim.memory`` counts it); the stage-3 prefetch bucket is a quarter of it."""
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1.0e-8
 
@@ -50,7 +54,7 @@ def deepspeed_config(job: JobConfig, plan: Plan, extra: Mapping[str, Any] | None
                           fix="train them with meshpilot.strategies.zo")
     t = job.train
     if on_cpu is None:
-        on_cpu = job.cluster.accelerator == "cpu"
+        on_cpu = job.cluster.accelerator == Accelerator.CPU
     cfg: dict[str, Any] = {
         "train_batch_size": plan.micro_batch * plan.grad_accum * plan.dp,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -82,37 +86,67 @@ def _zero_section(plan: Plan) -> dict[str, Any]:
         z.update(stage3_prefetch_bucket_size=DEFAULT_BUCKET // 4, stage3_param_persistence_threshold=10_000,
                  stage3_max_live_parameters=10**9, stage3_max_reuse_distance=10**9,
                  stage3_gather_16bit_weights_on_model_save=False)
-    if plan.offload_optimizer == "cpu":
+    if plan.offloads_optimizer:
         z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if plan.offload_params == "cpu":
+    if plan.offloads_params:
         z["offload_param"] = {"device": "cpu", "pin_memory": True}
     return z
 
 
-def _precision_section(precision: str) -> dict[str, Any]:
-    if precision == "bf16":
+def _precision_section(precision: Precision) -> dict[str, Any]:
+    if precision == Precision.BF16:
         return {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
-    if precision == "fp16":
+    if precision == Precision.FP16:
         # dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps
         return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                          "hysteresis": 2, "min_loss_scale": 1}, "bf16": {"enabled": False}}
-    if precision == "fp32":
-        return {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
-    raise ConfigError("train.precision", precision, allowed=("bf16", "fp16", "fp32"))
+    return {"bf16": {"enabled": False}, "fp16": {"enabled": False}}          # fp32
 
 
 def _optimizer_section(job: JobConfig, plan: Plan, *, on_cpu: bool) -> dict[str, Any]:
     t = job.train
-    if t.optimizer == "adamw":
+    if t.optimizer == Optimizer.ADAMW:
         params: dict[str, Any] = {"lr": t.lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
                                   "weight_decay": t.weight_decay}
-        if on_cpu and plan.offload_optimizer == "none":
+        if on_cpu and not plan.offloads_optimizer:
             params["torch_adam"] = True      # FusedAdam is a CUDA kernel
         return {"type": "AdamW", "params": params}
-    if t.optimizer == "sgd":
+    if t.optimizer == Optimizer.SGD:
         return {"type": "SGD", "params": {"lr": t.lr, "momentum": 0.0, "weight_decay": t.weight_decay}}
     raise ConfigError("train.optimizer", t.optimizer, reason="is not a DeepSpeed optimizer",
-                      allowed=("adamw", "sgd"))
+                      allowed=(Optimizer.ADAMW, Optimizer.SGD))
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What DeepSpeed runs for a config's ``zero_optimization`` section: the key's value where the
+    config sets it, else DeepSpeed's default (deepspeed/runtime/zero/config.py). Sizes in elements."""
+    stage: int = 0
+    reduce_bucket_size: float = 5e8
+    allgather_bucket_size: float = 5e8
+    prefetch_bucket_size: float = 5e7            # stage3_prefetch_bucket_size
+    max_live_parameters: float = 1e9             # stage3_max_live_parameters
+    persistence_threshold: float = 1e5           # stage3_param_persistence_threshold: smaller tensors stay gathered
+    overlap_comm: bool = False
+    """Gradient reductions (and at stage 3 the parameter all-gathers) run on their own stream,
+    concurrently with compute. DeepSpeed's default is true at stage 3 only. Stage 0 has no ZeRO
+    optimizer: the engine all-reduces after backward whatever the key says, so it is false there."""
+
+
+def zero_settings(cfg: Mapping[str, Any]) -> ZeroSettings:
+    """The :class:`ZeroSettings` of a DeepSpeed config dict (e.g. :func:`deepspeed_config`'s)."""
+    z = cfg.get("zero_optimization") or {}
+    d = ZeroSettings()
+    stage = int(z.get("stage", d.stage))
+    overlap = z.get("overlap_comm")
+    return ZeroSettings(
+        stage=stage,
+        reduce_bucket_size=float(z.get("reduce_bucket_size", d.reduce_bucket_size)),
+        allgather_bucket_size=float(z.get("allgather_bucket_size", d.allgather_bucket_size)),
+        prefetch_bucket_size=float(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
+        max_live_parameters=float(z.get("stage3_max_live_parameters", d.max_live_parameters)),
+        persistence_threshold=float(z.get("stage3_param_persistence_threshold", d.persistence_threshold)),
+        overlap_comm=stage > 0 and (stage == 3 if overlap is None else bool(overlap)))
 
 
 def merge_extra(base: Mapping[str, Any], extra: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The built-in decoder-only transformer (llama/mixtral and gpt2/opt styles) with
 Megatron-style tensor parallelism, optional sequence parallelism and MoE layers.
 
-Interface used by the DeepSpeed loop (engineer D) and zeroth-order training (engineer C):
+Interface used by the DeepSpeed training loop and by zeroth-order training:
 
 - ``embed(input_ids [b, s]) -> hidden [b, s, h]`` (``[b, s/t, h]`` with sequence parallelism)
 - ``blocks: nn.ModuleList``; ``block(hidden) -> hidden``
@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -253,9 +253,6 @@ class Transformer(nn.Module):
                 out.update({k: v.to(device) for k, v in part.items()})
         return out
 
-    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if getattr(p, "meshpilot_expert", False))
-
 
 def build_model(cfg: ModelConfig, plan: Plan, groups: Any | None, *, seed: int, dtype: torch.dtype = torch.float32,
                 device: Any = "cpu") -> Transformer:
@@ -273,7 +270,7 @@ def build_model(cfg: ModelConfig, plan: Plan, groups: Any | None, *, seed: int, 
         sp = plan.sequence_parallel and plan.tp > 1
     model = Transformer(cfg, seed=seed, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sp, dtype=dtype,
                         device=device)
-    if plan.activation_checkpointing == "full":
+    if plan.checkpoints_activations:
         apply_activation_checkpointing(model)
     n_local = sum(p.numel() for p in model.parameters())
     log.info("rank %d: built %s model (%d layers, tp=%d, sp=%s, ep=%d): %.3fM local parameters", _rank(),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ def construction_context(job: JobConfig, plan: Plan, groups: ProcessGroups, ds_c
     import deepspeed
     import torch._dynamo  # noqa: F401  imported lazily by torch inside Init otherwise, where it clashes
     # with Init's patched Tensor.__new__ ("Signature mismatch ... tensor_pynew")
-    remote = "cpu" if plan.offload_params == "cpu" else None
+    remote = "cpu" if plan.offloads_params else None
     # dtype=None on purpose: Init then takes the dtype from the config's bf16/fp16 sections. An explicit
     # dtype is ignored on accelerators without fp16 (DeepSpeed 0.19.8 partition_parameters._set_dtype
     # falls to bf16 on the CPU accelerator), which would round fp32 weights to bf16.
@@ -180,18 +180,3 @@ def initialize_engine(model: nn.Module, job: JobConfig, plan: Plan, groups: Proc
 def _backend() -> str:
     from deepspeed.accelerator import get_accelerator
     return get_accelerator().communication_backend_name()
-
-
-def full_parameters(engine: Any) -> Iterable[tuple[str, torch.Tensor]]:
-    """(name, full local tensor) for every parameter; ZeRO-3 shards are gathered (collective)."""
-    import deepspeed
-    module = engine.module
-    for name, p in module.named_parameters():
-        if hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield name, p.detach().clone()
-        else:
-            yield name, p.detach()
-
-
-ModelFactory = Callable[[JobConfig, Plan, ProcessGroups], nn.Module]

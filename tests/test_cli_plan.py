@@ -94,15 +94,16 @@ def test_plan_with_fixed_section_explains_it(job_file):
     assert "the job's own plan: dp=4 tp=1 zero=2" in r.stdout and "top plans by throughput" in r.stdout
 
 
-def test_simulate_with_deepspeed_config_buckets(job_file, tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8}}))
+def test_simulate_reads_bucket_sizes_from_deepspeed_extra(job_file):
+    """The simulator scores the DeepSpeed config the worker runs, train.deepspeed_extra merged in."""
+    from meshpilot.strategies.deepspeed_config import DEFAULT_BUCKET
     base = json.loads(_run("simulate", str(job_file), "--json").stdout)
-    r = _run("simulate", str(job_file), "--json", "--deepspeed-config", str(ds))
+    r = _run("simulate", str(job_file), "--json",
+             "train.deepspeed_extra.zero_optimization.reduce_bucket_size=100000000")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    # the bf16 staging buffer shrinks from 5e8 to 1e8 elements: 8e8 bytes
+    # the bf16 staging buffer shrinks from the builder's DEFAULT_BUCKET (2e8) to 1e8 elements: 2 x 1e8 bytes
     drop = base["memory_breakdown_gib"]["communication_buffers"] - d["memory_breakdown_gib"]["communication_buffers"]
-    assert drop * 2**30 == pytest.approx(8e8)
-    r = _run("simulate", str(job_file), "--deepspeed-config", str(tmp_path / "missing.json"))
-    assert r.returncode == 2 and "--deepspeed-config" in r.stderr
+    assert drop * 2**30 == pytest.approx(2 * (DEFAULT_BUCKET - 1e8))
+    r = _run("simulate", str(job_file), "--deepspeed-config", "ds.json")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -148,3 +146,31 @@ def test_bad_yaml_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_job(f)
     assert "mapping" in str(e.value)
+
+
+def test_choices_are_enums_that_read_and_print_as_their_values(tmp_path):
+    """A choice field holds a member of its enum, equal to (and printing, hashing, JSON-encoding as) the
+    lowercase value a job file gives; the resolved YAML writes the values, and loading it gives the same job."""
+    import dataclasses
+
+    from meshpilot.orchestrator.config.loader import job_to_dict
+    from meshpilot.orchestrator.config.schema import Offload, Optimizer, Precision, ZOMode
+    job = job_from_dict(BASE, ["plan.offload_optimizer=cpu", "train.optimizer=adamw"])
+    t, p = job.train, job.plan
+    assert t.precision is Precision.BF16 and t.precision == "bf16" and f"{t.precision}" == "bf16"
+    assert str(p.offload_optimizer) == "cpu" and {"cpu": 1}[p.offload_optimizer] == 1
+    assert p.offload_optimizer is Offload.CPU and p.zo.mode is ZOMode.NONE and t.optimizer is Optimizer.ADAMW
+    assert json.loads(json.dumps(dataclasses.asdict(job)))["plan"]["offload_optimizer"] == "cpu"
+    plain = job_to_dict(job)
+    assert type(plain["train"]["precision"]) is str and plain["model"]["arch"] == "llama"
+    text = dump_job(job)
+    assert "precision: bf16" in text and "offload_optimizer: cpu" in text and "mode: none" in text
+    f = tmp_path / "job.yaml"
+    f.write_text(text)
+    assert load_job(f) == job
+
+
+def test_choice_member_names_are_not_values():
+    with pytest.raises(ConfigError) as e:
+        job_from_dict(BASE, ["plan.offload_optimizer=CPU"])
+    assert e.value.key == "plan.offload_optimizer" and e.value.allowed == ["none", "cpu"]

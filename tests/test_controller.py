@@ -10,9 +10,10 @@ import json
 
 import pytest
 
-from meshpilot.orchestrator.run.controller import (ALLOWED_TRANSITIONS, Controller, FailDecision, Failure,
-                                               FailurePolicy, GangError, GroupPoll, IllegalTransition, JobStatus,
-                                               Progress, RestartDecision)
+from meshpilot.orchestrator.run.controller import (ALLOWED_TRANSITIONS, Controller, FailDecision, FailurePolicy,
+                                                   IllegalTransition, RestartDecision)
+from meshpilot.orchestrator.run.protocol import (Failure, FailureKind, GangError, GroupPoll, JobStatus, Progress,
+                                                 WorkerGroup)
 from meshpilot.orchestrator.run.store import JobState, RunStore, find_run, list_runs
 
 S = JobStatus
@@ -69,7 +70,7 @@ def _died(rank: int = 1) -> GroupPoll:
     return GroupPoll(failure=Failure("worker_died", "SIGKILL", rank=rank))
 
 
-def _ctl(group, policy=FailurePolicy(max_restarts=2, backoff_s=1.0), **kw):
+def _ctl(group: WorkerGroup, policy=FailurePolicy(max_restarts=2, backoff_s=1.0), **kw):
     clock = FakeClock()
     seen: list[tuple[str, str]] = []
     ctl = Controller(group, policy, clock=clock, sleep=clock.sleep, poll_interval_s=0.5,
@@ -184,6 +185,20 @@ def test_illegal_transitions_are_refused():
         assert {S.FAILED, S.CANCELLED} <= ALLOWED_TRANSITIONS[st]
 
 
+def test_failure_kinds_are_an_enum_recorded_as_their_value():
+    f = Failure("worker_died", "SIGKILL", rank=1)
+    assert f.kind is FailureKind.WORKER_DIED
+    assert str(f) == "worker_died: rank 1: SIGKILL"
+    assert str(GangError(Failure(FailureKind.PLACEMENT, "no GPUs", retryable=False))) == "placement: no GPUs"
+    with pytest.raises(ValueError):
+        Failure("exploded", "not a kind of failure")
+    infos: list[dict] = []
+    ctl = Controller(FakeGroup([[_died(1)]]), FailurePolicy(max_restarts=0), sleep=lambda s: None,
+                     on_transition=lambda o, n, r, i: infos.append(i))
+    assert ctl.run().status is S.FAILED
+    assert infos[-1]["failure"] == "worker_died" and type(infos[-1]["failure"]) is str and infos[-1]["rank"] == 1
+
+
 def test_controller_exception_never_leaves_workers_behind():
     class Boom(FakeGroup):
         def poll(self):
@@ -217,76 +232,3 @@ def test_run_store_roundtrip_index_and_cancel(tmp_path, monkeypatch):
     st.controller_pid = 0
     store.write(st)
     assert store.request_cancel() is False and store.cancel_requested()
-
-
-# --- the gang's shape (pure functions of the Ray backend; no Ray cluster is started) --------
-
-def test_gang_spec_bundles_and_missing_resources_message():
-    from meshpilot.launch.ray_backend import gang_spec
-    g = gang_spec(8, 2, accelerator="gpu", gpus_per_node=4, cpu_cores=64)
-    assert g.bundles == [{"CPU": 8, "GPU": 1}] * 8 and g.strategy == "PACK" and g.max_nodes == 2
-    assert g.describe_need() == "needs 8 GPUs in bundles of 1 (+8 CPU each) on at most 2 nodes"
-    c = gang_spec(4, 2, accelerator="cpu", gpus_per_node=4, cpu_cores=2)
-    assert c.bundles == [{"CPU": 1}] * 4 and c.strategy == "STRICT_PACK"
-    assert c.describe_need() == "needs 4 CPUs in bundles of 1 on at most 1 node"
-
-
-def test_ranks_are_assigned_node_by_node_and_tp_groups_never_split():
-    from meshpilot.launch.ray_backend import assign_ranks
-    # bundles interleaved over two nodes: ranks are regrouped so each node holds contiguous ranks
-    ranks = assign_ranks(["a", "b", "a", "b"], tp=2)
-    assert ranks == [0, 2, 1, 3]
-    nodes_by_rank = [n for _, n in sorted(zip(ranks, ["a", "b", "a", "b"]))]
-    assert nodes_by_rank == ["a", "a", "b", "b"]
-    with pytest.raises(GangError, match="tensor-parallel group of ranks 2..3"):
-        assign_ranks(["a", "a", "a", "b"], tp=2)
-
-
-def test_local_ranks_and_shared_visible_devices_per_node():
-    from meshpilot.launch.ray_backend import _local_ranks
-    where = [dict(node_id="n1", gpu_ids=["2"]), dict(node_id="n1", gpu_ids=["0"]),
-             dict(node_id="n2", gpu_ids=["1"]), dict(node_id="n2", gpu_ids=["3"])]
-    local, visible = _local_ranks(where, use_gpus=True)
-    assert local == [1, 0, 0, 1] and visible == ["0,2", "0,2", "1,3", "1,3"]
-    local, visible = _local_ranks(where, use_gpus=False)
-    assert local == [0, 1, 0, 1] and visible == [None] * 4
-
-
-def test_ranks_of_a_node_follow_its_gpu_ids_like_torchrun():
-    from meshpilot.launch.ray_backend import _local_ranks, order_by_gpu
-    # Ray gave rank 0..3 of node n1 the GPUs 2, 0, 10, 9 and node n2's two ranks 1 and 0
-    where = [dict(node_id="n1", gpu_ids=["2"]), dict(node_id="n1", gpu_ids=["0"]),
-             dict(node_id="n1", gpu_ids=["10"]), dict(node_id="n1", gpu_ids=["9"]),
-             dict(node_id="n2", gpu_ids=["1"]), dict(node_id="n2", gpu_ids=["0"])]
-    order = order_by_gpu(where)
-    assert order == [1, 0, 3, 2, 5, 4]
-    placed = [where[i] for i in order]
-    assert [w["gpu_ids"][0] for w in placed] == ["0", "2", "9", "10", "0", "1"]
-    assert [w["node_id"] for w in placed] == [w["node_id"] for w in where]      # nodes keep their ranks
-    local, _ = _local_ranks(placed, use_gpus=True)
-    assert local == [0, 1, 2, 3, 0, 1]
-    cpu = [dict(node_id="n1", gpu_ids=[]), dict(node_id="n1", gpu_ids=[])]
-    assert order_by_gpu(cpu) == [0, 1]
-
-
-def test_openmp_threads_of_a_gpu_rank():
-    from types import SimpleNamespace as NS
-    from meshpilot.launch.ray_backend import omp_threads_for
-    gpu_only = NS(offload_optimizer="none", offload_params="none", zo_mode="none")
-    assert omp_threads_for(gpu_only, 8, environ={}) == 1                      # as torchrun
-    assert omp_threads_for(NS(offload_optimizer="cpu", offload_params="none"), 8, environ={}) == 8   # CPU Adam
-    assert omp_threads_for(NS(offload_optimizer="none", offload_params="cpu"), 8, environ={}) == 8
-    assert omp_threads_for(NS(offload_optimizer="none", offload_params="none", zo_mode="zo2"), 8, environ={}) == 8
-    assert omp_threads_for(gpu_only, 8, environ={"OMP_NUM_THREADS": "4"}) is None   # the user's value stays
-
-
-def test_failure_injection_spec_is_parsed_strictly():
-    from meshpilot.launch.ray_backend import parse_fail_at
-    from meshpilot.orchestrator.errors import ConfigError
-    assert parse_fail_at(None) is None and parse_fail_at("") is None
-    assert parse_fail_at("1:5") == (1, 5, "kill")
-    assert parse_fail_at("3:16:hang") == (3, 16, "hang")
-    assert parse_fail_at("1:12:stop") == (1, 12, "stop")
-    for bad in ("1", "1:x", "1:5:freeze", "1:5:hang:2"):
-        with pytest.raises(ConfigError, match="RANK:STEP"):
-            parse_fail_at(bad)

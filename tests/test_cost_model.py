@@ -47,13 +47,15 @@ def test_intra_node_time_hand_computed():
     assert collective_time("all_reduce", GIB, 1, 1, 1, r) == 0.0
 
 
-def test_matches_bandwidth_module_convention():
-    from meshpilot.comm.bandwidth import collective_time as measured_convention
+def test_intra_node_span_is_the_alpha_beta_time_of_the_measured_convention():
+    """Inside a node a collective costs alpha + f(op, n) S / B_bus, and B_bus inverts that time."""
+    from meshpilot.comm.cost_model import alpha_beta_time, bus_bandwidth_gbs
     c = _cluster("h100-sxm-4")
     r = LinkRates.from_cluster(c)
     for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
-        expect = measured_convention(op, 4, 3 * GIB, 355.0, 8.0)
+        expect = alpha_beta_time(op, 3 * GIB, 4, 355.0, 8e-6)
         assert collective_time(op, 3 * GIB, 4, 1, 4, r) == pytest.approx(expect)
+        assert bus_bandwidth_gbs(op, 4, 3 * GIB, expect - 8e-6) == pytest.approx(355.0)
 
 
 def test_inter_and_hierarchical():
@@ -119,7 +121,8 @@ def test_step_time_terms_hand_computed():
                            grad_hook_s=5e-5, step_tensor_s=0.0)
     pc = param_counts(job.model)
     L, h, s, V = 32, 4096, 2048, 32000
-    mp = pc.total - pc.embedding - pc.head + V * h       # matrix-product parameters per token
+    norms = (2 * L + 1) * h                               # RMSNorm weights: element-wise, not matmuls
+    mp = pc.total - pc.embedding - pc.head - norms + V * h   # matrix-product parameters per token
     per_token_fwd = 2 * mp + 4 * L * s * h
     # tp=2, dp=2, micro-batch 4, 2 accumulation steps. Shape factor (normalised at h=4096, 4096 tokens):
     # hidden shard 2048 -> (2048/2560)/(4096/4608) = 0.9; 8192 tokens -> (8192/8448)/(4096/4352)

@@ -11,7 +11,9 @@ from meshpilot.orchestrator.sim.memory import (korthikanti_layer_bytes, layer_ac
                                                  model_terms, zero_model_states_paper)
 from meshpilot.orchestrator.config.models import param_counts
 from meshpilot.orchestrator.plan.plan import Plan
-from meshpilot.orchestrator.sim.simulator import PlanArrays, simulate
+from meshpilot.orchestrator.plan.codec import PlanArrays
+from meshpilot.orchestrator.sim.simulator import simulate
+from meshpilot.strategies.deepspeed_config import deepspeed_config, zero_settings
 
 C = SimulatorConstants()
 
@@ -68,12 +70,14 @@ def test_zero3_matches_deepspeed_estimator_on_sharded_terms():
     sharded = m["gradients"] + m["optimizer_states"] + 4.0 * P / d
     assert sharded == pytest.approx(ds - 4 * mt.largest_module, rel=1e-6)
     window = m["weights"] - 2.0 * P / d
-    assert window == pytest.approx(2.0 * (mt.largest_module + C.stage3_prefetch_bucket_size), rel=1e-6)
+    # the prefetch bucket of the config the worker runs (meshpilot's builder: DEFAULT_BUCKET / 4 = 5e7)
+    prefetch = zero_settings(deepspeed_config(job, Plan(dp=d, zero_stage=3, micro_batch=1))).prefetch_bucket_size
+    assert prefetch == 5e7
+    assert window == pytest.approx(2.0 * (mt.largest_module + prefetch), rel=1e-6)
     # full parameter offload: the GPU keeps only the gathered window (+ persistent small params)
     off = _mem(job, Plan(dp=d, zero_stage=3, micro_batch=1, offload_optimizer="cpu", offload_params="cpu"))
     ds_gpu_off = estimate_zero3_model_states_mem_needs(P, mt.largest_module, 4, 1, True, True)[1]
-    assert _model_states(off) == pytest.approx(2.0 * (mt.largest_module + C.stage3_prefetch_bucket_size
-                                                      + mt.replicated), rel=1e-6)
+    assert _model_states(off) == pytest.approx(2.0 * (mt.largest_module + prefetch + mt.replicated), rel=1e-6)
     assert _model_states(off) < 1.5 * ds_gpu_off
 
 

@@ -28,7 +28,7 @@ MODELS = {
     "llama": _cfg("tiny-llama"),                                 # 4 heads, 2 kv heads (GQA), tp <= 2
     "llama8": _cfg("tiny-llama", heads=8, kv_heads=4),            # GQA that splits over tp = 4
     "gpt2": _cfg("tiny-gpt2"),                                    # tied embeddings, learned positions
-    # MoE (engineer B2's layer): capacity factor E/k = 2 guarantees that no token is dropped
+    # MoE layer: capacity factor E/k = 2 guarantees that no token is dropped
     "mixtral": _cfg("tiny-mixtral", capacity_factor=2.0),
 }
 # (model, plan) per world size; every case is compared against the single-process model

@@ -144,3 +144,54 @@ def test_moe_under_zero3_is_refused_before_deepspeed_asserts():
     e = reject("model=tiny-mixtral", "plan.tp=1", "plan.dp=4", "plan.zero_stage=3")
     assert e.key == "plan.zero_stage" and "MoE" in str(e) and "0, 1 or 2" in str(e)
     assert plan("model=tiny-mixtral", "plan.tp=1", "plan.dp=4", "plan.zero_stage=2").zero_stage == 2
+
+
+# --- text forms and the columnar codec --------------------------------------------------------
+
+def test_checkpoint_fingerprints_and_summaries_are_unchanged():
+    """Values computed by the checkpoint module before choices became enums: checkpoints written then resume."""
+    from meshpilot.orchestrator.plan import text
+    p = Plan(dp=2, zero_stage=3, offload_optimizer="cpu", offload_params="cpu", micro_batch=2, grad_accum=2,
+             activation_checkpointing="full")
+    assert text.fingerprint(p) == "3835cbbbc394"
+    assert text.summary(p) == ("dp=2 tp=1 ep=1 zero_stage=3 offload_optimizer=cpu offload_params=cpu micro_batch=2 "
+                               "activation_checkpointing=full sequence_parallel=False grad_accum=2 zo=none")
+    assert text.fingerprint(Plan(zo_mode="zo2", zo_pertp=2, zo_dp=2, micro_batch=4)) == "3d907c23df5a"
+    loaded = resolve_plan(job_from_dict({"model": "tiny-llama", "cluster": "h100-sxm-4",
+                                         "train": {"seq_len": 64, "global_batch": 8}, "plan": {"dp": 2}}))
+    assert text.fingerprint(loaded) == "83ce816779d7"
+    from meshpilot.orchestrator.train.checkpoint import plan_fingerprint, plan_summary
+    assert (plan_fingerprint, plan_summary) == (text.fingerprint, text.summary)
+
+
+def test_choices_given_as_strings_become_members():
+    from meshpilot.orchestrator.config.schema import Offload, ZOMode
+    p = Plan(offload_optimizer="cpu", zo_mode="none")
+    assert p.offload_optimizer is Offload.CPU and p.zo_mode is ZOMode.NONE and p == Plan(offload_optimizer=Offload.CPU)
+    assert p.to_config()["offload_optimizer"] == "cpu" and type(p.to_config()["offload_optimizer"]) is str
+    with pytest.raises(ValueError):
+        Plan(offload_params="nvme")
+
+
+def test_codec_round_trip_and_rules_shared_with_plan():
+    from meshpilot.orchestrator.plan.codec import PlanArrays, PlanColumns, encode
+    plans = [Plan(dp=2, tp=2, zero_stage=3, offload_params="cpu", micro_batch=2, grad_accum=2, sequence_parallel=True),
+             Plan(dp=8, ep=2, zero_stage=1, offload_optimizer="cpu", activation_checkpointing="full"),
+             Plan(zo_mode="mezo", zo_pertp=2, zo_dp=2), Plan(zo_mode="zo2", zo_dp=4), Plan(zo_mode="zo2", zo_dp=8),
+             Plan(zo_mode="zo2")]
+    a = PlanArrays.from_plans(plans, gpus_per_node=4)
+    for i, p in enumerate(plans):
+        assert a.plan(i) == p and a.find(p) == i
+        assert a.world[i] == p.world_size and a.zo2_slices[i] == p.zo2_upload_slices(4)
+        assert (a.zeroth_order[i], a.zo2[i], a.offloads_optimizer[i], a.offloads_params[i],
+                a.checkpoints_activations[i]) == (p.zeroth_order, p.zo2, p.offloads_optimizer, p.offloads_params,
+                                                  p.checkpoints_activations)
+    assert [int(x) for x in a.zo2_slices] == [1, 1, 1, 4, 1, 1]       # 8 ranks span two nodes; one rank: whole
+    # variants appended without a Plan per row equal the explicit plans
+    cols = PlanColumns()
+    cols.append_variants(plans[0], [(1, 4), (2, 2)], [False, True])
+    b = cols.build(4)
+    explicit = [plans[0].replace(micro_batch=mb, grad_accum=ga, activation_checkpointing="full" if ac else "none")
+                for (mb, ga) in [(1, 4), (2, 2)] for ac in (False, True)]
+    assert [b.plan(i) for i in range(b.n)] == explicit
+    assert [encode(p) for p in explicit] == [encode(b.plan(i)) for i in range(b.n)]

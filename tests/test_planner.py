@@ -142,13 +142,14 @@ def test_bad_arguments():
 
 def test_plan_description_round_trip():
     from meshpilot.orchestrator.config.loader import job_from_dict, job_to_dict
-    from meshpilot.orchestrator.sim.simulator import describe, plan_overrides
+    from meshpilot.orchestrator.plan import text
     job = _job("model=tiny-mixtral", "cluster=h100-sxm-4", "train.global_batch=8", "train.seq_len=64")
     arrays, _, _ = enumerate_plans(job)
     for i in range(0, arrays.n, 7):
         p = arrays.plan(i)
         raw = job_to_dict(job)
         raw["plan"] = {"auto": False}
-        assert resolve_plan(job_from_dict(raw, plan_overrides(describe(p)))) == p
+        assert resolve_plan(job_from_dict(raw, text.parse(text.describe(p)))) == p
+        assert p.describe() == text.describe(p)
     with pytest.raises(ConfigError, match="--explain"):
-        plan_overrides("dp=4 banana")
+        text.parse("dp=4 banana")

@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from meshpilot.comm.bandwidth import (bus_bandwidth_gbs, bus_factor, collective_time,
-                                      fit_latency_bandwidth)
+from meshpilot.comm.cost_model import alpha_beta_time, bus_bandwidth_gbs, bus_factor, fit_latency_bandwidth
 from meshpilot.comm.probe import (ProbeReport, ProbeSettings, calibrated_profile, free_port, matmul_shapes,
                                   run_probe)
 from meshpilot.orchestrator.cli.main import main
@@ -39,7 +38,7 @@ def test_bus_factor_hand_values():
 
 
 def test_collective_time_inverts_bus_bandwidth():
-    t = collective_time("all_gather", 4, 256 * 2**20, busbw_gbs=300.0, latency_us=10.0)
+    t = alpha_beta_time("all_gather", 256 * 2**20, 4, busbw_gbs=300.0, latency_s=10e-6)
     assert t == pytest.approx(10e-6 + 0.75 * 256 * 2**20 / 300e9)
     assert bus_bandwidth_gbs("all_gather", 4, 256 * 2**20, t - 10e-6) == pytest.approx(300.0)
 
@@ -98,7 +97,7 @@ def test_cpu_probe_collectives_consistent_with_timing(cpu_report):
     best = max((s for s in r.collectives if s.op == "all_reduce"), key=lambda s: s.busbw_gbs)
     assert cal["allreduce_busbw_gbs"] == pytest.approx(best.busbw_gbs, rel=1e-3)
     # the cost model with the calibrated bandwidth reproduces that measurement's time
-    t = collective_time("all_reduce", 2, best.nbytes, cal["allreduce_busbw_gbs"])
+    t = alpha_beta_time("all_reduce", best.nbytes, 2, cal["allreduce_busbw_gbs"], 0.0)
     assert t == pytest.approx(best.median_s, rel=1e-3)
     assert r.latency_sample is not None and r.latency_sample.nbytes == 8 * KiB
     assert 0 <= cal["collective_latency_us"] <= r.latency_sample.median_s * 1e6

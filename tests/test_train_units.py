@@ -18,8 +18,7 @@ from meshpilot.orchestrator.atomic_io import write_atomic
 from meshpilot.orchestrator.train.data import (BatchLayout, ShardedBatches, SyntheticSamples, WindowSamples, main as data_main,
                                          open_token_file, resolve_source, write_token_file)
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.train.metrics import flops_per_token, mfu
-from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.sim.flops import matmul_params, mfu, model_flops_per_token
 from meshpilot.orchestrator.plan.plan import resolve_plan
 from meshpilot.orchestrator.train.schedule import lr_at
 from meshpilot.orchestrator.train.tokenizer import ByteTokenizer
@@ -160,11 +159,13 @@ def test_warmup_cosine():
 
 
 def test_mfu_arithmetic():
+    from meshpilot.orchestrator.train import loop
     job = tiny_job({"dp": 2}, precision="bf16", seq_len=64)
-    P = param_counts(job.model).active
-    f = 6 * P + 12 * 2 * 64 * 64
-    assert flops_per_token(job) == f
-    assert mfu(job, 1000.0, 2) == pytest.approx(f * 1000 / (2 * job.cluster.gpu.bf16_tflops * 1e12))
+    m = job.model
+    f = 3 * (2 * matmul_params(m) + 4 * m.layers * 64 * m.hidden)
+    assert model_flops_per_token(m, 64, zeroth_order=False) == f
+    assert mfu(job, 1000.0, 2, zeroth_order=False) == pytest.approx(f * 1000 / (2 * job.cluster.gpu.bf16_tflops * 1e12))
+    assert loop.mfu is mfu                      # the step records use the simulator's rule
 
 
 # --- checkpoint discovery and compatibility ---------------------------------------------------------

@@ -45,6 +45,7 @@ def _zero_vs_ddp(rank: int, world: int, tmp: str) -> dict:
         res = run(tiny_job({"dp": 2, "micro_batch": 2, **plan}), rank, world, f"{tmp}/{name}", resume=False)
         out[name] = res["losses"]
         out[name + "_checksum"] = res["param_checksum"]
+        out[name + "_peaks"] = res["memory_peaks_gib"]
     return out
 
 
@@ -58,6 +59,9 @@ def test_zero_stages_and_offload_match_ddp(tmp_path):
         assert got == pytest.approx(ref, rel=RTOL), f"{name} vs DDP:\n{got}\n{ref}"
         # the full model after training agrees between stages (ZeRO-3 shards gathered)
         assert res[0][name + "_checksum"] == pytest.approx(res[0]["zero0_checksum"], rel=1e-4)
+        for r in (0, 1):        # every rank reports its memory peaks; on the CPU only the host's
+            peaks = res[r][name + "_peaks"]
+            assert peaks["nvml"] is peaks["allocated"] is peaks["reserved"] is None and peaks["host_rss"] > 0, peaks
 
 
 def _tp_dp(rank: int, world: int, tmp: str) -> dict:

@@ -1,11 +1,13 @@
 """Zeroth-order plans through the worker: a DistZO2-style run with a perturbation pair (pertp=2)
 on 2 processes, MeZO or ZO2 (whose blocks the two ranks then upload in slices, all-gathered),
-equals the single-process MeZO run, and a killed run resumes from its checkpoint with the same
-losses."""
+equals the single-process MeZO run, a killed run resumes from its checkpoint with the same
+losses, and a stop signal on one rank stops both at the same step (the training loop is the
+DeepSpeed worker's)."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -36,7 +38,13 @@ def _first(rank: int, world: int, tmp: str, mode: str) -> None:
 
 def _second(rank: int, world: int, tmp: str, mode: str) -> dict:
     from train_utils import run, tiny_job
-    return run(tiny_job(PAIRS[mode], checkpoint_every=4, **TRAIN), rank, world, f"{tmp}/killed")
+    resumed = run(tiny_job(PAIRS[mode], checkpoint_every=4, **TRAIN), rank, world, f"{tmp}/killed")
+
+    def usr2(rec: dict) -> None:
+        if rec["step"] == 3 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+    stopped = run(tiny_job(PAIRS[mode], **TRAIN), rank, world, f"{tmp}/signalled", on_step=usr2, resume=False)
+    return {"resumed": resumed, "stopped": stopped}
 
 
 def _single(rank: int, world: int, tmp: str) -> dict:
@@ -57,10 +65,19 @@ def test_zo_pair_matches_single_process_and_resumes(tmp_path, mode):
     assert full["losses"] == pytest.approx(single["losses"], rel=1e-5), (full, single)
     # final weights (ZO2: gathered from the ranks' slices) equal the single-process run's
     assert full["checksum"] == pytest.approx(single["param_checksum"], rel=1e-6)
-    res = run_distributed(_second, 2, tmp, mode, timeout=300)
+    both = run_distributed(_second, 2, tmp, mode, timeout=300)
+    res = [b["resumed"] for b in both]
     assert res[0]["start_step"] == 4 and res[0]["losses"] == pytest.approx(full["losses"][4:], rel=1e-6)
     assert res[0]["param_checksum"] == res[1]["param_checksum"] == pytest.approx(full["checksum"], rel=1e-6)
     assert res[0]["zo_transfer"] == {"mezo": "NoneType", "zo2": "SlicedTransfer"}[mode]
+    for r in (0, 1):
+        # the same loop as the DeepSpeed worker: the flag raised during step 3 is agreed in step 4
+        s = both[r]["stopped"]
+        assert s["status"] == "stopped" and s["step"] == 4 and s["losses"] == full["losses"][:4], s
+        assert s["checkpoint"].endswith("step_00000004")
+        peaks = res[r]["memory_peaks_gib"]
+        assert set(peaks) == {"nvml", "allocated", "reserved", "host_rss"} and peaks["nvml"] is None, peaks
+        assert res[r]["tokens_per_s"] > 0 and len(res[r]["peak_memory"]) == 2     # every rank's, last step
 
 
 def _bf16(rank: int, world: int, tmp: str) -> dict:

@@ -34,8 +34,9 @@ def _job_with_plan(job, plan):
 
 
 def run(args) -> int:
+    from meshpilot.orchestrator.plan import text
     from meshpilot.orchestrator.sim.planner import search
-    from meshpilot.orchestrator.sim.simulator import plan_overrides, simulate
+    from meshpilot.orchestrator.sim.simulator import simulate
 
     job = load_job(args.job, args.overrides)
     res = search(job, objective=args.objective, headroom=args.headroom, top=args.top)
@@ -49,7 +50,7 @@ def run(args) -> int:
     if args.explain:
         base = job_to_dict(job)
         base["plan"] = {"auto": False}
-        ej = job_from_dict(base, plan_overrides(args.explain))
+        ej = job_from_dict(base, text.parse(args.explain))
         explained = simulate(ej, headroom=args.headroom)
         out["explain"] = explained.to_dict()
     if args.json:

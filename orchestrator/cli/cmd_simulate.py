@@ -1,8 +1,11 @@
-"""``meshpilot simulate JOB [overrides] [--json]``: predicted memory and step time of the job's plan."""
+"""``meshpilot simulate JOB [overrides] [--json]``: predicted memory and step time of the job's plan.
+
+The DeepSpeed settings simulated are those of the config the worker would run for the plan
+(``train.deepspeed_extra`` merged in): to simulate other bucket sizes or overlap, set them there,
+e.g. ``train.deepspeed_extra.zero_optimization.reduce_bucket_size=100000000``."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from rich.console import Console
 
@@ -16,8 +19,6 @@ def add_parser(sub) -> None:
     add_job_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--headroom", type=float, default=0.0, help="fraction of GPU memory kept free (default 0)")
-    p.add_argument("--deepspeed-config", metavar="FILE",
-                   help="a DeepSpeed config JSON whose bucket sizes and overlap_comm replace DeepSpeed's defaults")
     p.set_defaults(func=run)
 
 
@@ -27,16 +28,7 @@ def run(args) -> int:
 
     job = load_job(args.job, args.overrides)
     plan = choose_plan(job) if job.plan.auto else None
-    constants = None
-    if args.deepspeed_config:
-        from meshpilot.orchestrator.errors import ConfigError
-        from meshpilot.orchestrator.sim.estimate import constants_for_deepspeed
-        try:
-            ds = json.loads(Path(args.deepspeed_config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError("--deepspeed-config", args.deepspeed_config, reason=f"cannot read: {e}") from None
-        constants = constants_for_deepspeed(ds)
-    est = simulate(job, plan, headroom=args.headroom, constants=constants)
+    est = simulate(job, plan, headroom=args.headroom)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return 0

@@ -1,7 +1,7 @@
 """``meshpilot status [RUN]``: a table of every recorded run, or one run's state and events.
 
-RUN is a run directory, a run id or a unique prefix of one (see :mod:`.job_state`). A run
-whose controller process is gone while its state is not terminal is shown as ``lost``.
+RUN is a run directory, a run id or a unique prefix of one (see :mod:`meshpilot.orchestrator.run.store`).
+A run whose controller process is gone while its state is not terminal is shown as ``lost``.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
 import sys
 
 from meshpilot.orchestrator.errors import ConfigError
@@ -23,11 +25,23 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="meshpilot", description="Plan, simulate and launch distributed training.")
+    parser.add_argument("--version", action="version", version=f"meshpilot {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
-    return parser
+    return parser, dict(sub.choices)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("meshpilot")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,12 +52,23 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = _build()
+    if argv and argv[0] in commands:
+        # KEY=VALUE overrides may come anywhere on the line, also after options (dotlist tools' habit)
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"meshpilot: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``meshpilot plan ... | head``): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("meshpilot: interrupted", file=sys.stderr)
         return 130

@@ -6,14 +6,18 @@ Order of operations (each step raises :class:`ConfigError` naming the full key):
    ``plan: auto``;
 3. apply the overrides left to right, so ``cluster=dgx-h100 cluster.nodes=128`` first
    replaces the cluster by the preset and then changes one of its fields;
-4. reject unknown keys (with the allowed ones and a close match), merge onto the typed
-   schema (type errors name the key), fill derived defaults and check every value.
+4. reject unknown keys (with the allowed ones and a close match) and values outside a
+   choice field's :class:`~meshpilot.orchestrator.config.schema.Choice` (with the allowed
+   values), merge onto the typed schema (type errors name the key), fill derived defaults
+   and check every other value.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
+import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -71,12 +75,20 @@ def job_from_dict(raw: dict[str, Any], overrides: Iterable[str] = ()) -> C.JobCo
 
 
 def dump_job(job: C.JobConfig) -> str:
-    """The resolved job as YAML; loading it again gives an equal JobConfig."""
-    return OmegaConf.to_yaml(OmegaConf.structured(job))
+    """The resolved job as YAML; loading it again gives an equal JobConfig.
+
+    Choices are written as their values (``cpu``; OmegaConf's own dump of an Enum field writes
+    the member name)."""
+    return OmegaConf.to_yaml(OmegaConf.create(job_to_dict(job)))
 
 
 def job_to_dict(job: C.JobConfig) -> dict[str, Any]:
-    return dataclasses.asdict(job)
+    """The job as plain data: mappings, lists, numbers and strings (choices as their values)."""
+    return dataclasses.asdict(job, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
 
 
 # --- steps --------------------------------------------------------------------------------
@@ -129,33 +141,40 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _check_keys(raw: dict[str, Any], cls: type, prefix: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    """Unknown keys and values outside a choice field's values raise, naming the full key."""
+    hints = typing.get_type_hints(cls)
     for key, value in raw.items():
         full = f"{prefix}{key}"
-        if key not in fields:
-            names = sorted(fields)
+        if key not in hints:
+            names = sorted(f.name for f in dataclasses.fields(cls))
             raise ConfigError(full, reason="unknown key", allowed=names, fix=_close(key, names))
-        ftype = _dataclass_type(cls, key)
-        if ftype is not None:
-            if value is None:
-                continue
+        ftype = _unwrap_optional(hints[key])
+        if value is None or not isinstance(ftype, type):
+            continue
+        if dataclasses.is_dataclass(ftype):
             if not isinstance(value, dict):
                 raise ConfigError(full, value, reason="must be a mapping with keys "
                                   + ", ".join(f.name for f in dataclasses.fields(ftype)))
             _check_keys(value, ftype, full + ".")
+        elif issubclass(ftype, C.Choice) and not (isinstance(value, ftype) or
+                                                    (isinstance(value, str) and value in ftype.values())):
+            raise ConfigError(full, value, reason="not a valid choice", allowed=ftype.values())
 
 
-def _dataclass_type(cls: type, name: str) -> type | None:
-    hint = cls.__annotations__.get(name)
-    if isinstance(hint, str):
-        hint = getattr(C, hint, None)
-    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+def _unwrap_optional(hint: Any) -> Any:
+    """``X`` for ``Optional[X]``, else the hint itself."""
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
 
 
 def validate_job(job: C.JobConfig) -> None:
-    """Check every value of each section on its own; cross-section checks live in the plan."""
+    """Check every value of each section on its own; cross-section checks live in the plan.
+
+    Choice fields are already members of their enum (:func:`_check_keys`); the integer choices
+    (zero stage, perturbation degree) are checked here, and only here."""
     m, c, t, p = job.model, job.cluster, job.train, job.plan
-    check_choice("model.arch", m.arch, C.ARCHS)
     for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
         check_positive(f"model.{k}", getattr(m, k))
     if m.hidden % m.heads:
@@ -163,7 +182,7 @@ def validate_job(job: C.JobConfig) -> None:
     if m.kv_heads > m.heads or m.heads % m.kv_heads:
         raise ConfigError("model.kv_heads", m.kv_heads, reason=f"must divide model.heads={m.heads}")
     check_positive("model.num_experts", m.num_experts, zero_ok=True)
-    if m.arch == "mixtral" and m.num_experts < 2:
+    if m.arch == C.Arch.MIXTRAL and m.num_experts < 2:
         raise ConfigError("model.num_experts", m.num_experts, reason="arch mixtral needs at least 2 experts")
     if m.num_experts:
         if not 1 <= m.top_k <= m.num_experts:
@@ -173,7 +192,6 @@ def validate_job(job: C.JobConfig) -> None:
         if m.moe_every > m.layers:
             raise ConfigError("model.moe_every", m.moe_every, reason=f"exceeds model.layers={m.layers}: no MoE layer")
 
-    check_choice("cluster.accelerator", c.accelerator, C.ACCELERATORS)
     for k in ("nodes", "gpus_per_node", "cpu_cores"):
         check_positive(f"cluster.{k}", getattr(c, k))
     for k in ("memory_gib", "bf16_tflops", "fp16_tflops", "fp32_tflops", "memory_bandwidth_gbs"):
@@ -185,13 +203,11 @@ def validate_job(job: C.JobConfig) -> None:
 
     for k in ("seq_len", "global_batch", "steps"):
         check_positive(f"train.{k}", getattr(t, k))
-    check_choice("train.precision", t.precision, C.PRECISIONS)
-    check_choice("train.optimizer", t.optimizer, C.OPTIMIZERS)
     check_positive("train.lr", t.lr)
     check_positive("train.zo_eps", t.zo_eps)
     for k in ("weight_decay", "warmup_steps", "grad_clip", "checkpoint_every"):
         check_positive(f"train.{k}", getattr(t, k), zero_ok=True)
-    if m.arch in ("gpt2", "opt") and t.seq_len > m.max_positions:
+    if m.arch in (C.Arch.GPT2, C.Arch.OPT) and t.seq_len > m.max_positions:
         raise ConfigError("train.seq_len", t.seq_len, reason=f"exceeds model.max_positions={m.max_positions} "
                           f"(learned positions of arch {m.arch})", fix=f"use train.seq_len<={m.max_positions}")
 
@@ -199,16 +215,8 @@ def validate_job(job: C.JobConfig) -> None:
         check_positive(f"plan.{k}", getattr(p, k))
     if p.zero_stage is not None:
         check_choice("plan.zero_stage", p.zero_stage, C.ZERO_STAGES)
-    if p.offload_optimizer is not None:
-        check_choice("plan.offload_optimizer", p.offload_optimizer, C.OFFLOAD)
-    if p.offload_params is not None:
-        check_choice("plan.offload_params", p.offload_params, C.OFFLOAD)
-    if p.activation_checkpointing is not None:
-        check_choice("plan.activation_checkpointing", p.activation_checkpointing, C.CHECKPOINTING)
-    if p.zo.mode is not None:
-        check_choice("plan.zo.mode", p.zo.mode, C.ZO_MODES)
     if p.zo.pertp is not None:
-        check_choice("plan.zo.pertp", p.zo.pertp, (1, 2))
+        check_choice("plan.zo.pertp", p.zo.pertp, C.ZO_PERTP)
     check_positive("plan.zo.dp", p.zo.dp)
 
 

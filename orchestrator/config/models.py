@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshpilot.orchestrator.config.schema import ModelConfig
+from meshpilot.orchestrator.config.schema import Arch, ModelConfig
 from meshpilot.orchestrator.errors import ConfigError
 
 # name: (arch, layers, hidden, heads, kv_heads, ffn, vocab, max_positions, extra, published params)
@@ -136,9 +136,9 @@ def fill_model_defaults(m: ModelConfig) -> ModelConfig:
     if m.kv_heads is None:
         m.kv_heads = m.heads
     if m.tie_embeddings is None:
-        m.tie_embeddings = m.arch in ("gpt2", "opt")
+        m.tie_embeddings = m.arch in (Arch.GPT2, Arch.OPT)
     if m.ffn is None:
-        m.ffn = 4 * m.hidden if m.arch in ("gpt2", "opt") else llama_ffn(m.hidden)
+        m.ffn = 4 * m.hidden if m.arch in (Arch.GPT2, Arch.OPT) else llama_ffn(m.hidden)
     return m
 
 
@@ -188,11 +188,11 @@ def param_counts(m: ModelConfig) -> ParamCounts:
     h, a, k = m.hidden, m.heads, m.kv_heads or m.heads
     d = h // a
     f = m.ffn
-    biased = m.arch in ("gpt2", "opt")
+    biased = m.arch in (Arch.GPT2, Arch.OPT)
     if biased:
         attention = 4 * h * h + 4 * h + 4 * h            # qkv+o weights and biases, two LayerNorms
         mlp = 2 * h * f + f + h
-        embedding = m.vocab * h + (m.max_positions + (2 if m.arch == "opt" else 0)) * h
+        embedding = m.vocab * h + (m.max_positions + (2 if m.arch == Arch.OPT else 0)) * h
         final_norm = 2 * h
     else:
         attention = h * a * d + 2 * h * k * d + a * d * h + 2 * h

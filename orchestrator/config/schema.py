@@ -5,31 +5,92 @@ from the command line with dotlist syntax (``plan.zero_stage=3 cluster=dgx-h100`
 Loading, preset resolution and validation live in :mod:`meshpilot.orchestrator.config.loader`;
 this module only declares the schema and the allowed values.
 
+Choices are :class:`Choice` enums whose values are what a job file says (``plan.offload_optimizer:
+cpu``, ``train.precision: bf16``). A member is a ``str`` equal to its value, and prints, formats,
+hashes and JSON-encodes as that value, so ``job.train.precision == "bf16"``, f-strings and dict
+lookups keyed by the strings keep working. The loader accepts exactly the values (not the
+member names) and rejects anything else naming the key and the allowed values. Numeric choices
+stay integers (:data:`ZERO_STAGES`, :data:`ZO_PERTP`).
+
 ``None`` in the plan section means "not fixed": with ``plan: auto`` the planner chooses
 it, with a fixed plan the default documented on the field applies.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-ARCHS = ("llama", "gpt2", "opt", "mixtral")
-PRECISIONS = ("bf16", "fp16", "fp32")
-OPTIMIZERS = ("adamw", "sgd", "zo-sgd")
-OFFLOAD = ("none", "cpu")
-CHECKPOINTING = ("none", "full")
-ZO_MODES = ("none", "mezo", "zo2")
-ACCELERATORS = ("gpu", "cpu")
+
+class Choice(str, Enum):
+    """One allowed value of a config field; the member *is* its value as a string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The values a job file may give, in declaration order."""
+        return tuple(m.value for m in cls)
+
+
+class Arch(Choice):
+    LLAMA = "llama"
+    GPT2 = "gpt2"
+    OPT = "opt"
+    MIXTRAL = "mixtral"
+
+
+class Accelerator(Choice):
+    GPU = "gpu"
+    CPU = "cpu"                             # CPU workers over gloo
+
+
+class Precision(Choice):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Optimizer(Choice):
+    ADAMW = "adamw"
+    SGD = "sgd"
+    ZO_SGD = "zo-sgd"                       # zeroth order: needs plan.zo.mode mezo or zo2
+
+
+class Offload(Choice):
+    NONE = "none"
+    CPU = "cpu"
+
+
+class Checkpointing(Choice):
+    NONE = "none"
+    FULL = "full"                           # every block recomputed in backward
+
+
+class ZOMode(Choice):
+    NONE = "none"
+    MEZO = "mezo"                           # whole model on the GPU
+    ZO2 = "zo2"                             # blocks in host memory, streamed through the GPU
+
+
 ZERO_STAGES = (0, 1, 2, 3)
+ZO_PERTP = (1, 2)
 
 
 @dataclass
 class ModelConfig:
     """Decoder-only transformer dimensions. ``model: <preset>`` or a HF config.json path also work."""
     name: str = "custom"
-    arch: str = "llama"                     # llama | gpt2 | opt | mixtral
+    arch: Arch = Arch.LLAMA
     layers: int = MISSING
     hidden: int = MISSING
     heads: int = MISSING
@@ -100,7 +161,7 @@ class ClusterConfig:
     name: str = "custom"
     nodes: int = 1
     gpus_per_node: int = MISSING
-    accelerator: str = "gpu"                # gpu | cpu (CPU workers over gloo)
+    accelerator: Accelerator = Accelerator.GPU
     gpu: GPUSpec = field(default_factory=GPUSpec)
     intra_node_bandwidth_gbs: float = MISSING
     inter_node_bandwidth_gbs: float = MISSING
@@ -118,8 +179,8 @@ class ClusterConfig:
 class TrainConfig:
     seq_len: int = 2048
     global_batch: int = 16                  # sequences per optimizer step
-    precision: str = "bf16"                 # bf16 | fp16 | fp32
-    optimizer: str = "adamw"                # adamw | sgd | zo-sgd
+    precision: Precision = Precision.BF16
+    optimizer: Optimizer = Optimizer.ADAMW
     lr: float = 1.0e-5
     steps: int = 100
     weight_decay: float = 0.0
@@ -138,8 +199,8 @@ class TrainConfig:
 
 @dataclass
 class ZOPlanConfig:
-    mode: Optional[str] = None              # none | mezo | zo2       (default none)
-    pertp: Optional[int] = None             # perturbation parallel degree, 1 or 2 (default 1)
+    mode: Optional[ZOMode] = None           # default none (mezo when train.optimizer is zo-sgd)
+    pertp: Optional[int] = None             # perturbation parallel degree, one of ZO_PERTP (default 1)
     dp: Optional[int] = None                # zeroth-order data parallel degree (default 1)
 
 
@@ -150,11 +211,11 @@ class PlanConfig:
     dp: Optional[int] = None                # default: every GPU not used by tp
     tp: Optional[int] = None                # default 1
     ep: Optional[int] = None                # default 1
-    zero_stage: Optional[int] = None        # default 0
-    offload_optimizer: Optional[str] = None  # none | cpu (default none)
-    offload_params: Optional[str] = None    # none | cpu (default none; needs zero_stage 3)
+    zero_stage: Optional[int] = None        # one of ZERO_STAGES (default 0)
+    offload_optimizer: Optional[Offload] = None  # default none
+    offload_params: Optional[Offload] = None     # default none; needs zero_stage 3
     micro_batch: Optional[int] = None       # default: global_batch / dp (no accumulation)
-    activation_checkpointing: Optional[str] = None  # none | full (default none)
+    activation_checkpointing: Optional[Checkpointing] = None  # default none
     sequence_parallel: Optional[bool] = None  # default false; only with tp > 1
     zo: ZOPlanConfig = field(default_factory=ZOPlanConfig)
 

@@ -3,9 +3,14 @@
 A :class:`Plan` is pure data. It is built and validated without torch.distributed, a GPU or
 a cluster; :meth:`Plan.check` raises :class:`ConfigError` (a ValueError) with a fix-it
 message, and :meth:`Plan.layout` derives every rank's groups (see ``meshpilot.comm.layout``).
+Its columnar form for batched scoring is :mod:`.codec`, its text forms :mod:`.text`.
 
 Batch arithmetic: ``global_batch = micro_batch * grad_accum * dp`` sequences per optimizer
 step (for zeroth-order plans the data-parallel degree is ``zo_dp``).
+
+The rules below that the codec also evaluates over arrays of plans (:func:`world_size_of`,
+:func:`zo2_upload_slices_of`) are written once, with arithmetic that works on Python scalars
+and on numpy arrays alike.
 """
 from __future__ import annotations
 
@@ -15,8 +20,29 @@ from typing import Any
 
 from meshpilot.comm.layout import RankLayout, build_layout
 
-from meshpilot.orchestrator.config.schema import ClusterConfig, JobConfig, ModelConfig, PlanConfig, TrainConfig
+from meshpilot.orchestrator.config.schema import (Checkpointing, ClusterConfig, JobConfig, ModelConfig, Offload,
+                                                  Optimizer, PlanConfig, TrainConfig, ZOMode)
 from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.plan import text
+
+
+def world_size_of(dp, tp, zo_pertp, zo_dp, zeroth_order):
+    """Ranks a plan uses: ``zo_pertp * zo_dp`` for a zeroth-order plan, ``dp * tp`` otherwise.
+
+    Scalars or numpy arrays (``zeroth_order`` a bool or a bool array)."""
+    zo = zeroth_order * 1
+    return zo * zo_pertp * zo_dp + (1 - zo) * dp * tp
+
+
+def zo2_upload_slices_of(world, zo2, gpus_per_node):
+    """Slices ZO2 cuts every block upload into: the world size ``n`` when all ranks share one node
+    (each rank moves 1/n of a block over its own PCIe link and the slices are all-gathered over
+    the node's fabric), else 1 (whole blocks on every rank). Ranks fill nodes in blocks of
+    ``gpus_per_node``, so they share one node exactly when ``1 < n <= gpus_per_node``.
+
+    Scalars or numpy arrays (``zo2`` a bool or a bool array)."""
+    sliced = zo2 * (world > 1) * (world <= gpus_per_node) * 1
+    return sliced * world + (1 - sliced)
 
 
 @dataclass(frozen=True)
@@ -25,44 +51,51 @@ class Plan:
     tp: int = 1
     ep: int = 1
     zero_stage: int = 0
-    offload_optimizer: str = "none"
-    offload_params: str = "none"
+    offload_optimizer: Offload = Offload.NONE
+    offload_params: Offload = Offload.NONE
     micro_batch: int = 1
     grad_accum: int = 1
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Checkpointing = Checkpointing.NONE
     sequence_parallel: bool = False
-    zo_mode: str = "none"          # none | mezo | zo2
+    zo_mode: ZOMode = ZOMode.NONE
     zo_pertp: int = 1
     zo_dp: int = 1
+
+    def __post_init__(self) -> None:
+        # choices given as their string values (``Plan(offload_optimizer="cpu")``) become members
+        for name, choice in (("offload_optimizer", Offload), ("offload_params", Offload),
+                             ("activation_checkpointing", Checkpointing), ("zo_mode", ZOMode)):
+            object.__setattr__(self, name, choice(getattr(self, name)))
 
     # --- derived ------------------------------------------------------------------------
     @property
     def zeroth_order(self) -> bool:
-        return self.zo_mode != "none"
+        return self.zo_mode != ZOMode.NONE
 
     @property
     def offloads_optimizer(self) -> bool:
         """Optimizer states and fp32 gradients live in host memory (DeepSpeed's CPUAdam steps them)."""
-        return self.offload_optimizer != "none"
+        return self.offload_optimizer != Offload.NONE
 
     @property
     def offloads_params(self) -> bool:
         """ZeRO-3 parameter partitions live in host memory."""
-        return self.offload_params != "none"
+        return self.offload_params != Offload.NONE
 
     @property
     def checkpoints_activations(self) -> bool:
         """Every transformer block's activations are recomputed in backward."""
-        return self.activation_checkpointing != "none"
+        return self.activation_checkpointing != Checkpointing.NONE
 
     @property
     def zo2(self) -> bool:
         """ZO2: transformer blocks kept in host memory and streamed through the GPU."""
-        return self.zo_mode == "zo2"
+        return self.zo_mode == ZOMode.ZO2
 
     @property
     def world_size(self) -> int:
-        return self.zo_pertp * self.zo_dp if self.zeroth_order else self.dp * self.tp
+        """See :func:`world_size_of`."""
+        return int(world_size_of(self.dp, self.tp, self.zo_pertp, self.zo_dp, self.zeroth_order))
 
     @property
     def data_parallel(self) -> int:
@@ -70,12 +103,8 @@ class Plan:
         return self.zo_dp if self.zeroth_order else self.dp
 
     def zo2_upload_slices(self, gpus_per_node: int) -> int:
-        """Slices ZO2 cuts every block upload into: the world size when all ranks share one node (each
-        rank moves 1/n of a block over its own PCIe link and the slices are all-gathered over the
-        node's fabric), else 1 (whole blocks on every rank). Ranks fill nodes in blocks of
-        ``gpus_per_node``, so they share one node exactly when ``world_size <= gpus_per_node``."""
-        n = self.world_size
-        return n if self.zo2 and 1 < n <= gpus_per_node else 1
+        """See :func:`zo2_upload_slices_of`."""
+        return int(zo2_upload_slices_of(self.world_size, self.zo2, gpus_per_node))
 
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.data_parallel
@@ -85,57 +114,47 @@ class Plan:
                             zeroth_order=self.zeroth_order, gpus_per_node=gpus_per_node)
 
     def describe(self) -> str:
-        """A short one-line name, e.g. ``dp=4 tp=2 zero=2 mb=2x4 ac=full``."""
-        if self.zeroth_order:
-            return f"zo={self.zo_mode} pertp={self.zo_pertp} zo_dp={self.zo_dp} mb={self.micro_batch}x{self.grad_accum}"
-        s = f"dp={self.dp} tp={self.tp}"
-        if self.ep > 1:
-            s += f" ep={self.ep}"
-        s += f" zero={self.zero_stage} mb={self.micro_batch}x{self.grad_accum}"
-        if self.offload_optimizer != "none":
-            s += " off_opt"
-        if self.offload_params != "none":
-            s += " off_param"
-        if self.activation_checkpointing != "none":
-            s += f" ac={self.activation_checkpointing}"
-        if self.sequence_parallel:
-            s += " sp"
-        return s
+        """A short one-line name, e.g. ``dp=4 tp=2 zero=2 mb=2x4 ac=full`` (:func:`.text.describe`)."""
+        return text.describe(self)
 
     def to_config(self) -> dict[str, Any]:
-        """The plan section of a job file that reproduces this plan exactly."""
+        """The plan section of a job file that reproduces this plan exactly (plain values)."""
         return dict(dp=self.dp, tp=self.tp, ep=self.ep, zero_stage=self.zero_stage,
-                    offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
-                    micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing,
+                    offload_optimizer=self.offload_optimizer.value, offload_params=self.offload_params.value,
+                    micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing.value,
                     sequence_parallel=self.sequence_parallel,
-                    zo=dict(mode=self.zo_mode, pertp=self.zo_pertp, dp=self.zo_dp))
+                    zo=dict(mode=self.zo_mode.value, pertp=self.zo_pertp, dp=self.zo_dp))
 
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)
 
     # --- validation -----------------------------------------------------------------------
     def check(self, model: ModelConfig, train: TrainConfig, cluster: ClusterConfig) -> None:
-        """Raise ConfigError if this plan cannot run the job on the cluster."""
+        """Raise ConfigError if this plan cannot run the job on the cluster.
+
+        Cross-field rules only: each field's own values (choices, the zero stages, pertp) are the
+        loader's (:func:`meshpilot.orchestrator.config.loader.validate_job`)."""
         gpus = cluster.nodes * cluster.gpus_per_node
         zo = self.zeroth_order
-        if train.optimizer == "zo-sgd" and not zo:
+        if train.optimizer == Optimizer.ZO_SGD and not zo:
             raise ConfigError("plan.zo.mode", self.zo_mode, reason="train.optimizer=zo-sgd needs a zeroth-order plan",
                               fix="set plan.zo.mode=mezo (or zo2 to offload parameters to CPU)")
         if zo:
-            if train.optimizer != "zo-sgd":
+            if train.optimizer != Optimizer.ZO_SGD:
                 raise ConfigError("train.optimizer", train.optimizer,
                                   reason=f"plan.zo.mode={self.zo_mode} trains with forward passes only",
                                   fix="set train.optimizer=zo-sgd, or plan.zo.mode=none")
-            for key, val, ok in (("plan.zero_stage", self.zero_stage, 0), ("plan.tp", self.tp, 1),
-                                 ("plan.ep", self.ep, 1), ("plan.dp", self.dp, 1),
-                                 ("plan.offload_optimizer", self.offload_optimizer, "none"),
-                                 ("plan.offload_params", self.offload_params, "none")):
-                if val != ok:
+            for key, val, bad, ok in (("plan.zero_stage", self.zero_stage, self.zero_stage != 0, 0),
+                                      ("plan.tp", self.tp, self.tp != 1, 1), ("plan.ep", self.ep, self.ep != 1, 1),
+                                      ("plan.dp", self.dp, self.dp != 1, 1),
+                                      ("plan.offload_optimizer", self.offload_optimizer, self.offloads_optimizer,
+                                       Offload.NONE),
+                                      ("plan.offload_params", self.offload_params, self.offloads_params,
+                                       Offload.NONE)):
+                if bad:
                     raise ConfigError(key, val, reason="a zeroth-order plan keeps no gradients or optimizer state",
                                       fix=f"set {key}={ok}" + ("; use plan.zo.dp for data parallelism"
                                                                if key == "plan.dp" else ""))
-            if self.zo_pertp not in (1, 2):
-                raise ConfigError("plan.zo.pertp", self.zo_pertp, allowed=(1, 2))
         tp = self.tp
         if tp > 1:
             for key, n in (("model.heads", model.heads), ("model.kv_heads", model.kv_heads), ("model.ffn", model.ffn)):
@@ -167,21 +186,19 @@ class Plan:
             if self.dp % self.ep:
                 raise ConfigError("plan.ep", self.ep, reason=f"must divide plan.dp={self.dp} "
                                   "(expert parallelism re-divides the data-parallel ranks)")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError("plan.zero_stage", self.zero_stage, allowed=(0, 1, 2, 3))
         if self.zero_stage == 3 and model.num_experts:
             raise ConfigError("plan.zero_stage", 3, reason="DeepSpeed does not run MoE models under ZeRO-3 "
                               f"(model.num_experts={model.num_experts})",
                               fix="set plan.zero_stage to 0, 1 or 2 (expert optimizer states are still sharded "
                                   "over the expert-data-parallel ranks), or plan.ep>1 to split the experts")
-        if self.offload_params != "none" and self.zero_stage != 3:
+        if self.offloads_params and self.zero_stage != 3:
             raise ConfigError("plan.offload_params", self.offload_params, reason="needs plan.zero_stage=3",
                               fix="set plan.zero_stage=3, or plan.offload_params=none")
-        if self.offload_optimizer != "none":
+        if self.offloads_optimizer:
             if self.zero_stage == 0:
                 raise ConfigError("plan.offload_optimizer", self.offload_optimizer, reason="needs plan.zero_stage>=1",
                                   fix="set plan.zero_stage=2 (ZeRO-Offload), or plan.offload_optimizer=none")
-            if train.optimizer != "adamw":
+            if train.optimizer != Optimizer.ADAMW:
                 raise ConfigError("plan.offload_optimizer", self.offload_optimizer,
                                   reason=f"CPU offload runs DeepSpeed's CPUAdam; train.optimizer={train.optimizer}",
                                   fix="set train.optimizer=adamw, or plan.offload_optimizer=none")
@@ -205,9 +222,9 @@ def plan_from_config(pc: PlanConfig, job: JobConfig) -> Plan:
         raise ConfigError("plan", "auto", reason="the planner chooses this plan",
                           fix="run `meshpilot plan JOB` first, or give the degrees")
     t, c = job.train, job.cluster
-    zo_mode = pc.zo.mode or ("mezo" if t.optimizer == "zo-sgd" else "none")
+    zo_mode = pc.zo.mode or (ZOMode.MEZO if t.optimizer == Optimizer.ZO_SGD else ZOMode.NONE)
     tp = pc.tp or 1
-    if zo_mode != "none":
+    if zo_mode != ZOMode.NONE:
         pertp, zo_dp = pc.zo.pertp or 1, pc.zo.dp or 1
         dpn, dp = zo_dp, pc.dp or 1
     else:
@@ -224,8 +241,10 @@ def plan_from_config(pc: PlanConfig, job: JobConfig) -> Plan:
         mb = pc.micro_batch
     accum = max(1, t.global_batch // (mb * dpn))
     plan = Plan(dp=dp, tp=tp, ep=pc.ep or 1, zero_stage=0 if pc.zero_stage is None else pc.zero_stage,
-                offload_optimizer=pc.offload_optimizer or "none", offload_params=pc.offload_params or "none",
-                micro_batch=mb, grad_accum=accum, activation_checkpointing=pc.activation_checkpointing or "none",
+                offload_optimizer=pc.offload_optimizer or Offload.NONE,
+                offload_params=pc.offload_params or Offload.NONE,
+                micro_batch=mb, grad_accum=accum,
+                activation_checkpointing=pc.activation_checkpointing or Checkpointing.NONE,
                 sequence_parallel=bool(pc.sequence_parallel), zo_mode=zo_mode, zo_pertp=pertp, zo_dp=zo_dp)
     plan.check(job.model, t, c)
     return plan

@@ -7,47 +7,36 @@ States and the transitions allowed between them::
                   │  └─ restarting <┘      (a worker died, its heartbeat stopped, a step hung)
                   └───────────┴────────> failed | cancelled   (from any non-terminal state)
 
-The controller owns no resources itself: it drives a :class:`WorkerGroup` (the Ray gang in
-``meshpilot.launch.ray_backend``, a fake one in tests) through ``start`` / ``poll`` /
-``stop`` / ``shutdown``. Every failure tears the *whole* gang down (a collective cannot
-continue with a missing member) and asks the :class:`FailurePolicy` what to do; the policy
-returns a decision dataclass: :class:`RestartDecision` (after an exponential backoff
+The controller owns no resources itself: it drives a
+:class:`~meshpilot.orchestrator.run.protocol.WorkerGroup` (the Ray gang of
+``meshpilot.launch.group``, a fake one in tests) through ``start`` / ``poll`` / ``stop`` /
+``shutdown``; the types both sides share live in :mod:`.protocol`. Every failure tears the
+*whole* gang down (a collective cannot continue with a missing member) and asks the
+:class:`FailurePolicy` what to do; the policy returns a decision dataclass:
+:class:`RestartDecision` (after an exponential backoff
 ``delay = min(backoff_max_s, backoff_s * factor**restarts)``) or :class:`FailDecision`.
 Restarted workers resume from the run directory's latest complete checkpoint, so only the
 steps after that checkpoint are repeated.
 
 :meth:`Controller.step` performs one action and returns; :meth:`Controller.run` loops it.
 Time and sleeping are injected, so tests step the machine deterministically. Every
-transition is passed to ``on_transition`` (the CLI persists it to state.json and
-events.jsonl) and logged.
+transition is passed to ``on_transition`` (the run session, :mod:`.session`, persists it
+to state.json and events.jsonl) and logged.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Union
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Union
+
+from meshpilot.orchestrator.run.protocol import Failure, GangError, JobStatus, Progress, WorkerGroup
 
 log = logging.getLogger(__name__)
 
-
-class JobStatus(str, enum.Enum):
-    PENDING = "pending"
-    SCHEDULING = "scheduling"
-    RUNNING = "running"
-    RESTARTING = "restarting"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
 S = JobStatus
-ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+ALLOWED_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = MappingProxyType({
     S.PENDING: frozenset({S.SCHEDULING, S.FAILED, S.CANCELLED}),
     S.SCHEDULING: frozenset({S.RUNNING, S.RESTARTING, S.FAILED, S.CANCELLED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.RESTARTING, S.FAILED, S.CANCELLED}),
@@ -55,69 +44,11 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
-}
+})
 
 
 class IllegalTransition(RuntimeError):
     pass
-
-
-# --- what the worker group reports --------------------------------------------------------
-
-FAILURE_KINDS = ("worker_died", "heartbeat_stale", "step_timeout", "worker_error", "placement", "rendezvous")
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a gang stopped working. ``retryable=False`` fails the job without a restart
-    (a placement that cannot be satisfied, a configuration error inside a worker)."""
-    kind: str
-    message: str
-    rank: Optional[int] = None
-    retryable: bool = True
-
-    def __str__(self) -> str:
-        who = f"rank {self.rank}: " if self.rank is not None else ""
-        return f"{self.kind}: {who}{self.message}"
-
-
-class GangError(RuntimeError):
-    """Raised by :meth:`WorkerGroup.start` when the gang cannot be formed."""
-
-    def __init__(self, failure: Failure):
-        super().__init__(str(failure))
-        self.failure = failure
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Rank 0's latest step (``metrics`` is whatever the worker's on_step reported)."""
-    step: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GroupPoll:
-    """One look at the gang: ``results`` (one dict per rank) once every worker returned,
-    ``failure`` if one failed, else still running."""
-    progress: Optional[Progress] = None
-    failure: Optional[Failure] = None
-    results: Optional[list[dict[str, Any]]] = None
-
-
-class WorkerGroup(Protocol):
-    def start(self, attempt: int) -> list[int]:
-        """Reserve resources, start one worker per rank, rendezvous; return worker pids.
-        Raises GangError."""
-
-    def poll(self) -> GroupPoll:
-        """Non-blocking check of the workers."""
-
-    def stop(self, grace_s: float) -> None:
-        """Ask the workers to stop at the next step (cancel); wait at most grace_s."""
-
-    def shutdown(self) -> None:
-        """Kill every worker and release the reservation. Idempotent."""
 
 
 # --- the failure policy -------------------------------------------------------------------
@@ -223,12 +154,12 @@ class Controller:
         self._teardown()
         decision = self.policy.decide(failure, self.restarts)
         if isinstance(decision, FailDecision):
-            self._to(S.FAILED, decision.reason, failure=failure.kind, rank=failure.rank)
+            self._to(S.FAILED, decision.reason, failure=failure.kind.value, rank=failure.rank)
             return
         self.restarts = decision.restart_number
         self._restart_at = self._clock() + decision.delay_s
         self._to(S.RESTARTING, f"{decision.reason}; restart {decision.restart_number}/{self.policy.max_restarts} "
-                 f"in {decision.delay_s:.1f}s", failure=failure.kind, rank=failure.rank, delay_s=decision.delay_s)
+                 f"in {decision.delay_s:.1f}s", failure=failure.kind.value, rank=failure.rank, delay_s=decision.delay_s)
 
     def _cancel(self) -> None:
         if self._gang_up:

@@ -3,8 +3,10 @@
 All efficiency factors and overhead terms of the memory and time models live in
 :class:`SimulatorConstants`, so that measurements (``meshpilot probe`` and the accuracy
 runs) can fit them and pass a fitted copy to ``simulate(..., constants=...)``. Defaults
-are DeepSpeed 0.19 defaults (bucket sizes, overlap) and first-principles estimates for an
-H100 node; each field says where its default comes from.
+are first-principles estimates for an H100 node or fitted values; each field says where its
+default comes from. What DeepSpeed is configured to do (bucket sizes, the stage-3 persistence
+threshold, whether communication overlaps compute) is not a constant: the simulator reads it
+from the config the worker runs (:mod:`.deepspeed_settings`).
 
 Calibrated defaults (Hopper): the constants marked "fitted" below were fitted by
 benchmarks/accuracy_report.py (``--constants first_principles_constants.yaml --fit-metrics
@@ -53,18 +55,10 @@ class SimulatorConstants:
     """Allocator blocks left reserved after DeepSpeed copies the loaded model (w·P_r bytes per rank)
     into its flat buffers, as a fraction of w·P_r (see memory_model). Not used for zeroth-order plans.
     First principles 0.5; fitted 0.9408 (reserved - allocated 12-19 GiB at 6.7B, bf16 model 12.6 GiB)."""
-    # --- DeepSpeed defaults (elements) ----------------------------------------------------
-    reduce_bucket_size: float = 5e8
-    """zero_optimization.reduce_bucket_size: one torch.empty(reduce_bucket_size) gradient staging buffer
-    (model dtype) per dtype, allocated for stages 1-3 with contiguous_gradients (the default)."""
-    allgather_bucket_size: float = 5e8
-    """zero_optimization.allgather_bucket_size (stages 1-2 all-gather of updated parameters)."""
-    stage3_prefetch_bucket_size: float = 5e7
-    """stage3_prefetch_bucket_size: parameters gathered ahead of use."""
-    stage3_max_live_parameters: float = 1e9
-    """stage3_max_live_parameters: cap on gathered parameters resident at once."""
+    # --- DeepSpeed internals (not configurable) --------------------------------------------
     stage0_allreduce_bucket: float = 5e8
-    """Elements per flattened all-reduce buffer of the engine's plain data-parallel path (stage 0)."""
+    """Elements per flattened all-reduce buffer of the engine's plain data-parallel path (stage 0):
+    DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py), not a config key."""
     # --- activations ----------------------------------------------------------------------
     logits_saved_bytes: float = 6.0
     """Bytes per token per vocabulary entry alive at the end of forward: bf16 logits (2) and the fp32
@@ -146,13 +140,13 @@ class SimulatorConstants:
     pcie_efficiency: float = 0.9963
     """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration).
     First principles 0.9; fitted 0.9963."""
-    # --- overlap --------------------------------------------------------------------------
-    overlap_comm_stage012: float = 0.0
-    """Fraction of the data-parallel reduction hidden behind backward for stages 0-2. DeepSpeed's default
-    overlap_comm is false for these stages: the reduction runs on the compute stream."""
-    overlap_comm_stage3: float = 0.7
-    """Fraction of backward/forward compute time that can hide ZeRO-3 gathers and reductions
-    (overlap_comm defaults to true for stage 3)."""
+    # --- overlap ------------------------------------------------------------------------
+    overlap_comm_fraction: float = 0.7
+    """Fraction of the compute time that hides communication when DeepSpeed's overlap_comm is on
+    (reductions behind the last micro-batch's backward; at stage 3 also the parameter all-gathers
+    behind forward, recompute and half the backward). Whether it is on comes from the config. The H200 fit
+    kept 0.7 (as overlap_comm_stage3); those runs (benchmarks/measure_deepspeed.py) used DeepSpeed's defaults,
+    overlap on at stage 3."""
     zo2_overlap: float = 0.8
     """Fraction of ZO2's block uploads hidden behind compute (it prefetches the next block)."""
     # --- zeroth order ---------------------------------------------------------------------
@@ -195,27 +189,3 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def constants_for_deepspeed(ds_config: dict[str, Any], base: SimulatorConstants | None = None) -> SimulatorConstants:
-    """``base`` with the buffer sizes and overlap of a DeepSpeed config dict (e.g. the one
-    ``strategies.deepspeed_config`` generates, which may differ from DeepSpeed's defaults).
-
-    Reads zero_optimization.{reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size,
-    stage3_max_live_parameters, overlap_comm}; absent keys keep ``base``'s values. overlap_comm=false at
-    stage 3 sets ``overlap_comm_stage3`` to 0; true at stages 0-2 sets ``overlap_comm_stage012`` to the
-    stage-3 fraction.
-    """
-    c = base or SimulatorConstants()
-    z = ds_config.get("zero_optimization", {}) or {}
-    kw: dict[str, Any] = {}
-    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                "stage3_max_live_parameters"):
-        if key in z:
-            kw[key] = float(z[key])
-    if "overlap_comm" in z and z["overlap_comm"] is not None:
-        if int(z.get("stage", 0)) == 3:
-            kw["overlap_comm_stage3"] = c.overlap_comm_stage3 if z["overlap_comm"] else 0.0
-        else:
-            kw["overlap_comm_stage012"] = c.overlap_comm_stage3 if z["overlap_comm"] else 0.0
-    return c.replace(**kw)

@@ -18,7 +18,7 @@ precision (``cluster.gpu.bf16_tflops`` ...).
 from __future__ import annotations
 
 from meshpilot.orchestrator.config.models import param_counts
-from meshpilot.orchestrator.config.schema import ClusterConfig, JobConfig, ModelConfig
+from meshpilot.orchestrator.config.schema import Arch, ClusterConfig, JobConfig, ModelConfig, Precision
 
 BACKPROP_PASSES = 3.0
 """Forward-equivalents per token of a step with backpropagation (forward 1 + backward 2)."""
@@ -34,7 +34,7 @@ def matmul_params(m: ModelConfig) -> float:
 
 def norm_params(m: ModelConfig) -> int:
     """Weights (and biases) of every norm: two per block (RMSNorm h; LayerNorm 2h) and the final one."""
-    per_norm = 2 * m.hidden if m.arch in ("gpt2", "opt") else m.hidden
+    per_norm = 2 * m.hidden if m.arch in (Arch.GPT2, Arch.OPT) else m.hidden
     return (2 * m.layers + 1) * per_norm
 
 
@@ -49,10 +49,11 @@ def model_flops_per_token(m: ModelConfig, seq_len: int, *, zeroth_order: bool) -
     return passes * forward_flops(matmul_params(m), m.layers, seq_len, m.hidden)
 
 
-def peak_flops(cluster: ClusterConfig, precision: str) -> float:
+def peak_flops(cluster: ClusterConfig, precision: Precision) -> float:
     """Dense datasheet FLOP/s of one device for the training precision."""
     g = cluster.gpu
-    return float({"bf16": g.bf16_tflops, "fp16": g.fp16_tflops, "fp32": g.fp32_tflops}[str(precision)]) * 1e12
+    return float({Precision.BF16: g.bf16_tflops, Precision.FP16: g.fp16_tflops,
+                  Precision.FP32: g.fp32_tflops}[precision]) * 1e12
 
 
 def mfu(job: JobConfig, tokens_per_s: float, world_size: int, *, zeroth_order: bool) -> float:

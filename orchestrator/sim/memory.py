@@ -6,8 +6,9 @@ shard (non-expert parameters over the dp group, expert parameters over the exper
 parallel group of dp/ep ranks); w = bytes of a 16-bit (or 32-bit) value; K = 12 for
 mixed-precision AdamW (fp32 master 4 + momentum 4 + variance 4), 4 for SGD (master only).
 
-What DeepSpeed 0.19 allocates with bf16 and defaults (read from runtime/fp16/fused_optimizer.py,
-runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
+What DeepSpeed 0.19 allocates with bf16 (read from runtime/fp16/fused_optimizer.py,
+runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py); bucket sizes and the stage-3 window caps are
+those of the config the worker runs (:mod:`.deepspeed_settings`):
 - stage 0 (FP16_Optimizer): w·P_r weights, w·P_r gradients, K·P_r optimizer state; at the step
   ``_flatten_dense_tensors([p.grad.to(fp32) for p in group])`` holds the per-tensor fp32 copies and
   their flat concatenation at once (8·P_r; checked against torch's max_allocated of a 3.4B Llama at
@@ -39,17 +40,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from meshpilot.orchestrator.config.schema import JobConfig, ModelConfig
 from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.config.schema import Accelerator, Arch, JobConfig, ModelConfig, Optimizer, Precision
+from meshpilot.orchestrator.plan.codec import PlanArrays
+from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
+from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 from meshpilot.orchestrator.sim.flops import matmul_params
-
-if TYPE_CHECKING:
-    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
-    from meshpilot.orchestrator.sim.simulator import PlanArrays
 
 
 # --- published formulas (paper mode, for tests and explanation) ----------------------------
@@ -117,7 +115,7 @@ def layer_activation_bytes(m: ModelConfig) -> LayerActivations:
     expert's ``mlp`` bytes plus the dispatch and combine buffers (2h each); see :func:`activation_terms`.
     """
     h, a, f = m.hidden, m.heads, m.ffn
-    if m.arch in ("gpt2", "opt"):
+    if m.arch in (Arch.GPT2, Arch.OPT):
         return LayerActivations(replicated=10.0 * h, attention=10.0 * h + 4.0 * a, mlp=4.0 * f)
     return LayerActivations(replicated=12.0 * h, attention=10.0 * h + 4.0 * a, mlp=8.0 * f,
                             router=4.0 * m.num_experts)
@@ -149,55 +147,72 @@ class ModelTerms:
     # module structure (host-side overheads of the time model): counts for the whole model, experts split out
     param_tensors: float = 0.0          # parameter tensors outside the experts (each gets a DeepSpeed grad hook)
     expert_param_tensors: float = 0.0   # parameter tensors of all experts
-    fetch_tensors: float = 0.0          # ZeRO-3 partitioned (fetched) tensors outside experts: numel > 1e5
-    expert_fetch_tensors: float = 0.0   # the same inside experts
     modules: float = 0.0                # nn.Modules ZeRO-3 hooks (pre/post forward and backward) outside experts
     expert_modules: float = 0.0         # modules inside the experts
 
 
-PERSISTENCE_THRESHOLD = 1e5
-"""DeepSpeed's stage3_param_persistence_threshold default: smaller tensors stay gathered (never fetched)."""
-
-
 def module_structure(m: ModelConfig) -> dict[str, float]:
-    """Parameter tensors, ZeRO-3 fetched tensors and nn.Modules of the Hugging Face model of ``m``.
+    """Parameter tensors and nn.Modules of the Hugging Face model of ``m``, experts counted apart.
 
     llama/mixtral layer: q, k, v, o, gate, up, down projections (7 weight matrices) and two RMSNorm
-    weights = 9 tensors, 7 of them above the persistence threshold; modules: the decoder layer,
-    self_attn, 4 projections, mlp, 3 projections, act_fn, 2 norms = 13. A Mixtral MoE layer replaces the
-    MLP by the block (router gate + E experts of w1, w2, w3 and act_fn: 5 modules, 3 tensors each).
-    gpt2 block: ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj with weights and biases = 12 tensors (4
-    fetched); 13 modules (with dropouts). opt layer: q, k, v, out_proj, fc1, fc2 and 2 LayerNorms with
-    biases = 16 tensors (6 fetched); 11 modules. Outside the layers: token (+ position) embeddings,
-    final norm, LM head unless tied; top-level, inner model, rotary/dropout modules.
+    weights = 9 tensors; modules: the decoder layer, self_attn, 4 projections, mlp, 3 projections,
+    act_fn, 2 norms = 13. A Mixtral MoE layer replaces the MLP by the block (router gate + E experts of
+    w1, w2, w3 and act_fn: 5 modules, 3 tensors each). gpt2 block: ln_1, c_attn, c_proj, ln_2, c_fc,
+    mlp.c_proj with weights and biases = 12 tensors; 13 modules (with dropouts). opt layer: q, k, v,
+    out_proj, fc1, fc2 and 2 LayerNorms with biases = 16 tensors; 11 modules. Outside the layers: token
+    (+ position) embeddings, final norm, LM head unless tied; top-level, inner model, rotary/dropout modules.
     """
     pc = param_counts(m)
-    h = m.hidden
-    big = lambda n: float(n > PERSISTENCE_THRESHOLD)  # noqa: E731
     E = float(m.num_experts)
-    if m.arch in ("gpt2", "opt"):
-        per_t, per_f, per_m = (12.0, 4.0, 13.0) if m.arch == "gpt2" else (16.0, 6.0, 11.0)
-        outer_t = 2.0 + 2.0 + (0.0 if m.tie_embeddings else 1.0)     # token + position embeddings, final LN w+b
-        outer_m = 7.0 + (0.0 if m.tie_embeddings else 1.0)
-        outer_f = 2.0 + (0.0 if m.tie_embeddings else 1.0)
+    head = 0.0 if m.tie_embeddings else 1.0
+    if m.arch in (Arch.GPT2, Arch.OPT):
+        per_t, per_m = (12.0, 13.0) if m.arch == Arch.GPT2 else (16.0, 11.0)
+        outer_t = 2.0 + 2.0 + head                  # token + position embeddings, final LN w+b
+        outer_m = 7.0 + head
     else:
-        per_t, per_f, per_m = 9.0, 7.0 + 2.0 * big(h), 13.0
-        outer_t = 2.0 + (0.0 if m.tie_embeddings else 1.0)           # embeddings, final norm, head
-        outer_m = 5.0 + (0.0 if m.tie_embeddings else 1.0)           # CausalLM, model, embed, rotary, norm
-        outer_f = 1.0 + big(h) + (0.0 if m.tie_embeddings else 1.0)
+        per_t, per_m = 9.0, 13.0
+        outer_t = 2.0 + head                        # embeddings, final norm, head
+        outer_m = 5.0 + head                        # CausalLM, model, embed, rotary, norm
     dense, moe = float(pc.dense_layers), float(pc.moe_layers)
     # an MoE layer: attention + norms as a dense layer, the MLP (3 tensors, 4 modules) replaced by router + experts
-    moe_t, moe_f, moe_m = per_t - 3.0 + 1.0, per_f - 3.0 + big(pc.router), per_m - 4.0 + 2.0
-    return dict(param_tensors=outer_t + dense * per_t + moe * moe_t,
-                expert_param_tensors=moe * E * 3.0,
-                fetch_tensors=outer_f + dense * per_f + moe * moe_f,
-                expert_fetch_tensors=moe * E * 3.0 * big(pc.expert / 3.0 if pc.expert else 0),
+    moe_t, moe_m = per_t - 3.0 + 1.0, per_m - 4.0 + 2.0
+    return dict(param_tensors=outer_t + dense * per_t + moe * moe_t, expert_param_tensors=moe * E * 3.0,
                 modules=outer_m + dense * per_m + moe * moe_m, expert_modules=moe * E * 5.0)
+
+
+def fetched_tensors(m: ModelConfig, persistence_threshold):
+    """(outside experts, inside experts): the tensors ZeRO-3 partitions and fetches, i.e. those with more
+    than ``persistence_threshold`` elements (DeepSpeed's stage3_param_persistence_threshold: smaller ones stay
+    gathered). A scalar or an array of thresholds (one per plan).
+
+    The weight matrices of the layers and the embeddings are counted as above any threshold; the vectors
+    are compared: llama/mixtral norms (h) and router (E h); gpt2 LayerNorm weights and biases (4 of h), the
+    attention output and MLP output biases (h), the fused qkv bias (3h) and the MLP input bias (f); opt
+    LayerNorms (4 of h), the q, k, v, out_proj and fc2 biases (h) and the fc1 bias (f); the final norm
+    (h, with a bias for gpt2/opt)."""
+    pc = param_counts(m)
+    h, f = m.hidden, m.ffn
+    t = np.asarray(persistence_threshold, dtype=float)
+    big = lambda n: (n > t) * 1.0  # noqa: E731
+    head = 0.0 if m.tie_embeddings else 1.0
+    if m.arch == Arch.GPT2:
+        per = 4.0 + 6.0 * big(h) + big(3 * h) + big(f)
+        outer = 2.0 + 2.0 * big(h) + head
+    elif m.arch == Arch.OPT:
+        per = 6.0 + 9.0 * big(h) + big(f)
+        outer = 2.0 + 2.0 * big(h) + head
+    else:
+        per = 7.0 + 2.0 * big(h)
+        outer = 1.0 + big(h) + head
+    moe_per = per - 3.0 + big(pc.router)
+    dense = outer + pc.dense_layers * per + pc.moe_layers * moe_per
+    experts = pc.moe_layers * m.num_experts * 3.0 * big(pc.expert / 3.0 if pc.expert else 0)
+    return dense, experts
 
 
 def model_terms(m: ModelConfig) -> ModelTerms:
     pc = param_counts(m)
-    norm_per_layer = (4 * m.hidden) if m.arch in ("gpt2", "opt") else 2 * m.hidden
+    norm_per_layer = (4 * m.hidden) if m.arch in (Arch.GPT2, Arch.OPT) else 2 * m.hidden
     replicated = m.layers * norm_per_layer + pc.final_norm + pc.moe_layers * pc.router
     layer_max = max(pc.layer_dense if pc.dense_layers else 0, pc.layer_moe if pc.moe_layers else 0)
     blocks = pc.dense_layers * pc.layer_dense + pc.moe_layers * pc.layer_moe
@@ -214,10 +229,10 @@ def model_terms(m: ModelConfig) -> ModelTerms:
 
 def precision_bytes(job: JobConfig) -> tuple[float, float]:
     """(bytes of a weight/gradient value, optimizer-state bytes K per parameter)."""
-    mixed = job.train.precision in ("bf16", "fp16")
+    mixed = job.train.precision in (Precision.BF16, Precision.FP16)
     w = 2.0 if mixed else 4.0
     master = 4.0 if mixed else 0.0
-    states = {"adamw": 8.0, "sgd": 0.0, "zo-sgd": 0.0}[job.train.optimizer]
+    states = {Optimizer.ADAMW: 8.0, Optimizer.SGD: 0.0, Optimizer.ZO_SGD: 0.0}[job.train.optimizer]
     return w, master + states
 
 
@@ -249,39 +264,42 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     one_layer = np.maximum(dense_full if mt.dense_layers else 0.0, moe_full if mt.moe_layers else 0.0)
     ckpt_layers = mt.layers * 2.0 * h / spdiv + one_layer        # layer inputs + one layer recomputed
     head = 6.0 * h / spdiv + c.logits_saved_bytes * mt.vocab / tp  # final norm + logits/log-softmax
-    saved = tokens * (np.where(a.ac, ckpt_layers, full_layers) + head)
+    saved = tokens * (np.where(a.checkpoints_activations, ckpt_layers, full_layers) + head)
     working = tokens * (c.working_set_factor * 2.0 * (h + f * max(routed, 1.0)) / tp
                         + c.logits_backward_bytes * mt.vocab / tp)
     # zeroth order: inference, nothing saved; one layer's tensors and one chunk of the forward-only loss
     # (at most forward_only_rows tokens' logits) live at once
     zo_working = tokens * one_layer + np.minimum(tokens, c.forward_only_rows) * c.logits_forward_only_bytes * mt.vocab
-    zo = a.zo > 0
+    zo = a.zeroth_order
     return np.where(zo, 0.0, saved), np.where(zo, zo_working, working)
 
 
-def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants) -> dict[str, np.ndarray]:
-    """Per-rank bytes of every category for all plans in ``a`` (see the module docstring)."""
+def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
+                 ds: DeepSpeedSettings | None = None) -> dict[str, np.ndarray]:
+    """Per-rank bytes of every category for all plans in ``a`` (see the module docstring).
+
+    ``ds``: the plans' DeepSpeed settings (default: read from the job's DeepSpeed config builder)."""
+    ds = ds if ds is not None else deepspeed_settings(job, a)
     w, K = precision_bytes(job)
     mixed = w == 2.0
     pr, ps, pn, pe = rank_params(mt, a.tp, a.ep, a.dp)
     st = a.zero
-    off_o, off_p = a.off_opt.astype(bool), a.off_param.astype(bool)
-    zo = a.zo
+    off_o, off_p = a.offloads_optimizer, a.offloads_params
     # ZeRO-3 gathered window; with one data-parallel rank the partition is the whole parameter (no window)
-    live = np.minimum(c.stage3_max_live_parameters, mt.largest_module / a.tp + c.stage3_prefetch_bucket_size)
+    live = np.minimum(ds.max_live_parameters, mt.largest_module / a.tp + ds.prefetch_bucket_size)
     live = np.where(a.dp > 1, live, 0.0)
     offloaded_window = np.maximum(live, mt.largest_module / a.tp) + mt.replicated   # offload_params: window only
     weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * offloaded_window)
     grads = np.select([st <= 1, off_o], [w * pr, 0.0], w * ps)
     opt = np.where(off_o, 0.0, K * np.where(st == 0, pr, ps))
-    bucket = np.where(st >= 1, w * c.reduce_bucket_size, 0.0)
+    bucket = np.where(st >= 1, w * ds.reduce_bucket_size, 0.0)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
     step_tmp = np.select([st == 0, off_o], [stage0_tmp, 0.0], fp32_grads * ps)
     acts, working = activation_terms(mt, job.train.seq_len, a, c)
     # zeroth order: weights only (MeZO: all on the GPU; ZO2: embeddings/head + a window of blocks)
-    zo_weights = np.where(zo == 2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
-    is_zo = zo > 0
+    zo_weights = np.where(a.zo2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
+    is_zo = a.zeroth_order
     weights = np.where(is_zo, zo_weights, weights)
     grads = np.where(is_zo, 0.0, grads)
     opt = np.where(is_zo, 0.0, opt)
@@ -290,7 +308,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     temporary = np.maximum(working, step_tmp - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
     groups = (a.world > 1).astype(float) * (1.0 + (a.tp > 1) + (a.ep > 1) * 2 + (a.zo_pertp > 1))
-    on_gpu = job.cluster.accelerator == "gpu"        # CPU workers (gloo) have no CUDA context or NCCL buffers
+    on_gpu = job.cluster.accelerator == Accelerator.GPU        # CPU workers (gloo) have no CUDA context or NCCL buffers
     nccl = np.where((a.world > 1) & on_gpu,
                     c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30, 0.0)
     load_hole = np.where(is_zo | (not on_gpu), 0.0, c.model_load_fragmentation * w * pr)
@@ -300,7 +318,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # upload in slices, each keeping 1/n of every block's store
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
                     + np.where(off_p & ~is_zo, w * ps, 0.0)
-                    + np.where(zo == 2, w * mt.blocks_total / a.zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
+                    + np.where(a.zo2, w * mt.blocks_total / a.zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
     zo_build = np.where(is_zo, w * mt.total, 0.0)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.config.schema import ZO_PERTP, Checkpointing, JobConfig, Offload, Optimizer, ZOMode
 from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.plan import text
+from meshpilot.orchestrator.plan.codec import PlanArrays, PlanColumns
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 from meshpilot.orchestrator.sim.estimate import Estimate, SimulatorConstants
 from meshpilot.orchestrator.sim.memory import model_terms
-from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
-from meshpilot.orchestrator.sim.simulator import PlanArrays, Scores, describe, estimate_at, evaluate
+from meshpilot.orchestrator.sim.simulator import Scores, estimate_at, evaluate, simulate
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,7 @@ class SearchResult:
 
     def find(self, plan: Plan) -> int | None:
         """Index of ``plan`` among the scored plans (None if it was not enumerated)."""
-        a = self.arrays
-        probe = PlanArrays.from_plans([plan], self.job.cluster.gpus_per_node)
-        mask = np.ones(a.n, dtype=bool)
-        for k in PlanArrays.FIELDS:
-            mask &= getattr(a, k) == getattr(probe, k)[0]
-        idx = np.flatnonzero(mask)
-        return int(idx[0]) if len(idx) else None
+        return self.arrays.find(plan)
 
 
 def _fixed(pc_value, options):
@@ -105,21 +101,22 @@ def _fixed(pc_value, options):
 
 
 def _structures(job: JobConfig, constrain: bool):
-    """Yield (structure dict, data-parallel degree) for every candidate structure."""
+    """Yield (a plan of the structure, its data-parallel degree) for every candidate structure; the
+    plan's micro-batch and accumulation are placeholders (1, 1) that :func:`enumerate_plans` sets."""
     c, t, m = job.cluster, job.train, job.model
     pc = job.plan if constrain else None
     G = c.nodes * c.gpus_per_node
     worlds = set(_divisors(G))
     gb = t.global_batch
     get = (lambda name: getattr(pc, name)) if pc is not None else (lambda name: None)
-    if t.optimizer == "zo-sgd":
-        modes = _fixed(pc.zo.mode if pc else None, ("mezo", "zo2"))
-        for mode, pertp in itertools.product(modes, _fixed(pc.zo.pertp if pc else None, (1, 2))):
+    if t.optimizer == Optimizer.ZO_SGD:
+        modes = _fixed(pc.zo.mode if pc else None, (ZOMode.MEZO, ZOMode.ZO2))
+        for mode, pertp in itertools.product(modes, _fixed(pc.zo.pertp if pc else None, ZO_PERTP)):
             for zdp in _fixed(pc.zo.dp if pc else None, [d for d in _divisors(gb) if d * pertp <= G]):
                 if pertp * zdp in worlds:
-                    yield dict(zo=mode, pertp=pertp, zo_dp=zdp), zdp
+                    yield Plan(zo_mode=mode, zo_pertp=pertp, zo_dp=zdp), zdp
         return
-    offload_opts = ("none", "cpu") if t.optimizer == "adamw" else ("none",)
+    offload_opts = tuple(Offload) if t.optimizer == Optimizer.ADAMW else (Offload.NONE,)
     for tp in _fixed(get("tp"), _divisors(c.gpus_per_node)):
         for dp in _fixed(get("dp"), [d for d in _divisors(gb) if d * tp <= G and d * tp in worlds]):
             eps = [e for e in _divisors(m.num_experts) if dp % e == 0] if m.num_experts else [1]
@@ -127,60 +124,42 @@ def _structures(job: JobConfig, constrain: bool):
                 for zero in _fixed(get("zero_stage"), (0, 1, 2) if m.num_experts else (0, 1, 2, 3)):
                     # offload needs ZeRO (optimizer: stage >= 1, parameters: stage 3); unless the user fixed
                     # the field, skip those combinations here instead of counting them as invalid
-                    oos = offload_opts if zero >= 1 else ("none",)
+                    oos = offload_opts if zero >= 1 else (Offload.NONE,)
                     for oo in _fixed(get("offload_optimizer"), oos):
-                        for op in _fixed(get("offload_params"), ("none", "cpu") if zero == 3 else ("none",)):
+                        for op in _fixed(get("offload_params"), tuple(Offload) if zero == 3 else (Offload.NONE,)):
                             for sp in _fixed(get("sequence_parallel"), (False, True) if tp > 1 else (False,)):
-                                yield dict(dp=dp, tp=tp, ep=ep, zero=zero, oo=oo, op=op, sp=sp), dp
+                                yield Plan(dp=dp, tp=tp, ep=ep, zero_stage=zero, offload_optimizer=oo,
+                                           offload_params=op, sequence_parallel=sp), dp
 
 
 def enumerate_plans(job: JobConfig, *, constrain: bool = True) -> tuple[PlanArrays, dict[str, int], int]:
     """All valid plans as arrays, the count of invalid structures by error key, and the total enumerated."""
     t = job.train
-    cols: dict[str, list] = {k: [] for k in PlanArrays.FIELDS}
+    rows = PlanColumns()
     invalid: dict[str, int] = {}
     enumerated = 0
     pc = job.plan if constrain else None
-    ac_opts = [job.plan.activation_checkpointing] if (pc and pc.activation_checkpointing) else ["none", "full"]
-    for s, dpn in _structures(job, constrain):
-        mbs = [mb for mb in _divisors(t.global_batch // dpn)]
+    ac_opts = ([pc.activation_checkpointing != Checkpointing.NONE] if (pc and pc.activation_checkpointing)
+               else [False, True])
+    for structure, dpn in _structures(job, constrain):
+        mbs = _divisors(t.global_batch // dpn)
         if pc is not None and pc.micro_batch is not None:
             mbs = [mb for mb in mbs if mb == pc.micro_batch]
-        is_zo = "zo" in s
-        acs = ["none"] if is_zo else ac_opts
+        acs = [False] if structure.zeroth_order else ac_opts
         n = len(mbs) * len(acs)
         enumerated += n
         if not n:
             continue
-        mb0 = mbs[0]
-        if is_zo:
-            probe = Plan(zo_mode=s["zo"], zo_pertp=s["pertp"], zo_dp=s["zo_dp"], micro_batch=mb0,
-                         grad_accum=t.global_batch // (mb0 * dpn))
-        else:
-            probe = Plan(dp=s["dp"], tp=s["tp"], ep=s["ep"], zero_stage=s["zero"], offload_optimizer=s["oo"],
-                         offload_params=s["op"], sequence_parallel=s["sp"], micro_batch=mb0,
-                         grad_accum=t.global_batch // (mb0 * dpn))
+        batches = [(mb, t.global_batch // (mb * dpn)) for mb in mbs]
+        probe = structure.replace(micro_batch=batches[0][0], grad_accum=batches[0][1])
         try:
             probe.check(job.model, t, job.cluster)
         except ConfigError as e:
             key = f"{e.key}: {e.reason or e}"
             invalid[key] = invalid.get(key, 0) + n
             continue
-        for mb, ac in itertools.product(mbs, acs):
-            cols["dp"].append(probe.dp)
-            cols["tp"].append(probe.tp)
-            cols["ep"].append(probe.ep)
-            cols["zero"].append(probe.zero_stage)
-            cols["off_opt"].append(probe.offload_optimizer != "none")
-            cols["off_param"].append(probe.offload_params != "none")
-            cols["micro_batch"].append(mb)
-            cols["grad_accum"].append(t.global_batch // (mb * dpn))
-            cols["ac"].append(ac != "none")
-            cols["sp"].append(probe.sequence_parallel)
-            cols["zo"].append({"none": 0, "mezo": 1, "zo2": 2}[probe.zo_mode])
-            cols["zo_pertp"].append(probe.zo_pertp)
-            cols["zo_dp"].append(probe.zo_dp)
-    return PlanArrays(cols, job.cluster.gpus_per_node), invalid, enumerated
+        rows.append_variants(probe, batches, acs)
+    return rows.build(job.cluster.gpus_per_node), invalid, enumerated
 
 
 def rank_order(scores: Scores, arrays: PlanArrays, idx: np.ndarray, objective: str) -> np.ndarray:
@@ -222,13 +201,12 @@ def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0
         if len(idx):
             vals = scores.peak_gib if reason == "gpu_memory" else scores.cpu_node_gib
             b = int(idx[np.argmin(vals[idx])])
-            rejected.append(RejectedGroup(reason, len(idx), describe(arrays.plan(b)), float(vals[b])))
+            rejected.append(RejectedGroup(reason, len(idx), text.describe(arrays.plan(b)), float(vals[b])))
     top_est = [estimate_at(job, arrays, scores, int(i), headroom) for i in ranked[:top]]
     result = SearchResult(job=job, objective=objective, headroom=headroom, arrays=arrays, scores=scores,
                           ranked=ranked, top=top_est, rejected=rejected, enumerated=enumerated,
                           invalid=sum(invalid.values()), elapsed_s=0.0)
     if fixed_plan is not None:
-        from meshpilot.orchestrator.sim.simulator import simulate
         result.fixed = simulate(job, fixed_plan, constants=constants, headroom=headroom)
     result.elapsed_s = time.perf_counter() - t0
     log.info("planner: %d plans enumerated, %d invalid, %d scored, %d fit, %.3f s", enumerated, result.invalid,

@@ -1,86 +1,30 @@
 """``simulate(job, plan) -> Estimate``: memory and step time of one plan, without a GPU.
 
-The memory model (:mod:`.memory_model`) and the time model (:mod:`.time_model`) are written
-over numpy arrays with one entry per plan; :func:`evaluate` scores any number of plans at
-once, and :func:`simulate` is the same code on a batch of one, so the planner and the
-simulator can never disagree. Collective costs come from :mod:`meshpilot.comm.cost_model`
-with the group spans taken from the plan's :class:`RankLayout`.
+The memory model (:mod:`.memory`) and the time model (:mod:`.step_time`) are written over
+numpy arrays with one entry per plan (:class:`~meshpilot.orchestrator.plan.codec.PlanArrays`);
+:func:`evaluate` scores any number of plans at once, and :func:`simulate` is the same code on a
+batch of one, so the planner and the simulator can never disagree. Collective costs come from
+:mod:`meshpilot.comm.cost_model` with the group spans taken from the plan's :class:`RankLayout`;
+DeepSpeed's settings from the config the worker runs (:mod:`.deepspeed_settings`).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from meshpilot.comm.cost_model import span_of
-from meshpilot.comm.layout import build_layout
-
-from meshpilot.orchestrator.config.schema import JobConfig
-from meshpilot.orchestrator.sim.estimate import GIB, MEMORY_KEYS, TIME_KEYS, Estimate, SimulatorConstants
-from meshpilot.orchestrator.sim.memory import ModelTerms, memory_terms, model_terms
+from meshpilot.orchestrator.config.schema import JobConfig, Optimizer
+from meshpilot.orchestrator.plan import text
+from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
+from meshpilot.orchestrator.sim.deepspeed_settings import deepspeed_settings
+from meshpilot.orchestrator.sim.estimate import GIB, MEMORY_KEYS, TIME_KEYS, Estimate, SimulatorConstants
 from meshpilot.orchestrator.sim.flops import BACKPROP_PASSES, ZEROTH_ORDER_PASSES, forward_flops, peak_flops
+from meshpilot.orchestrator.sim.memory import ModelTerms, memory_terms, model_terms
 from meshpilot.orchestrator.sim.step_time import time_terms
 
 log = logging.getLogger(__name__)
-
-_ZO = {"none": 0, "mezo": 1, "zo2": 2}
-_ZO_NAMES = {v: k for k, v in _ZO.items()}
-
-
-def structure_spans(dp: int, tp: int, ep: int, zo: int, pertp: int, zo_dp: int, gpus_per_node: int):
-    """Spans (n, nodes, per_node) of the tp, dp, ep, edp and world groups of rank 0's layout.
-
-    Every group of one kind has the same shape in these layouts, so rank 0's are representative
-    (the most loaded rank for communication). Computed once per distinct structure of a batch."""
-    lay = build_layout(dp=dp, tp=tp, ep=ep, pertp=pertp, zo_dp=zo_dp, zeroth_order=zo > 0,
-                       gpus_per_node=gpus_per_node)
-    g = lay.groups_of(0)
-    world = tuple(range(lay.world_size))
-    sp = lambda grp: (lambda s: (s.n, s.nodes, s.per_node))(span_of(grp, gpus_per_node))  # noqa: E731
-    return sp(g.tp), sp(g.dp), sp(g.ep), sp(g.edp), sp(world)
-
-
-class PlanArrays:
-    """Plans as columns of numpy arrays (the form the models evaluate)."""
-    FIELDS = ("dp", "tp", "ep", "zero", "off_opt", "off_param", "micro_batch", "grad_accum", "ac", "sp",
-              "zo", "zo_pertp", "zo_dp")
-
-    def __init__(self, cols: dict[str, np.ndarray], gpus_per_node: int):
-        for k in self.FIELDS:
-            setattr(self, k, np.asarray(cols[k], dtype=np.int64))
-        self.n = len(self.dp)
-        self.world = np.where(self.zo > 0, self.zo_pertp * self.zo_dp, self.dp * self.tp)
-        spans = np.zeros((5, 3, self.n))
-        keys = np.stack([self.dp, self.tp, self.ep, self.zo, self.zo_pertp, self.zo_dp], axis=1)
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-        for i, row in enumerate(uniq):
-            spans[:, :, inv.reshape(-1) == i] = np.array(structure_spans(*map(int, row), gpus_per_node))[:, :, None]
-        self.tp_span, self.dp_span, self.ep_span, self.edp_span, self.world_span = (spans[i] for i in range(5))
-        # ZO2 ranks that all share one node upload blocks in slices (the worker's default): 1/n each
-        self.zo2_slices = np.where((self.world_span[1] == 1) & (self.world > 1), self.world, 1)
-
-    @classmethod
-    def from_plans(cls, plans: Sequence[Plan], gpus_per_node: int) -> "PlanArrays":
-        cols = dict(dp=[p.dp for p in plans], tp=[p.tp for p in plans], ep=[p.ep for p in plans],
-                    zero=[p.zero_stage for p in plans], off_opt=[p.offload_optimizer != "none" for p in plans],
-                    off_param=[p.offload_params != "none" for p in plans], micro_batch=[p.micro_batch for p in plans],
-                    grad_accum=[p.grad_accum for p in plans],
-                    ac=[p.activation_checkpointing != "none" for p in plans],
-                    sp=[p.sequence_parallel for p in plans], zo=[_ZO[p.zo_mode] for p in plans],
-                    zo_pertp=[p.zo_pertp for p in plans], zo_dp=[p.zo_dp for p in plans])
-        return cls(cols, gpus_per_node)
-
-    def plan(self, i: int) -> Plan:
-        zo = int(self.zo[i])
-        return Plan(dp=int(self.dp[i]), tp=int(self.tp[i]), ep=int(self.ep[i]), zero_stage=int(self.zero[i]),
-                    offload_optimizer="cpu" if self.off_opt[i] else "none",
-                    offload_params="cpu" if self.off_param[i] else "none", micro_batch=int(self.micro_batch[i]),
-                    grad_accum=int(self.grad_accum[i]), activation_checkpointing="full" if self.ac[i] else "none",
-                    sequence_parallel=bool(self.sp[i]), zo_mode=_ZO_NAMES[zo], zo_pertp=int(self.zo_pertp[i]),
-                    zo_dp=int(self.zo_dp[i]))
 
 
 @dataclass
@@ -106,14 +50,15 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     """Score every plan of ``arrays`` (no validity checks: that is Plan.check's job)."""
     c = constants or SimulatorConstants()
     mt = terms or model_terms(job.model)
-    mem = memory_terms(mt, job, arrays, c)
-    tim = time_terms(mt, job, arrays, c)
+    ds = deepspeed_settings(job, arrays)
+    mem = memory_terms(mt, job, arrays, c, ds)
+    tim = time_terms(mt, job, arrays, c, ds)
     step = sum(tim[k] for k in TIME_KEYS)
     tokens = float(job.train.global_batch * job.train.seq_len)
     cl = job.cluster
     peak = peak_flops(cl, job.train.precision)
     fpt = forward_flops(mt.matmul_params, mt.layers, job.train.seq_len, mt.hidden)
-    useful = np.where(arrays.zo > 0, ZEROTH_ORDER_PASSES, BACKPROP_PASSES) * fpt * tokens   # sim.flops' rule
+    useful = np.where(arrays.zeroth_order, ZEROTH_ORDER_PASSES, BACKPROP_PASSES) * fpt * tokens   # sim.flops' rule
     peak_gib = mem["peak"] / GIB
     cpu_gib = mem["cpu_node"] / GIB
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
@@ -122,61 +67,74 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
                   fits_cpu=cpu_gib <= cl.cpu_memory_gib * (1.0 - headroom))
 
 
-def suggestions(plan: Plan, job: JobConfig) -> list[str]:
-    """Changes that lower GPU memory for a plan that does not fit, most effective first."""
+def suggestions(plan: Plan, job: JobConfig, *, fitting_only: bool = False, max_changes: int = 3) -> list[str]:
+    """Changes that lower GPU memory for a plan that does not fit, most effective first.
+
+    ``fitting_only``: instead, the combinations of the fewest such changes (applied one after
+    another, at most ``max_changes``) after which the plan passes :meth:`Plan.check` and the
+    simulator says it fits, as override strings (``plan.zero_stage=3 plan.activation_checkpointing=full``);
+    [] when none does."""
     out = []
+    adamw = job.train.optimizer == Optimizer.ADAMW
     if plan.zeroth_order:
-        if plan.zo_mode == "mezo":
+        if not plan.zo2:
             out.append("plan.zo.mode=zo2")
     else:
         if plan.zero_stage < 3 and plan.dp > 1:
             out.append("plan.zero_stage=3")
-        if plan.offload_optimizer == "none" and plan.zero_stage >= 1 and job.train.optimizer == "adamw":
+        if not plan.offloads_optimizer and plan.zero_stage >= 1 and adamw:
             out.append("plan.offload_optimizer=cpu")
-        elif plan.offload_optimizer == "none" and job.train.optimizer == "adamw":
+        elif not plan.offloads_optimizer and adamw:
             out.append("plan.zero_stage=2 plan.offload_optimizer=cpu")
-        if plan.zero_stage == 3 and plan.offload_params == "none":
+        if plan.zero_stage == 3 and not plan.offloads_params:
             out.append("plan.offload_params=cpu")
-        if plan.activation_checkpointing == "none":
+        if not plan.checkpoints_activations:
             out.append("plan.activation_checkpointing=full")
     if plan.micro_batch > 1:
         out.append(f"plan.micro_batch={max(1, plan.micro_batch // 2)}")
     if not plan.zeroth_order and plan.tp < job.cluster.gpus_per_node:
         out.append(f"plan.tp={plan.tp * 2}")
-    return out
+    if not fitting_only:
+        return out
+    from meshpilot.orchestrator.errors import ConfigError
+    fields = {"plan.zero_stage": "zero_stage", "plan.offload_optimizer": "offload_optimizer",
+              "plan.offload_params": "offload_params", "plan.activation_checkpointing": "activation_checkpointing",
+              "plan.micro_batch": "micro_batch", "plan.tp": "tp", "plan.zo.mode": "zo_mode"}
 
+    def apply(p: Plan, changes: dict[str, str]) -> Plan:
+        kw: dict[str, int | str] = {}
+        for key, val in changes.items():
+            name = fields[key]
+            kw[name] = int(val) if isinstance(getattr(p, name), int) else val
+        if "micro_batch" in kw:      # the global batch stays: accumulation makes up for the smaller micro-batch
+            kw["grad_accum"] = max(1, job.train.global_batch // (int(kw["micro_batch"]) * p.data_parallel))
+        return p.replace(**kw)
 
-def describe(plan: Plan) -> str:
-    """A short one-line name of a plan (see :meth:`Plan.describe`)."""
-    return plan.describe()
-
-
-_SHORT_KEYS = {"dp": "plan.dp", "tp": "plan.tp", "ep": "plan.ep", "zero": "plan.zero_stage",
-               "ac": "plan.activation_checkpointing", "zo": "plan.zo.mode", "pertp": "plan.zo.pertp", "zo_dp": "plan.zo.dp"}
-_SHORT_FLAGS = {"off_opt": "plan.offload_optimizer=cpu", "off_param": "plan.offload_params=cpu",
-                "sp": "plan.sequence_parallel=true"}
-
-
-def plan_overrides(text: str) -> list[str]:
-    """Dotlist overrides for a plan written as :func:`describe` prints it (``dp=4 tp=1 zero=3 mb=2x2 ac=full``)
-    or as overrides (``plan.dp=4 plan.zero_stage=3``); the two forms may be mixed."""
-    out: list[str] = []
-    for tok in text.split():
-        key, _, val = tok.partition("=")
-        if key.startswith("plan."):
-            out.append(tok)
-        elif key in _SHORT_FLAGS and not val:
-            out.append(_SHORT_FLAGS[key])
-        elif key == "mb" and val:
-            out.append(f"plan.micro_batch={val.split('x')[0]}")
-        elif key in _SHORT_KEYS and val:
-            out.append(f"{_SHORT_KEYS[key]}={val}")
-        else:
-            from meshpilot.orchestrator.errors import ConfigError
-            raise ConfigError("--explain", tok, reason="not a plan field",
-                              fix="write the plan as the table prints it (dp=4 tp=1 zero=3 mb=2x2 ac=full) "
-                                  "or as overrides (plan.dp=4 plan.zero_stage=3)")
-    return out
+    level: list[tuple[dict[str, str], Plan]] = [({}, plan)]
+    seen = {plan}
+    for _ in range(max_changes):
+        found: list[tuple[dict[str, str], Plan]] = []
+        for done, p in level:
+            for tip in suggestions(p, job):
+                changes = dict(done)
+                changes.update((key, val) for key, _, val in (tok.partition("=") for tok in tip.split()))
+                alt = apply(plan, changes)
+                if alt in seen:
+                    continue
+                seen.add(alt)
+                try:
+                    alt.check(job.model, job.train, job.cluster)
+                except ConfigError:
+                    continue
+                found.append((changes, alt))
+        if not found:
+            return []
+        fits = evaluate(job, PlanArrays.from_plans([a for _, a in found], job.cluster.gpus_per_node)).fits
+        fitting = [" ".join(f"{k}={v}" for k, v in ch.items()) for (ch, _), ok in zip(found, fits) if ok]
+        if fitting:
+            return fitting
+        level = found
+    return []
 
 
 def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, headroom: float = 0.0) -> Estimate:
@@ -198,7 +156,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     if not scores.fits_cpu[i]:
         reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {cl.cpu_memory_gib * (1 - headroom):.1f} "
                        "available; lower the offload (plan.offload_params=none) or use more nodes")
-    return Estimate(plan=describe(plan), plan_config=plan.to_config(), world_size=plan.world_size,
+    return Estimate(plan=text.describe(plan), plan_config=plan.to_config(), world_size=plan.world_size,
                     fits=bool(scores.fits_gpu[i] and scores.fits_cpu[i]), peak_memory_gib=peak,
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
                     cpu_memory_available_gib=float(cl.cpu_memory_gib), step_time_s=float(scores.step_time_s[i]),

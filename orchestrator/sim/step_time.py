@@ -15,7 +15,8 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   hook). Small models are host bound (0.4B Llama: ~0.1 s of host time against ~0.04 s of GPU work).
   The host-bound excess stretches forward/backward/recompute in the breakdown.
 - ZeRO-3 (DeepSpeed's partitioned_param_coordinator / parameter_offload): per pass (forward,
-  backward, recompute) every partitioned tensor (numel > 1e5, the persistence threshold) is fetched
+  backward, recompute) every partitioned tensor (more elements than the config's persistence
+  threshold, :func:`meshpilot.orchestrator.sim.memory.fetched_tensors`) is fetched
   and released (``zero3_fetch_s``) and every nn.Module runs its hooks (``zero3_module_hook_s``);
   the compute stream waits for each module's gather, so this host time adds to the micro-batch
   (reported under zero3_gathers with the exposed gather communication); the stage-3 step adds
@@ -28,8 +29,10 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   once per step; stage 2 reduce-scatters them every micro-batch and all-gathers the updated
   16-bit parameters once per step; stage 3 all-gathers parameters in forward and backward (and
   again for recomputation) and reduce-scatters gradients every micro-batch. Expert parameters
-  go over the expert-data-parallel group. Only the part not hidden behind compute is counted
-  (``overlap_comm_*`` constants; DeepSpeed overlaps by default only at stage 3).
+  go over the expert-data-parallel group. Only the part not hidden behind compute is counted:
+  where the plan's DeepSpeed config turns overlap_comm on, ``overlap_comm_fraction`` of the last
+  backward hides the reductions and, at stage 3, of forward + recompute + half the backward the
+  all-gathers; with it off (meshpilot's config at every stage) all of it is exposed.
 - expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
   b s k c h values (k = top_k, c = capacity factor) in the ep group.
 - offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
@@ -48,32 +51,29 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from meshpilot.comm.cost_model import LinkRates, collective_time
 
 from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
-from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.config.schema import JobConfig, Precision
+from meshpilot.orchestrator.plan.codec import PlanArrays
+from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
+from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 from meshpilot.orchestrator.sim.flops import forward_flops
-from meshpilot.orchestrator.sim.memory import ModelTerms, precision_bytes, rank_params
-
-if TYPE_CHECKING:
-    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
-    from meshpilot.orchestrator.sim.simulator import PlanArrays
+from meshpilot.orchestrator.sim.memory import ModelTerms, fetched_tensors, precision_bytes, rank_params
 
 
 def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
     """Achieved matrix FLOP/s per GPU for the given per-shard hidden size and tokens per micro-batch."""
     cl = job.cluster
     cal = cl.calibration.matmul_tflops
-    if job.train.precision == "fp32":
+    if job.train.precision == Precision.FP32:
         peak = cl.gpu.fp32_tflops * 1e12 * c.matmul_efficiency
     elif cal:
         peak = cal * 1e12
     else:
-        datasheet = cl.gpu.bf16_tflops if job.train.precision == "bf16" else cl.gpu.fp16_tflops
+        datasheet = cl.gpu.bf16_tflops if job.train.precision == Precision.BF16 else cl.gpu.fp16_tflops
         peak = datasheet * 1e12 * c.matmul_efficiency
     xh, xt = c.shape_half_hidden, c.shape_half_tokens
     shape = (hidden_shard / (hidden_shard + xh)) / (4096.0 / (4096.0 + xh))
@@ -81,8 +81,12 @@ def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
     return peak * np.minimum(shape, 1.0)
 
 
-def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants) -> dict[str, np.ndarray]:
-    """Seconds of every time category (one optimizer step) for all plans in ``a``."""
+def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
+               ds: DeepSpeedSettings | None = None) -> dict[str, np.ndarray]:
+    """Seconds of every time category (one optimizer step) for all plans in ``a``.
+
+    ``ds``: the plans' DeepSpeed settings (default: read from the job's DeepSpeed config builder)."""
+    ds = ds if ds is not None else deepspeed_settings(job, a)
     cl = job.cluster
     s = float(job.train.seq_len)
     w, _ = precision_bytes(job)
@@ -92,7 +96,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     tp = a.tp
     rate = achieved_rate(job, mt.hidden / tp, tokens, c)
     cl_hbm = cl.gpu.memory_bandwidth_gbs * 1e9 * c.hbm_efficiency
-    ac = a.ac.astype(float)
+    ac = a.checkpoints_activations.astype(float)
     st = a.zero
     # GPU time of one micro-batch: matrix products, plus the memory-bound fp32 loss over the logits
     loss_half = 0.5 * tokens * (mt.vocab / tp) * c.loss_bytes_per_logit / cl_hbm
@@ -104,7 +108,9 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     host_fwd = mt.layers * c.layer_overhead_s
     host_model = (1.0 + ac + c.backward_host_factor) * host_fwd + tensors * c.grad_hook_s
     # ZeRO-3: fetch/release of every partitioned tensor and the hooks of every module, per pass (fwd, bwd, recompute)
-    z3_host = np.where(st == 3, (2.0 + ac) * ((mt.fetch_tensors + mt.expert_fetch_tensors / a.ep) * c.zero3_fetch_s
+    fetch_dense, fetch_experts = fetched_tensors(job.model, ds.persistence_threshold)
+    fetched = fetch_dense + fetch_experts / a.ep
+    z3_host = np.where(st == 3, (2.0 + ac) * (fetched * c.zero3_fetch_s
                                               + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s), 0.0)
     # the model's host time overlaps the GPU (asynchronous launches); ZeRO-3's does not: the compute stream waits
     # for every fetched module's all-gather, which the host launches only when it reaches that module, and the
@@ -133,10 +139,10 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     param_ag = coll("all_gather", w * pn, w * pe)
     dp_total = np.select([st <= 1, st == 2], [grad_ar, ga * grad_rs + param_ag], ga * grad_rs)
     last_bwd = backward / np.maximum(ga, 1)
-    dp_hidden = np.where(st == 3, c.overlap_comm_stage3 * last_bwd, c.overlap_comm_stage012 * last_bwd)
-    dp_exposed = np.maximum(dp_total - dp_hidden, 0.0)
+    overlap = ds.overlap_comm * c.overlap_comm_fraction
+    dp_exposed = np.maximum(dp_total - overlap * last_bwd, 0.0)
     gathers = np.where(st == 3, ga * (2.0 + ac) * param_ag, 0.0)
-    gathers = np.maximum(gathers - c.overlap_comm_stage3 * (forward + recompute + backward * 0.5), 0.0)
+    gathers = np.maximum(gathers - overlap * (forward + recompute + backward * 0.5), 0.0)
     gathers = np.where(st == 3, gathers + z3_host_step, 0.0)
     # expert parallel
     a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,
@@ -146,7 +152,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     cal = cl.calibration
     h2d = (cal.h2d_gbs or cl.pcie_bandwidth_gbs * c.pcie_efficiency) * 1e9
     d2h = (cal.d2h_gbs or cl.pcie_bandwidth_gbs * c.pcie_efficiency) * 1e9
-    off_o, off_p = a.off_opt.astype(bool), a.off_param.astype(bool)
+    off_o, off_p = a.offloads_optimizer, a.offloads_params
     offload = (np.where(off_o, ga * w * ps / d2h + w * ps / h2d, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
     # DeepSpeed's CPU Adam on each offloading rank: compute-bound on the rank's OpenMP threads
@@ -161,11 +167,10 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # memory-bound Adam over the owned fp32 states, the gradient-norm/clip pass over the owned fp32 gradients
     # (on the host with optimizer offload: part of CPUAdam), DeepSpeed's per-tensor loops and fixed step cost
     gpu_step_bytes = (c.optimizer_bytes_per_param + (c.grad_clip_bytes_per_param if job.train.grad_clip else 0.0))
-    fetched = mt.fetch_tensors + mt.expert_fetch_tensors / a.ep
     opt_step = (np.where(off_o, 0.0, gpu_step_bytes * opt_params / hbm) + c.step_overhead_s
                 + tensors * c.step_tensor_s + np.where(st == 3, fetched * c.zero3_step_tensor_s, 0.0))
     # zeroth order
-    is_zo = a.zo > 0
+    is_zo = a.zeroth_order
     zo_fwd = ga * (2.0 / a.zo_pertp) * fwd_one
     zo_perturb = c.zo_perturb_passes * mt.total * (2.0 * w) / hbm + c.step_overhead_s
     wspan = a.world_span
@@ -178,7 +183,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
                                                     rates), 0.0)
     zo_upload = np.maximum(ga * w * mt.blocks_total / (n_slices * h2d),
                            w * mt.blocks_total / (n_slices * d2h)) + ga * gather
-    zo_off = np.where(a.zo == 2, np.maximum(zo_upload - c.zo2_overlap * zo_fwd, 0.0), 0.0)
+    zo_off = np.where(a.zo2, np.maximum(zo_upload - c.zo2_overlap * zo_fwd, 0.0), 0.0)
     zo_scalar = collective_time("all_reduce", 8.0 * 2, wspan[0], wspan[1], wspan[2], rates)
     z = np.zeros_like(forward)
     out = dict(

@@ -46,6 +46,8 @@ from meshpilot.orchestrator.atomic_io import fsync_path, write_atomic
 from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
+from meshpilot.orchestrator.plan.text import fingerprint as plan_fingerprint
+from meshpilot.orchestrator.plan.text import summary as plan_summary
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +55,6 @@ META = "meshpilot.json"
 LATEST = "latest"
 PARTIAL = ".partial"
 EXPERTS = "experts"
-
-
-def plan_summary(plan: Plan) -> str:
-    c = plan.to_config()
-    zo = c.pop("zo")
-    return " ".join(f"{k}={v}" for k, v in c.items()) + f" grad_accum={plan.grad_accum} zo={zo['mode']}"
-
-
-def plan_fingerprint(plan: Plan) -> str:
-    return hashlib.sha1(repr(sorted(asdict(plan).items())).encode()).hexdigest()[:12]
 
 
 def model_fingerprint(job: JobConfig) -> str:

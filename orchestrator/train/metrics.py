@@ -4,21 +4,21 @@ MFU follows :mod:`meshpilot.orchestrator.sim.flops`, the rule the simulator pred
 (3 forward-equivalents per token with backpropagation, 2 for a zeroth-order step).
 
 Peak memory per rank: torch's ``max_memory_allocated`` / ``max_memory_reserved`` on CUDA,
-NVML's device ``used`` bytes where pynvml works (not a peak: sampled at each log), and the
-process's peak resident set (``ru_maxrss``) everywhere.
+NVML's device ``used`` bytes where pynvml works (not a peak: read at each log; the run's sampled
+NVML peak is in the worker's result, see :mod:`.memory_peaks`), and the process's peak resident
+set (``ru_maxrss``) everywhere.
 """
 from __future__ import annotations
 
 import json
 import logging
-import resource
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from meshpilot.orchestrator.train.memory_peaks import host_rss_peak_bytes, nvml_used_bytes, torch_peak_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +37,11 @@ class MemoryStats:
 
 
 def memory_stats(rank: int, device: torch.device | None = None) -> MemoryStats:
-    st = MemoryStats(rank=rank)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    st.host_rss_peak = int(rss_kib) * (1 if sys.platform == "darwin" else 1024)
+    st = MemoryStats(rank=rank, host_rss_peak=host_rss_peak_bytes())
     if device is not None and device.type == "cuda":
-        st.torch_allocated_peak = int(torch.cuda.max_memory_allocated(device))
-        st.torch_reserved_peak = int(torch.cuda.max_memory_reserved(device))
-        st.nvml_used = nvml_used_bytes(device.index if device.index is not None else torch.cuda.current_device())
+        st.torch_allocated_peak, st.torch_reserved_peak = torch_peak_bytes(device)
+        st.nvml_used = nvml_used_bytes(device)
     return st
-
-
-def nvml_used_bytes(cuda_index: int) -> int | None:
-    """Device memory in use (all processes) as NVML sees it; None without NVML."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            import os
-            vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-            phys = int(vis.split(",")[cuda_index]) if vis and vis.split(",")[cuda_index].strip().isdigit() else cuda_index
-            h = pynvml.nvmlDeviceGetHandleByIndex(phys)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:                       # no driver, no NVML, MIG: memory from torch only
-        return None
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Stop requests: SIGUSR2 / SIGTERM (Slurm preemption, Kubernetes eviction) or a controller's event.
 
-A signal reaches one process at a time, and not necessarily every rank, so the loop asks
-:meth:`StopRequest.agreed` once per step: an all-reduce (MAX) of the local flag over all
-ranks, after which every rank takes the same decision (checkpoint, then stop).
+A signal reaches one process at a time, and not necessarily every rank, so every step agrees
+on the local flags once, right after the step's compute: the DeepSpeed engine sums them in the
+step's loss all-reduce, the zeroth-order engine with :func:`agree_stop` (an all-reduce MAX).
+Every rank then takes the same decision (checkpoint, then stop). A request that arrives after
+that point (e.g. from a step hook) is seen by the next step.
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ class StopRequest:
     def local(self) -> bool:
         return self.signal is not None or (self.stop_event is not None and self.stop_event.is_set())
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was asked to stop (collective)."""
-        flag = torch.tensor([1.0 if self.local else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+
+def agree_stop(local: bool, device: torch.device) -> bool:
+    """True on every rank if ``local`` is True on any rank: one all-reduce (MAX) of one element."""
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)

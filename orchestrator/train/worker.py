@@ -2,17 +2,12 @@
 
 :func:`run_worker` runs one rank of a plan: it checks everything a user can get wrong
 (plan, data file, checkpoint to resume) before allocating anything, initialises
-torch.distributed (nccl on GPU, gloo on CPU with DeepSpeed's CPU accelerator), builds the
-plan's process groups, the model (under ``deepspeed.zero.Init`` for stage 3) and the
-DeepSpeed engine, then trains ``train.steps`` optimizer steps:
-
-    for step s: lr = warmup_cosine(s); for each of grad_accum micro-batches of this dp rank:
-    loss = engine(input_ids, labels); engine.backward(loss); engine.step()
-
-(DeepSpeed averages gradients over dp at the accumulation boundary and steps the
-optimizer there). Checkpoints every ``train.checkpoint_every`` steps, at the end, and when a
-stop is requested (SIGUSR2/SIGTERM or ``stop_event``); resumes at the exact step, data
-position and RNG state from ``RUN_DIR/checkpoints/latest`` when it exists.
+torch.distributed (nccl on GPU, gloo on CPU with DeepSpeed's CPU accelerator), starts the
+device-memory peak sampler (:mod:`.memory_peaks`), builds the plan's engine (:mod:`.engine_deepspeed`
+for backpropagation, :mod:`.engine_zo` for zeroth-order plans) and runs the training loop
+(:mod:`.loop`) for ``train.steps`` optimizer steps. Checkpoints every ``train.checkpoint_every``
+steps, at the end, and when a stop is requested (SIGUSR2/SIGTERM or ``stop_event``); resumes at
+the exact step, data position and RNG state from ``RUN_DIR/checkpoints/latest`` when it exists.
 
 Command line (Slurm, Kubernetes, MPI, torchrun)::
 
@@ -24,37 +19,31 @@ SLURM_LOCALID, or OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 import threading
-import time
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from meshpilot.orchestrator.train.checkpoint import CheckpointManager, find_checkpoint, read_meta
 from meshpilot.orchestrator.config.schema import JobConfig
-from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.sim.flops import mfu, model_flops_per_token
-from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, memory_stats
 from meshpilot.orchestrator.plan.plan import Plan
+from meshpilot.orchestrator.train.checkpoint import CheckpointManager, find_checkpoint, read_meta
+from meshpilot.orchestrator.train.data import resolve_source
+from meshpilot.orchestrator.train.engine import ModelFactory, RunContext, StartupPhases, StepHook
+from meshpilot.orchestrator.train.engine_deepspeed import build_deepspeed_engine
+from meshpilot.orchestrator.train.engine_zo import build_zo_engine
+from meshpilot.orchestrator.train.loop import train
+from meshpilot.orchestrator.train.memory_peaks import PeakSampler, memory_peaks_gib
 from meshpilot.orchestrator.train.preemption import StopRequest
-from meshpilot.orchestrator.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
-
-ModelFactory = Callable[[JobConfig, Plan, Any], nn.Module]
-StepHook = Callable[[dict[str, Any]], None]
 
 
 # --- checks before any resource is allocated ----------------------------------------------------
@@ -137,34 +126,6 @@ def _device(on_cpu: bool, local_rank: int) -> torch.device:
     return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
 
 
-def _seed_everything(seed: int, rank: int) -> None:
-    import random
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
-
-
-def _default_model_factory(job: JobConfig, plan: Plan, groups: Any) -> nn.Module:
-    """The built-in transformer, built on the default device (the GPU for ZeRO 0-2, see
-    :func:`_build_device`; the CPU otherwise) in fp32; DeepSpeed casts and places it."""
-    from meshpilot.strategies.model import build_model
-    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=torch.float32,
-                       device=torch.get_default_device())
-
-
-def _build_device(device: torch.device, plan: Plan) -> Any:
-    """Context for building the built-in model: ``torch.device(gpu)`` for ZeRO stages 0-2 on a
-    GPU (weights drawn and created on the GPU, no host round trip); a no-op on the CPU and for
-    stage 3, whose ``zero.Init`` partitions each parameter as it is created."""
-    if device.type == "cuda" and plan.zero_stage < 3:
-        return torch.device(device)
-    return contextlib.nullcontext()
-
-
-def train_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 # --- the worker ----------------------------------------------------------------------------------
 
 def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank: int, master_addr: str,
@@ -180,7 +141,10 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     (benchmarks). ``resume``: "auto" (continue from RUN_DIR/checkpoints/latest
     if present), a checkpoint path, or False. ``on_step`` gets every step's record on every
     rank. Returns ``{"status": "completed"|"stopped", "step", "start_step", "losses",
-    "final_loss", "param_checksum", "tokens_per_s", "mfu", "peak_memory", "checkpoint"}``.
+    "final_loss", "param_checksum", "tokens_per_s", "mfu", "peak_memory", "checkpoint",
+    "memory_peaks_gib", ...}`` (see :func:`.loop.train`); ``memory_peaks_gib`` holds this rank's
+    ``nvml`` (sampled through the run), ``allocated`` and ``reserved`` (torch) and ``host_rss``
+    peaks in GiB, each None where its source is unavailable.
     """
     run_dir = Path(run_dir)
     resume_from = preflight(job, plan, world_size=world_size, run_dir=run_dir, resume=resume, rank=rank)
@@ -192,205 +156,22 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
                       MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
     owns_pg = _init_distributed(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
                                 on_cpu=on_cpu, timeout_s=dist_timeout_s, local_rank=local_rank)
-    if plan.zeroth_order:
-        from meshpilot.orchestrator.train.zo_worker import train_zeroth_order
-        device = _device(on_cpu, local_rank)
-        try:
-            return train_zeroth_order(job, plan, rank=rank, world_size=world_size, device=device, run_dir=run_dir,
-                                      resume_from=resume_from, on_step=on_step, stop_event=stop_event,
-                                      model_factory=model_factory, tensorboard=tensorboard, log_every=log_every,
-                                      save_final=save_final)
-        finally:
-            if owns_pg and dist.is_initialized():
-                dist.destroy_process_group()
+    ctx = RunContext(job=job, plan=plan, rank=rank, world_size=world_size, device=_device(on_cpu, local_rank),
+                     run_dir=run_dir, resume_from=resume_from, on_step=on_step, log_every=log_every,
+                     tensorboard=tensorboard, save_final=save_final)
     stop = StopRequest(rank, stop_event).install()
+    sampler = PeakSampler.for_device(ctx.device).start()
     try:
-        return _train(job, plan, rank=rank, world_size=world_size, local_rank=local_rank, run_dir=run_dir,
-                      on_cpu=on_cpu, on_step=on_step, stop=stop, model_factory=model_factory,
-                      resume_from=resume_from, log_every=log_every, tensorboard=tensorboard, save_final=save_final)
+        phases = StartupPhases()
+        build = build_zo_engine if plan.zeroth_order else build_deepspeed_engine
+        result = train(ctx, build(ctx, model_factory, phases), stop, phases)
     finally:
+        nvml_peak = sampler.stop()
         stop.uninstall()
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _train(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_rank: int, run_dir: Path,
-           on_cpu: bool, on_step: StepHook | None, stop: StopRequest, model_factory: ModelFactory | None,
-           resume_from: tuple[Path, str] | None, log_every: int, tensorboard: bool,
-           save_final: bool = True) -> dict[str, Any]:
-    phases = _Phases()
-    import deepspeed  # after DS_ACCELERATOR is set
-
-    from meshpilot.comm.groups import build_process_groups
-    from meshpilot.strategies.deepspeed_config import deepspeed_config
-    from meshpilot.strategies.zero import construction_context, initialize_engine
-
-    t = job.train
-    device = _device(on_cpu, local_rank)
-    if not on_cpu:
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", dist_init_required=False)
-    groups = build_process_groups(plan.layout(job.cluster.gpus_per_node))
-    phases.mark("deepspeed import + process groups")
-    _seed_everything(t.seed, rank)
-
-    ds_config = deepspeed_config(job, plan, on_cpu=on_cpu)
-    if plan.offload_optimizer != "none" and torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:
-        log.warning("rank %d: optimizer offload with 1 OpenMP thread: DeepSpeed's CPU Adam will use one core of "
-                    "%d (torchrun sets OMP_NUM_THREADS=1 when unset); set OMP_NUM_THREADS to the cores per rank",
-                    rank, os.cpu_count() or 1)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
-    factory = model_factory or _default_model_factory
-    if model_factory is None:
-        # import the model's classes before zero.Init: classes first defined inside Init keep its
-        # partitioning __init__ wrapper after Init exits (a later non-stage-3 model would be partitioned)
-        import meshpilot.strategies.model  # noqa: F401
-    build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
-    with construction_context(job, plan, groups, ds_config, dtype=train_dtype(t.precision)), build_ctx:
-        model = factory(job, plan, groups)
-    phases.mark("model build")
-    if plan.zero_stage != 3 and any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise RuntimeError(f"rank {rank}: the model was built with ZeRO-3 partitioned parameters although "
-                           f"plan.zero_stage={plan.zero_stage}: an earlier ZeRO-3 engine in this process left "
-                           "DeepSpeed's zero.Init patches on the model classes; run each plan in a fresh process")
-    engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
-    phases.mark("DeepSpeed engine")
-
-    ckpt = CheckpointManager(run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
-    start_step = 0
-    if resume_from is not None:
-        meta = ckpt.load(engine, *resume_from)
-        start_step = meta.step
-    source = resolve_source(t.data, vocab=job.model.vocab, seq_len=t.seq_len, seed=t.seed)
-    batches = ShardedBatches(source, BatchLayout(global_batch=t.global_batch, micro_batch=plan.micro_batch,
-                                                 grad_accum=plan.grad_accum, dp=plan.dp, dp_rank=groups.dp_rank),
-                             seed=t.seed)
-    phases.mark("checkpoint + data")
-    metrics = MetricsLogger(run_dir, rank=rank, tensorboard=tensorboard, log_every=log_every)
-    tokens_per_step = t.global_batch * t.seq_len
-    losses: list[float] = []
-    rec: StepRecord | None = None
-    status, last_ckpt = "completed", None
-    step = start_step
-    if rank == 0:
-        log.info("rank 0: start-up after the process group: %s", phases)
-        log.info("rank 0: training %s from step %d to %d (%d tokens/step, %.3g model FLOPs/token)",
-                 " ".join(f"{k}={v}" for k, v in asdict(plan).items()), start_step, t.steps, tokens_per_step,
-                 model_flops_per_token(job.model, t.seq_len, zeroth_order=False))
-    try:
-        while step < t.steps:
-            lr = lr_at(step, lr=t.lr, warmup=t.warmup_steps, total=t.steps)
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr
-            _sync(device)
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for input_ids, labels in batches.step_batches(step):
-                loss = engine(torch.from_numpy(input_ids).to(device), torch.from_numpy(labels).to(device))
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().to(torch.float64)
-            # one all-reduce per step for the logged loss and the stop decision: the world sum of the
-            # ranks' losses / world = the mean over dp replicas (tp ranks of a replica hold equal losses)
-            # (nothing else per step gathers or reads parameters: the checksum is taken once after the
-            # loop; tests/test_train_step_counts.py holds the per-step work equal to a plain DeepSpeed loop's)
-            red = torch.stack([loss_sum / plan.grad_accum, torch.full_like(loss_sum, 1.0 if stop.local else 0.0)])
-            dist.all_reduce(red)
-            loss_total, stop_total = red.tolist()          # the step's one device-to-host read
-            loss_val, stopping = loss_total / world_size, stop_total > 0
-            _sync(device)
-            dt = time.perf_counter() - t0
-            step += 1
-            losses.append(loss_val)
-            mem = _gather_memory(rank, device, world_size) if (step % log_every == 0 or step == t.steps) else []
-            gn = engine.get_global_grad_norm()
-            rec = StepRecord(step=step, loss=loss_val, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                             mfu=mfu(job, tokens_per_step / dt, world_size, zeroth_order=False),
-                             grad_norm=None if gn is None else float(gn), memory=mem)
-            metrics.write(rec)
-            if on_step is not None:
-                on_step(asdict(rec))
-            periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-            if stopping or periodic or (step == t.steps and save_final and t.checkpoint_final):
-                last_ckpt = ckpt.save(engine, step=step,
-                                      consumed_samples=ShardedBatches.consumed_samples(step, t.global_batch))
-            if stopping:
-                status = "stopped"
-                log.warning("rank %d: stopped at step %d on request; checkpoint %s", rank, step, last_ckpt)
-                break
-        checksum = param_checksum(engine, plan)
-    finally:
-        metrics.close()
-    return {"status": status, "rank": rank, "start_step": start_step, "step": step, "losses": losses,
-            "final_loss": losses[-1] if losses else None, "param_checksum": checksum,
-            "tokens_per_s": rec.tokens_per_s if rec else None, "mfu": rec.mfu if rec else None,
-            "step_time_s": rec.step_time_s if rec else None,
-            "peak_memory": rec.memory if rec else [], "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "startup_phases_s": phases.seconds}
-
-
-class _Phases:
-    """Wall time of consecutive start-up phases (seconds, in order), for the log and the result."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = round(now - self._t, 3)
-        self._t = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _gather_memory(rank: int, device: torch.device, world_size: int) -> list[dict[str, Any]]:
-    mine = asdict(memory_stats(rank, device))
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, mine)
-    return out
-
-
-def param_checksum(engine: Any, plan: Plan) -> float:
-    """Sum of every element of the full (unsharded) model's parameters, in float64 (collective).
-
-    ZeRO-3 shards are gathered; tensor- and expert-parallel shards are reassembled by the
-    built-in model's ``full_state_dict``, so the value does not depend on the plan. For other
-    models (no ``full_state_dict``): the local parameters' sum (no tensor parallelism there).
-    """
-    import deepspeed
-    module = engine.module
-    params = list(module.parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params)
-    if zero3 and plan.tp == 1 and plan.ep == 1:        # one parameter at a time: never the whole model on one device
-        total = 0.0
-        for p in params:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                total += float(p.detach().double().sum().item())
-        return total
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else _null()
-    with ctx:
-        if hasattr(module, "full_state_dict"):
-            tensors = list(module.full_state_dict().values())
-        else:
-            tensors = [p.detach() for p in params]
-        return float(sum(x.double().sum().item() for x in tensors))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
+    result["memory_peaks_gib"] = memory_peaks_gib(ctx.device, nvml_peak)
+    return result
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from .distributed import DistExchange, SlicedTransfer, check_identical
-from .mezo import LR, MeZO, Role, ZOParam, ZOStep, direction, param_checksum, step_seed, zo_parameters
+from .mezo import LR, MeZO, Role, ZOParam, ZOStep, direction, param_checksum, zo_parameters
+from .seeds import step_seed
 from .zo2 import ZO2, FullTransfer
 
 __all__ = ["MeZO", "ZO2", "ZOStep", "Role", "ZOParam", "DistExchange", "SlicedTransfer", "FullTransfer",
@@ -76,26 +77,24 @@ class MeZOTrainer:
 
 def build_zo_trainer(model: nn.Module, plan: Any, groups: Any | None, *, lr: LR, eps: float = 1e-3,
                      weight_decay: float = 0.0, seed: int = 0, device: torch.device | str | None = None,
-                     sliced_upload: bool | None = False) -> MeZOTrainer | ZO2:
+                     sliced_upload: bool = False) -> MeZOTrainer | ZO2:
     """The zeroth-order trainer for ``plan`` on this rank.
 
     ``model``: for MeZO already on its device; for ZO2 on the host (ZO2 moves the resident
     parts to ``device``). ``groups``: the rank's ProcessGroups (None: one process).
-    ``sliced_upload`` (ZO2 with several ranks): True to slice, None for "when every rank is
-    on one node". Default off: with slicing a rank's block parameters are empty between
-    steps, so checkpoints and checksums must use ``trainer.full_state()`` (collective)
-    instead of ``model.state_dict()``.
+    ``sliced_upload`` (ZO2 with several ranks): each rank uploads 1/world of every block and
+    the slices are all-gathered over ``groups.world``; the caller decides, the training worker
+    with ``plan.zo2_upload_slices(gpus_per_node) > 1``. With slicing a rank's block parameters
+    are empty between steps, so checkpoints and checksums must use ``trainer.full_state()``
+    (collective) instead of ``model.state_dict()``.
     """
-    if plan.zo_mode not in ("mezo", "zo2"):
+    if not plan.zeroth_order:
         raise ValueError(f"build_zo_trainer needs plan.zo_mode mezo or zo2, got {plan.zo_mode!r}")
-    exchange = DistExchange(groups) if groups is not None and plan.world_size > 1 else None
-    if plan.zo_mode == "mezo":
+    distributed = groups is not None and plan.world_size > 1
+    exchange = DistExchange(groups) if distributed else None
+    if not plan.zo2:
         return MeZOTrainer(model, MeZO(model, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed,
                                        exchange=exchange))
-    transfer = None
-    if groups is not None and plan.world_size > 1:
-        one_node = not groups.layout.spans_nodes(tuple(range(plan.world_size)))
-        if sliced_upload if sliced_upload is not None else one_node:
-            transfer = SlicedTransfer(groups.world)
+    transfer = SlicedTransfer(groups.world) if distributed and sliced_upload else None
     return ZO2(model, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, device=device, exchange=exchange,
                transfer=transfer)

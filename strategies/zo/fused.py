@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from .seeds import splitmix64
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs use the PyTorch passes
     import triton
     import triton.language as tl
@@ -77,10 +79,9 @@ def _on(device: torch.device) -> Any:
 def segment_seeds(seed: int, numel: int) -> list[tuple[int, int, int]]:
     """(key, start, length) of every launch of a parameter with ``numel`` elements whose
     generator seed is ``seed``."""
-    from .mezo import _splitmix64
     out = []
     for j, start in enumerate(range(0, numel, SEGMENT)):
-        key = seed if j == 0 else _splitmix64(seed ^ j) >> 1
+        key = seed if j == 0 else splitmix64(seed ^ j) >> 1
         out.append((key, start, min(SEGMENT, numel - start)))
     return out
 
@@ -122,7 +123,7 @@ if triton is not None:
 
     @triton.jit
     def _splitmix(x):
-        """splitmix64 on uint64 (as ``mezo._splitmix64``)."""
+        """splitmix64 on uint64 (as :func:`.seeds.splitmix64`)."""
         x = x + 0x9E3779B97F4A7C15
         x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB
@@ -194,13 +195,12 @@ class FusedGroup:
     :func:`apply`'s for every element."""
 
     def __init__(self, tensors: list[torch.Tensor], indices: list[int], decays: list[bool]):
-        from .mezo import _splitmix64
         dev, dtype = tensors[0].device, tensors[0].dtype
         rows = []                      # (address, length, mix, segment, decay, programs)
         for t, k, dec in zip(tensors, indices, decays):
             for j, start in enumerate(range(0, t.numel(), SEGMENT)):
                 n = min(SEGMENT, t.numel() - start)
-                mix = _splitmix64(int(k) + 1)
+                mix = splitmix64(int(k) + 1)
                 rows.append((t.data_ptr() + start * t.element_size(), n, mix - (1 << 64) if mix >= 1 << 63 else mix,
                              j, 1.0 if dec else 0.0, triton.cdiv(n, BLOCK)))
         progs = torch.tensor([r[5] for r in rows], dtype=torch.int64)

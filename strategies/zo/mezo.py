@@ -52,29 +52,15 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from . import fused
+from .fused import GroupCache
+from .fused import apply as fused_apply
+from .fused import direction as fused_direction
+from .fused import enabled as fused_enabled
+from .seeds import param_seed, step_seed
 
 log = logging.getLogger(__name__)
 
-_MASK64 = (1 << 64) - 1
 NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm")
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def step_seed(base_seed: int, step: int) -> int:
-    """The seed of step ``step`` (a 63-bit integer), a pure function of (base seed, step)."""
-    return _splitmix64(_splitmix64(int(base_seed) & _MASK64) ^ int(step)) >> 1
-
-
-def param_seed(seed: int, index: int) -> int:
-    """The generator seed of parameter ``index`` at step seed ``seed``."""
-    return _splitmix64(int(seed) ^ _splitmix64(int(index) + 1)) >> 1
 
 
 class Role(Enum):
@@ -150,8 +136,8 @@ def direction(seed: int, zp: ZOParam, tensor: torch.Tensor | None = None) -> tor
     the passes draw it chunk by chunk with :func:`apply_pass`). On CUDA with the fused
     kernel (:mod:`.fused`) it is that kernel's direction."""
     t = zp.param if tensor is None else tensor
-    if fused.enabled(t):
-        return fused.direction(param_seed(seed, zp.index), t.shape, t.device)
+    if fused_enabled(t):
+        return fused_direction(param_seed(seed, zp.index), t.shape, t.device)
     parts = [z for _, z in _chunks(seed, zp, torch.empty(t.shape, dtype=torch.float32, device=t.device))]
     return torch.cat(parts).view(t.shape) if parts else torch.empty(t.shape, device=t.device)
 
@@ -204,8 +190,8 @@ def apply_pass(kind: str, zp: ZOParam, t: torch.Tensor, seed: int, eps: float, *
     if kind not in ("plus", "switch", "restore", "restore+update", "update"):
         raise ValueError(f"unknown pass {kind!r}")
     wd = weight_decay if zp.decay else 0.0
-    if fused.enabled(t):
-        fused.apply(kind, t, param_seed(seed, zp.index), eps, g=g, lr=lr, wd=wd)
+    if fused_enabled(t):
+        fused_apply(kind, t, param_seed(seed, zp.index), eps, g=g, lr=lr, wd=wd)
         return
     work = t if t.is_contiguous() else t.contiguous()
     for tc, z in _chunks(seed, zp, work):
@@ -226,7 +212,7 @@ def apply_pass(kind: str, zp: ZOParam, t: torch.Tensor, seed: int, eps: float, *
 
 def apply_passes(kind: str, zps: Sequence[ZOParam], tensors: Sequence[torch.Tensor], seed: int, eps: float, *,
                  g: float = 0.0, lr: float = 0.0, weight_decay: float = 0.0,
-                 groups: fused.GroupCache | None = None) -> None:
+                 groups: GroupCache | None = None) -> None:
     """:func:`apply_pass` over parameters ``zps`` (data ``tensors``): with ``groups`` and every
     tensor on the fused path, one grouped launch (:class:`.fused.FusedGroup`), the same
     arithmetic and directions element for element; otherwise one pass per parameter."""
@@ -316,7 +302,7 @@ class MeZO:
         self.lr, self.eps, self.weight_decay, self.base_seed = lr, float(eps), float(weight_decay), int(seed)
         self.exchange: LossExchange = exchange or LocalExchange()
         self.step_count = 0
-        self._groups = fused.GroupCache(limit=2)       # the model's parameter list
+        self._groups = GroupCache(limit=2)       # the model's parameter list
 
     @property
     def role(self) -> Role:

@@ -43,9 +43,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from . import fused
-from .mezo import (LR, LocalExchange, LossExchange, Role, ZOParam, ZOStep, apply_passes, loss_value, lr_at,
-                   step_seed, zo_parameters)
+from .fused import GroupCache
+from .mezo import LR, LocalExchange, LossExchange, Role, ZOParam, ZOStep, apply_passes, loss_value, lr_at, zo_parameters
+from .seeds import step_seed
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class ZO2:
         self._slot_free: list[Any] = [None] * len(self.slots)
         # fused passes: one launch table per block (block i is always bound to slot i % slots)
         # and one for the resident parameters
-        self._groups = fused.GroupCache(limit=len(self.entries) + 1)
+        self._groups = GroupCache(limit=len(self.entries) + 1)
         log.info("ZO2: %d blocks offloaded (%.1fM parameters each, %d device slots, %s), %.1fM resident on %s",
                  len(self.entries), max(self.block_numel) / 1e6, len(self.slots), type(self.transfer).__name__,
                  resident_numel / 1e6, self.device)

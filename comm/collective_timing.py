@@ -1,80 +1,23 @@
-"""Collective timing and the bus-bandwidth arithmetic of nccl-tests.
-
-Conventions (the same as nccl-tests, so numbers are comparable with published ones):
-``nbytes`` S is the size of the *whole* tensor of the collective: the all-reduce buffer,
-the all-gather output, the reduce-scatter input, the all-to-all buffer of one rank.
-With t the time of one collective over n ranks,
-
-    algorithm bandwidth  B_alg = S / t
-    bus bandwidth        B_bus = B_alg * f(op, n)
-
-    f(all_reduce, n)      = 2 (n - 1) / n   (a ring moves 2(n-1)/n S bytes per rank)
-    f(all_gather, n)      = (n - 1) / n
-    f(reduce_scatter, n)  = (n - 1) / n
-    f(all_to_all, n)      = (n - 1) / n
-
-so B_bus is the per-link rate a ring would need and does not depend on n. The inverse,
-:func:`collective_time`, is what the simulator's cost model evaluates:
-``t = alpha + f(op, n) * S / B_bus``.
+"""Timing collectives with torch.distributed (the measurement behind ``meshpilot probe``).
 
 :func:`time_collective` runs inside a process of an initialised ``torch.distributed``
 group (gloo on CPU, NCCL on GPU): it times ``iters`` back-to-back collectives after
 ``warmup`` untimed ones, takes the slowest rank's time (one MAX all-reduce of a scalar)
 and checks the result of one call against the closed form, so a broken collective fails
-instead of reporting a bandwidth.
+instead of reporting a bandwidth. Sizes follow nccl-tests' convention and bus bandwidths
+come from :func:`meshpilot.comm.cost_model.bus_bandwidth_gbs` (the formulas live there).
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
-
-MiB = 2**20
-GiB = 2**30
-
-
-def bus_factor(op: str, n: int) -> float:
-    """nccl-tests' ratio of bus to algorithm bandwidth for ``op`` over ``n`` ranks."""
-    if op not in COLLECTIVES:
-        raise ValueError(f"unknown collective {op!r}; one of {COLLECTIVES}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return (2.0 if op == "all_reduce" else 1.0) * (n - 1) / n
-
-
-def bus_bandwidth_gbs(op: str, n: int, nbytes: int, seconds: float) -> float:
-    """B_bus in GB/s (1e9 B/s) of one ``op`` of ``nbytes`` that took ``seconds``."""
-    return bus_factor(op, n) * nbytes / seconds / 1e9
-
-
-def collective_time(op: str, n: int, nbytes: int, busbw_gbs: float, latency_us: float = 0.0) -> float:
-    """Seconds for one ``op`` of ``nbytes`` over ``n`` ranks: alpha + f(op, n) S / B_bus."""
-    return latency_us * 1e-6 + bus_factor(op, n) * nbytes / (busbw_gbs * 1e9)
-
-
-def fit_latency_bandwidth(sizes: Sequence[int], seconds: Sequence[float], factor: float) -> tuple[float, float]:
-    """Least-squares fit of ``t = alpha + factor * S / B`` to measured points.
-
-    Returns ``(alpha_us, B_gbs)``; alpha is clipped at 0 (a negative intercept means the
-    small sizes are already bandwidth bound). Needs two distinct sizes.
-    """
-    xs = [factor * s for s in sizes]
-    if len(set(xs)) < 2:
-        raise ValueError("need at least two distinct message sizes to fit latency and bandwidth")
-    mx, my = statistics.fmean(xs), statistics.fmean(seconds)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, seconds))
-    slope = sxy / sxx                      # seconds per byte = 1 / B
-    alpha = max(0.0, my - slope * mx)
-    if slope <= 0:
-        raise ValueError("time does not grow with size: cannot fit a bandwidth")
-    return alpha * 1e6, 1.0 / slope / 1e9
+from .cost_model import bus_bandwidth_gbs
 
 
 @dataclass(frozen=True)

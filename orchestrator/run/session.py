@@ -1,0 +1,333 @@
+"""One ``meshpilot run``, from the job to its summary, without the command line and without Ray.
+
+Order (everything that can be wrong with the job is found before any resource is taken):
+
+1. :func:`plan_job`: the job's fixed plan or the planner's choice (``plan: auto``), and the
+   simulator's fit check (:func:`fit_check`), which refuses a plan that does not fit with the
+   simulator's numbers and the changes that make it fit, unless forced; :func:`check_worker`
+   checks that the worker function can be found;
+2. :meth:`RunSession.create`: the run directory (state.json, events.jsonl, job.yaml,
+   controller.log, logs/) and its entry in the runs index;
+3. :meth:`RunSession.connect`: the connection to the cluster, made by a callable the caller
+   passes in (the command line passes Ray's), recorded in state.json;
+4. :meth:`RunSession.run`: the :class:`~meshpilot.orchestrator.run.controller.Controller` over
+   the worker group the caller's factory builds; every transition and (throttled) progress is
+   persisted, and tokens/s is tracked over a sliding window;
+5. :meth:`RunSession.finish`: the summary dict (:func:`summarize`: time, tokens/s, MFU, memory
+   peaks per rank beside the simulator's prediction), written to state.json, events.jsonl and
+   ``<run_dir>/summary.json``.
+
+Nothing here imports Ray, torch or :mod:`meshpilot.launch`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+from meshpilot.orchestrator.config.loader import dump_job
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.plan.plan import Plan
+from meshpilot.orchestrator.run.controller import Controller, FailurePolicy, Outcome, TransitionHook
+from meshpilot.orchestrator.run.protocol import DEFAULT_WORKER, MEMORY_PEAK_KEYS, JobStatus, Progress, WorkerGroup
+from meshpilot.orchestrator.run.store import TERMINAL_STATES, JobState, RunStore, new_run_id
+from meshpilot.orchestrator.sim.estimate import Estimate
+from meshpilot.orchestrator.sim.flops import mfu as mfu_of
+from meshpilot.orchestrator.sim.planner import choose_plan
+from meshpilot.orchestrator.sim.simulator import simulate, suggestions
+
+log = logging.getLogger("meshpilot.run")
+
+# (run_dir, log_path(rank)) -> the worker group of the run
+GroupFactory = Callable[[str, Callable[[int], str]], WorkerGroup]
+ProgressHook = Callable[[Progress, Optional[float]], None]      # (rank 0's progress, tokens/s or None)
+
+
+class Connection(Protocol):
+    """A connection to the cluster the workers run on."""
+    address: str
+
+    def close(self) -> None: ...
+
+
+# --- everything checkable without resources ------------------------------------------------
+
+def plan_job(job: JobConfig, *, force: bool = False) -> tuple[Plan, Estimate]:
+    """The plan to run (the job's own, or the planner's for ``plan: auto``) and its estimate."""
+    plan = choose_plan(job)
+    return plan, fit_check(job, plan, force=force)
+
+
+def fit_check(job: JobConfig, plan: Plan, *, force: bool = False) -> Estimate:
+    """The simulator's Estimate of ``plan``; raises ConfigError if it does not fit, unless ``force``."""
+    est = simulate(job, plan)
+    if est.fits or force:
+        if not est.fits:
+            log.warning("running a plan the simulator says does not fit (--force): %s", "; ".join(est.reasons))
+        return est
+    reasons = "; ".join(est.reasons) or "over the memory limit"
+    fitting = suggestions(plan, job, fitting_only=True)
+    fix = ("try " + ", or ".join(fitting[:3])) if fitting else "use a larger cluster or a smaller model/batch"
+    raise ConfigError("plan", plan.describe(),
+                      reason=f"does not fit: predicted peak {est.peak_memory_gib:.2f} GiB per device, "
+                             f"{est.gpu_memory_gib:.2f} GiB available ({reasons})",
+                      fix=fix + "; or pass --force to run it anyway")
+
+
+def check_worker(ref: str) -> None:
+    """The worker function ``MODULE:FUNCTION`` exists. meshpilot's own worker is only located
+    (``find_spec``): importing it would import torch and DeepSpeed into the driver, which
+    never uses them (seconds of start-up); a user's module is imported and its function
+    checked."""
+    mod, _, name = ref.partition(":")
+    if ref == DEFAULT_WORKER:
+        if importlib.util.find_spec(mod) is None:
+            raise ConfigError("--worker", ref, reason=f"cannot find {mod}", fix="reinstall meshpilot")
+        return
+    try:
+        m = importlib.import_module(mod)
+    except ImportError as e:
+        raise ConfigError("--worker", ref, reason=f"cannot import {mod}: {e}",
+                          fix="the training worker module must be installed on the driver and every node") from None
+    if not callable(getattr(m, name or "run_worker", None)):
+        raise ConfigError("--worker", ref, reason=f"{mod} has no function {name or 'run_worker'}")
+
+
+def bytecode_hint(environ: Mapping[str, str]) -> Optional[str]:
+    """A warning when the workers will compile their imports from source at every start.
+
+    With PYTHONDONTWRITEBYTECODE set and no PYTHONPYCACHEPREFIX, a Python install that shipped
+    without .pyc files (some container images) compiles torch, DeepSpeed and Ray from source in
+    every worker process: 5.3 s of rank 0's 12 s start-up on 4 x H200, and command to first step
+    28.5-31.2 s instead of 13.6-15.0 s (benchmarks/results/2026-11-27-s5-h200x4)."""
+    if environ.get("PYTHONDONTWRITEBYTECODE") and not environ.get("PYTHONPYCACHEPREFIX"):
+        return ("PYTHONDONTWRITEBYTECODE is set: where torch/DeepSpeed were installed without .pyc files, every "
+                "worker compiles them from source at start-up (seconds per worker); unset it, or set "
+                "PYTHONPYCACHEPREFIX to a writable folder")
+    return None
+
+
+# --- persisting and measuring the run -------------------------------------------------------
+
+class StatePersister:
+    """Controller hooks -> state.json / events.jsonl (progress throttled to twice a second)."""
+
+    def __init__(self, store: RunStore, state: JobState):
+        self.store, self.state = store, state
+        self._last_write = 0.0
+
+    def transition(self, old: JobStatus, new: JobStatus, reason: str, info: dict[str, Any]) -> None:
+        s = self.state
+        s.state, s.message = new.value, reason
+        s.attempt, s.restarts = info.get("attempt", s.attempt), info.get("restarts", s.restarts)
+        if "pids" in info:
+            s.worker_pids = list(info["pids"])
+        self.store.append_event("transition", old=old.value, new=new.value, reason=reason, **info)
+        self.store.write(s)
+
+    def progress(self, p: Progress, tokens_per_s: Optional[float]) -> None:
+        s = self.state
+        s.step = p.step
+        loss = p.metrics.get("loss")
+        s.loss = float(loss) if loss is not None else s.loss
+        s.tokens_per_s = tokens_per_s
+        now = time.time()
+        if now - self._last_write >= 0.5:
+            self._last_write = now
+            self.store.write(s)
+
+
+class Throughput:
+    """tokens/s over a sliding window of (time, step) samples of the current attempt."""
+
+    WINDOW = 20
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.samples: list[tuple[float, int]] = []
+
+    def reset(self) -> None:
+        """A new gang: the gap before its first step is not training time."""
+        self.samples = []
+
+    def add(self, step: int, now: Optional[float] = None) -> Optional[float]:
+        now = time.monotonic() if now is None else now
+        if self.samples and step < self.samples[-1][1]:
+            self.samples = []  # a restart resumed from an earlier step
+        if not self.samples or step != self.samples[-1][1]:
+            self.samples.append((now, step))
+        self.samples = self.samples[-self.WINDOW:]
+        (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
+        return (s1 - s0) * self.tokens_per_step / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+
+# --- the summary ----------------------------------------------------------------------------
+
+def memory_peaks(result: Mapping[str, Any]) -> dict[str, Optional[float]]:
+    """A rank's memory peaks (GiB) from its result's ``memory_peaks_gib``; None where unknown."""
+    peaks = result.get("memory_peaks_gib") or {}
+    return {k: (None if peaks.get(k) is None else float(peaks[k])) for k in MEMORY_PEAK_KEYS}
+
+
+def peak_memory_of(peaks: Mapping[str, Optional[float]]) -> Optional[float]:
+    """The one peak of a rank kept as ``peak_memory_gib`` in summary.json: NVML's when known, else
+    torch's reserved peak, else the host RSS peak."""
+    for k in ("nvml", "reserved", "host_rss"):
+        if peaks.get(k) is not None:
+            return peaks[k]
+    return None
+
+
+def summarize(job: JobConfig, plan: Plan, estimate: Optional[Estimate], outcome: Outcome, t_command: float,
+              first_seen: Optional[float], now: Optional[float] = None) -> dict[str, Any]:
+    """The run's summary: what summary.json holds and the command prints.
+
+    ``memory_peaks_gib`` maps rank -> {nvml, allocated, reserved, host_rss} (GiB or None);
+    ``predicted_peak_memory_gib`` is the simulator's NVML-level peak, comparable with ``nvml``
+    only; ``peak_memory_gib`` (rank -> one number, see :func:`peak_memory_of`) is kept for
+    readers of older summaries."""
+    now = time.time() if now is None else now
+    results = outcome.results or []
+    r0 = next((r for r in results if r.get("rank") == 0), results[0] if results else {})
+    tokens_per_step = job.train.global_batch * job.train.seq_len
+    tps = None
+    if r0.get("first_step_time") and r0.get("last_step_time") and r0.get("last_step", 0) > r0.get("first_step", 0):
+        tps = (r0["last_step"] - r0["first_step"]) * tokens_per_step / (r0["last_step_time"] - r0["first_step_time"])
+    mfu = mfu_of(job, tps, plan.world_size, zeroth_order=plan.zeroth_order) if tps else None
+    first_step = r0.get("first_step_time") if outcome.restarts == 0 and r0.get("first_step_time") else first_seen
+    peaks = {int(r.get("rank", i)): memory_peaks(r) for i, r in enumerate(results)}
+    return dict(
+        status=outcome.status.value, message=outcome.message, attempts=outcome.attempts, restarts=outcome.restarts,
+        failures=[str(f) for f in outcome.failures], plan=plan.describe(), world_size=plan.world_size,
+        wall_s=round(now - t_command, 3),
+        time_to_first_step_s=round(first_step - t_command, 3) if first_step else None,
+        tokens_per_s=tps, mfu=mfu,
+        final_loss=r0.get("final_loss"), param_checksum=r0.get("param_checksum"),
+        memory_peaks_gib=peaks,
+        peak_memory_gib={r: peak_memory_of(p) for r, p in peaks.items()},
+        predicted_peak_memory_gib=None if estimate is None else estimate.peak_memory_gib,
+        predicted_tokens_per_s=None if estimate is None else estimate.tokens_per_s,
+        results=results)
+
+
+# --- the session ----------------------------------------------------------------------------
+
+class RunSession:
+    """One run of one job with one plan: its run directory, its state and its controller."""
+
+    def __init__(self, job: JobConfig, plan: Plan, estimate: Optional[Estimate], *, job_path: str,
+                 run_dir: Optional[str] = None, t_command: Optional[float] = None):
+        self.job, self.plan, self.estimate = job, plan, estimate
+        self.t_command = time.time() if t_command is None else t_command
+        job_name = job.model.name if job.model.name != "custom" else Path(job_path).stem
+        self.run_id = new_run_id(job_name) if run_dir is None else Path(run_dir).name
+        self.run_dir = Path(run_dir) if run_dir else Path(job.train.output_dir) / self.run_id
+        self.store = RunStore(self.run_dir)
+        self.state = JobState(run_id=self.run_id, run_dir=str(self.run_dir.resolve()), job_name=job_name,
+                              world_size=plan.world_size, plan=plan.describe(), total_steps=job.train.steps)
+        self.first_step_seen: Optional[float] = None      # wall time rank 0's first step was seen
+        self._log_handler: Optional[logging.Handler] = None
+
+    @classmethod
+    def create(cls, job: JobConfig, plan: Plan, estimate: Optional[Estimate], *, job_path: str,
+               run_dir: Optional[str] = None, t_command: Optional[float] = None) -> "RunSession":
+        """A session whose run directory, state and controller log exist."""
+        s = cls(job, plan, estimate, job_path=job_path, run_dir=run_dir, t_command=t_command)
+        s.store.create(s.state)
+        (s.run_dir / "job.yaml").write_text(dump_job(job))
+        s._log_handler = _controller_logging(s.store.controller_log)
+        log.info("run %s: %s, %d worker(s), run dir %s", s.run_id, plan.describe(), plan.world_size, s.run_dir)
+        return s
+
+    def connect(self, connect: Callable[[], Connection]) -> Connection:
+        """Call ``connect`` and record the address. A ConnectionError fails the run, Ctrl-C or SIGTERM
+        while connecting cancels it; both are re-raised."""
+        try:
+            conn = connect()
+        except ConnectionError as e:
+            self.abandon("failed", f"cannot connect to Ray: {e}")
+            raise
+        except (SystemExit, KeyboardInterrupt):
+            self.abandon("cancelled", "cancelled while Ray was starting")
+            raise
+        self.state.ray_address = conn.address
+        self.store.write(self.state)
+        return conn
+
+    def run(self, make_group: GroupFactory, policy: FailurePolicy, *,
+            cancel_requested: Callable[[], bool] = lambda: False, on_progress: Optional[ProgressHook] = None,
+            on_transition: Optional[TransitionHook] = None) -> Outcome:
+        """Drive the controller to a terminal state. ``cancel_requested`` is polled besides the run's
+        cancel file; ``on_progress`` / ``on_transition`` are called after the state is persisted."""
+        group = make_group(str(self.run_dir.resolve()), lambda r: str(self.store.rank_log(r).resolve()))
+        persist = StatePersister(self.store, self.state)
+        tput = Throughput(self.job.train.global_batch * self.job.train.seq_len)
+
+        def progress(p: Progress) -> None:
+            if self.first_step_seen is None:
+                self.first_step_seen = time.time()
+            tps = tput.add(p.step)
+            persist.progress(p, tps)
+            if on_progress is not None:
+                on_progress(p, tps)
+
+        def transition(old: JobStatus, new: JobStatus, reason: str, info: dict[str, Any]) -> None:
+            persist.transition(old, new, reason, info)
+            if new is JobStatus.RUNNING:
+                tput.reset()
+            if on_transition is not None:
+                on_transition(old, new, reason, info)
+
+        ctl = Controller(group, policy, on_transition=transition, on_progress=progress,
+                         cancel_requested=lambda: cancel_requested() or self.store.cancel_requested())
+        try:
+            return ctl.run()
+        except BaseException as e:                 # a controller bug or Ctrl-C: the gang is already torn down
+            self.abandon("failed", f"controller error: {type(e).__name__}: {e}")
+            raise
+
+    def finish(self, outcome: Outcome) -> dict[str, Any]:
+        """Summarize the run and write the summary to state.json, events.jsonl and summary.json."""
+        summary = summarize(self.job, self.plan, self.estimate, outcome, self.t_command, self.first_step_seen)
+        st = self.state
+        if outcome.results:                # the last progress write is throttled: record where it ended
+            st.step = max(int(r.get("step", st.step) or 0) for r in outcome.results)
+            st.loss = summary["final_loss"] if summary["final_loss"] is not None else st.loss
+        st.result = summary
+        self.store.write(st)
+        self.store.append_event("summary", **summary)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary
+
+    def abandon(self, status: str, reason: str) -> None:
+        """Record a terminal state reached outside the controller (the cluster never came up, a crash)."""
+        st = self.state
+        if st.state not in TERMINAL_STATES:
+            self.store.append_event("transition", old=st.state, new=status, reason=reason)
+            st.state, st.message = status, reason
+            self.store.write(st)
+        log.error("run %s: %s: %s", st.run_id, status, reason)
+
+    def close(self) -> None:
+        """Stop writing this process's log records to the run's controller.log. Idempotent."""
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+
+def _controller_logging(path: Path) -> logging.Handler:
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s [controller] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(h)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    for name in ("meshpilot", "ray"):
+        logging.getLogger(name).propagate = True
+    return h

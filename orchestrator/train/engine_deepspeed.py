@@ -1,0 +1,180 @@
+"""The backpropagation engine: the plan's model in a DeepSpeed engine (ZeRO 0-3, offload, tensor
+and expert parallelism through the plan's process groups).
+
+One step, for this rank's ``grad_accum`` micro-batches (x_m, y_m)::
+
+    for m: loss_m = engine(x_m, y_m); engine.backward(loss_m); engine.step()
+    [sum_m loss_m / grad_accum, stop flag]  all-reduced (SUM) over the world
+
+DeepSpeed averages the gradients over dp at the accumulation boundary (all-reduce, or
+reduce-scatter under ZeRO 2/3, over the plan's dp group; expert gradients over edp) and steps
+the optimizer there. The one extra all-reduce (2 elements) carries the logged loss, the world
+sum over ranks divided by the world size (tp ranks of a replica hold equal losses, so this is
+the mean over dp replicas), and the stop decision. Nothing else per step gathers or reads
+parameters: tests/test_train_step_counts.py holds the per-step work equal to a plain DeepSpeed
+loop's.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshpilot.comm.groups import ProcessGroups
+from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.plan.plan import Plan
+from meshpilot.orchestrator.train.checkpoint import CheckpointManager, CheckpointMeta
+from meshpilot.orchestrator.train.engine import (MicroBatches, ModelFactory, RunContext, StartupPhases, StepOutcome,
+                                                 train_dtype)
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedTrainEngine:
+    """:class:`~meshpilot.orchestrator.train.engine.TrainEngine` over a DeepSpeed engine."""
+
+    def __init__(self, engine: Any, plan: Plan, groups: ProcessGroups, *, device: torch.device, world_size: int):
+        self.engine, self.plan, self.groups = engine, plan, groups
+        self.device, self.world_size = device, world_size
+        self.data_rank = groups.dp_rank
+        self._lr = 0.0
+
+    def set_lr(self, lr: float) -> None:
+        self._lr = lr
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self, micro_batches: MicroBatches, stop_local: bool) -> StepOutcome:
+        engine, device = self.engine, self.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for input_ids, labels in micro_batches:
+            loss = engine(torch.from_numpy(input_ids).to(device), torch.from_numpy(labels).to(device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().to(torch.float64)
+        red = torch.stack([loss_sum / self.plan.grad_accum, torch.full_like(loss_sum, 1.0 if stop_local else 0.0)])
+        dist.all_reduce(red)
+        loss_total, stop_total = red.tolist()          # the step's one device-to-host read
+        return StepOutcome(loss=loss_total / self.world_size, lr=self._lr, stop=stop_total > 0)
+
+    def grad_norm(self) -> float | None:
+        gn = self.engine.get_global_grad_norm()
+        return None if gn is None else float(gn)
+
+    def save(self, ckpt: CheckpointManager, *, step: int, consumed_samples: int) -> Path:
+        return ckpt.save(self.engine, step=step, consumed_samples=consumed_samples)
+
+    def load(self, ckpt: CheckpointManager, root: Path, tag: str) -> CheckpointMeta:
+        return ckpt.load(self.engine, root, tag)
+
+    def param_checksum(self) -> float:
+        return param_checksum(self.engine, self.plan)
+
+    def results(self) -> dict[str, Any]:
+        return {}
+
+
+def build_deepspeed_engine(ctx: RunContext, model_factory: ModelFactory | None,
+                           phases: StartupPhases) -> DeepSpeedTrainEngine:
+    """Process groups, the model (under ``deepspeed.zero.Init`` for stage 3) and the DeepSpeed
+    engine for ``ctx.plan`` on an initialised default process group (collective)."""
+    import deepspeed  # after DS_ACCELERATOR is set
+
+    from meshpilot.comm.groups import build_process_groups
+    from meshpilot.strategies.deepspeed_config import deepspeed_config
+    from meshpilot.strategies.zero import construction_context, initialize_engine
+
+    job, plan, rank, device, t = ctx.job, ctx.plan, ctx.rank, ctx.device, ctx.job.train
+    if not ctx.on_cpu:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="gloo" if ctx.on_cpu else "nccl", dist_init_required=False)
+    groups = build_process_groups(plan.layout(job.cluster.gpus_per_node))
+    phases.mark("deepspeed import + process groups")
+    _seed_everything(t.seed, rank)
+
+    ds_config = deepspeed_config(job, plan, on_cpu=ctx.on_cpu)
+    if plan.offloads_optimizer and torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:
+        log.warning("rank %d: optimizer offload with 1 OpenMP thread: DeepSpeed's CPU Adam will use one core of "
+                    "%d (torchrun sets OMP_NUM_THREADS=1 when unset); set OMP_NUM_THREADS to the cores per rank",
+                    rank, os.cpu_count() or 1)
+    if rank == 0:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
+    factory = model_factory or _default_model_factory
+    if model_factory is None:
+        # import the model's classes before zero.Init: classes first defined inside Init keep its
+        # partitioning __init__ wrapper after Init exits (a later non-stage-3 model would be partitioned)
+        import meshpilot.strategies.model  # noqa: F401
+    build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
+    with construction_context(job, plan, groups, ds_config, dtype=train_dtype(t.precision)), build_ctx:
+        model = factory(job, plan, groups)
+    phases.mark("model build")
+    if plan.zero_stage != 3 and any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise RuntimeError(f"rank {rank}: the model was built with ZeRO-3 partitioned parameters although "
+                           f"plan.zero_stage={plan.zero_stage}: an earlier ZeRO-3 engine in this process left "
+                           "DeepSpeed's zero.Init patches on the model classes; run each plan in a fresh process")
+    engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
+    phases.mark("DeepSpeed engine")
+    return DeepSpeedTrainEngine(engine, plan, groups, device=device, world_size=ctx.world_size)
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def _default_model_factory(job: JobConfig, plan: Plan, groups: Any) -> nn.Module:
+    """The built-in transformer, built on the default device (the GPU for ZeRO 0-2, see
+    :func:`_build_device`; the CPU otherwise) in fp32; DeepSpeed casts and places it."""
+    from meshpilot.strategies.model import build_model
+    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=torch.float32,
+                       device=torch.get_default_device())
+
+
+def _build_device(device: torch.device, plan: Plan) -> Any:
+    """Context for building the built-in model: ``torch.device(gpu)`` for ZeRO stages 0-2 on a
+    GPU (weights drawn and created on the GPU, no host round trip); a no-op on the CPU and for
+    stage 3, whose ``zero.Init`` partitions each parameter as it is created."""
+    if device.type == "cuda" and plan.zero_stage < 3:
+        return torch.device(device)
+    return contextlib.nullcontext()
+
+
+def param_checksum(engine: Any, plan: Plan) -> float:
+    """Sum of every element of the full (unsharded) model's parameters, in float64 (collective).
+
+    ZeRO-3 shards are gathered; tensor- and expert-parallel shards are reassembled by the
+    built-in model's ``full_state_dict``, so the value does not depend on the plan. For other
+    models (no ``full_state_dict``): the local parameters' sum (no tensor parallelism there).
+    """
+    import deepspeed
+    module = engine.module
+    params = list(module.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    if zero3 and plan.tp == 1 and plan.ep == 1:        # one parameter at a time: never the whole model on one device
+        total = 0.0
+        for p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                total += float(p.detach().double().sum().item())
+        return total
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
+    with ctx:
+        if hasattr(module, "full_state_dict"):
+            tensors = list(module.full_state_dict().values())
+        else:
+            tensors = [p.detach() for p in params]
+        return float(sum(x.double().sum().item() for x in tensors))
