@@ -109,12 +109,30 @@ def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tupl
             if not cluster_profile and data.get("host_cpus"):
                 # and for the host measured: CPU Adam scales with its cores (the 2-GPU machine has 32, not 64)
                 overrides.append(f"cluster.cpu_cores={int(data['host_cpus'])}")
-            job = job_from_dict(r["job"], overrides)
+            raw = dict(r["job"])
+            if r.get("kind", "deepspeed") == "deepspeed":
+                # predict the configuration that was measured: measure_deepspeed ran DeepSpeed's defaults
+                stage = int((raw.get("plan") or {}).get("zero_stage") or 0)
+                raw["train"] = dict(raw.get("train") or {}, deepspeed_extra=deepspeed_defaults(stage))
+            job = job_from_dict(raw, overrides)
             peak = _max(r.get("nvml_peak_gib")) or _max(r.get("nvml_peak_all_gib"))
             cases.append(Case(name=r["name"], kind=r.get("kind", "deepspeed"), status=r["status"], peak_gib=peak,
                               reserved_gib=_max(r.get("max_reserved_gib")), allocated_gib=_max(r.get("max_allocated_gib")),
                               step_s=r.get("step_time_s"), job=job, plan=resolve_plan(job), source=str(path)))
     return cases, meta
+
+
+def deepspeed_defaults(stage: int) -> dict[str, Any]:
+    """DeepSpeed 0.19's own ZeRO defaults (deepspeed/runtime/zero/config.py), which
+    benchmarks/measure_deepspeed.py left in place, as a ``train.deepspeed_extra`` over meshpilot's config.
+    overlap_comm defaults to true at stage 3 and false below."""
+    if stage == 0:
+        return {}
+    z: dict[str, Any] = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "overlap_comm": stage == 3}
+    if stage == 3:
+        z.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5,
+                 stage3_max_live_parameters=1e9)
+    return {"zero_optimization": z}
 
 
 def train_bench_cases(data: dict[str, Any], source: str, cluster_profile: str | None = None) -> list[Case]:
@@ -311,6 +329,15 @@ def load_constants(path: str | Path):
     data = yaml.safe_load(Path(path).read_text())
     vals = data.get("constants", data)
     known = {f.name for f in dataclasses.fields(SimulatorConstants)}
+    vals = dict(vals)
+    # files written before the DeepSpeed settings were read from the config builder: the bucket sizes and
+    # overlap came from constants then; the overlap fraction kept its value under a new name
+    if "overlap_comm_stage3" in vals and "overlap_comm_fraction" in known:
+        vals.setdefault("overlap_comm_fraction", vals.pop("overlap_comm_stage3"))
+    for old in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_max_live_parameters", "stage0_allreduce_bucket", "overlap_comm_stage012"):
+        if old not in known and vals.pop(old, None) is not None:
+            print(f"note: {path}: {old} now comes from the DeepSpeed config, not the constants", file=sys.stderr)
     bad = sorted(set(vals) - known)
     if bad:
         raise ValueError(f"{path}: unknown SimulatorConstants fields {bad}")
