@@ -5,7 +5,9 @@ file, sets the rendezvous environment (MASTER_ADDR / MASTER_PORT / RANK / LOCAL_
 WORLD_SIZE, CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), calls the worker function
 (:class:`~meshpilot.orchestrator.run.protocol.WorkerFunction`, resolved from ``MODULE:FUNCTION``)
 in one of the actor's threads, and returns its result with the step timing added.
-``progress`` (the heartbeat) and ``stop`` stay answerable from the actor's other threads.
+``progress`` (the heartbeat) and ``stop`` stay answerable from the actor's other threads;
+``progress`` also carries the messages the worker logged to :data:`CONSOLE_LOGGER` (e.g. a
+DeepSpeed op being compiled), which the controller shows on its console.
 The failure injection of :func:`meshpilot.launch.gang.parse_fail_at` is carried out here.
 """
 from __future__ import annotations
@@ -24,10 +26,14 @@ from typing import Any, Optional
 
 import ray
 
-from meshpilot.comm.ports import free_port
+from meshpilot.comm.ports import USE_EXISTING_STORE_ENV, bound_address, listen_socket, rendezvous_store
 from meshpilot.orchestrator.run.protocol import DEFAULT_WORKER, WorkerFunction
 
 GIB = 2**30
+
+# Log records of this logger (in the worker: an op build, a long start-up step) are meant for the
+# user's console too: the actor keeps their messages in its progress, the group shows rank 0's.
+CONSOLE_LOGGER = "meshpilot.console"
 
 
 @dataclass
@@ -72,7 +78,7 @@ def redirect_output(log_path: str, attempt: int, rank: int) -> None:
     """Send this process's stdout/stderr (file descriptors 1 and 2, so C++ and DeepSpeed
     output too) and its log records to the rank's log file, under a header line per attempt."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)       # owner-only, like the run dir
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -88,6 +94,22 @@ def redirect_output(log_path: str, attempt: int, rank: int) -> None:
     h.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     root.setLevel(logging.INFO)
+
+
+class NoticeHandler(logging.Handler):
+    """Collects the messages of :data:`CONSOLE_LOGGER` records into ``sink`` (under ``lock``)."""
+
+    def __init__(self, sink: list[str], lock: threading.Lock):
+        super().__init__(logging.INFO)
+        self.sink, self.sink_lock = sink, lock        # (logging.Handler has its own ``lock``)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return
+        with self.sink_lock:
+            self.sink.append(msg)
 
 
 def plain_metrics(metrics: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -127,27 +149,72 @@ class GangWorker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._progress: dict[str, Any] = {"step": -1, "metrics": {}, "time": time.time()}
+        self._notices: list[str] = []          # CONSOLE_LOGGER messages, in order
         self._stop = threading.Event()
+        self._listener: Any = None             # rank 0: the rendezvous socket, bound to this node's address
+        self._store: Any = None                # rank 0: the TCPStore served on it while the worker runs
+        self.stop_signal: Optional[str] = None
+        self._catch_stop_signals()
+
+    def _catch_stop_signals(self) -> None:
+        """SIGTERM and SIGUSR2 (preemption, eviction) ask the worker to checkpoint and stop, like
+        :meth:`stop`. Ray runs ``run`` in one of the actor's threads, where a worker cannot install
+        signal handlers (:class:`~meshpilot.orchestrator.train.preemption.StopRequest` only does so in
+        the main thread); the actor is created in the process's main thread, whose handlers Ray's
+        task loop runs every few milliseconds, so they are installed here. A second SIGTERM falls
+        back to the previous handler (Ray's: exit), so a wedged worker can still be ended."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            old = signal.getsignal(sig)
+
+            def handle(signum: int, frame: Any, old: Any = old) -> None:
+                if self._stop.is_set() and signum == signal.SIGTERM and callable(old):
+                    old(signum, frame)
+                    return
+                self.stop_signal = signal.Signals(signum).name
+                self._stop.set()
+                logging.getLogger("meshpilot.worker").warning(
+                    "%s received: the worker checkpoints and stops after the current step", self.stop_signal)
+
+            signal.signal(sig, handle)
 
     def where(self) -> dict[str, Any]:
         return dict(node_ip=ray.util.get_node_ip_address(), node_id=ray.get_runtime_context().get_node_id(),
                     pid=os.getpid(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
 
     def free_port(self) -> int:
-        return free_port("")
+        """A port for the rendezvous on this node's address (not every interface), held open
+        until :meth:`run` serves the rank-0 store on it (see :func:`meshpilot.comm.ports.rendezvous_store`)."""
+        if self._listener is not None:
+            self._listener.close()
+        self._listener = listen_socket(ray.util.get_node_ip_address())
+        return bound_address(self._listener)[1]
 
     def progress(self) -> dict[str, Any]:
+        """The latest step and its metrics, and every console notice so far (``notices``)."""
         with self._lock:
-            return dict(self._progress, now=time.time())
+            return dict(self._progress, notices=list(self._notices), now=time.time())
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self, spec: WorkerSpec, log_path: str) -> dict[str, Any]:
+        t_called = time.time()
         redirect_output(log_path, spec.attempt, spec.rank)
+        console = logging.getLogger(CONSOLE_LOGGER)
+        if not any(isinstance(h, NoticeHandler) for h in console.handlers):
+            console.addHandler(NoticeHandler(self._notices, self._lock))
+        console.setLevel(logging.INFO)
         env = dict(MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.master_port), RANK=str(spec.rank),
                    LOCAL_RANK=str(spec.local_rank), WORLD_SIZE=str(spec.world_size),
                    MESHPILOT_ATTEMPT=str(spec.attempt))
+        if spec.rank == 0 and self._listener is not None and bound_address(self._listener)[1] == spec.master_port:
+            # serve the store on the node's address; every rank (this one too) joins it as a client
+            self._store = rendezvous_store(self._listener, spec.world_size)
+            self._listener.close()
+            self._listener = None
+            env[USE_EXISTING_STORE_ENV] = "True"
         if spec.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         if spec.omp_threads is not None:
@@ -159,7 +226,7 @@ class GangWorker:
         lg.info("rank %d: attempt %d, world %d, local rank %d, master %s:%d, pid %d, OMP_NUM_THREADS %s", spec.rank,
                 spec.attempt, spec.world_size, spec.local_rank, spec.master_addr, spec.master_port, os.getpid(),
                 os.environ.get("OMP_NUM_THREADS"))
-        fn = resolve_worker_fn(spec.worker_fn)
+        fn = resolve_worker_fn(spec.worker_fn)           # imports the worker module (torch, ...)
         t0 = time.time()
 
         def on_step(*args: Any) -> None:
@@ -200,6 +267,10 @@ class GangWorker:
         out.setdefault("rank", spec.rank)
         out["pid"] = os.getpid()
         out["wall_s"] = time.time() - t0
+        if self.stop_signal is not None:
+            out["stop_signal"] = self.stop_signal
+        # wall times of this rank's start-up, for the run summary's phases (see launch.group)
+        out.setdefault("launch_times", {}).update(run_called=t_called, worker_imported=t0)
         with self._lock:
             for k in ("first_step", "first_step_time"):
                 out[k] = self._progress.get(k)

@@ -4,6 +4,8 @@ Pure functions of plain data (no Ray, no torch), so every rule is testable witho
 
 * :func:`gang_spec` -> :class:`GangSpec`: one placement bundle per rank, ``{"GPU": 1, "CPU": c}``
   or ``{"CPU": 1}``; STRICT_PACK when the gang fits one node, else PACK.
+* :func:`capacity_shortfall`: what a cluster's total resources lack to ever hold the gang (a job
+  needing GPUs on a machine without any is refused at once instead of waiting out the placement).
 * :func:`assign_ranks`: ranks node by node, so the contiguous ranks of a tensor-parallel group
   share a node; a layout that would still split such a group across nodes is refused.
 * :func:`order_by_gpu` and :func:`local_ranks`: within a node, rank r drives the node's r-th GPU
@@ -56,6 +58,21 @@ class GangSpec:
         extra = f" (+{self.cpus_per_worker} CPU each)" if self.use_gpus else ""
         return (f"needs {n} {unit}s in bundles of {per}{extra} on at most {self.max_nodes} "
                 f"node{'s' if self.max_nodes > 1 else ''}")
+
+
+def capacity_shortfall(spec: GangSpec, total: Mapping[str, float], where: str = "the Ray cluster") -> Optional[str]:
+    """What ``where`` (whose resources, all of them, busy or free, are ``total``) lacks to ever hold
+    the gang, or None. A shortfall here is permanent for a fixed cluster: waiting for the placement
+    group cannot help. (Per-node packing is left to the placement itself.)"""
+    have_gpu, have_cpu = int(total.get("GPU", 0)), int(total.get("CPU", 0))
+    missing = []
+    if spec.use_gpus and have_gpu < spec.world_size:
+        missing.append(f"the plan needs {spec.world_size} GPU{'s' if spec.world_size != 1 else ''} (one per rank), "
+                       f"{where} has {have_gpu}")
+    need_cpu = spec.world_size * spec.cpus_per_worker
+    if have_cpu < need_cpu:
+        missing.append(f"the gang needs {need_cpu} CPUs ({spec.cpus_per_worker} per rank), {where} has {have_cpu}")
+    return "; ".join(missing) or None
 
 
 def gang_spec(world_size: int, tp: int, *, accelerator: str, gpus_per_node: int, cpu_cores: int) -> GangSpec:

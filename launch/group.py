@@ -13,7 +13,8 @@
 4. **Watch** (:meth:`RayWorkerGroup.poll`): a finished ``run`` future is a result or a
    failure (``RayActorError``: the process died; an exception: the worker's error, e.g. a
    collective timeout); a ``progress()`` probe unanswered for ``heartbeat_timeout_s`` is a
-   stale heartbeat; no new step for ``step_timeout_s`` is a hang.
+   stale heartbeat; no new step for ``step_timeout_s`` is a hang. Rank 0's console notices (an
+   op being compiled: :data:`~meshpilot.launch.actor.CONSOLE_LOGGER`) go to ``on_notice``.
 5. **Tear down**: ``ray.kill`` every actor and remove the placement group.
 """
 from __future__ import annotations
@@ -45,12 +46,13 @@ class RayWorkerGroup:
     def __init__(self, job: Any, plan: Any, run_dir: str, *, spec: GangSpec, log_path: Callable[[int], str],
                  worker_fn: str = DEFAULT_WORKER, placement_timeout_s: float = 60.0,
                  heartbeat_timeout_s: float = 60.0, step_timeout_s: float = 600.0,
-                 start_timeout_s: float = 900.0, fail_at: Optional[tuple[int, int, str]] = None):
+                 start_timeout_s: float = 900.0, fail_at: Optional[tuple[int, int, str]] = None,
+                 on_notice: Optional[Callable[[str], None]] = None):
         self.job, self.plan, self.run_dir, self.spec = job, plan, run_dir, spec
         self.log_path, self.worker_fn = log_path, worker_fn
         self.placement_timeout_s, self.heartbeat_timeout_s = placement_timeout_s, heartbeat_timeout_s
         self.step_timeout_s, self.start_timeout_s = step_timeout_s, start_timeout_s
-        self.fail_at = fail_at
+        self.fail_at, self.on_notice = fail_at, on_notice
         self._pg: Any = None
         self._actors: list[Any] = []          # index = rank
         self._futures: list[Any] = []         # index = rank
@@ -60,6 +62,8 @@ class RayWorkerGroup:
         self._last_step = -1
         self._last_step_time = 0.0
         self._started = 0.0
+        self._notices_seen = 0                # rank 0's console notices already shown
+        self._launch_times: dict[str, float] = {}
         self.attempt = 0
 
     # --- start ------------------------------------------------------------------------
@@ -74,6 +78,7 @@ class RayWorkerGroup:
     def _start(self, attempt: int) -> list[int]:
         self.attempt = attempt
         sp = self.spec
+        self._launch_times = {"gang_start": time.time()}
         self._pg = placement_group(sp.bundles, strategy=sp.strategy, name=f"meshpilot-{os.getpid()}-{attempt}")
         ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
         if not ready:
@@ -81,6 +86,7 @@ class RayWorkerGroup:
             self.shutdown()
             raise GangError(Failure(FailureKind.PLACEMENT, f"the gang could not be placed within "
                                     f"{self.placement_timeout_s:.0f}s: {msg}", retryable=False))
+        self._launch_times["placed"] = time.time()
         table = placement_group_table(self._pg)
         bundle_nodes = [table["bundles_to_node_id"][i] for i in range(sp.world_size)]
         ranks = assign_ranks(bundle_nodes, sp.tp)
@@ -95,6 +101,7 @@ class RayWorkerGroup:
             where = ray.get([a.where.remote() for a in self._actors], timeout=self.start_timeout_s)
         except (RayActorError, GetTimeoutError) as e:
             raise GangError(Failure(FailureKind.RENDEZVOUS, f"worker actors did not start: {e}")) from None
+        self._launch_times["actors_ready"] = time.time()
         order = order_by_gpu(where)           # rank r of a node <-> its r-th GPU, as torchrun has it
         self._actors, where = [self._actors[i] for i in order], [where[i] for i in order]
         self._pids = [w["pid"] for w in where]
@@ -116,6 +123,7 @@ class RayWorkerGroup:
         self._started = self._last_step_time = now
         self._last_step = -1
         self._probes = {}
+        self._notices_seen = 0
         log.info("gang attempt %d: %d worker(s) placed (%s), master %s:%d, pids %s%s", attempt, sp.world_size,
                  sp.strategy, master_addr, master_port, self._pids,
                  f", GPU of each rank {[w['gpu_ids'] for w in where]}" if sp.use_gpus else "")
@@ -159,32 +167,49 @@ class RayWorkerGroup:
         if errored:
             return errored[0]
         if len(ready) == len(self._futures):
-            return [ray.get(f) for f in self._futures]
+            results = [ray.get(f) for f in self._futures]
+            for r in results:       # the controller's side of the start-up, for the summary's phases
+                if isinstance(r, dict):
+                    r["launch_times"] = {**self._launch_times, **(r.get("launch_times") or {})}
+            return results
         return None
 
     def _check_progress(self) -> Optional[Progress]:
-        """Send (at most one outstanding) progress probe per worker; collect answers."""
+        """Collect the answered progress probes and send the next one at once (at most one
+        outstanding per worker), so every poll sees a probe answered since the last poll; rank 0's
+        console notices are logged and passed to ``on_notice``."""
         now = time.monotonic()
         latest = None
         for r, a in enumerate(self._actors):
             probe = self._probes.get(r)
-            if probe is None:
-                self._probes[r] = (a.progress.remote(), now)
-                continue
-            ref, _sent = probe
-            done, _ = ray.wait([ref], timeout=0)
-            if not done:
-                continue
-            del self._probes[r]
-            try:
-                p = ray.get(ref)
-            except RayActorError:
-                continue  # the run future reports the death
-            if r == 0 and p["step"] >= 0:
-                latest = Progress(step=p["step"], metrics=p["metrics"])
-            if p["step"] > self._last_step:
-                self._last_step, self._last_step_time = p["step"], now
+            if probe is not None:
+                ref, _sent = probe
+                done, _ = ray.wait([ref], timeout=0)
+                if not done:
+                    continue
+                del self._probes[r]
+                try:
+                    p = ray.get(ref)
+                except RayActorError:
+                    continue  # the run future reports the death
+                if r == 0:
+                    self._show_notices(p.get("notices") or [])
+                    if p["step"] >= 0:
+                        latest = Progress(step=p["step"], metrics=p["metrics"])
+                if p["step"] > self._last_step:
+                    self._last_step, self._last_step_time = p["step"], now
+            self._probes[r] = (a.progress.remote(), now)
         return latest
+
+    def _show_notices(self, notices: list[str]) -> None:
+        for msg in notices[self._notices_seen:]:
+            log.info("rank 0: %s", msg)
+            if self.on_notice is not None:
+                try:
+                    self.on_notice(msg)
+                except Exception:          # the console must never fail the run
+                    log.exception("showing a worker notice failed")
+        self._notices_seen = max(self._notices_seen, len(notices))
 
     def _check_liveness(self) -> Optional[Failure]:
         now = time.monotonic()

@@ -4,6 +4,10 @@ An explicit address, else ``RAY_ADDRESS``, else an embedded local Ray started wi
 cluster size (``num_gpus`` GPUs, or for CPU workers ``gpus_per_node`` CPU slots, so a job that
 needs more workers than the cluster config declares cannot be placed). A driver that connects
 to an existing cluster uses token authentication when a token is available, as ``ray start`` does.
+
+An embedded Ray is started with ``address="local"`` (never joining a cluster recorded by an
+earlier ``ray start``), listens on 127.0.0.1 only (:func:`loopback_only`), and keeps token
+authentication on with an owner-only token file (:func:`secure_token_file`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,34 @@ class RaySession:
         if ray.is_initialized():
             ray.shutdown()
 
+    def total_resources(self) -> dict[str, float]:
+        """Every resource of the cluster's live nodes, busy or free (``ray.cluster_resources()``)."""
+        return dict(ray.cluster_resources())
+
+
+def embeds(address: Optional[str]) -> bool:
+    """Whether :func:`connect_ray` starts an embedded Ray (no address given, no RAY_ADDRESS)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def local_gpu_count() -> int:
+    """The GPUs an embedded Ray counts on this machine, by Ray's own rule (its NVIDIA accelerator
+    manager: NVML's device count, limited by CUDA_VISIBLE_DEVICES), without starting Ray."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    m = get_accelerator_manager_for_resource("GPU")
+    if m is None:
+        return 0
+    n = m.get_current_node_num_accelerators()
+    visible = m.get_current_process_visible_accelerator_ids()
+    return min(n, len(visible)) if visible is not None else n
+
+
+def embedded_resources(accelerator: str, workers_per_node: int) -> dict[str, Any]:
+    """The resources :func:`connect_ray` gives an embedded Ray (see there)."""
+    if accelerator == "gpu":
+        return dict(num_cpus=os.cpu_count() or 1)
+    return dict(num_gpus=0, num_cpus=workers_per_node)
+
 
 def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: int, nodes: int = 1,
                 object_store_mb: int = 150) -> RaySession:
@@ -44,18 +76,65 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         _token_auth_for_client()
+        secure_token_file()
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return RaySession(address=address, embedded=False)
-    if accelerator == "gpu":
-        kw: dict[str, Any] = dict(num_cpus=os.cpu_count() or 1)
-    else:
-        kw = dict(num_gpus=0, num_cpus=workers_per_node)
+    kw = embedded_resources(accelerator, workers_per_node)
     kw["object_store_memory"] = object_store_mb * 2**20
     log.info("starting an embedded local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kw.items()))
-    ctx = ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, **kw)
+    loopback_only()
+    secure_token_file()
+    # address="local": a new cluster even when /tmp/ray/ray_current_cluster names one left by an
+    # earlier `ray start` (address=None would join that one)
+    ctx = ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                   **kw)
+    secure_token_file()
     if accelerator == "gpu":
         log.info("embedded Ray sees %d GPU(s)", int(ray.cluster_resources().get("GPU", 0)))
     return RaySession(address=getattr(ctx, "address_info", {}).get("gcs_address", "local"), embedded=True)
+
+
+# Ray binds its services to the node IP it detects, and its metrics endpoint to every interface;
+# with this switch off (Ray's own setting, meant for single-machine Windows/macOS clusters), an
+# embedded Ray uses 127.0.0.1 for every service, the metrics endpoint included, and so does the
+# rendezvous of the gang (its master address is the node IP Ray reports).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Make the embedded Ray of this process (and its child processes) listen on 127.0.0.1 only."""
+    os.environ[LOOPBACK_ENV] = "0"
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def secure_token_file() -> None:
+    """Keep Ray's token authentication on and its token private: with RAY_AUTH_MODE unset, a new
+    local Ray turns token authentication on and writes ~/.ray/auth_token (with the default umask,
+    readable by every user); create it owner-only first and tighten an existing one. A
+    RAY_AUTH_MODE=disabled chosen by the user is respected, with a warning."""
+    try:
+        from ray._private.authentication import authentication_token_setup as ats
+    except ImportError:          # an older Ray without token authentication
+        return
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: anyone who can reach this machine's Ray ports can run code as you")
+        return
+    path = ats._get_default_token_path()
+    try:
+        if not path.exists() and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            old = os.umask(0o077)
+            try:
+                ats.generate_and_save_token()
+            finally:
+                os.umask(old)
+        for p, private in ((path.parent, 0o700), (path, 0o600)):
+            st = p.stat()
+            if st.st_uid == os.getuid() and st.st_mode & 0o077:
+                os.chmod(p, private)
+    except (OSError, AttributeError) as e:
+        log.warning("could not make the Ray token file %s private: %s", path, e)
 
 
 def _token_auth_for_client() -> None:

@@ -12,8 +12,10 @@ from typing import Iterator
 
 _HOLDER = r"""
 import sys, ray
-ctx = ray.init(num_cpus=int(sys.argv[1]), num_gpus=0, include_dashboard=False, object_store_memory=120 * 2**20)
-print(ctx.address_info["gcs_address"], flush=True)
+port = int(sys.argv[2])
+ctx = ray.init(num_cpus=int(sys.argv[1]), num_gpus=0, include_dashboard=port > 0, object_store_memory=120 * 2**20,
+               **(dict(dashboard_host="127.0.0.1", dashboard_port=port) if port > 0 else {}))
+print("http://" + ctx.dashboard_url if port > 0 else ctx.address_info["gcs_address"], flush=True)
 sys.stdin.read()
 ray.shutdown()
 """
@@ -30,10 +32,12 @@ def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def held_ray_cluster(home: Path, num_cpus: int = 6) -> Iterator[str]:
-    """Start a Ray head in a child process; yield its GCS address; shut it down on exit."""
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(num_cpus)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, env=subprocess_env(home))
+def held_ray_cluster(home: Path, num_cpus: int = 6, *, dashboard_port: int = 0, env: dict[str, str] | None = None,
+                     ) -> Iterator[str]:
+    """Start a Ray head in a child process; yield its GCS address, or with ``dashboard_port`` the http
+    address of its dashboard (Ray's job submission API); shut it down on exit."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(num_cpus), str(dashboard_port)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env or subprocess_env(home), cwd=home)
     addr = p.stdout.readline().strip()
     assert addr, "the Ray holder process did not start"
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from no_torch import no_torch_code, run_without
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"orchestrator": "meshpilot.orchestrator", "strategies": "meshpilot.strategies", "comm": "meshpilot.comm",
             "launch": "meshpilot.launch", "cluster_configs": "meshpilot.cluster_configs"}
@@ -134,22 +136,6 @@ def test_launch_depends_on_the_protocol_not_the_controller():
 
 # --- the driver without torch ---------------------------------------------------------------
 
-_NO_TORCH = textwrap.dedent("""
-    import sys
-
-    class _Refuse:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch.") or name == "deepspeed" or name.startswith("deepspeed."):
-                raise ImportError(f"{name} is not importable in this test")
-            return None
-
-    sys.meta_path.insert(0, _Refuse())
-    from meshpilot.orchestrator.cli import main
-    rc = main(sys.argv[1:])
-    assert "torch" not in sys.modules, "the driver imported torch"
-    sys.exit(rc)
-""")
-
 JOB = textwrap.dedent("""
     model: {arch: llama, layers: 2, hidden: 64, heads: 4, vocab: 256}
     cluster: local
@@ -159,9 +145,7 @@ JOB = textwrap.dedent("""
 
 
 def _no_torch(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MESHPILOT_HOME=str(home))
-    return subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=home)
+    return run_without(args, home)
 
 
 @pytest.mark.parametrize("args", [
@@ -185,6 +169,6 @@ def test_run_commands_fail_cleanly_without_torch(tmp_path, cmd):
 
 
 def test_the_no_torch_harness_blocks_torch(tmp_path):
-    code = _NO_TORCH.replace("from meshpilot.orchestrator.cli import main", "import torch")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", no_torch_code(body="import torch")], capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode != 0 and "not importable" in r.stderr

@@ -40,3 +40,12 @@ def test_a_closed_pipe_is_not_a_traceback():
     p.stdout.close()        # before the command has written anything: its first write meets a closed pipe
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
+def test_rich_markup_in_user_names_is_printed_literally(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text('model: {name: "[/x]", arch: llama, layers: 2, hidden: 64, heads: 4, vocab: 256}\n'
+                   "cluster: local\ntrain: {seq_len: 32, global_batch: 4}\nplan: auto\n")
+    assert main(["plan", str(job), "cluster.name=bold-[b]c", "cluster.gpus_per_node=2", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[/x] on bold-[b]c (" in out

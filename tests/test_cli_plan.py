@@ -107,3 +107,39 @@ def test_simulate_reads_bucket_sizes_from_deepspeed_extra(job_file):
     assert drop * 2**30 == pytest.approx(2 * (DEFAULT_BUCKET - 1e8))
     r = _run("simulate", str(job_file), "--deepspeed-config", "ds.json")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_plan_explain_prints_only_that_plan(job_file):
+    r = _run("plan", str(job_file), "plan.auto=true", "--explain", "plan.dp=4 plan.zero_stage=3")
+    assert r.returncode == 0, r.stderr
+    assert "explain: dp=4 tp=1 zero=3" in r.stdout and "memory per GPU (GiB)" in r.stdout
+    assert "top plans by" not in r.stdout and "chosen:" not in r.stdout and "plans enumerated" not in r.stdout
+    r = _run("plan", str(job_file), "plan.auto=true", "--explain", "plan.dp=4 plan.zero_stage=0")
+    assert r.returncode == 0 and "does not fit:" in r.stdout and "top plans by" not in r.stdout
+
+
+def test_report_bars_are_labelled_by_plan_and_legends_cover_nothing(tmp_path):
+    """The report's memory bars carry each plan's short description (not only #1..#10), and both
+    legends lie outside their axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from meshpilot.orchestrator.sim.planner import search
+    from meshpilot.orchestrator.sim.report import _figure
+
+    p = tmp_path / "job.yaml"
+    p.write_text(JOB)
+    res = search(load_job(str(p), ["plan.auto=true"]), top=10)
+    fig = _figure(res)
+    try:
+        fig.canvas.draw()
+        ax1, ax2 = fig.axes[:2]
+        labels = [t.get_text() for t in ax1.get_yticklabels()]
+        assert labels == [f"#{i}  {e.plan}" for i, e in enumerate(res.top, 1)]
+        renderer = fig.canvas.get_renderer()
+        for ax in (ax1, ax2):
+            box, leg = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+            assert leg.y1 <= box.y0 or leg.x0 >= box.x1, (ax.get_title(), box, leg)     # below or beside the axes
+    finally:
+        plt.close(fig)

@@ -143,7 +143,8 @@ def test_cancel_while_running_stops_then_shuts_down():
     cancel["now"] = True
     assert ctl.step() is False
     assert ctl.status is S.CANCELLED
-    assert g.calls[-2][0] == "stop" and g.calls[-1] == ("shutdown",)
+    names = [c[0] for c in g.calls]
+    assert names[-1] == "shutdown" and "stop" in names[-3:] and names.index("stop", len(names) - 3) < len(names) - 1
     assert seen[-1] == ("running", "cancelled")
 
 

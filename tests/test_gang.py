@@ -87,3 +87,67 @@ def test_failure_injection_spec_is_parsed_strictly():
     for bad in ("1", "1:x", "1:5:freeze", "1:5:hang:2"):
         with pytest.raises(ConfigError, match="RANK:STEP"):
             parse_fail_at(bad)
+
+
+def test_capacity_shortfall_names_what_is_missing():
+    from meshpilot.launch.gang import capacity_shortfall
+    g = gang_spec(4, 1, accelerator="gpu", gpus_per_node=4, cpu_cores=64)
+    assert capacity_shortfall(g, {"GPU": 4.0, "CPU": 64.0}) is None
+    assert capacity_shortfall(g, {"CPU": 2.0}, "this machine") == (
+        "the plan needs 4 GPUs (one per rank), this machine has 0; "
+        "the gang needs 32 CPUs (8 per rank), this machine has 2")
+    c = gang_spec(4, 1, accelerator="cpu", gpus_per_node=2, cpu_cores=2)
+    assert capacity_shortfall(c, {"CPU": 2.0}) == "the gang needs 4 CPUs (1 per rank), the Ray cluster has 2"
+    assert capacity_shortfall(c, {"CPU": 4.0}) is None
+
+
+def test_run_needing_gpus_on_a_machine_without_them_exits_2_at_once(tmp_path):
+    """`meshpilot run examples/zo2_dp4.yaml` (4 GPUs) where Ray would count no GPU: exit 2 before Ray
+    starts (not after the 60 s placement timeout), naming what is missing and the fix; no run directory."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from meshpilot.launch.ray_cluster import local_gpu_count
+    if local_gpu_count() >= 4:
+        pytest.skip("this machine has the GPUs")
+    example = GANG.parents[1] / "examples" / "zo2_dp4.yaml"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "meshpilot.orchestrator.cli", "run", str(example),
+                        f"train.output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in dict(os.environ, MESHPILOT_HOME=str(tmp_path / "home")).items()
+                            if k != "RAY_ADDRESS"})
+    took = time.monotonic() - t0
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"the plan needs 4 GPUs (one per rank), this machine has {local_gpu_count()}" in r.stderr
+    assert "cluster=local" in r.stderr and "Traceback" not in r.stderr
+    assert took < 30, took                      # the placement timeout alone was 60 s
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rank_0_notices_reach_the_console_once(monkeypatch):
+    """The actor collects what the worker logs to meshpilot.console; the group shows rank 0's new ones once."""
+    import logging
+    import threading
+
+    from meshpilot.launch.actor import CONSOLE_LOGGER, NoticeHandler
+    from meshpilot.launch.group import RayWorkerGroup
+
+    sink, lock = [], threading.Lock()
+    h = NoticeHandler(sink, lock)
+    lg = logging.getLogger(CONSOLE_LOGGER)
+    monkeypatch.setattr(lg, "level", logging.INFO)       # as the actor sets it
+    lg.addHandler(h)
+    try:
+        lg.info("building DeepSpeed op %s (first use; cached afterwards)", "deepspeed_shm_comm")
+        logging.getLogger("meshpilot.other").info("not for the console")
+    finally:
+        lg.removeHandler(h)
+    assert sink == ["building DeepSpeed op deepspeed_shm_comm (first use; cached afterwards)"]
+    shown = []
+    g = RayWorkerGroup(None, None, "", spec=gang_spec(2, 1, accelerator="cpu", gpus_per_node=2, cpu_cores=2),
+                       log_path=str, on_notice=shown.append)
+    g._show_notices(sink)
+    g._show_notices(sink + ["built DeepSpeed op deepspeed_shm_comm in 61.0 s"])
+    assert shown == [sink[0], "built DeepSpeed op deepspeed_shm_comm in 61.0 s"]

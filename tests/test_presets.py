@@ -92,3 +92,36 @@ def test_every_preset_number_has_a_source_comment():
                        "intra_node_bandwidth_gbs", "inter_node_bandwidth_gbs", "pcie_bandwidth_gbs",
                        "cpu_memory_gib", "cpu_cores"):
                 assert "#" in line, f"{f.name}: {line!r} has no source comment"
+
+
+def test_presets_never_truncate_names_in_a_pipe_or_a_narrow_terminal():
+    """`meshpilot presets` piped with COLUMNS=40 (and on a 50-column terminal) prints every preset name
+    whole, no ellipsis; a wide terminal still gets the rich table."""
+    import io
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from rich.console import Console
+
+    from meshpilot.orchestrator.cli.cmd_presets import MODEL_COLUMNS, model_rows, print_table
+
+    cli = [shutil.which("meshpilot")] if shutil.which("meshpilot") else [sys.executable, "-m", "meshpilot.orchestrator.cli"]
+    r = subprocess.run([*cli, "presets"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, COLUMNS="40"))
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout
+    first_cells = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+    assert set(model_preset_names()) <= first_cells
+    assert set(cluster_preset_names()) <= first_cells
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.strip()}
+    assert rows["mixtral-8x7b"][7:9] == ["8x", "top2"]           # whole cells, not "8x…"
+
+    narrow = Console(file=io.StringIO(), width=50, force_terminal=True, color_system=None)
+    print_table(narrow, "models", MODEL_COLUMNS, model_rows())
+    text = narrow.file.getvalue()
+    assert "…" not in text and all(f"{n} " in text for n in model_preset_names())
+    wide = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
+    print_table(wide, "models", MODEL_COLUMNS, model_rows())
+    assert "┃ name" in wide.file.getvalue() and "…" not in wide.file.getvalue()

@@ -180,16 +180,37 @@ def test_cli_rejects_bad_arguments_before_measuring(capsys, tmp_path):
     assert not (tmp_path / "p.yaml").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where no GPU is visible")
+def test_cli_refuses_a_gpu_cluster_without_a_gpu_before_measuring(tmp_path, capsys, monkeypatch):
+    import meshpilot.comm.probe as probe
+
+    def measure(*a, **k):
+        raise AssertionError("measured although the calibration would be refused")
+
+    monkeypatch.setattr(probe, "run_probe", measure)
+    out = tmp_path / "my.yaml"
+    t0 = time.monotonic()
+    assert main(["probe", "--cluster", "h100-sxm-4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "h100-sxm-4" in err and "no visible GPU" in err and "--cluster local" in err
+    assert not out.exists() and time.monotonic() - t0 < 30
+
+
 def test_cli_writes_profile_without_collectives(tmp_path, capsys):
-    """The CLI path end to end on a preset base: matmul only (fast), the rest skipped and said so."""
-    out = tmp_path / "h100.yaml"
-    assert main(["probe", "--quick", "--cluster", "h100-sxm-4", "--skip", "collectives,cpu_adam",
+    """The CLI path end to end on a preset base: matmul only (fast), the rest skipped and said so.
+    The base is a GPU preset where a GPU is visible, else the detected local CPU cluster."""
+    gpu = torch.cuda.is_available()
+    base = "h100-sxm-4" if gpu else "local"
+    out = tmp_path / "profile.yaml"
+    assert main(["probe", "--quick", "--cluster", base, "--skip", "collectives,cpu_adam",
                  "--out", str(out), "--json", str(tmp_path / "raw.json")]) == 0
     text = out.read_text()
     assert "# skipped collectives: skipped on request" in text
     job = load_job(None, ["model=tiny-llama", f"cluster={out}"])
-    assert job.cluster.name == "h100-sxm-4" and job.cluster.gpus_per_node == 4
-    assert job.cluster.intra_node_bandwidth_gbs == 355      # datasheet fields are kept
+    preset = cluster_preset(base)
+    assert job.cluster.name == ("h100-sxm-4" if gpu else "local-probed")
+    assert job.cluster.gpus_per_node == preset["gpus_per_node"]
+    assert job.cluster.intra_node_bandwidth_gbs == preset["intra_node_bandwidth_gbs"]   # datasheet fields are kept
     assert job.cluster.calibration.matmul_tflops > 0
     assert job.cluster.calibration.allreduce_busbw_gbs is None
     import json
@@ -223,8 +244,14 @@ def test_accuracy_report_fits_constants_on_synthetic_measurements(tmp_path):
     names = ["m04-z0-dp2-mb4", "m1b-z2-dp4-mb4", "m04-z3-dp2-mb4", "m3b-z2-dp4-mb2", "m7b-z0-dp4-mb1"]
     configs = H.load_configs(names=names)
     results = []
+    from meshpilot.orchestrator.config.loader import job_from_dict
+    from meshpilot.orchestrator.plan.plan import resolve_plan
     for c in configs:
-        e = simulate(c.job(), c.plan(), constants=true)
+        # what measure_deepspeed runs: DeepSpeed's own defaults, which load_cases predicts with as well
+        stage = int((c.raw.get("plan") or {}).get("zero_stage") or 0)
+        raw = dict(c.raw, train=dict(c.raw.get("train") or {}, deepspeed_extra=R.deepspeed_defaults(stage)))
+        job = job_from_dict(raw, list(c.overrides))
+        e = simulate(job, resolve_plan(job), constants=true)
         ok = e.fits
         results.append(dict(name=c.name, kind=c.kind, job=c.raw, overrides=list(c.overrides),
                             status="ok" if ok else "oom", nvml_peak_gib=[e.peak_memory_gib] if ok else None,

@@ -144,6 +144,15 @@ def test_two_worker_quickstart_runs_end_to_end(runs):
         assert s["peak_memory_gib"][r] == peaks["host_rss"]
     text = " ".join(out.split())
     assert "rank 1: host RSS peak (GiB)" in text and "rank 0: peak GPU memory, NVML (GiB)" in text
+    # the printed progress (plain lines: --no-progress) ends at the final step, with its ETA
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert progress and progress[-1].startswith(f"step {STEPS}/{STEPS}  loss ") and "ETA 0:00:00" in progress[-1], out
+    assert all(" tokens/s " in line and " ETA " in line for line in progress)
+    # command -> first step in phases that add up, in summary.json and in the printed summary
+    phases = s["startup_phases_s"]
+    assert {"Ray start / connect", "placement group", "worker: imports (torch)"} <= set(phases), phases
+    assert sum(phases.values()) == pytest.approx(s["time_to_first_step_s"], abs=0.05)
+    assert "Ray start / connect (s)" in text
     st = _state(d)
     assert st["state"] == "succeeded" and st["step"] == STEPS
     assert [e["new"] for e in map(json.loads, (d / "events.jsonl").read_text().splitlines())

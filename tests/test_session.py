@@ -154,3 +154,166 @@ def test_bytecode_hint():
     assert bytecode_hint({}) is None
     assert "PYTHONPYCACHEPREFIX" in (bytecode_hint({"PYTHONDONTWRITEBYTECODE": "1"}) or "")
     assert bytecode_hint({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/tmp/pyc"}) is None
+
+
+# --- what `meshpilot run` shows: progress, notices, start-up phases (a fake gang, no Ray) ----------
+
+class SteppingGroup:
+    """One step per poll (each poll takes ``dt`` seconds), progress for steps 1..``seen``, then every
+    rank's result at step ``steps``: the last progress the controller sees is short of the end, as
+    when the workers finish between two polls. Sends one console notice at start."""
+
+    def __init__(self, steps: int, seen: int, on_notice=None, dt: float = 0.004):
+        self.steps, self.seen, self.on_notice, self.dt = steps, seen, on_notice, dt
+        self.step = 0
+
+    def start(self, attempt: int) -> list[int]:
+        if self.on_notice is not None:
+            self.on_notice("building DeepSpeed op deepspeed_shm_comm (first use; cached afterwards): not built yet")
+        return [10, 11]
+
+    def poll(self) -> GroupPoll:
+        import time
+        time.sleep(self.dt)
+        if self.step >= self.seen:
+            times = dict(step=self.steps, last_step=self.steps, first_step_time=self.t1, last_step_time=time.time())
+            return GroupPoll(results=[dict(_result(0, None), **times), dict(_result(1, None), **times)])
+        self.step += 1
+        if self.step == 1:
+            self.t1 = time.time()
+        return GroupPoll(progress=Progress(self.step, {"loss": 5.0 - self.step * 0.1}))
+
+    def stop(self, grace_s: float) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """`meshpilot run` in this process with its Ray parts replaced: a fake connection and the
+    SteppingGroup built by the command's own group factory; the controller polls every millisecond."""
+    import functools
+
+    import meshpilot.launch.group as group_mod
+    import meshpilot.launch.ray_cluster as rc
+    import meshpilot.orchestrator.run.session as session_mod
+    from meshpilot.orchestrator.run.controller import Controller
+
+    class Conn:
+        address, embedded = "fake:0", True
+
+        def close(self):
+            pass
+
+        def total_resources(self):
+            return {"CPU": 8.0}
+
+    built = []
+
+    def make(job, plan, run_dir, **kw):
+        built.append(SteppingGroup(job.train.steps, job.train.steps - 3, on_notice=kw.get("on_notice")))
+        return built[-1]
+
+    monkeypatch.setattr(rc, "connect_ray", lambda *a, **k: Conn())
+    monkeypatch.setattr(group_mod, "RayWorkerGroup", make)
+    monkeypatch.setattr(session_mod, "Controller", functools.partial(Controller, poll_interval_s=0.001))
+    return built
+
+
+def test_piped_run_prints_periodic_progress_with_eta_notices_and_the_final_step(tmp_path, monkeypatch, capsys,
+                                                                                 fake_ray):
+    """stdout is not a terminal: plain lines with step, loss, tokens/s and ETA every tenth of the run
+    (here every 3 of 30 steps), the workers' notice, and a line for the final step although the
+    last progress polled was step 27."""
+    from meshpilot.orchestrator.cli.main import main
+    monkeypatch.setenv("MESHPILOT_HOME", str(tmp_path / "home"))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(QUICKSTART), "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    steps = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert steps[0] == 1 and steps[-1] == 30, out
+    assert all(b - a == 3 for a, b in zip(steps[:-1], steps[1:-1])) and len(steps) >= 9, steps
+    assert all(" ETA " in line and " tokens/s " in line and " loss " in line for line in lines)
+    assert all("ETA -:--:--" not in line for line in lines[1:])         # known once two steps were seen
+    assert lines[-1].startswith("step 30/30  loss 2.5000") and "ETA 0:00:00" in lines[-1]
+    assert "building DeepSpeed op deepspeed_shm_comm (first use; cached afterwards)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["startup_phases_s"])[:2] == ["driver: plan, run directory", "Ray start / connect"]
+    assert "Ray start / connect (s)" in " ".join(out.split())          # the printed summary lists the phases
+
+
+def test_terminal_progress_is_live_and_its_last_frame_shows_the_last_step():
+    import io
+    from meshpilot.orchestrator.cli.cmd_run import RunProgress
+    from meshpilot.orchestrator.run.protocol import JobStatus
+    console = Console(file=io.StringIO(), force_terminal=True, width=150, color_system=None)
+    with RunProgress(console, total=30, tokens_per_step=512, live=True) as rp:
+        assert rp.bar.live.is_started
+        rp.transition(JobStatus.SCHEDULING, JobStatus.RUNNING, "2 worker(s) started", {})
+        rp.progress(Progress(12, {"loss": 3.5}), 5120.0)
+        assert rp.bar.tasks[0].completed == 12 and rp.bar.tasks[0].fields["eta"] == "0:00:02"   # 18 steps x 0.1 s
+        rp.final(30, 2.95, 5000.0)
+    text = console.file.getvalue()
+    last = text[text.rindex("running"):]
+    assert "step 30/30" in last and "loss 2.9500" in last and "5,000 tok/s" in last and "ETA 0:00:00" in last
+
+
+def test_plain_progress_prints_every_ten_seconds_when_steps_are_slow():
+    import io
+    from meshpilot.orchestrator.cli.cmd_run import RunProgress
+    now = [0.0]
+    console = Console(file=io.StringIO(), width=200)
+    rp = RunProgress(console, total=1000, tokens_per_step=100, live=False, clock=lambda: now[0])
+    for step in range(1, 41):                   # one step a second: every 10 s, long before 100 steps
+        now[0] = float(step)
+        rp.progress(Progress(step, {"loss": 1.0}), 100.0)
+    printed = [int(line.split()[1].split("/")[0]) for line in console.file.getvalue().splitlines()]
+    assert printed == [1, 11, 21, 31]
+    assert "ETA 0:16:09" in console.file.getvalue().splitlines()[-1]     # 969 steps left at 1 step/s
+
+
+def test_startup_phases_add_up_to_the_first_step():
+    from meshpilot.orchestrator.run.session import startup_phases
+    r0 = {"first_step_time": 120.0, "startup_phases_s": {"deepspeed import + process groups": 2.0,
+                                                         "DeepSpeed engine": 3.0},
+          "launch_times": {"gang_start": 108.5, "placed": 109.0, "actors_ready": 110.0, "run_called": 110.5,
+                           "worker_imported": 113.0}}
+    ph = startup_phases(100.0, (101.0, 108.0), r0)
+    assert ph == {"driver: plan, run directory": 1.0, "Ray start / connect": 7.0, "placement group": 1.0,
+                  "actor processes": 1.0, "rendezvous": 0.5, "worker: imports (torch)": 2.5,
+                  "worker: deepspeed import + process groups": 2.0, "worker: DeepSpeed engine": 3.0,
+                  "worker: process group, first step": 2.0}
+    assert sum(ph.values()) == pytest.approx(120.0 - 100.0)
+    assert startup_phases(100.0, (101.0, 108.0), {}) == {"driver: plan, run directory": 1.0,
+                                                         "Ray start / connect": 7.0}
+
+
+def test_an_embedded_ray_too_small_for_the_gang_fails_the_run_at_once(tmp_path, monkeypatch):
+    from meshpilot.launch.gang import gang_spec
+    from meshpilot.orchestrator.cli.cmd_run import _check_cluster
+    monkeypatch.setenv("MESHPILOT_HOME", str(tmp_path / "home"))
+    job = load_job(str(QUICKSTART), ["cluster=h100-sxm-4"])
+    plan, est = plan_job(job)
+    spec = gang_spec(plan.world_size, plan.tp, accelerator="gpu", gpus_per_node=4, cpu_cores=64)
+
+    class Conn:
+        def __init__(self, embedded):
+            self.embedded = embedded
+
+        def total_resources(self):
+            return {"CPU": 2.0}
+
+    session = RunSession.create(job, plan, est, job_path=str(QUICKSTART), run_dir=str(tmp_path / "run"))
+    try:
+        import io
+        console = Console(file=io.StringIO(), width=300)
+        _check_cluster(console, session, job, plan, spec, Conn(embedded=False))     # may grow: a warning
+        assert "the plan needs 2 GPUs (one per rank), the Ray cluster has 0" in console.file.getvalue()
+        with pytest.raises(ConfigError, match="needs 2 GPUs .* this machine's Ray has 0.*cluster=local"):
+            _check_cluster(console, session, job, plan, spec, Conn(embedded=True))
+    finally:
+        session.close()
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["state"] == "failed"

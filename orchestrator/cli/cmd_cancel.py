@@ -1,6 +1,9 @@
 """``meshpilot cancel RUN``: ask a running job to stop; its controller tears the gang down
 and ends in ``cancelled``. Works from any shell: it writes ``<run_dir>/cancel`` (polled by
-the controller) and signals the controller process when it runs on this host."""
+the controller) and signals the controller process when it runs on this host and its pid still
+is that controller (start time and command line as recorded at start: a reused pid is never
+signalled). A run whose controller is already gone is recorded as failed ("lost") and the
+command returns at once."""
 from __future__ import annotations
 
 import sys
@@ -19,9 +22,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     store = find_run(args.run)
-    st = store.read()
+    st = store.reconcile()
     if st.terminal:
-        print(f"run {st.run_id} already ended: {st.state}")
+        print(f"run {st.run_id} already ended: {st.state}" + (f" ({st.message[:300]})" if st.message else ""))
         return 0
     signalled = store.request_cancel()
     print(f"cancel requested for {st.run_id}" + (f" (signalled controller pid {st.controller_pid})"
@@ -33,7 +36,11 @@ def run(args) -> int:
             print(f"run {st.run_id}: {st.state}")
             return 0 if st.state == "cancelled" else 1
         if not store.controller_alive():
-            print(f"meshpilot: the controller of {st.run_id} is gone; state stays {st.state}", file=sys.stderr)
+            st = store.reconcile()
+            if st.terminal:
+                print(f"run {st.run_id}: {st.state}")
+                return 0 if st.state == "cancelled" else 1
+            print(f"meshpilot: the controller of {st.run_id} is gone; state {st.state}", file=sys.stderr)
             return 1
         time.sleep(0.5)
     if args.wait:

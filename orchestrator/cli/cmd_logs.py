@@ -1,4 +1,7 @@
-"""``meshpilot logs RUN [--rank N] [--follow]``: a run's per-rank worker log or its controller log."""
+"""``meshpilot logs RUN [--rank N] [--follow]``: a run's per-rank worker log or its controller log.
+
+``--follow`` ends when the run reaches a terminal state, also when its controller died without
+recording one (the run is then recorded as failed, "lost": :meth:`RunStore.reconcile`)."""
 from __future__ import annotations
 
 import sys
@@ -19,7 +22,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     store = find_run(args.run)
-    st = store.read()
+    st = store.reconcile()
     if args.rank is None:
         path = store.controller_log
     else:
@@ -38,15 +41,18 @@ def run(args) -> int:
     elif not args.follow:
         print(f"meshpilot: no log yet at {path}", file=sys.stderr)
         return 0
+    ended = False
     while args.follow:
         if path.exists() and path.stat().st_size > pos:
-            with open(path, errors="replace") as f:
+            with open(path, "rb") as f:
                 f.seek(pos)
-                out.write(f.read())
+                out.write(f.read().decode(errors="replace"))
                 pos = f.tell()
             out.flush()
-        elif store.read().terminal:
+        elif ended:
             return 0
+        elif store.reconcile().terminal:      # one more read: the last lines written before the end
+            ended = True
         else:
             time.sleep(0.5)
     return 0

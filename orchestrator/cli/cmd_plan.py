@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.config.loader import dump_job, job_from_dict, job_to_dict, load_job
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--objective", default="throughput", help="throughput | memory | cost (default throughput)")
     p.add_argument("--headroom", type=float, default=0.05, help="fraction of GPU memory kept free (default 0.05)")
     p.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
-    p.add_argument("--explain", metavar="PLAN", help='full breakdown of one plan, as overrides: '
+    p.add_argument("--explain", metavar="PLAN", help='print only the full breakdown of one plan, given as overrides: '
                    '"plan.dp=4 plan.zero_stage=3 plan.micro_batch=2"')
     p.add_argument("--export-yaml", metavar="FILE", help="write the job with the chosen plan filled in")
     p.add_argument("--export-deepspeed", metavar="FILE", help="write the chosen plan's DeepSpeed config JSON")
@@ -55,14 +56,20 @@ def run(args) -> int:
         out["explain"] = explained.to_dict()
     if args.json:
         print(json.dumps(out, indent=2))
+    elif explained is not None:
+        # --explain asks about one plan: its breakdown only, not the search's tables again
+        for t in estimate_tables(explained, title=f"explain: {explained.plan}"):
+            console.print(t)
+        for r in explained.reasons:
+            console.print(f"[red]does not fit:[/] {escape(r)}")
     else:
-        console.print(f"{job.model.name} on {job.cluster.name} ({job.cluster.nodes} x {job.cluster.gpus_per_node} "
+        console.print(f"{escape(str(job.model.name))} on {escape(str(job.cluster.name))} ({job.cluster.nodes} x {job.cluster.gpus_per_node} "
                       f"GPUs): {res.enumerated} plans enumerated, {res.invalid} invalid, {res.scored} scored, "
                       f"{len(res.ranked)} fit ({res.elapsed_s:.2f} s)")
         if res.top:
             console.print(top_table(res))
         for line in res.rejected_lines():
-            console.print(f"rejected: {line}")
+            console.print(f"rejected: {escape(line)}")
         if res.fixed is not None:
             f = res.fixed
             console.print(f"\nthe job's own plan: {f.plan}: peak {f.peak_memory_gib:.1f} GiB, step "
@@ -70,11 +77,6 @@ def run(args) -> int:
                                                      if res.top else "") + ("" if f.fits else " - does not fit"))
             for t in estimate_tables(f, title=f"the job's plan: {f.plan}"):
                 console.print(t)
-        if explained is not None:
-            for t in estimate_tables(explained, title=f"explain: {explained.plan}"):
-                console.print(t)
-            for r in explained.reasons:
-                console.print(f"[red]does not fit:[/] {r}")
         if best is not None and res.fixed is None:
             for t in estimate_tables(res.top[0], title=f"chosen: {res.top[0].plan}"):
                 console.print(t)

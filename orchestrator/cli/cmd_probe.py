@@ -50,6 +50,7 @@ def run(args) -> int:
         raise ConfigError("--world", args.world, reason="must be a positive number of processes")
     base = cluster_preset(args.cluster)              # ConfigError for an unknown preset, before measuring
     _check_loads(base, f"--cluster {args.cluster}")
+    _check_gpus_visible(base, args.cluster)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise ConfigError("--out", str(out), reason="the folder does not exist")
@@ -69,6 +70,27 @@ def run(args) -> int:
         Path(args.json_out).write_text(json.dumps(report.to_dict(), indent=1))
     _print_summary(Console(), report, out)
     return 0
+
+
+def _check_gpus_visible(cluster: dict[str, Any], name: str) -> None:
+    """A GPU cluster is calibrated only where a GPU is visible: without one every rate would be
+    measured on the CPU and written under the GPU preset's name (raises ConfigError)."""
+    c = job_from_dict({"model": "tiny-llama", "cluster": cluster}).cluster
+    if c.accelerator.value != "gpu":
+        return
+    import os
+
+    import torch
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = f", CUDA_VISIBLE_DEVICES={cvd!r}" if cvd is not None else ""
+    raise ConfigError("--cluster", name,
+                      reason=f"is a GPU cluster ({c.nodes} x {c.gpus_per_node} {c.gpu.name}) but this machine has no "
+                             f"visible GPU (torch.cuda.is_available() is False{hidden}); its calibration would hold "
+                             "CPU measurements under the GPU cluster's name",
+                      fix="run the probe on a machine with the cluster's GPUs, or calibrate this machine with "
+                          "--cluster local (the default)")
 
 
 def _check_loads(cluster: dict[str, Any], what: str) -> None:

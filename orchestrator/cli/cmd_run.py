@@ -3,9 +3,13 @@
 The run itself is :class:`~meshpilot.orchestrator.run.session.RunSession` (plan choice, fit
 check, run directory, state, controller, summary); this module adds the command line: its
 arguments, SIGTERM / SIGINT handling, the Ray wiring (:func:`meshpilot.launch.ray_cluster.connect_ray`
-and :class:`meshpilot.launch.group.RayWorkerGroup`), the progress bar and the printed summary
-(time, tokens/s, MFU, and per rank the NVML peak beside the simulator's prediction, torch's
-allocated and reserved peaks and the host RSS peak), also written to ``<run_dir>/summary.json``.
+and :class:`meshpilot.launch.group.RayWorkerGroup`), the refusal of a gang the cluster can never
+hold (a job needing GPUs on a machine without any: exit 2 at once, not after the placement
+timeout), the progress (:class:`RunProgress`: a live bar on a terminal, plain lines otherwise;
+step, loss, tokens/s, ETA; the workers' notices such as a DeepSpeed op being compiled) and the
+printed summary (time, command -> first step and its phases, tokens/s, MFU, and per rank the NVML
+peak beside the simulator's prediction, torch's allocated and reserved peaks and the host RSS
+peak), also written to ``<run_dir>/summary.json``.
 
 Exit status: 0 succeeded, 1 failed, 3 cancelled, 2 a configuration error.
 SIGTERM / SIGINT (and ``meshpilot cancel``) cancel the run: the gang is torn down cleanly.
@@ -18,18 +22,23 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from meshpilot.orchestrator.config.loader import load_job
 from meshpilot.orchestrator.errors import ConfigError
-from meshpilot.orchestrator.run.controller import FailurePolicy, Outcome
+from meshpilot.orchestrator.run.controller import FailurePolicy
 from meshpilot.orchestrator.run.protocol import DEFAULT_WORKER, JobStatus
 from meshpilot.orchestrator.run.protocol import Progress as StepProgress
 from meshpilot.orchestrator.run.session import RunSession, bytecode_hint, check_worker, plan_job
+
+# piped output: a progress line at least every PLAIN_EVERY_S seconds (when a step was made) or every
+# tenth of the run's steps, whichever comes first, and the last step
+PLAIN_EVERY_S = 10.0
 
 log = logging.getLogger("meshpilot.run")
 
@@ -59,7 +68,9 @@ def add_parser(sub: Any) -> None:
                    help="seconds from the gang's start to its first step (default 900)")
     p.add_argument("--worker", default=DEFAULT_WORKER, metavar="MODULE:FUNCTION",
                    help="training function run on every rank (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines every 10%% instead)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no live progress bar: plain progress lines (step, loss, tokens/s, ETA) every 10%% of the "
+                        "steps or every 10 s, as when stdout is not a terminal")
     p.set_defaults(func=run)
 
 
@@ -81,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     c = job.cluster
     spec = gang_spec(plan.world_size, plan.tp, accelerator=c.accelerator, gpus_per_node=c.gpus_per_node,
                      cpu_cores=c.cpu_cores)
+    from meshpilot.launch.ray_cluster import embedded_resources, embeds, local_gpu_count
+    if embeds(args.address):            # what an embedded Ray will have, known before starting it
+        have = embedded_resources(c.accelerator, c.gpus_per_node)
+        refuse_unplaceable(job, plan, spec, {"GPU": local_gpu_count() if spec.use_gpus else have["num_gpus"],
+                                             "CPU": have["num_cpus"]}, "this machine")
 
     session = RunSession.create(job, plan, estimate, job_path=args.job, run_dir=args.run_dir, t_command=t_command)
     try:
@@ -97,79 +113,195 @@ def run(args: argparse.Namespace) -> int:
             for s in handlers:
                 signal.signal(s, lambda *_: cancel_flag.set())
 
-        catch_signals()
-        connection = None
-        try:
-            from meshpilot.launch.group import RayWorkerGroup
-            from meshpilot.launch.ray_cluster import connect_ray
+        reporter = RunProgress(console, total=job.train.steps, tokens_per_step=job.train.global_batch * job.train.seq_len,
+                               live=console.is_terminal and not args.no_progress)
+        with reporter:
+            catch_signals()
+            connection = None
             try:
-                connection = session.connect(lambda: connect_ray(args.address, accelerator=c.accelerator,
-                                                                 workers_per_node=c.gpus_per_node, nodes=c.nodes))
-            except ConnectionError as e:
-                raise ConfigError("--address", args.address or os.environ.get("RAY_ADDRESS"),
-                                  reason=f"cannot connect to Ray: {e}") from None
-            except (SystemExit, KeyboardInterrupt):   # ray.init replaces the SIGTERM handler while it starts
-                return exit_code(JobStatus.CANCELLED)
-            catch_signals()                            # ... so take SIGTERM/SIGINT back
+                from meshpilot.launch.group import RayWorkerGroup
+                from meshpilot.launch.ray_cluster import connect_ray
+                reporter.phase("starting Ray" if embeds(args.address) else "connecting to Ray")
+                try:
+                    connection = session.connect(lambda: connect_ray(args.address, accelerator=c.accelerator,
+                                                                     workers_per_node=c.gpus_per_node, nodes=c.nodes))
+                except ConnectionError as e:
+                    raise ConfigError("--address", args.address or os.environ.get("RAY_ADDRESS"),
+                                      reason=f"cannot connect to Ray: {e}") from None
+                except (SystemExit, KeyboardInterrupt):   # ray.init replaces the SIGTERM handler while it starts
+                    return exit_code(JobStatus.CANCELLED)
+                catch_signals()                            # ... so take SIGTERM/SIGINT back
+                _check_cluster(console, session, job, plan, spec, connection)
 
-            def make_group(run_dir: str, log_path: Callable[[int], str]) -> RayWorkerGroup:
-                return RayWorkerGroup(job, plan, run_dir, spec=spec, log_path=log_path, worker_fn=args.worker,
-                                      placement_timeout_s=args.placement_timeout,
-                                      heartbeat_timeout_s=args.heartbeat_timeout, step_timeout_s=args.step_timeout,
-                                      start_timeout_s=args.start_timeout, fail_at=fail_at)
+                def make_group(run_dir: str, log_path: Callable[[int], str]) -> RayWorkerGroup:
+                    return RayWorkerGroup(job, plan, run_dir, spec=spec, log_path=log_path, worker_fn=args.worker,
+                                          placement_timeout_s=args.placement_timeout,
+                                          heartbeat_timeout_s=args.heartbeat_timeout, step_timeout_s=args.step_timeout,
+                                          start_timeout_s=args.start_timeout, fail_at=fail_at,
+                                          on_notice=reporter.notice)
 
-            outcome = _drive(console, args, session, make_group, cancel_flag)
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            if connection is not None:
-                connection.close()
+                outcome = session.run(make_group, FailurePolicy(max_restarts=args.max_restarts, backoff_s=args.backoff),
+                                      cancel_requested=cancel_flag.is_set, on_progress=reporter.progress,
+                                      on_transition=reporter.transition)
+            finally:
+                for s, h in handlers.items():
+                    signal.signal(s, h)
+                if connection is not None:
+                    connection.close()
 
-        summary = session.finish(outcome)
+            summary = session.finish(outcome)
+            if outcome.results:               # the last frame shows where the run ended, not the last poll
+                reporter.final(session.state.step, summary.get("final_loss"), summary.get("tokens_per_s"))
         _print_summary(console, summary)
         return exit_code(outcome.status)
     finally:
         session.close()
 
 
-def _drive(console: Console, args: argparse.Namespace, session: RunSession,
-           make_group: Callable[[str, Callable[[int], str]], Any], cancel_flag: threading.Event) -> Outcome:
-    """Run the session under a progress bar (or, without a terminal or with --no-progress, a
-    log line every 10% of the steps)."""
-    total = session.job.train.steps
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    bar = Progress(*columns, console=console, disable=args.no_progress or not console.is_terminal)
-    task = bar.add_task("pending", total=total, loss="-", tps="-")
-    last_logged = [-1]
+def refuse_unplaceable(job: Any, plan: Any, spec: Any, have: Mapping[str, float], where: str) -> None:
+    """ConfigError (exit 2) when ``where``, with all of its resources ``have``, can never hold the gang:
+    waiting out the placement timeout would not change it."""
+    from meshpilot.launch.gang import capacity_shortfall
+    short = capacity_shortfall(spec, have, where)
+    if short is None:
+        return
+    if spec.use_gpus and int(have.get("GPU", 0)) < spec.world_size:
+        fix = ("for a local CPU run try cluster=local (CPU workers over gloo); or run it where the GPUs are "
+               "(--address of a Ray cluster with them, or RAY_ADDRESS)")
+    elif spec.use_gpus:
+        fix = (f"cluster.cpu_cores={job.cluster.cpu_cores} gives each GPU rank {spec.cpus_per_worker} CPUs: set "
+               "cluster.cpu_cores to the cores of the machines, or run on a larger cluster")
+    else:
+        fix = (f"an embedded Ray has cluster.gpus_per_node={job.cluster.gpus_per_node} CPU worker slots on one node: "
+               "lower the plan's ranks, raise cluster.gpus_per_node, or connect to a Ray cluster (--address)")
+    raise ConfigError("cluster", job.cluster.name, reason=f"cannot place {plan.describe()}: {short}", fix=fix)
 
-    def on_progress(p: StepProgress, tps: Optional[float]) -> None:
+
+def _check_cluster(console: Console, session: RunSession, job: Any, plan: Any, spec: Any, connection: Any) -> None:
+    """The connected cluster's resources against the gang: an embedded Ray that can never hold it
+    fails the run at once (exit 2); an existing cluster may still grow (an autoscaler), so there
+    it is a warning and the placement timeout stands."""
+    try:
+        have = connection.total_resources()
+    except Exception as e:         # never fail a run for want of this check
+        log.warning("cannot read the Ray cluster's resources: %s", e)
+        return
+    try:
+        refuse_unplaceable(job, plan, spec, have, "this machine's Ray" if connection.embedded else "the Ray cluster")
+    except ConfigError as e:
+        if connection.embedded:
+            session.abandon("failed", str(e))
+            raise
+        log.warning("%s", e)
+        console.print(f"[yellow]warning[/yellow]: {escape(str(e))}; waiting up to the placement timeout in case "
+                      f"the cluster grows")
+
+
+def _fmt_duration(s: Optional[float]) -> str:
+    if s is None:
+        return "-:--:--"
+    s = max(0, int(round(s)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class RunProgress:
+    """What ``meshpilot run`` shows while it runs: rank 0's step out of the total, the loss,
+    tokens/s (the session's sliding window) and the ETA (the steps left at that rate).
+
+    ``live`` (a terminal, without --no-progress): a rich progress bar, updated with every
+    progress the controller sees (it polls twice a second), its last frame set to where the run
+    ended (:meth:`final`). Otherwise plain lines, one when ``every_steps`` steps (a tenth of the
+    run) or ``every_s`` seconds have passed since the last line, whichever comes first, and one
+    for the last step. State changes and the workers' notices (e.g. a DeepSpeed op being
+    compiled) are printed in both modes."""
+
+    def __init__(self, console: Console, *, total: int, tokens_per_step: int, live: bool,
+                 every_steps: Optional[int] = None, every_s: float = PLAIN_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.console, self.total, self.tokens_per_step, self.live = console, total, tokens_per_step, live
+        self.every_steps = every_steps or max(1, total // 10)
+        self.every_s, self.clock = every_s, clock
+        self.t0 = clock()
+        self.step, self.loss, self.tps = 0, None, None
+        self._printed: Optional[tuple[int, float]] = None        # (step, time) of the last plain line
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                            TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+                            console=console, disable=not live)
+        self.task = self.bar.add_task("pending", total=total, loss="-", tps="-", eta=_fmt_duration(None))
+
+    def __enter__(self) -> "RunProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def eta_s(self) -> Optional[float]:
+        """Seconds to the last step at the current tokens/s; 0 at the end, None while unknown."""
+        if self.step >= self.total:
+            return 0.0
+        if not self.tps:
+            return None
+        return (self.total - self.step) * self.tokens_per_step / self.tps
+
+    def line(self) -> str:
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"
+        tps = "-" if not self.tps else f"{self.tps:,.0f}"
+        return (f"step {self.step}/{self.total}  loss {loss}  tokens/s {tps}  ETA {_fmt_duration(self.eta_s())}  "
+                f"elapsed {_fmt_duration(self.clock() - self.t0)}")
+
+    # --- what the session reports --------------------------------------------------------
+    def progress(self, p: StepProgress, tps: Optional[float]) -> None:
         loss = p.metrics.get("loss")
-        bar.update(task, completed=p.step, loss=f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-                   tps=f"{tps:,.0f}" if tps else "-")
-        if not bar.live.is_started or args.no_progress:
-            every = max(1, total // 10)
-            if p.step // every > last_logged[0]:
-                last_logged[0] = p.step // every
-                console.print(f"step {p.step}/{total} loss {loss if loss is None else round(float(loss), 4)} "
-                              f"tokens/s {'-' if not tps else round(tps)}")
+        self._set(p.step, float(loss) if isinstance(loss, (int, float)) else None, tps)
 
-    def on_transition(old: JobStatus, new: JobStatus, reason: str, info: dict[str, Any]) -> None:
-        bar.update(task, description=new.value)
+    def final(self, step: int, loss: Optional[float], tps: Optional[float]) -> None:
+        """Where the run ended (from the workers' results): the last frame / line shows it."""
+        self._set(step, loss, tps, final=True)
+
+    def transition(self, old: JobStatus, new: JobStatus, reason: str, info: dict[str, Any]) -> None:
+        self.bar.update(self.task, description=new.value)
         if new in (JobStatus.RESTARTING, JobStatus.FAILED, JobStatus.CANCELLED):
-            console.print(f"[yellow]{old.value} -> {new.value}[/yellow]: {reason}")
+            self.console.print(f"[yellow]{old.value} -> {new.value}[/yellow]: {escape(reason)}")
+        elif not self.live and new is not JobStatus.SUCCEEDED:
+            self.console.print(f"{new.value}: {reason}", markup=False, highlight=False)
 
-    with bar:
-        return session.run(make_group, FailurePolicy(max_restarts=args.max_restarts, backoff_s=args.backoff),
-                           cancel_requested=cancel_flag.is_set, on_progress=on_progress,
-                           on_transition=on_transition)
+    def notice(self, msg: str) -> None:
+        self.console.print(f"[cyan]{escape(msg)}[/cyan]", soft_wrap=True)
+
+    def phase(self, what: str) -> None:
+        """A step of the start-up before the controller runs (e.g. starting Ray)."""
+        self.bar.update(self.task, description=what)
+        if not self.live:
+            self.console.print(f"{what} ...", markup=False, highlight=False)
+
+    # --------------------------------------------------------------------------------------
+    def _set(self, step: int, loss: Optional[float], tps: Optional[float], final: bool = False) -> None:
+        self.step = step
+        self.loss = loss if loss is not None else self.loss
+        self.tps = tps or self.tps
+        self.bar.update(self.task, completed=step, loss="-" if self.loss is None else f"{self.loss:.4f}",
+                        tps="-" if not self.tps else f"{self.tps:,.0f}", eta=_fmt_duration(self.eta_s()))
+        if self.live:
+            if final:
+                self.bar.refresh()
+            return
+        now = self.clock()
+        last = self._printed
+        if last is not None and last[0] == step:
+            return
+        if (final or last is None or step - last[0] >= self.every_steps or now - last[1] >= self.every_s
+                or step >= self.total):
+            self.console.print(self.line(), markup=False, highlight=False, soft_wrap=True)
+            self._printed = (step, now)
 
 
 def _print_summary(console: Console, s: dict[str, Any]) -> None:
     color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}[s["status"]]
     console.print(f"[{color}]{s['status']}[/{color}] after {s['attempts']} attempt(s), {s['restarts']} restart(s): "
-                  f"{s['message']}")
+                  f"{escape(str(s['message']))}")
     if s["status"] != JobStatus.SUCCEEDED.value:
         return
     t = Table(title="run summary")
@@ -182,6 +314,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
 
     t.add_row("wall time (s)", fmt(s["wall_s"], "{:.1f}"), "")
     t.add_row("command -> first step (s)", fmt(s["time_to_first_step_s"], "{:.1f}"), "")
+    for name, v in (s.get("startup_phases_s") or {}).items():
+        t.add_row(f"  {name} (s)", fmt(v, "{:.1f}"), "")
     t.add_row("tokens/s", fmt(s["tokens_per_s"], "{:,.0f}"), fmt(s["predicted_tokens_per_s"], "{:,.0f}"))
     t.add_row("MFU", fmt(s["mfu"], "{:.2%}"), "")
     t.add_row("final loss", fmt(s["final_loss"], "{:.5f}"), "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
+from rich.markup import escape
 
 from meshpilot.orchestrator.config.loader import load_job
 from meshpilot.orchestrator.sim.report import estimate_tables
@@ -35,8 +36,8 @@ def run(args) -> int:
     console = Console()
     if job.plan.auto:
         console.print("plan: auto -> the planner's choice")
-    for t in estimate_tables(est, title=f"{job.model.name} on {job.cluster.name}: {est.plan}"):
+    for t in estimate_tables(est, title=escape(f"{job.model.name} on {job.cluster.name}: {est.plan}")):
         console.print(t)
     for r in est.reasons:
-        console.print(f"[red]does not fit:[/] {r}")
+        console.print(f"[red]does not fit:[/] {escape(r)}")
     return 0

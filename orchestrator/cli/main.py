@@ -1,15 +1,18 @@
 """The ``meshpilot`` command line. Each subcommand lives in its own ``cmd_*`` module that
-exposes ``add_parser(subparsers)``; user mistakes (:class:`ConfigError`) exit with status 2
-and a one-line message, never a traceback."""
+exposes ``add_parser(subparsers)``; user mistakes (:class:`ConfigError`, and the OS refusing a
+path the user gave: too long, not writable, disk full) exit with status 2 and a one-line
+message, never a traceback. Messages echo at most a few hundred characters of a value
+(:func:`~meshpilot.orchestrator.errors.shown`) and are printed as plain text (no Rich markup)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.metadata
 import os
 import sys
 
-from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.errors import ConfigError, shown
 
 _COMMAND_MODULES = (
     "meshpilot.orchestrator.cli.cmd_presets",
@@ -21,6 +24,7 @@ _COMMAND_MODULES = (
     "meshpilot.orchestrator.cli.cmd_cancel",
     "meshpilot.orchestrator.cli.cmd_simulate",
     "meshpilot.orchestrator.cli.cmd_plan",
+    "meshpilot.orchestrator.cli.cmd_submit",
 )
 
 
@@ -72,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("meshpilot: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS:
+            raise
+        # a path the user gave that the OS refuses (too long, not writable, disk full): one line
+        where = f"{shown(e.filename)}: " if e.filename else ""
+        print(f"meshpilot: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+# OS errors caused by the paths or the machine the user gave, not by meshpilot
+_USER_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                          errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,53 @@ def cluster_preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def is_preset_name(name: str) -> bool:
+    """A plain preset name: letters, digits, ``-_.``, no path separator and no ``..``."""
+    return bool(PRESET_NAME.fullmatch(name)) and ".." not in name
+
+
+def _is_yaml_file(name: str) -> bool:
+    if not name.endswith((".yaml", ".yml")):
+        return False
+    try:
+        return Path(name).is_file()
+    except OSError:          # a name too long for the OS, or a path through a file
+        return False
+
+
+def read_cluster_yaml(path: Any, name: str) -> Any:
+    """A cluster YAML file's data; ConfigError (key ``cluster``) if it is not UTF-8 or not YAML."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("cluster", name, reason=f"is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError("cluster", name, reason=f"cannot be read: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())[:300]
+        raise ConfigError("cluster", name, reason=f"is not valid YAML: {first}") from None
+
+
 def cluster_preset(name: str) -> dict[str, Any]:
-    """The preset as a plain mapping of ClusterConfig fields (``local`` is detected)."""
-    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
-        data = yaml.safe_load(Path(name).read_text())
+    """The preset as a plain mapping of ClusterConfig fields (``local`` is detected).
+
+    ``name`` is a preset only when it is a plain name (:func:`is_preset_name`), and a file only
+    when it names an existing ``.yaml``/``.yml`` file; anything else is a ConfigError (so
+    ``cluster: ../../x`` cannot load a YAML file outside the preset folder as a preset)."""
+    if _is_yaml_file(name):
+        data = read_cluster_yaml(Path(name), name)
+    elif is_preset_name(name) and (_preset_dir() / f"{name}.yaml").is_file():
+        data = read_cluster_yaml(_preset_dir() / f"{name}.yaml", name)
     else:
-        f = _preset_dir() / f"{name}.yaml"
-        if not f.is_file():
-            raise ConfigError("cluster", name, reason="unknown cluster preset",
-                              fix="use one of " + ", ".join(cluster_preset_names())
-                              + ", a path to a cluster YAML, or an inline mapping with at least nodes and gpus_per_node")
-        data = yaml.safe_load(f.read_text())
+        raise ConfigError("cluster", name, reason="unknown cluster preset" if is_preset_name(name) else
+                          "is neither a plain preset name nor an existing .yaml/.yml file",
+                          fix="use one of " + ", ".join(cluster_preset_names())
+                          + ", a path to a cluster YAML, or an inline mapping with at least nodes and gpus_per_node")
     if not isinstance(data, dict):
         raise ConfigError("cluster", name, reason="a cluster file must hold a mapping")
     if data.get("name") == "local":

@@ -16,6 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import io
+import math
+import re
 import typing
 from enum import Enum
 from pathlib import Path
@@ -26,6 +29,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 import meshpilot.orchestrator.config.schema as C
 from meshpilot.orchestrator.config.clusters import cluster_preset
+from meshpilot.orchestrator.config.deepspeed_keys import DEEPSPEED_TOP_LEVEL_KEYS
+from meshpilot.orchestrator.config.inputs import check_path_text
 from meshpilot.orchestrator.errors import ConfigError, check_choice, check_positive
 from meshpilot.orchestrator.config.models import fill_model_defaults, model_from_hf_config, model_preset
 
@@ -33,18 +38,27 @@ SECTIONS = ("model", "cluster", "train", "plan")
 
 
 def load_job(path: str | Path | None = None, overrides: Iterable[str] = ()) -> C.JobConfig:
-    """Read a job file (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a job file (or start from defaults when ``path`` is None) and apply overrides.
+
+    The file is read as UTF-8 YAML without resolving interpolations: a ``${...}`` anywhere (for
+    instance ``${oc.env:TOKEN}``, which would copy a secret into the run directory's job.yaml)
+    is refused naming its key."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError("job file", str(path), reason="no such file")
         try:
-            loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
-        except Exception as e:  # YAML syntax errors and bad interpolations
-            raise ConfigError("job file", str(path), reason=f"cannot parse: {e}") from None
-        if loaded is None:
-            loaded = {}
+            check_path_text("job file", str(path))
+            if not p.is_file():
+                raise ConfigError("job file", str(path), reason="no such file")
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("job file", str(path), reason=f"is not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError("job file", str(path), reason=f"cannot be read: {e.strerror or e}") from None
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(io.StringIO(text)), resolve=False)
+        except Exception as e:  # YAML syntax errors, duplicate keys, unknown tags
+            raise ConfigError("job file", str(path), reason=f"cannot parse: {_first_line(e)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError("job file", str(path), reason="must be a mapping with the sections "
                               + ", ".join(SECTIONS))
@@ -61,6 +75,7 @@ def job_from_dict(raw: dict[str, Any], overrides: Iterable[str] = ()) -> C.JobCo
         raw[s] = _shorthand(s, raw.get(s))
     for item in overrides:
         _apply_override(raw, item)
+    _reject_interpolation(raw, "")
     _check_keys(raw, C.JobConfig, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(C.JobConfig), raw)
@@ -122,7 +137,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
     except Exception as e:
-        raise ConfigError(key, text, reason=f"cannot parse value: {e}") from None
+        raise ConfigError(key, text, reason=f"cannot parse value: {_first_line(e)}") from None
     parts = key.split(".")
     if parts[0] not in SECTIONS:
         raise ConfigError(key, value, reason="unknown section", allowed=SECTIONS, fix=_close(parts[0], SECTIONS))
@@ -138,6 +153,27 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(".".join(parts[: i + 1]), nxt, reason="is not a mapping; cannot set " + key)
         node = nxt
     node[parts[-1]] = value
+
+
+def _reject_interpolation(node: Any, prefix: str) -> None:
+    """Refuse OmegaConf interpolations (``${...}``) in any key or value: resolving them would copy
+    environment variables (tokens) or other keys into the resolved job that ``meshpilot run``
+    writes to the run directory."""
+    if isinstance(node, dict):
+        items: Iterable[tuple[Any, Any]] = node.items()
+    elif isinstance(node, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(node))
+    else:
+        if isinstance(node, str) and "${" in node:
+            raise ConfigError(prefix.rstrip(".") or "job file", node, reason="interpolations (${...}) are not "
+                              "allowed in job files (they could copy environment values such as tokens into "
+                              "the run directory)", fix="write the value itself")
+        return
+    for k, v in items:
+        key = f"{prefix}{k}" if not str(k).startswith("[") else f"{prefix.rstrip('.')}{k}"
+        if isinstance(k, str) and "${" in k:
+            raise ConfigError(key, reason="interpolations (${...}) are not allowed in job files")
+        _reject_interpolation(v, key + ".")
 
 
 def _check_keys(raw: dict[str, Any], cls: type, prefix: str) -> None:
@@ -169,18 +205,75 @@ def _unwrap_optional(hint: Any) -> Any:
     return hint
 
 
+MAX_NAME = 128                  # model.name, cluster.name, cluster.gpu.name
+MAX_INT = 2**53                  # larger integers are not meant (and lose precision as floats)
+_NAME_OK = re.compile(r"[^\x00-\x1f\x7f]*")    # no control characters (newlines would forge log lines)
+
+
+def _numbers(node: Any, prefix: str) -> Iterable[tuple[str, Any]]:
+    """(full key, value) of every number in a section, nested dataclasses and mappings included."""
+    if dataclasses.is_dataclass(node):
+        items: Iterable[tuple[Any, Any]] = ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    elif isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, (list, tuple)):
+        items = enumerate(node)
+    else:
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            yield prefix.rstrip("."), node
+        return
+    for k, v in items:
+        yield from _numbers(v, f"{prefix}{k}.")
+
+
+def _check_finite(job: C.JobConfig) -> None:
+    """No NaN or infinity anywhere (``train.lr: .inf`` trains to NaN), no integer beyond 2**53."""
+    for section in SECTIONS:
+        for key, v in _numbers(getattr(job, section), f"{section}."):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(key, v, reason="must be a finite number")
+            if isinstance(v, int) and abs(v) > MAX_INT:
+                raise ConfigError(key, v, reason=f"is out of range (at most {MAX_INT} in magnitude)")
+
+
+def _check_range(key: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                 lo_open: bool = False) -> None:
+    if value is None:
+        return
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(key, value, reason=f"must be {'>' if lo_open else '>='} {lo}"
+                          + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(key, value, reason=f"must be <= {hi}" + (f" and {'>' if lo_open else '>='} {lo}"
+                                                                   if lo is not None else ""))
+
+
+def _check_name(key: str, value: str) -> None:
+    if len(value) > MAX_NAME:
+        raise ConfigError(key, value, reason=f"is too long ({len(value)} characters, at most {MAX_NAME})")
+    if not _NAME_OK.fullmatch(value):
+        raise ConfigError(key, value, reason="holds control characters (newlines, tabs, escapes)")
+
+
 def validate_job(job: C.JobConfig) -> None:
     """Check every value of each section on its own; cross-section checks live in the plan.
 
-    Choice fields are already members of their enum (:func:`_check_keys`); the integer choices
-    (zero stage, perturbation degree) are checked here, and only here."""
+    Every number must be finite; each key's range is checked below. Choice fields are already
+    members of their enum (:func:`_check_keys`); the integer choices (zero stage, perturbation
+    degree) are checked here, and only here."""
     m, c, t, p = job.model, job.cluster, job.train, job.plan
+    _check_finite(job)
+    _check_name("model.name", m.name)
+    _check_name("cluster.name", c.name)
+    _check_name("cluster.gpu.name", c.gpu.name)
     for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
         check_positive(f"model.{k}", getattr(m, k))
     if m.hidden % m.heads:
         raise ConfigError("model.hidden", m.hidden, reason=f"must be divisible by model.heads={m.heads}")
     if m.kv_heads > m.heads or m.heads % m.kv_heads:
         raise ConfigError("model.kv_heads", m.kv_heads, reason=f"must divide model.heads={m.heads}")
+    _check_range("model.norm_eps", m.norm_eps, 0.0, 1.0, lo_open=True)
+    _check_range("model.rope_theta", m.rope_theta, 0.0, lo_open=True)
     check_positive("model.num_experts", m.num_experts, zero_ok=True)
     if m.arch == C.Arch.MIXTRAL and m.num_experts < 2:
         raise ConfigError("model.num_experts", m.num_experts, reason="arch mixtral needs at least 2 experts")
@@ -200,13 +293,32 @@ def validate_job(job: C.JobConfig) -> None:
         check_positive(f"cluster.{k}", getattr(c, k))
     for k in ("intra_node_latency_us", "inter_node_latency_us"):
         check_positive(f"cluster.{k}", getattr(c, k), zero_ok=True)
+    for f in dataclasses.fields(c.calibration):
+        v = getattr(c.calibration, f.name)
+        if f.name != "measured_on":
+            check_positive(f"cluster.calibration.{f.name}", v)
 
     for k in ("seq_len", "global_batch", "steps"):
         check_positive(f"train.{k}", getattr(t, k))
     check_positive("train.lr", t.lr)
+    _check_range("train.lr", t.lr, 0.0, 10.0, lo_open=True)
     check_positive("train.zo_eps", t.zo_eps)
+    _check_range("train.zo_eps", t.zo_eps, 0.0, 1.0, lo_open=True)
     for k in ("weight_decay", "warmup_steps", "grad_clip", "checkpoint_every"):
         check_positive(f"train.{k}", getattr(t, k), zero_ok=True)
+    _check_range("train.weight_decay", t.weight_decay, 0.0, 10.0)
+    _check_range("train.seed", t.seed, 0, 2**32 - 1)
+    _check_range("train.keep_checkpoints", t.keep_checkpoints, 1)
+    if not t.data:
+        raise ConfigError("train.data", t.data, reason="must be synthetic, demo or the path of a token file")
+    if t.data not in ("synthetic", "demo"):
+        check_path_text("train.data", t.data)
+    check_path_text("train.output_dir", t.output_dir)
+    unknown = sorted(str(k) for k in t.deepspeed_extra if k not in DEEPSPEED_TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(f"train.deepspeed_extra.{unknown[0]}", reason="is not a DeepSpeed config key (DeepSpeed "
+                          "would ignore it silently)", fix=_close(unknown[0], DEEPSPEED_TOP_LEVEL_KEYS)
+                          or "see https://www.deepspeed.ai/docs/config-json/")
     if m.arch in (C.Arch.GPT2, C.Arch.OPT) and t.seq_len > m.max_positions:
         raise ConfigError("train.seq_len", t.seq_len, reason=f"exceeds model.max_positions={m.max_positions} "
                           f"(learned positions of arch {m.arch})", fix=f"use train.seq_len<={m.max_positions}")
@@ -223,6 +335,11 @@ def validate_job(job: C.JobConfig) -> None:
 def _close(word: str, options: Iterable[str]) -> str | None:
     m = difflib.get_close_matches(str(word), list(options), n=1)
     return f"did you mean {m[0]!r}?" if m else None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:3])[:300] if lines else type(e).__name__
 
 
 def _short(e: OmegaConfBaseException) -> str:

@@ -85,9 +85,16 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
     """Translate a Hugging Face ``config.json`` (llama, mistral, mixtral, gpt2, opt) into ModelConfig fields."""
     path = Path(path)
     try:
-        c = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        c = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("model", str(path), reason=f"Hugging Face config is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError("model", str(path), reason=f"cannot read Hugging Face config: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
         raise ConfigError("model", str(path), reason=f"cannot read Hugging Face config: {e}") from None
+    if not isinstance(c, dict):
+        raise ConfigError("model", str(path), reason=f"a Hugging Face config.json holds a JSON object, this one a "
+                          f"{type(c).__name__}")
     mt = c.get("model_type")
     name = c.get("_name_or_path") or path.parent.name or "hf-model"
     try:

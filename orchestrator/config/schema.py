@@ -191,6 +191,7 @@ class TrainConfig:
     data: str = "synthetic"                 # synthetic | demo | path to a token file
     checkpoint_every: int = 0               # 0: only at the end
     checkpoint_final: bool = True           # checkpoint after the last step (false: e.g. benchmarks)
+    keep_checkpoints: int = 2               # complete checkpoints kept in RUN_DIR/checkpoints (>= 1)
     output_dir: str = "runs"
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.

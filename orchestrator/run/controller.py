@@ -16,7 +16,11 @@ The controller owns no resources itself: it drives a
 :class:`RestartDecision` (after an exponential backoff
 ``delay = min(backoff_max_s, backoff_s * factor**restarts)``) or :class:`FailDecision`.
 Restarted workers resume from the run directory's latest complete checkpoint, so only the
-steps after that checkpoint are repeated.
+steps after that checkpoint are repeated. A worker error that a restart would only repeat (a
+non-finite loss, a configuration error: :func:`~.protocol.deterministic_failure`) fails the job
+at once. Workers that stopped early on a signal (their results say ``status: stopped``, with
+the stop checkpoint) end the job ``cancelled``, resumable, not ``succeeded``; a cancel records
+its terminal state before the (time-bounded) teardown.
 
 :meth:`Controller.step` performs one action and returns; :meth:`Controller.run` loops it.
 Time and sleeping are injected, so tests step the machine deterministically. Every
@@ -26,12 +30,13 @@ to state.json and events.jsonl) and logged.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Union
 
-from meshpilot.orchestrator.run.protocol import Failure, GangError, JobStatus, Progress, WorkerGroup
+from meshpilot.orchestrator.run.protocol import Failure, GangError, JobStatus, Progress, WorkerGroup, deterministic_failure
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,8 @@ class FailurePolicy:
     def decide(self, failure: Failure, restarts_so_far: int) -> Decision:
         if not failure.retryable:
             return FailDecision(f"{failure} (not retryable)")
+        if deterministic_failure(failure):
+            return FailDecision(f"{failure} (not retried: a restart from the last checkpoint would repeat it)")
         if restarts_so_far >= self.max_restarts:
             return FailDecision(f"{failure}; gave up after {restarts_so_far} restart(s) (max_restarts="
                                 f"{self.max_restarts})")
@@ -107,6 +114,8 @@ class Outcome:
 
 
 TransitionHook = Callable[[JobStatus, JobStatus, str, dict], None]
+# polled before every action: False/None to go on, True (or a reason string) to cancel
+CancelCheck = Callable[[], Union[bool, str, None]]
 
 
 class Controller:
@@ -115,14 +124,15 @@ class Controller:
     def __init__(self, group: WorkerGroup, policy: FailurePolicy = FailurePolicy(), *,
                  on_transition: Optional[TransitionHook] = None,
                  on_progress: Optional[Callable[[Progress], None]] = None,
-                 cancel_requested: Callable[[], bool] = lambda: False,
+                 cancel_requested: CancelCheck = lambda: False,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 poll_interval_s: float = 0.5, cancel_grace_s: float = 10.0):
+                 poll_interval_s: float = 0.5, cancel_grace_s: float = 10.0, teardown_limit_s: float = 15.0):
         self.group, self.policy = group, policy
         self._on_transition, self._on_progress = on_transition, on_progress
         self._cancel_requested, self._clock, self._sleep = cancel_requested, clock, sleep
         self.poll_interval_s, self.cancel_grace_s = poll_interval_s, cancel_grace_s
+        self.teardown_limit_s = teardown_limit_s
         self.status = JobStatus.PENDING
         self.attempt = 0            # index of the current (or next) gang
         self.restarts = 0
@@ -161,14 +171,44 @@ class Controller:
         self._to(S.RESTARTING, f"{decision.reason}; restart {decision.restart_number}/{self.policy.max_restarts} "
                  f"in {decision.delay_s:.1f}s", failure=failure.kind.value, rank=failure.rank, delay_s=decision.delay_s)
 
-    def _cancel(self) -> None:
+    def _cancel(self, reason: str = "cancel requested") -> None:
+        """Ask the workers to checkpoint and stop (at most ``cancel_grace_s``), record CANCELLED,
+        then tear the gang down. The state is recorded before the teardown, and the teardown is
+        bounded by ``teardown_limit_s``: when every process got SIGTERM (an eviction), the
+        cluster is going down with the gang and its calls can block until the process is killed."""
         if self._gang_up:
             try:
                 self.group.stop(self.cancel_grace_s)
+                poll = self.group.poll()          # the workers' results, when all of them stopped in time
+                if poll.results is not None:
+                    self.results = poll.results
+                    done = [r for r in poll.results if r.get("checkpoint")]
+                    if done:
+                        reason += f" (the workers stopped at step {done[0].get('step')}, checkpoint {done[0]['checkpoint']})"
             except Exception as e:  # the gang may already be half dead; shutdown below still runs
                 log.warning("controller: stopping the workers failed: %s", e)
-        self._teardown()
-        self._to(S.CANCELLED, "cancel requested")
+        self._to(S.CANCELLED, reason)
+        self._bounded_teardown()
+
+    def _bounded_teardown(self) -> None:
+        done = threading.Event()
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._teardown()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                error.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="meshpilot-teardown", daemon=True).start()
+        if not done.wait(self.teardown_limit_s):
+            log.error("controller: tearing the gang down did not finish within %.0fs (is the cluster going down?); "
+                      "leaving it", self.teardown_limit_s)
+            self._gang_up = False
+        elif error:
+            log.warning("controller: tearing the gang down failed: %s", error[0])
 
     # --- one action -----------------------------------------------------------------------
     def step(self) -> bool:
@@ -176,8 +216,9 @@ class Controller:
         st = self.status
         if st.terminal:
             return False
-        if self._cancel_requested():
-            self._cancel()
+        req = self._cancel_requested()
+        if req:
+            self._cancel(req if isinstance(req, str) else "cancel requested")
             return False
         if st is S.PENDING:
             self._to(S.SCHEDULING, "reserving resources for the gang")
@@ -198,7 +239,14 @@ class Controller:
             elif poll.results is not None:
                 self.results = poll.results
                 self._teardown()
-                self._to(S.SUCCEEDED, f"all {len(poll.results)} worker(s) finished")
+                stopped = [r for r in poll.results if r.get("status") == "stopped"]
+                if stopped:           # the workers were signalled (preemption, eviction): resumable, not done
+                    r = stopped[0]
+                    why = next((x["stop_signal"] for x in poll.results if x.get("stop_signal")), "a stop request")
+                    self._to(S.CANCELLED, f"the workers stopped at step {r.get('step')} on {why}, checkpoint "
+                             f"{r.get('checkpoint')}; rerun with the same run directory to resume")
+                else:
+                    self._to(S.SUCCEEDED, f"all {len(poll.results)} worker(s) finished")
             else:
                 self._sleep(self.poll_interval_s)
         elif st is S.RESTARTING:

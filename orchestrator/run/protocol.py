@@ -71,6 +71,19 @@ class Failure:
         return f"{self.kind.value}: {who}{self.message}"
 
 
+# worker errors (the exception class name leads the message of a WORKER_ERROR failure) that a
+# restart from the last checkpoint would only repeat: the run fails at once
+DETERMINISTIC_ERRORS = ("NonFiniteLoss", "ConfigError")
+
+
+def deterministic_failure(failure: "Failure") -> bool:
+    """Whether ``failure`` is a worker error that would recur on a restart (a NaN loss, a config error)."""
+    if failure.kind is not FailureKind.WORKER_ERROR:
+        return False
+    msg = failure.message
+    return any(msg.startswith(name + ":") or f" {name}:" in msg[:200] for name in DETERMINISTIC_ERRORS)
+
+
 class GangError(RuntimeError):
     """Raised by :meth:`WorkerGroup.start` when the gang cannot be formed."""
 
@@ -116,7 +129,9 @@ class WorkerFunction(Protocol):
     """The training function every rank runs (``MODULE:FUNCTION`` on the command line).
 
     ``on_step`` takes the step's record dict (``record["step"]`` is 1-based) or ``(step, metrics)``;
-    ``stop_event`` is set when the run is cancelled. Returns the rank's result dict."""
+    ``stop_event`` is set when the run is cancelled. Returns the rank's result dict; its
+    ``status`` is "completed", or "stopped" when the worker checkpointed and stopped early on a
+    request (the controller then ends the run as cancelled, resumable, not succeeded)."""
 
     def __call__(self, job: Any, plan: Any, *, rank: int, world_size: int, local_rank: int, master_addr: str,
                  master_port: int, run_dir: str, on_step: Callable[..., None],

@@ -25,17 +25,22 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
+from meshpilot.orchestrator.config.inputs import check_inputs, check_writable_dir
 from meshpilot.orchestrator.config.loader import dump_job
 from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.run.controller import Controller, FailurePolicy, Outcome, TransitionHook
 from meshpilot.orchestrator.run.protocol import DEFAULT_WORKER, MEMORY_PEAK_KEYS, JobStatus, Progress, WorkerGroup
-from meshpilot.orchestrator.run.store import TERMINAL_STATES, JobState, RunStore, new_run_id
+from meshpilot.orchestrator.run.store import (PRIVATE, TERMINAL_STATES, JobState, RunLock, RunStore, new_run_id,
+                                              safe_run_id)
 from meshpilot.orchestrator.sim.estimate import Estimate
 from meshpilot.orchestrator.sim.flops import mfu as mfu_of
 from meshpilot.orchestrator.sim.planner import choose_plan
@@ -59,6 +64,7 @@ class Connection(Protocol):
 
 def plan_job(job: JobConfig, *, force: bool = False) -> tuple[Plan, Estimate]:
     """The plan to run (the job's own, or the planner's for ``plan: auto``) and its estimate."""
+    check_inputs(job, check_output=False)        # the token file; the run directory is checked by create()
     plan = choose_plan(job)
     return plan, fit_check(job, plan, force=force)
 
@@ -112,6 +118,26 @@ def bytecode_hint(environ: Mapping[str, str]) -> Optional[str]:
     return None
 
 
+def check_resume_steps(run_dir: Path, steps: int) -> None:
+    """Refuse, before any resource is taken, a ``train.steps`` below the step of the checkpoint the
+    run would resume from (``RUN_DIR/checkpoints/latest`` and its ``meshpilot.json``, read as plain
+    JSON: the workers check the checkpoint fully). A larger value extends the run (the workers log it)."""
+    root = run_dir / "checkpoints"
+    try:
+        tag = (root / "latest").read_text().strip()
+        meta = json.loads((root / tag / "meshpilot.json").read_text())
+        step = int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return                        # no checkpoint yet, or a damaged one: the workers decide
+    if step > steps:
+        raise ConfigError("train.steps", steps, reason=f"is below the step of the checkpoint this run would resume "
+                          f"from ({root / tag}: step {step})",
+                          fix=f"set train.steps>={step} to continue the run, or use another --run-dir")
+    if int(meta.get("total_steps") or steps) != steps:
+        log.warning("train.steps=%d: extending the run resumed at step %d (its checkpoint was written by a run of %s "
+                    "steps); the learning-rate schedule changes from there", steps, step, meta.get("total_steps"))
+
+
 # --- persisting and measuring the run -------------------------------------------------------
 
 class StatePersister:
@@ -128,7 +154,7 @@ class StatePersister:
         if "pids" in info:
             s.worker_pids = list(info["pids"])
         self.store.append_event("transition", old=old.value, new=new.value, reason=reason, **info)
-        self.store.write(s)
+        self._write(s)
 
     def progress(self, p: Progress, tokens_per_s: Optional[float]) -> None:
         s = self.state
@@ -139,7 +165,15 @@ class StatePersister:
         now = time.time()
         if now - self._last_write >= 0.5:
             self._last_write = now
+            self._write(s)
+
+    def _write(self, s: JobState) -> None:
+        """A failed state write (a full disk) must not kill the controller: it is logged, and the
+        final state is written again at the end (in place if the disk is still full)."""
+        try:
             self.store.write(s)
+        except OSError as e:
+            log.error("could not write %s (%s): %s", self.store.state_path, s.state, e)
 
 
 class Throughput:
@@ -183,14 +217,49 @@ def peak_memory_of(peaks: Mapping[str, Optional[float]]) -> Optional[float]:
     return None
 
 
+def startup_phases(t_command: float, connect_times: Optional[tuple[float, float]],
+                   r0: Mapping[str, Any]) -> dict[str, float]:
+    """Command -> rank 0's first step, in consecutive phases (seconds, in order; they add up to
+    ``time_to_first_step_s``): the driver, connecting to (or starting) Ray, the placement group,
+    the actor processes, the rendezvous, the worker's imports, the worker's own start-up phases
+    (``startup_phases_s`` of its result) and the rest (preflight, torch.distributed, the first
+    step). The gang's marks come from ``r0["launch_times"]`` (set by the launcher); a phase whose
+    marks are missing is left out, and the next one starts from the last known mark."""
+    lt = dict(r0.get("launch_times") or {})
+    first = r0.get("first_step_time")
+    marks: list[tuple[str, Optional[float]]] = [
+        ("driver: plan, run directory", connect_times[0] if connect_times else None),
+        ("Ray start / connect", connect_times[1] if connect_times else None),
+        ("placement group", lt.get("placed")),
+        ("actor processes", lt.get("actors_ready")),
+        ("rendezvous", lt.get("run_called")),
+        ("worker: imports (torch)", lt.get("worker_imported"))]
+    out: dict[str, float] = {}
+    prev = t_command
+    for name, t in marks:
+        if t is not None and t >= prev:
+            out[name], prev = round(t - prev, 3), t
+    if first is None or lt.get("worker_imported") is None or prev != lt["worker_imported"]:
+        return out
+    worker = {f"worker: {k}": float(v) for k, v in (r0.get("startup_phases_s") or {}).items()}
+    rest = first - prev - sum(worker.values())
+    if rest >= 0:
+        out.update((k, round(v, 3)) for k, v in worker.items())
+        out["worker: process group, first step"] = round(rest, 3)
+    else:
+        out["worker: start-up and first step"] = round(first - prev, 3)
+    return out
+
+
 def summarize(job: JobConfig, plan: Plan, estimate: Optional[Estimate], outcome: Outcome, t_command: float,
-              first_seen: Optional[float], now: Optional[float] = None) -> dict[str, Any]:
+              first_seen: Optional[float], now: Optional[float] = None, *,
+              connect_times: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     """The run's summary: what summary.json holds and the command prints.
 
     ``memory_peaks_gib`` maps rank -> {nvml, allocated, reserved, host_rss} (GiB or None);
     ``predicted_peak_memory_gib`` is the simulator's NVML-level peak, comparable with ``nvml``
     only; ``peak_memory_gib`` (rank -> one number, see :func:`peak_memory_of`) is kept for
-    readers of older summaries."""
+    readers of older summaries; ``startup_phases_s``: see :func:`startup_phases`."""
     now = time.time() if now is None else now
     results = outcome.results or []
     r0 = next((r for r in results if r.get("rank") == 0), results[0] if results else {})
@@ -206,6 +275,8 @@ def summarize(job: JobConfig, plan: Plan, estimate: Optional[Estimate], outcome:
         failures=[str(f) for f in outcome.failures], plan=plan.describe(), world_size=plan.world_size,
         wall_s=round(now - t_command, 3),
         time_to_first_step_s=round(first_step - t_command, 3) if first_step else None,
+        # the phases of the first attempt's start-up; after a restart only the driver's and Ray's
+        startup_phases_s=startup_phases(t_command, connect_times, r0 if outcome.restarts == 0 else {}),
         tokens_per_s=tps, mfu=mfu,
         final_loss=r0.get("final_loss"), param_checksum=r0.get("param_checksum"),
         memory_peaks_gib=peaks,
@@ -225,28 +296,46 @@ class RunSession:
         self.job, self.plan, self.estimate = job, plan, estimate
         self.t_command = time.time() if t_command is None else t_command
         job_name = job.model.name if job.model.name != "custom" else Path(job_path).stem
-        self.run_id = new_run_id(job_name) if run_dir is None else Path(run_dir).name
+        self.run_id = new_run_id(job_name) if run_dir is None else safe_run_id(Path(run_dir).absolute().name)
         self.run_dir = Path(run_dir) if run_dir else Path(job.train.output_dir) / self.run_id
         self.store = RunStore(self.run_dir)
         self.state = JobState(run_id=self.run_id, run_dir=str(self.run_dir.resolve()), job_name=job_name,
                               world_size=plan.world_size, plan=plan.describe(), total_steps=job.train.steps)
         self.first_step_seen: Optional[float] = None      # wall time rank 0's first step was seen
+        self.connect_times: Optional[tuple[float, float]] = None   # wall times connect() began and returned
         self._log_handler: Optional[logging.Handler] = None
+        self._lock: Optional[RunLock] = None
+        self.stop_signal: Optional[str] = None             # SIGUSR1/SIGUSR2 received: stop with a checkpoint
+        self._old_handlers: dict[int, Any] = {}
 
     @classmethod
     def create(cls, job: JobConfig, plan: Plan, estimate: Optional[Estimate], *, job_path: str,
                run_dir: Optional[str] = None, t_command: Optional[float] = None) -> "RunSession":
         """A session whose run directory, state and controller log exist."""
         s = cls(job, plan, estimate, job_path=job_path, run_dir=run_dir, t_command=t_command)
-        s.store.create(s.state)
-        (s.run_dir / "job.yaml").write_text(dump_job(job))
-        s._log_handler = _controller_logging(s.store.controller_log)
+        check_writable_dir("--run-dir" if run_dir else "train.output_dir", s.run_dir)
+        check_resume_steps(s.run_dir, job.train.steps)
+        try:
+            s.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("--run-dir" if run_dir else "train.output_dir", str(s.run_dir),
+                              reason=f"cannot be created: {e.strerror or e}") from None
+        s._lock = RunLock(s.store.lock_path).acquire()   # a second `meshpilot run` on this directory exits 2
+        try:
+            s.store.create(s.state, lock=s._lock)
+            _write_private(s.run_dir / "job.yaml", dump_job(job))
+            s._log_handler = _controller_logging(s.store.controller_log)
+        except BaseException:
+            s._lock.release()
+            raise
+        s._catch_stop_signals()
         log.info("run %s: %s, %d worker(s), run dir %s", s.run_id, plan.describe(), plan.world_size, s.run_dir)
         return s
 
     def connect(self, connect: Callable[[], Connection]) -> Connection:
         """Call ``connect`` and record the address. A ConnectionError fails the run, Ctrl-C or SIGTERM
         while connecting cancels it; both are re-raised."""
+        t0 = time.time()
         try:
             conn = connect()
         except ConnectionError as e:
@@ -255,8 +344,13 @@ class RunSession:
         except (SystemExit, KeyboardInterrupt):
             self.abandon("cancelled", "cancelled while Ray was starting")
             raise
+        except Exception as e:                     # Ray did not start (a port taken, /tmp full, a crash)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            self.abandon("failed", f"Ray did not start: {type(e).__name__}: {first}")
+            raise ConnectionError(f"Ray did not start: {type(e).__name__}: {first}") from e
+        self.connect_times = (t0, time.time())
         self.state.ray_address = conn.address
-        self.store.write(self.state)
+        self._write_state()
         return conn
 
     def run(self, make_group: GroupFactory, policy: FailurePolicy, *,
@@ -283,8 +377,14 @@ class RunSession:
             if on_transition is not None:
                 on_transition(old, new, reason, info)
 
+        def stop_requested() -> Any:
+            if self.stop_signal is not None:
+                return (f"stopped on {self.stop_signal}: the workers were asked to checkpoint and stop; "
+                        f"`meshpilot run <job> --run-dir {self.run_dir}` resumes")
+            return cancel_requested() or self.store.cancel_requested()
+
         ctl = Controller(group, policy, on_transition=transition, on_progress=progress,
-                         cancel_requested=lambda: cancel_requested() or self.store.cancel_requested())
+                         cancel_requested=stop_requested)
         try:
             return ctl.run()
         except BaseException as e:                 # a controller bug or Ctrl-C: the gang is already torn down
@@ -293,15 +393,19 @@ class RunSession:
 
     def finish(self, outcome: Outcome) -> dict[str, Any]:
         """Summarize the run and write the summary to state.json, events.jsonl and summary.json."""
-        summary = summarize(self.job, self.plan, self.estimate, outcome, self.t_command, self.first_step_seen)
+        summary = summarize(self.job, self.plan, self.estimate, outcome, self.t_command, self.first_step_seen,
+                            connect_times=self.connect_times)
         st = self.state
         if outcome.results:                # the last progress write is throttled: record where it ended
             st.step = max(int(r.get("step", st.step) or 0) for r in outcome.results)
             st.loss = summary["final_loss"] if summary["final_loss"] is not None else st.loss
         st.result = summary
-        self.store.write(st)
+        self._write_state()
         self.store.append_event("summary", **summary)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        try:
+            _write_private(self.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        except OSError as e:                       # a full disk: state.json holds the result already
+            log.error("could not write %s: %s", self.run_dir / "summary.json", e)
         return summary
 
     def abandon(self, status: str, reason: str) -> None:
@@ -310,18 +414,59 @@ class RunSession:
         if st.state not in TERMINAL_STATES:
             self.store.append_event("transition", old=st.state, new=status, reason=reason)
             st.state, st.message = status, reason
-            self.store.write(st)
+            self._write_state()
         log.error("run %s: %s: %s", st.run_id, status, reason)
 
+    def _write_state(self) -> None:
+        """Persist the state; a failure (a full disk beyond the in-place fallback) is logged, not
+        raised, so that the run still ends and reports (``status`` then finds the last state)."""
+        try:
+            self.store.write(self.state)
+        except OSError as e:
+            log.error("could not write %s (%s): %s", self.store.state_path, self.state.state, e)
+
+    def _catch_stop_signals(self) -> None:
+        """SIGUSR1 and SIGUSR2 (a scheduler's preemption notice) stop the run like a cancel, with
+        the workers' stop checkpoint, instead of killing the controller with its state left
+        'running'. Only in the main thread (signal handlers cannot be installed elsewhere)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handle(signum: int, frame: Any) -> None:
+            self.stop_signal = signal.Signals(signum).name
+            log.warning("run %s: %s received: stopping the workers with a checkpoint", self.run_id, self.stop_signal)
+
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            self._old_handlers[sig] = signal.signal(sig, handle)
+
     def close(self) -> None:
-        """Stop writing this process's log records to the run's controller.log. Idempotent."""
+        """Stop writing this process's log records to the run's controller.log, restore the signal
+        handlers and release the run directory's lock. Idempotent."""
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        for sig, h in self._old_handlers.items():
+            try:
+                signal.signal(sig, h)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a run-directory file readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+    with open(fd, "w") as f:
+        os.fchmod(f.fileno(), PRIVATE)
+        f.write(text)
 
 
 def _controller_logging(path: Path) -> logging.Handler:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE))     # owner-only from the start
     h = logging.FileHandler(path)
     h.setFormatter(logging.Formatter("%(asctime)s [controller] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

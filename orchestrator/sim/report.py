@@ -1,7 +1,7 @@
 """Presenting estimates and searches: rich tables for the terminal, a matplotlib report file.
 
-The report shows (1) the memory breakdown of the top plans as stacked bars against the GPU's
-memory and (2) step time against peak memory for every scored plan, with the GPU memory line,
+The report shows (1) the memory breakdown of the top plans as stacked horizontal bars, each
+labelled with its plan, against the GPU's memory and (2) step time against peak memory for every scored plan, with the GPU memory line,
 the fitting plans, the rejected ones and the chosen plan marked. ``.png`` writes the figure;
 ``.html`` writes a page that embeds it (base64) with the top-plan table.
 """
@@ -64,19 +64,24 @@ def _figure(result):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
-    mem_gib = result.job.cluster.gpu.memory_gib
     tops = result.top
-    bottom = np.zeros(len(tops))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, max(6.0, 2.5 + 0.45 * len(tops))),
+                                   gridspec_kw={"width_ratios": [1.15, 1]})
+    mem_gib = result.job.cluster.gpu.memory_gib
+    # horizontal bars, best plan on top, each labelled with its rank and its plan
+    y = np.arange(len(tops))
+    left = np.zeros(len(tops))
     for k in MEMORY_KEYS:
         vals = np.array([e.memory_breakdown_gib[k] for e in tops])
-        ax1.bar(range(len(tops)), vals, bottom=bottom, label=k)
-        bottom += vals
-    ax1.axhline(mem_gib, color="k", ls="--", lw=1, label=f"GPU memory {mem_gib:.1f} GiB")
-    ax1.set_xticks(range(len(tops)), [f"#{i + 1}" for i in range(len(tops))])
-    ax1.set_ylabel("GiB per GPU")
+        ax1.barh(y, vals, left=left, label=k)
+        left += vals
+    ax1.axvline(mem_gib, color="k", ls="--", lw=1, label=f"GPU memory {mem_gib:.1f} GiB")
+    ax1.set_yticks(y, [f"#{i + 1}  {e.plan}" for i, e in enumerate(tops)], fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("GiB per GPU")
     ax1.set_title("memory breakdown of the top plans")
-    ax1.legend(fontsize=7, loc="upper right")
+    # legends below the axes: they never cover a bar or a point
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
     s = result.scores
     fits = s.fits
     ax2.scatter(s.peak_gib[~fits], s.step_time_s[~fits], s=6, c="tab:red", alpha=0.4, label="does not fit")
@@ -95,7 +100,7 @@ def _figure(result):
     ax2.set_xlabel("peak memory per GPU (GiB)")
     ax2.set_ylabel("step time (s)")
     ax2.set_title(f"all {result.scored} scored plans")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.suptitle(f"{result.job.model.name} on {result.job.cluster.name} "
                  f"({result.job.cluster.nodes} x {result.job.cluster.gpus_per_node} GPUs)")
     fig.tight_layout()
@@ -111,7 +116,7 @@ def write_report(result, path: str | Path) -> Path:
 
     fig = _figure(result)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".png":

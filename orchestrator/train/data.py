@@ -34,6 +34,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from meshpilot.orchestrator.atomic_io import write_atomic
+from meshpilot.orchestrator.config.inputs import sidecar_path, token_file_meta
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.train.tokenizer import ByteTokenizer
 
@@ -44,10 +45,6 @@ DEMO_CORPUS = Path(__file__).resolve().parent / "corpus" / "demo_corpus.txt"
 
 
 # --- token files -----------------------------------------------------------------------------
-
-def sidecar_path(path: str | Path) -> Path:
-    return Path(str(path) + ".json")
-
 
 def write_token_file(tokens: np.ndarray, path: str | Path, *, tokenizer: str = "byte", source: str = "") -> Path:
     """Write ``tokens`` and the sidecar atomically (temporary names, fsync, rename)."""
@@ -64,30 +61,10 @@ def write_token_file(tokens: np.ndarray, path: str | Path, *, tokenizer: str = "
 
 
 def open_token_file(path: str | Path, *, key: str = "train.data") -> tuple[np.ndarray, dict]:
-    """Memory-map a token file; raise ConfigError naming ``key`` if it is missing or malformed."""
-    p = Path(path)
-    fix = ("build it with `python -m meshpilot.orchestrator.train.data prepare --input TEXT --out "
-           f"{p}`, or set {key}=demo or {key}=synthetic")
-    if not p.is_file():
-        raise ConfigError(key, str(path), reason="no such token file", fix=fix)
-    side = sidecar_path(p)
-    if not side.is_file():
-        raise ConfigError(key, str(path), reason=f"the sidecar {side.name} (dtype, token count) is missing", fix=fix)
-    try:
-        meta = json.loads(side.read_text())
-        dtype = np.dtype(meta["dtype"])
-        n = int(meta["num_tokens"])
-        if meta.get("format") != FORMAT or dtype not in (np.uint16, np.uint32):
-            raise ValueError("not a meshpilot token file")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(key, str(path), reason=f"bad sidecar {side.name}: {e}", fix=fix) from None
-    size = p.stat().st_size
-    if size != n * dtype.itemsize:
-        raise ConfigError(key, str(path), reason=f"holds {size} bytes, the sidecar says {n} tokens of {dtype.name} "
-                          f"({n * dtype.itemsize} bytes): truncated or replaced", fix=fix)
-    if n == 0:
-        raise ConfigError(key, str(path), reason="holds no tokens", fix=fix)
-    return np.memmap(p, dtype=dtype, mode="r", shape=(n,)), meta
+    """Memory-map a token file; raise ConfigError naming ``key`` if it is missing or malformed
+    (the checks of :func:`meshpilot.orchestrator.config.inputs.token_file_meta`)."""
+    dtype, n, meta = token_file_meta(path, key=key)
+    return np.memmap(Path(path), dtype=np.dtype(dtype), mode="r", shape=(n,)), meta
 
 
 def demo_tokens() -> np.ndarray:
@@ -106,15 +83,25 @@ class SampleSource(Protocol):
 
 
 class WindowSamples:
-    """Non-overlapping windows of ``seq_len + 1`` tokens (the last token of one is the first of the next)."""
+    """Non-overlapping windows of ``seq_len + 1`` tokens (the last token of one is the first of the next).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
+    With ``vocab``, a window holding an id >= vocab is a ConfigError (naming ``key``): a token
+    file whose sidecar under-reports its largest id fails at the first such sample, not inside
+    the embedding (an IndexError the controller would retry)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, *, vocab: int | None = None, key: str = "train.data",
+                 what: str = "the token file"):
+        self.tokens, self.seq_len, self.vocab, self.key, self.what = tokens, seq_len, vocab, key, what
         self.num_samples = (len(tokens) - 1) // seq_len
 
     def sample(self, index: int) -> np.ndarray:
         s = index * self.seq_len
-        return np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64)
+        w = np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64)
+        if self.vocab is not None and w.size and (int(w.max()) >= self.vocab or int(w.min()) < 0):
+            bad = int(w.max()) if int(w.max()) >= self.vocab else int(w.min())
+            raise ConfigError(self.key, self.what, reason=f"sample {index} holds token id {bad}, outside "
+                              f"model.vocab={self.vocab}", fix="rebuild the token file for this vocabulary")
+        return w
 
 
 class SyntheticSamples:
@@ -195,7 +182,7 @@ def resolve_source(data: str, *, vocab: int, seq_len: int, seed: int, key: str =
     if max_token >= vocab:
         raise ConfigError(key, data, reason=f"{what} has token id {max_token} >= model.vocab={vocab}",
                           fix=f"set model.vocab>={max_token + 1}")
-    src = WindowSamples(tokens, seq_len)
+    src = WindowSamples(tokens, seq_len, vocab=vocab, key=key, what=data)
     if src.num_samples < 1:
         raise ConfigError(key, data, reason=f"{what} has {len(tokens)} tokens, fewer than one sample of "
                           f"train.seq_len+1={seq_len + 1}", fix="use a shorter train.seq_len or more data")

@@ -21,8 +21,9 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from meshpilot.orchestrator.train.engine import (MicroBatches, ModelFactory, Run
                                                  train_dtype)
 
 log = logging.getLogger(__name__)
+# records of this logger also reach the controller's console (meshpilot.launch.actor.CONSOLE_LOGGER)
+console = logging.getLogger("meshpilot.console")
 
 
 class DeepSpeedTrainEngine:
@@ -100,7 +103,8 @@ def build_deepspeed_engine(ctx: RunContext, model_factory: ModelFactory | None,
     job, plan, rank, device, t = ctx.job, ctx.plan, ctx.rank, ctx.device, ctx.job.train
     if not ctx.on_cpu:
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="gloo" if ctx.on_cpu else "nccl", dist_init_required=False)
+    with announce_op_builds(["ShareMemCommBuilder"] if deepspeed.comm.comm.cdb is None else [], rank=rank):
+        deepspeed.init_distributed(dist_backend="gloo" if ctx.on_cpu else "nccl", dist_init_required=False)
     groups = build_process_groups(plan.layout(job.cluster.gpus_per_node))
     phases.mark("deepspeed import + process groups")
     _seed_everything(t.seed, rank)
@@ -126,9 +130,83 @@ def build_deepspeed_engine(ctx: RunContext, model_factory: ModelFactory | None,
         raise RuntimeError(f"rank {rank}: the model was built with ZeRO-3 partitioned parameters although "
                            f"plan.zero_stage={plan.zero_stage}: an earlier ZeRO-3 engine in this process left "
                            "DeepSpeed's zero.Init patches on the model classes; run each plan in a fresh process")
-    engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
+    with announce_op_builds([b for b in [optimizer_op_builder(ds_config)] if b], rank=rank):
+        engine = initialize_engine(model, job, plan, groups, ds_config=ds_config)
     phases.mark("DeepSpeed engine")
     return DeepSpeedTrainEngine(engine, plan, groups, device=device, world_size=ctx.world_size)
+
+
+# --- DeepSpeed's JIT-compiled ops: a notice before a build that is not cached ---------------------
+
+def optimizer_op_builder(ds_config: dict[str, Any]) -> str | None:
+    """The op builder DeepSpeed's engine loads for the config's optimizer (its rule in
+    ``DeepSpeedEngine.get_optimizer_configuration``): none for ``torch_adam``, CPU Adam for an
+    offloaded optimizer, else FusedAdam; None for other optimizers."""
+    opt = ds_config.get("optimizer") or {}
+    if str(opt.get("type", "")).lower() not in ("adam", "adamw") or (opt.get("params") or {}).get("torch_adam"):
+        return None
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    return "CPUAdamBuilder" if offload in ("cpu", "nvme") else "FusedAdamBuilder"
+
+
+def jit_build_pending(builder: Any) -> str | None:
+    """Why loading DeepSpeed's op ``builder`` will compile it now, or None when it will not.
+
+    ``OpBuilder.load`` (deepspeed/ops/op_builder/builder.py) returns an op already loaded in
+    this process (``OpBuilder._loaded_ops``) or one installed prebuilt (``installed_ops`` of
+    ``deepspeed.git_version_info``, for the same accelerator); otherwise ``jit_load`` runs
+    ``torch.utils.cpp_extension.load`` in the op's build directory (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions/<python>_<accelerator>/<name>), where ninja compiles unless
+    ``<name>.so`` is there, built from these sources (build.ninja names them: another DeepSpeed
+    install sharing the folder makes ninja rebuild) and newer than them."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if builder.name in OpBuilder._loaded_ops:
+        return None
+    if installed_ops.get(builder.name, False) and accelerator_name == get_accelerator()._name:
+        return None
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    lib = folder / f"{builder.name}.so"
+    if not lib.is_file():
+        return f"not built yet in {folder}"
+    ninja = folder / "build.ninja"
+    sources = [os.path.abspath(builder.deepspeed_src_path(p)) for p in builder.sources()]
+    if not ninja.is_file() or not all(src in ninja.read_text() for src in sources):
+        return f"{folder} holds a build from another DeepSpeed install"
+    if max(os.path.getmtime(src) for src in sources) > lib.stat().st_mtime:
+        return f"its sources are newer than {lib}"
+    return None
+
+
+@contextlib.contextmanager
+def announce_op_builds(builder_names: list[str], *, rank: int) -> Iterator[None]:
+    """Around a DeepSpeed call that loads these ops (``create_op_builder`` class names): rank 0
+    logs, to the console logger, each op that will be compiled first and how long the call took
+    after. A check that fails says nothing (it must never stop training)."""
+    pending: list[str] = []
+    if rank == 0 and builder_names:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.ops import __compatible_ops__ as compatible
+        for cls in builder_names:
+            try:
+                b = get_accelerator().create_op_builder(cls)
+                # an op this machine cannot build (or the accelerator's "not implemented" stand-in) is not built
+                why = jit_build_pending(b) if b is not None and compatible.get(b.NAME, False) else None
+            except Exception as e:
+                log.debug("rank 0: cannot tell whether DeepSpeed op %s is built: %s", cls, e)
+                continue
+            if why:
+                pending.append(b.name)
+                console.info("building DeepSpeed op %s (first use; cached afterwards): %s; this can take minutes",
+                             b.name, why)
+    t0 = time.perf_counter()
+    yield
+    if pending:
+        console.info("built DeepSpeed op%s %s in %.1f s", "s" if len(pending) > 1 else "", ", ".join(pending),
+                     time.perf_counter() - t0)
 
 
 def _seed_everything(seed: int, rank: int) -> None:

@@ -9,7 +9,8 @@ all-reduce (MAX, 1 element) agrees on the stop flags. No DeepSpeed engine, no gr
 
 Checkpoints use the loop's atomic protocol (``TAG.partial`` -> ``TAG`` -> ``latest``); rank 0
 writes the full model and the trainer state to ``zo_state.pt`` (every rank holds the same
-parameters in a zeroth-order plan; ZO2's are gathered from the ranks' slices with sliced upload).
+parameters in a zeroth-order plan; ZO2's are gathered from the ranks' slices with sliced upload),
+tensors and plain numbers only, loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from meshpilot.comm.groups import ProcessGroups
-from meshpilot.orchestrator.train.checkpoint import CheckpointManager, CheckpointMeta
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.train.checkpoint import CheckpointManager, CheckpointMeta, safe_load
 from meshpilot.orchestrator.train.engine import (MicroBatches, ModelFactory, RunContext, StartupPhases, StepOutcome,
                                                  train_dtype)
 from meshpilot.orchestrator.train.preemption import agree_stop
@@ -73,7 +75,11 @@ class ZOTrainEngine:
         return ckpt.load_with(self._read, root, tag)
 
     def _read(self, d: Path) -> None:
-        st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+        """Tensors and plain numbers only (``weights_only=True``): a pickled object in a run
+        directory is refused, not executed."""
+        st = safe_load(d / STATE_FILE, where=d, what="zeroth-order state")
+        if not isinstance(st, dict) or not isinstance(st.get("model"), dict) or "trainer" not in st:
+            raise ConfigError("resume", str(d), reason=f"{STATE_FILE} is not a meshpilot zeroth-order state")
         self.trainer.load_full_state(st["model"])
         self.trainer.load_state_dict(st["trainer"])
 

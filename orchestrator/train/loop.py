@@ -8,6 +8,7 @@ From ``start`` (0, or the resumed checkpoint's step) to ``train.steps``, step ``
     checkpoint after step s+1 when: a stop was agreed, s+1 is a multiple of
         train.checkpoint_every, or s+1 = train.steps (train.checkpoint_final, unless save_final=False)
     stop after the checkpoint when a stop was agreed
+    a NaN or infinite loss raises NonFiniteLoss (the run fails at that step, no checkpoint)
 
 Data: global samples ``[s B, (s+1) B)`` (B = train.global_batch) are read by step ``s`` whatever
 the plan (:class:`ShardedBatches`), so after ``k`` steps ``k B`` samples are consumed and a
@@ -20,6 +21,7 @@ rank's memory statistics. After the loop the parameter checksum (collective).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from meshpilot.orchestrator.errors import NonFiniteLoss
 from meshpilot.orchestrator.sim.flops import mfu, model_flops_per_token
 from meshpilot.orchestrator.train.checkpoint import CheckpointManager
 from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
@@ -46,10 +49,13 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
     written), ``startup_phases_s``, and the engine's own entries."""
     job, plan, rank, world_size = ctx.job, ctx.plan, ctx.rank, ctx.world_size
     t = job.train
-    ckpt = CheckpointManager(ctx.run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size)
+    ckpt = CheckpointManager(ctx.run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size,
+                             keep=t.keep_checkpoints)
     start_step = 0
     if ctx.resume_from is not None:
-        start_step = engine.load(ckpt, *ctx.resume_from).step
+        root, tag = ctx.resume_from
+        tag = ckpt.resolve_verified(root, tag)          # SHA-256 of every file; falls back past a damaged one
+        start_step = engine.load(ckpt, root, tag).step
     source = resolve_source(t.data, vocab=job.model.vocab, seq_len=t.seq_len, seed=t.seed)
     batches = ShardedBatches(source, BatchLayout(global_batch=t.global_batch, micro_batch=plan.micro_batch,
                                                  grad_accum=plan.grad_accum, dp=plan.data_parallel,
@@ -77,6 +83,7 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
             dt = time.perf_counter() - t0
             step += 1
             losses.append(out.loss)
+            finite = math.isfinite(out.loss)
             mem = _gather_memory(rank, ctx.device, world_size) if (step % ctx.log_every == 0 or step == t.steps) else []
             rec = StepRecord(step=step, loss=out.loss, lr=out.lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                              mfu=mfu(job, tokens_per_step / dt, world_size, zeroth_order=plan.zeroth_order),
@@ -84,6 +91,8 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
             metrics.write(rec)
             if ctx.on_step is not None:
                 ctx.on_step(asdict(rec))
+            if not finite:          # every rank holds the same (all-reduced) loss: all stop here, no checkpoint
+                raise NonFiniteLoss(step, out.loss, hint=f"train.lr={t.lr:g}, learning rate of the step {out.lr:g}")
             periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if out.stop or periodic or (step == t.steps and ctx.save_final and t.checkpoint_final):
                 last_ckpt = engine.save(ckpt, step=step,

@@ -28,7 +28,10 @@ class StopRequest:
         self._old: dict[int, Any] = {}
 
     def install(self) -> "StopRequest":
-        """Catch the signals (only possible in the main thread: Ray actors use ``stop_event``)."""
+        """Catch the signals (only possible in the main thread). Under Ray the worker runs in one of
+        the actor's threads: the actor catches SIGTERM/SIGUSR2 in the process's main thread and sets
+        ``stop_event`` (:class:`meshpilot.launch.actor.GangWorker`), as the controller does through the
+        actor's ``stop`` when it is itself signalled or cancelled."""
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)

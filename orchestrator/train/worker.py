@@ -11,7 +11,7 @@ the exact step, data position and RNG state from ``RUN_DIR/checkpoints/latest`` 
 
 Command line (Slurm, Kubernetes, MPI, torchrun)::
 
-    python -m meshpilot.orchestrator.worker --job resolved_job.yaml --run-dir DIR [--resume PATH]
+    python -m meshpilot.orchestrator.worker --job RUN_DIR/job.yaml --run-dir RUN_DIR [--resume PATH]
 
 reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or SLURM_PROCID/SLURM_NTASKS/
 SLURM_LOCALID, or OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK.
@@ -177,10 +177,15 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
 # --- command line ----------------------------------------------------------------------------------
 
 def env_rank_info(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """rank, world_size, local_rank, master_addr, master_port from torchrun, Slurm or Open MPI variables."""
+    """rank, world_size, local_rank, master_addr, master_port from torchrun, Open MPI or Slurm variables.
+
+    Open MPI's variables are read before Slurm's: mpirun inside an sbatch allocation inherits the
+    batch step's SLURM_PROCID=0. Under mpirun without MASTER_ADDR/MASTER_PORT, rank 0's host name
+    and a free port on it are broadcast over mpi4py (:func:`_mpi_rendezvous`)."""
     e = dict(os.environ if env is None else env)
-    for r, w, lr in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-                     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")):
+    for r, w, lr in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
         if r in e and w in e:
             rank, world = int(e[r]), int(e[w])
             local = int(e.get(lr, rank))
@@ -188,11 +193,30 @@ def env_rank_info(env: dict[str, str] | None = None) -> dict[str, Any]:
     else:
         raise ConfigError("environment", reason="no rank variables: set RANK/WORLD_SIZE/LOCAL_RANK (torchrun), "
                           "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun) or OMPI_COMM_WORLD_* (mpirun)")
+    if ("MASTER_ADDR" not in e or "MASTER_PORT" not in e) and r == "OMPI_COMM_WORLD_RANK":
+        addr, port = _mpi_rendezvous(rank)
+        e.setdefault("MASTER_ADDR", addr)
+        e.setdefault("MASTER_PORT", str(port))
     if "MASTER_ADDR" not in e or "MASTER_PORT" not in e:
         raise ConfigError("environment", reason="MASTER_ADDR and MASTER_PORT must be set",
                           fix="export MASTER_ADDR=<host of rank 0> MASTER_PORT=<free port>")
     return dict(rank=rank, world_size=world, local_rank=local, master_addr=e["MASTER_ADDR"],
                 master_port=int(e["MASTER_PORT"]))
+
+
+def _mpi_rendezvous(rank: int) -> tuple[str, int]:
+    """(rank 0's host name, a free port there), the same on every rank: one mpi4py broadcast."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ConfigError("environment", reason="mpirun without MASTER_ADDR/MASTER_PORT needs mpi4py to find rank 0",
+                          fix='pip install "meshpilot[mpi]", or export MASTER_ADDR and MASTER_PORT to every rank') from None
+    import socket
+
+    from meshpilot.comm.ports import free_port
+    mine = (socket.gethostname(), free_port("")) if rank == 0 else None
+    addr, port = MPI.COMM_WORLD.bcast(mine, root=0)
+    return str(addr), int(port)
 
 
 def _configure_logging(rank: int) -> None:
@@ -206,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from meshpilot.orchestrator.plan.plan import resolve_plan
 
     p = argparse.ArgumentParser(prog="python -m meshpilot.orchestrator.worker", description="one training rank")
-    p.add_argument("--job", required=True, help="resolved job YAML (meshpilot writes resolved_job.yaml)")
+    p.add_argument("--job", required=True, help="job YAML, e.g. the resolved job `meshpilot run` writes to "
+                   "<run dir>/job.yaml")
     p.add_argument("--run-dir", required=True, help="run directory (checkpoints, metrics.jsonl, tensorboard/)")
     p.add_argument("--resume", default="auto", help="'auto' (RUN_DIR/checkpoints if present), 'none', or a path")
     p.add_argument("--log-every", type=int, default=1)
