@@ -154,6 +154,7 @@ class GangWorker:
         self._listener: Any = None             # rank 0: the rendezvous socket, bound to this node's address
         self._store: Any = None                # rank 0: the TCPStore served on it while the worker runs
         self.stop_signal: Optional[str] = None
+        self._failure_peaks: Optional[dict[str, Any]] = None   # the memory peaks when the worker raised
         self._catch_stop_signals()
 
     def _catch_stop_signals(self) -> None:
@@ -194,7 +195,10 @@ class GangWorker:
     def progress(self) -> dict[str, Any]:
         """The latest step and its metrics, and every console notice so far (``notices``)."""
         with self._lock:
-            return dict(self._progress, notices=list(self._notices), now=time.time())
+            out = dict(self._progress, notices=list(self._notices), now=time.time())
+            if self._failure_peaks is not None:
+                out["memory_peaks_gib"] = dict(self._failure_peaks)
+            return out
 
     def stop(self) -> None:
         self._stop.set()
@@ -257,8 +261,17 @@ class GangWorker:
             result = fn(spec.job, spec.plan, rank=spec.rank, world_size=spec.world_size, local_rank=spec.local_rank,
                         master_addr=spec.master_addr, master_port=spec.master_port, run_dir=spec.run_dir,
                         on_step=on_step, stop_event=self._stop)
-        except BaseException:
+        except BaseException as e:
             lg.error("rank %d: worker failed:\n%s", spec.rank, traceback.format_exc())
+            # the peaks at the failure (the controller reads them through progress() for an out-of-memory
+            # report): the worker's own when it attached them to the exception, else this process's
+            peaks = getattr(e, "memory_peaks_gib", None)
+            try:
+                peaks = dict(peaks) if isinstance(peaks, dict) else fallback_memory_peaks()
+            except Exception:
+                peaks = None
+            with self._lock:
+                self._failure_peaks = peaks
             raise
         finally:
             sys.stdout.flush()

@@ -12,7 +12,14 @@
    (:func:`~meshpilot.launch.gang.local_ranks`).
 4. **Watch** (:meth:`RayWorkerGroup.poll`): a finished ``run`` future is a result or a
    failure (``RayActorError``: the process died; an exception: the worker's error, e.g. a
-   collective timeout); a ``progress()`` probe unanswered for ``heartbeat_timeout_s`` is a
+   collective timeout); out of memory is told apart (:func:`classify_failure`): a worker exception
+   that is torch's ``OutOfMemoryError`` or says "CUDA out of memory" (also wrapped, as DeepSpeed
+   does) is ``gpu_oom``; Ray's memory monitor (``ray.exceptions.OutOfMemoryError`` from ``ray.get``,
+   or an actor death whose message says the node ran low on memory) and Python's ``MemoryError``
+   are ``host_oom``; a worker killed without a cause (the kernel's OOM killer sends SIGKILL, as a
+   manual ``kill -9`` does: Ray cannot tell them apart) is ``host_oom`` only when this node's
+   memory is still near its limit when the death is seen, else ``worker_died`` (retried). A
+   ``progress()`` probe unanswered for ``heartbeat_timeout_s`` is a
    stale heartbeat; no new step for ``step_timeout_s`` is a hang. Rank 0's console notices (an
    op being compiled: :data:`~meshpilot.launch.actor.CONSOLE_LOGGER`) go to ``on_notice``.
 5. **Tear down**: ``ray.kill`` every actor and remove the placement group.
@@ -25,7 +32,8 @@ import time
 from typing import Any, Callable, Optional, Union
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -33,10 +41,42 @@ from meshpilot.launch.actor import GangWorker, WorkerSpec
 from meshpilot.launch.gang import GangSpec, assign_ranks, local_ranks, omp_threads_for, order_by_gpu
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.run.protocol import (DEFAULT_WORKER, Failure, FailureKind, GangError, GroupPoll,
-                                                 Progress)
+                                                 Progress, classify_oom_text)
 from meshpilot.orchestrator.run.store import pid_alive
 
 log = logging.getLogger(__name__)
+
+# a worker killed without a cause is taken for the kernel's OOM killer when the node's memory is at
+# least this full when the death is seen (Ray's memory monitor kills from 0.95 by default)
+HOST_MEMORY_NEAR_LIMIT = 0.95
+
+
+def classify_failure(error: BaseException, cause: Optional[BaseException] = None) -> Optional[FailureKind]:
+    """GPU_OOM / HOST_OOM when a worker's exception (``cause``) or Ray's error says it ran out of
+    memory, else None."""
+    for exc in (cause, error):
+        if exc is None:
+            continue
+        if isinstance(exc, RayOutOfMemoryError) or isinstance(exc, MemoryError):
+            return FailureKind.HOST_OOM
+        t = type(exc)
+        if t.__name__ == "OutOfMemoryError" and t.__module__.split(".")[0] == "torch":
+            return FailureKind.GPU_OOM
+    text = "\n".join(f"{type(x).__module__}.{type(x).__name__}: {x}" for x in (cause, error) if x is not None)
+    return classify_oom_text(text[:20000])
+
+
+def host_memory_fraction() -> Optional[float]:
+    """This node's used memory fraction (1 - MemAvailable/MemTotal of /proc/meminfo), None if unknown."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info[k] = float(v.split()[0])
+        return 1.0 - info["MemAvailable"] / info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError, ZeroDivisionError):
+        return None
 
 
 class RayWorkerGroup:
@@ -147,21 +187,34 @@ class RayWorkerGroup:
         ready, _ = ray.wait(self._futures, num_returns=len(self._futures), timeout=0)
         if not ready:
             return None
-        died, errored = [], []
+        died, errored, oom = [], [], []
         for r, f in enumerate(self._futures):
             if f not in ready:
                 continue
             try:
                 ray.get(f, timeout=0)
             except RayActorError as e:
-                died.append(Failure(FailureKind.WORKER_DIED, f"worker process (pid {self._pids[r]} on "
-                                    f"{self._nodes[r]}) died (killed, out of memory or crashed; see "
-                                    f"logs/rank{r}.log): {_first_line(e)[:160]}", rank=r))
+                died.append(self._death(r, e))
             except RayTaskError as e:
                 cause = getattr(e, "cause", None)
+                kind = classify_failure(e, cause)
+                if kind is not None:
+                    oom.append(Failure(kind, f"{type(cause).__name__ if cause else 'error'}: {_first_line(cause or e)} "
+                                       f"(see logs/rank{r}.log)", rank=r, retryable=False,
+                                       memory_peak_gib=self._failure_peak(r, kind)))
+                    continue
                 retry = not isinstance(cause, (ConfigError, ImportError, TypeError))
                 errored.append(Failure(FailureKind.WORKER_ERROR, f"{type(cause).__name__ if cause else 'error'}: "
                                        f"{_first_line(cause or e)} (see logs/rank{r}.log)", rank=r, retryable=retry))
+            except RayOutOfMemoryError as e:        # Ray's memory monitor killed the task
+                oom.append(Failure(FailureKind.HOST_OOM, f"Ray's memory monitor killed the worker (pid "
+                                   f"{self._pids[r]} on {self._nodes[r]}): {_first_line(e)}", rank=r,
+                                   retryable=False))
+            except (RayError, Exception) as e:      # a node died, an object was lost: never an unhandled traceback
+                died.append(Failure(FailureKind.WORKER_DIED, f"worker (pid {self._pids[r]} on {self._nodes[r]}) "
+                                    f"failed: {type(e).__name__}: {_first_line(e)[:200]}", rank=r))
+        if oom:                 # out of memory explains its peers' connection errors and deaths
+            return oom[0]
         if died:                # a dead process explains its peers' connection errors
             return died[0]
         if errored:
@@ -173,6 +226,32 @@ class RayWorkerGroup:
                     r["launch_times"] = {**self._launch_times, **(r.get("launch_times") or {})}
             return results
         return None
+
+    def _death(self, r: int, e: RayActorError) -> Failure:
+        """A dead worker process: host OOM when Ray's memory monitor says it killed it, or (the
+        kernel's OOM killer, probably) when this node's memory is near its limit; else worker_died."""
+        text = str(e)
+        kind = classify_oom_text(text)
+        who = f"worker process (pid {self._pids[r]} on {self._nodes[r]})"
+        if kind is not None:
+            return Failure(kind, f"{who} was killed for memory: {_oom_line(text)}", rank=r, retryable=False)
+        frac = host_memory_fraction() if self._nodes[r] == _node_ip() else None
+        if frac is not None and frac >= HOST_MEMORY_NEAR_LIMIT:
+            return Failure(FailureKind.HOST_OOM, f"{who} died (SIGKILL, probably the kernel's OOM killer) with "
+                           f"the node's memory {frac:.0%} used (see logs/rank{r}.log): {_first_line(e)[:160]}",
+                           rank=r, retryable=False)
+        return Failure(FailureKind.WORKER_DIED, f"{who} died (killed, out of memory or crashed; see "
+                       f"logs/rank{r}.log): {_first_line(e)[:160]}", rank=r)
+
+    def _failure_peak(self, r: int, kind: FailureKind) -> Optional[float]:
+        """The peak (GiB) rank ``r`` recorded when its worker raised: GPU (NVML, else torch's reserved)
+        for a GPU OOM, the host RSS for a host OOM; None when unknown."""
+        try:
+            p = ray.get(self._actors[r].progress.remote(), timeout=5).get("memory_peaks_gib") or {}
+        except Exception:
+            return None
+        keys = ("nvml", "reserved", "allocated") if kind is FailureKind.GPU_OOM else ("host_rss",)
+        return next((float(p[k]) for k in keys if p.get(k) is not None), None)
 
     def _check_progress(self) -> Optional[Progress]:
         """Collect the answered progress probes and send the next one at once (at most one
@@ -264,6 +343,20 @@ def _cluster_has(use_gpus: bool) -> str:
     avail = int(ray.available_resources().get(key, 0))
     busy = f", {avail} free" if avail != have else ""
     return f"the cluster has {have} {key}s{busy} on {len(alive)} node{'s' if len(alive) != 1 else ''}"
+
+
+def _node_ip() -> Optional[str]:
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return None
+
+
+def _oom_line(text: str) -> str:
+    """The line of Ray's message that says why the worker was killed."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    hit = next((x for x in lines if classify_oom_text(x) is not None), lines[-1] if lines else "")
+    return hit[:300]
 
 
 def _first_line(e: Any) -> str:

@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from fake_group import ScriptedGroup
+
 from meshpilot.orchestrator.run.controller import (ALLOWED_TRANSITIONS, Controller, FailDecision, FailurePolicy,
                                                    IllegalTransition, RestartDecision)
 from meshpilot.orchestrator.run.protocol import (Failure, FailureKind, GangError, GroupPoll, JobStatus, Progress,
@@ -32,36 +34,6 @@ class FakeClock:
         self.t += s
 
 
-class FakeGroup:
-    """scripts[attempt] is a list of poll results (GroupPoll) or a GangError to raise from start."""
-
-    def __init__(self, scripts: list):
-        self.scripts = scripts
-        self.calls: list[tuple] = []
-        self._polls: list[GroupPoll] = []
-        self.alive = False
-
-    def start(self, attempt: int) -> list[int]:
-        self.calls.append(("start", attempt))
-        script = self.scripts[attempt]
-        if isinstance(script, GangError):
-            raise script
-        self._polls = list(script)
-        self.alive = True
-        return [100 + attempt * 10 + r for r in range(2)]
-
-    def poll(self) -> GroupPoll:
-        self.calls.append(("poll",))
-        return self._polls.pop(0) if self._polls else GroupPoll()
-
-    def stop(self, grace_s: float) -> None:
-        self.calls.append(("stop", grace_s))
-
-    def shutdown(self) -> None:
-        self.calls.append(("shutdown",))
-        self.alive = False
-
-
 def _ok(n: int = 2) -> GroupPoll:
     return GroupPoll(results=[{"rank": r, "final_loss": 1.0} for r in range(n)])
 
@@ -79,7 +51,7 @@ def _ctl(group: WorkerGroup, policy=FailurePolicy(max_restarts=2, backoff_s=1.0)
 
 
 def test_happy_path_walks_pending_scheduling_running_succeeded():
-    g = FakeGroup([[GroupPoll(progress=Progress(1, {"loss": 2.0})), GroupPoll(), _ok()]])
+    g = ScriptedGroup([[GroupPoll(progress=Progress(1, {"loss": 2.0})), GroupPoll(), _ok()]])
     progress: list[Progress] = []
     ctl, clock, seen = _ctl(g, on_progress=progress.append)
     assert ctl.status is S.PENDING
@@ -95,7 +67,7 @@ def test_happy_path_walks_pending_scheduling_running_succeeded():
 
 
 def test_worker_death_tears_down_and_restarts_with_exponential_backoff():
-    g = FakeGroup([[_died(1)], [_died(0)], [GroupPoll(), _ok()]])
+    g = ScriptedGroup([[_died(1)], [_died(0)], [GroupPoll(), _ok()]])
     ctl, clock, seen = _ctl(g, FailurePolicy(max_restarts=3, backoff_s=1.0, backoff_factor=2.0))
     out = ctl.run()
     assert out.status is S.SUCCEEDED
@@ -114,7 +86,7 @@ def test_worker_death_tears_down_and_restarts_with_exponential_backoff():
 
 
 def test_gives_up_after_max_restarts():
-    g = FakeGroup([[_died()], [_died()], [_died()]])
+    g = ScriptedGroup([[_died()], [_died()], [_died()]])
     ctl, _, seen = _ctl(g, FailurePolicy(max_restarts=2, backoff_s=0.0))
     out = ctl.run()
     assert out.status is S.FAILED and out.restarts == 2 and len(out.failures) == 3
@@ -125,7 +97,7 @@ def test_gives_up_after_max_restarts():
 
 def test_unplaceable_gang_fails_without_restart():
     msg = "needs 8 CPUs in bundles of 1 on at most 1 node; the cluster has 4 CPUs"
-    g = FakeGroup([GangError(Failure("placement", msg, retryable=False))])
+    g = ScriptedGroup([GangError(Failure("placement", msg, retryable=False))])
     ctl, _, seen = _ctl(g)
     out = ctl.run()
     assert out.status is S.FAILED and msg in out.message and out.restarts == 0
@@ -135,7 +107,7 @@ def test_unplaceable_gang_fails_without_restart():
 
 def test_cancel_while_running_stops_then_shuts_down():
     cancel = {"now": False}
-    g = FakeGroup([[GroupPoll()] * 100])
+    g = ScriptedGroup([[GroupPoll()] * 100])
     ctl, _, seen = _ctl(g, cancel_requested=lambda: cancel["now"])
     for _ in range(4):
         ctl.step()
@@ -150,7 +122,7 @@ def test_cancel_while_running_stops_then_shuts_down():
 
 def test_cancel_during_backoff_does_not_start_a_new_gang():
     cancel = {"now": False}
-    g = FakeGroup([[_died()], [_ok()]])
+    g = ScriptedGroup([[_died()], [_ok()]])
     ctl, clock, _ = _ctl(g, FailurePolicy(max_restarts=3, backoff_s=10.0), cancel_requested=lambda: cancel["now"])
     while ctl.status is not S.RESTARTING:
         ctl.step()
@@ -176,7 +148,7 @@ def test_policy_decisions_are_dataclasses_with_capped_backoff():
 
 
 def test_illegal_transitions_are_refused():
-    ctl, _, _ = _ctl(FakeGroup([[_ok()]]))
+    ctl, _, _ = _ctl(ScriptedGroup([[_ok()]]))
     with pytest.raises(IllegalTransition):
         ctl._to(S.SUCCEEDED, "skipping ahead")
     for terminal in (S.SUCCEEDED, S.FAILED, S.CANCELLED):
@@ -194,14 +166,14 @@ def test_failure_kinds_are_an_enum_recorded_as_their_value():
     with pytest.raises(ValueError):
         Failure("exploded", "not a kind of failure")
     infos: list[dict] = []
-    ctl = Controller(FakeGroup([[_died(1)]]), FailurePolicy(max_restarts=0), sleep=lambda s: None,
+    ctl = Controller(ScriptedGroup([[_died(1)]]), FailurePolicy(max_restarts=0), sleep=lambda s: None,
                      on_transition=lambda o, n, r, i: infos.append(i))
     assert ctl.run().status is S.FAILED
     assert infos[-1]["failure"] == "worker_died" and type(infos[-1]["failure"]) is str and infos[-1]["rank"] == 1
 
 
 def test_controller_exception_never_leaves_workers_behind():
-    class Boom(FakeGroup):
+    class Boom(ScriptedGroup):
         def poll(self):
             raise RuntimeError("controller bug")
     g = Boom([[_ok()]])

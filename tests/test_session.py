@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from fake_group import ScriptedGroup
 from rich.console import Console
 
 from meshpilot.orchestrator.cli.cmd_run import _print_summary
@@ -27,27 +29,6 @@ def test_session_imports_neither_launch_nor_ray_nor_torch():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not [m for m in names if m.startswith("meshpilot.launch") or m.split(".")[0] in ("ray", "torch")], names
-
-
-class ScriptedGroup:
-    """Attempt k replays polls[k]; records the run directory and log paths it was built with."""
-
-    def __init__(self, run_dir: str, log_path, polls: list[list[GroupPoll]]):
-        self.run_dir, self.log_path, self.polls = run_dir, log_path, polls
-        self._left: list[GroupPoll] = []
-
-    def start(self, attempt: int) -> list[int]:
-        self._left = list(self.polls[attempt])
-        return [10, 11]
-
-    def poll(self) -> GroupPoll:
-        return self._left.pop(0) if self._left else GroupPoll()
-
-    def stop(self, grace_s: float) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
 
 
 def _result(rank: int, peaks: dict | None) -> dict:
@@ -80,7 +61,7 @@ def test_session_runs_a_fake_group_to_a_summary_with_memory_rows(tmp_path, monke
                                  _result(1, None)])]]
 
     def make_group(run_dir, log_path):
-        built.append(ScriptedGroup(run_dir, log_path, polls))
+        built.append(ScriptedGroup(polls, run_dir, log_path))
         return built[-1]
 
     seen: list[tuple[int, float | None]] = []

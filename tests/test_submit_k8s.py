@@ -264,14 +264,30 @@ def test_submit_status_logs_cancel_through_the_api(fake_api, tmp_path, capsys, k
     else:
         obj["status"]["conditions"].append({"type": "Succeeded" if kind != "trainjob" else "Complete", "status": "True"})
     assert state()["state"] == "succeeded"
+    # `meshpilot status/logs/cancel` take the handle (or the run id) as they take a run id
+    rc, out, err = _cli(["status", handle, "--json"], tmp_path, capsys)
+    assert rc == 0 and json.loads(out)["state"] == "succeeded" and json.loads(out)["backend"] == "k8s", err
+    run_id = json.loads(out)["run_id"]
+    rc, out, err = _cli(["status", run_id], tmp_path, capsys)
+    assert rc == 0 and handle in out and "succeeded" in out, out + err
+    rc, out, err = _cli(["status", "--json"], tmp_path, capsys)
+    assert rc == 0 and [(s["handle"], s["backend"], s["state"]) for s in json.loads(out)] == [(handle, "k8s", "succeeded")]
+    rc, out, err = _cli(["status"], tmp_path, capsys)
+    assert rc == 0 and "submitted jobs" in out and "succeeded" in out, out
 
     rc, out, err = _cli(["submit", "--logs", handle], tmp_path, capsys)
     assert rc == 0 and "log of tiny-llama-" in out
-    rc, out, err = _cli(["submit", "--cancel", handle], tmp_path, capsys)
+    rc, out, err = _cli(["logs", handle, "--rank", "0"], tmp_path, capsys)     # the pod holding rank 0
+    assert rc == 0 and "log of tiny-llama-" in out and out.count("==> ") == 1, out + err
+    rc, out, err = _cli(["logs", handle, "--follow"], tmp_path, capsys)        # ends: the job succeeded
+    assert rc == 0 and "log of tiny-llama-" in out, out + err
+    rc, out, err = _cli(["cancel", handle], tmp_path, capsys)
     assert rc == 0 and "cancel requested" in out
     assert not fake_api.objects and not fake_api.configmaps
     assert fake_api.deleted[0][2] == {"propagationPolicy": "Foreground"}
-    rc, out, err = _cli(["submit", "--cancel", handle], tmp_path, capsys)          # idempotent
+    rc, out, err = _cli(["cancel", handle], tmp_path, capsys)                  # idempotent
+    assert rc == 0 and "nothing to cancel" in out
+    rc, out, err = _cli(["submit", "--cancel", handle], tmp_path, capsys)      # the alias
     assert rc == 0 and "nothing to cancel" in out
     assert state()["state"] == "unknown"
 

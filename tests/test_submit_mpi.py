@@ -55,11 +55,22 @@ def test_cancel_stops_mpirun(tmp_path):
     handle = submit_handle(r)
     run_dir = Path(json.loads(meshpilot(["submit", "--status", handle, "--json"], tmp_path).stdout)["run_dir"])
     wait_for(handle, tmp_path, lambda s: (s.get("step") or 0) >= 3 or s["state"] != "running", timeout=180, every=0.5)
-    r = meshpilot(["submit", "--cancel", handle], tmp_path)
+    # `meshpilot status/logs/cancel` take the handle as they take a run id (`submit --...` are aliases)
+    r = meshpilot(["status", handle, "--json"], tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
+    listed = json.loads(meshpilot(["status", "--json"], tmp_path).stdout)
+    assert [(s["handle"], s["backend"]) for s in listed if "handle" in s] == [(handle, "mpi")]
+    r = meshpilot(["logs", handle, "--tail", "50"], tmp_path)
+    assert r.returncode == 0 and "mpirun.log <==" in r.stdout, r.stdout + r.stderr
+    r = meshpilot(["cancel", handle], tmp_path)
     assert r.returncode == 0 and "cancel requested" in r.stdout, r.stdout + r.stderr
     st = wait_for(handle, tmp_path, lambda s: s["state"] != "running", timeout=120, every=0.5)
     assert st["state"] == "cancelled", st
-    assert meshpilot(["submit", "--cancel", handle], tmp_path).returncode == 0     # idempotent
+    r = meshpilot(["cancel", handle], tmp_path)                                    # idempotent
+    assert r.returncode == 0 and "nothing to cancel (already ended: cancelled)" in r.stdout, r.stdout + r.stderr
+    assert meshpilot(["submit", "--cancel", handle], tmp_path).returncode == 0
+    r = meshpilot(["logs", handle, "-f"], tmp_path)                                # ended: returns at once
+    assert r.returncode == 0 and "mpirun.log <==" in r.stdout, r.stdout + r.stderr
     # the ranks got mpirun's SIGTERM and checkpointed before stopping
     latest = (run_dir / "checkpoints" / "latest")
     assert latest.exists() and int(latest.read_text().strip()[5:]) >= 3, (run_dir / "logs" / "mpirun.log").read_text()[-3000:]

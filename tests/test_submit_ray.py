@@ -5,6 +5,8 @@ final loss as the same job under ``meshpilot run`` here; ``--cancel`` stops a ru
 ``cancelled``)."""
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -55,7 +57,13 @@ def test_cancel_stops_a_ray_job(ray_head, tmp_path):
     handle = submit_handle(r)
     wait_for(handle, tmp_path, lambda s: (s.get("step") or 0) >= 1 or s["state"] not in ("pending", "running"),
              timeout=240, every=1)
-    r = meshpilot(["submit", "--cancel", handle], tmp_path)
+    # `meshpilot status/cancel` take the handle and the run id (`meshpilot submit --status/--cancel` are aliases)
+    r = meshpilot(["status", handle, "--json"], tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["backend"] == "ray", r.stdout + r.stderr
+    r = meshpilot(["status", json.loads(r.stdout)["run_id"]], tmp_path)
+    assert r.returncode == 0 and handle in r.stdout, r.stdout + r.stderr
+    r = meshpilot(["cancel", handle], tmp_path)
     assert r.returncode == 0 and "cancel requested" in r.stdout, r.stdout + r.stderr
     st = wait_for(handle, tmp_path, lambda s: s["state"] not in ("pending", "running"), timeout=120, every=1)
     assert st["state"] == "cancelled" and st["native_state"] == "STOPPED", st
+    assert meshpilot(["cancel", handle], tmp_path).returncode == 0                 # idempotent

@@ -140,14 +140,24 @@ def test_cancel_maps_to_cancelled(slurm_cluster, home, tmp_path):
                    f"train.output_dir={tmp_path}"], home)
     handle = submit_handle(r)
     wait_for(handle, home, lambda s: s["state"] == "running", timeout=120, every=0.5)
-    r = meshpilot(["submit", "--cancel", handle], home)
+    # `meshpilot status/logs/cancel` take the handle (`meshpilot submit --status/--logs/--cancel` are aliases)
+    r = meshpilot(["status", handle, "--json"], home)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
+    r = meshpilot(["cancel", handle], home)
     assert r.returncode == 0 and "cancel requested" in r.stdout, r.stdout + r.stderr
     st = wait_for(handle, home, lambda s: s["state"] != "running", timeout=120, every=0.5)
     assert st["state"] == "cancelled" and st["native_state"] == "CANCELLED", st
-    r = meshpilot(["submit", "--cancel", handle], home)           # idempotent
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = meshpilot(["cancel", handle], home)                       # idempotent
+    assert r.returncode == 0 and "nothing to cancel" in r.stdout, r.stdout + r.stderr
+    assert meshpilot(["submit", "--cancel", handle], home).returncode == 0
+    r = meshpilot(["logs", handle, "--rank", "1"], home)          # rank 1 runs on the second node
+    assert r.returncode == 0 and "node1.log <==" in r.stdout and r.stdout.count("==> ") == 1, r.stdout + r.stderr
+    r = meshpilot(["logs", handle, "--follow"], home)             # ended: the batch log and both nodes' logs
+    assert r.returncode == 0 and "slurm-" in r.stdout and "node0.log" in r.stdout, r.stdout + r.stderr
     listed = meshpilot(["submit", "--list", "--json"], home)
     assert handle in [s["handle"] for s in json.loads(listed.stdout)]
+    listed = meshpilot(["status", "--json"], home)
+    assert (handle, "slurm", "cancelled") in [(s.get("handle"), s.get("backend"), s["state"]) for s in json.loads(listed.stdout)]
 
 
 @pytest.mark.timeout(300)

@@ -11,7 +11,11 @@ printed summary (time, command -> first step and its phases, tokens/s, MFU, and 
 peak beside the simulator's prediction, torch's allocated and reserved peaks and the host RSS
 peak), also written to ``<run_dir>/summary.json``.
 
-Exit status: 0 succeeded, 1 failed, 3 cancelled, 2 a configuration error.
+Exit status: 0 succeeded, 1 failed, 3 cancelled, 2 a configuration error, 4 out of memory.
+Out of memory (CUDA OOM, Ray's memory monitor, a SIGKILL with the node's memory near its limit)
+is never retried with the same plan: a fixed plan stops (exit 4) with the measured and predicted
+peaks and the simulator's suggestions; ``plan: auto`` falls back to the next fitting plan with a
+lower predicted peak, at most ``--max-fallbacks`` times (see :mod:`~meshpilot.orchestrator.run.session`).
 SIGTERM / SIGINT (and ``meshpilot cancel``) cancel the run: the gang is torn down cleanly.
 """
 from __future__ import annotations
@@ -46,9 +50,23 @@ log = logging.getLogger("meshpilot.run")
 MEMORY_ROWS = (("nvml", "peak GPU memory, NVML (GiB)"), ("allocated", "torch allocated peak (GiB)"),
                ("reserved", "torch reserved peak (GiB)"), ("host_rss", "host RSS peak (GiB)"))
 
+EXIT_OUT_OF_MEMORY = 4
+EPILOG = """exit status:
+  0  succeeded
+  1  failed (after the restarts, or a failure a restart would repeat)
+  2  configuration error (nothing was started)
+  3  cancelled (SIGTERM/SIGINT, meshpilot cancel, a preemption signal; resumable)
+  4  out of memory: a worker ran out of GPU memory (CUDA OOM) or host memory (Ray's memory monitor,
+     or a SIGKILL while the node's memory was near its limit). Never retried with the same plan: a
+     fixed plan stops with the measured and predicted peaks and the simulator's suggestions;
+     plan: auto falls back to the next fitting plan with a lower predicted peak (at most
+     --max-fallbacks times) and exits 4 only when no fallback is left."""
+
+
 def add_parser(sub: Any) -> None:
     from meshpilot.orchestrator.cli.main import add_job_arguments
-    p = sub.add_parser("run", help="train a job on Ray: plan, gang-schedule, restart on failure")
+    p = sub.add_parser("run", help="train a job on Ray: plan, gang-schedule, restart on failure",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p)
     p.add_argument("--force", action="store_true", help="run even if the simulator says the plan does not fit")
     p.add_argument("--address", default=None,
@@ -56,6 +74,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: train.output_dir/<run id>); an existing one resumes from its "
                         "latest complete checkpoint")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts after worker failures (default 3)")
+    p.add_argument("--max-fallbacks", type=int, default=2,
+                   help="plan: auto only: smaller plans tried after out-of-memory failures (default 2)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first restart; doubles per restart, at most 60 (default 1)")
     p.add_argument("--placement-timeout", type=float, default=60.0,
@@ -74,8 +94,10 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def exit_code(status: JobStatus) -> int:
-    """0 succeeded, 1 failed, 3 cancelled."""
+def exit_code(status: JobStatus, out_of_memory: bool = False) -> int:
+    """0 succeeded, 1 failed, 3 cancelled, 4 failed out of memory."""
+    if out_of_memory and status is JobStatus.FAILED:
+        return EXIT_OUT_OF_MEMORY
     return {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.CANCELLED: 3}[status]
 
 
@@ -87,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     check_worker(args.worker)
     if args.max_restarts < 0:
         raise ConfigError("--max-restarts", args.max_restarts, reason="must be >= 0")
+    max_fallbacks = getattr(args, "max_fallbacks", 2)
+    if max_fallbacks < 0:
+        raise ConfigError("--max-fallbacks", max_fallbacks, reason="must be >= 0")
     from meshpilot.launch.gang import FAIL_AT_ENV, gang_spec, parse_fail_at
     fail_at = parse_fail_at(os.environ.get(FAIL_AT_ENV))
     c = job.cluster
@@ -133,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
                 catch_signals()                            # ... so take SIGTERM/SIGINT back
                 _check_cluster(console, session, job, plan, spec, connection)
 
-                def make_group(run_dir: str, log_path: Callable[[int], str]) -> RayWorkerGroup:
-                    return RayWorkerGroup(job, plan, run_dir, spec=spec, log_path=log_path, worker_fn=args.worker,
+                def make_group(run_dir: str, log_path: Callable[[int], str], plan: Any = plan) -> RayWorkerGroup:
+                    gs = spec if plan.world_size == spec.world_size and plan.tp == spec.tp else gang_spec(
+                        plan.world_size, plan.tp, accelerator=c.accelerator, gpus_per_node=c.gpus_per_node,
+                        cpu_cores=c.cpu_cores)
+                    return RayWorkerGroup(job, plan, run_dir, spec=gs, log_path=log_path, worker_fn=args.worker,
                                           placement_timeout_s=args.placement_timeout,
                                           heartbeat_timeout_s=args.heartbeat_timeout, step_timeout_s=args.step_timeout,
                                           start_timeout_s=args.start_timeout, fail_at=fail_at,
@@ -142,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
                 outcome = session.run(make_group, FailurePolicy(max_restarts=args.max_restarts, backoff_s=args.backoff),
                                       cancel_requested=cancel_flag.is_set, on_progress=reporter.progress,
-                                      on_transition=reporter.transition)
+                                      on_transition=reporter.transition, max_fallbacks=max_fallbacks)
             finally:
                 for s, h in handlers.items():
                     signal.signal(s, h)
@@ -153,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             if outcome.results:               # the last frame shows where the run ended, not the last poll
                 reporter.final(session.state.step, summary.get("final_loss"), summary.get("tokens_per_s"))
         _print_summary(console, summary)
-        return exit_code(outcome.status)
+        return exit_code(outcome.status, outcome.out_of_memory)
     finally:
         session.close()
 

@@ -1,6 +1,10 @@
-"""``meshpilot status [RUN]``: a table of every recorded run, or one run's state and events.
+"""``meshpilot status [RUN]``: a table of every recorded run and submission, or one run's state and events.
 
-RUN is a run directory, a run id or a unique prefix of one (see :mod:`meshpilot.orchestrator.run.store`).
+RUN is a run directory, a run id or a unique prefix of one (see :mod:`meshpilot.orchestrator.run.store`),
+or a submitted job (``meshpilot submit``): its handle (``slurm:1234``, ``k8s:NS/KIND/NAME``,
+``mpi:RUN_ID``, ``ray:ID``), run id or run directory. A submission's state comes from its scheduler
+(:mod:`meshpilot.launch.submissions`), in one vocabulary for every backend (out_of_memory,
+preempted, timeout, failed and cancelled kept apart).
 A run whose controller process is gone while its state is not terminal (SIGKILL, a stopped
 machine) is recorded as ``failed`` with a "lost" message first (:meth:`RunStore.reconcile`).
 User-given text (run ids, messages, plans) is printed escaped, never as Rich markup.
@@ -14,12 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from meshpilot.launch import submissions as subs
+from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.run.store import find_run, list_runs
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("status", help="show the state of runs started with `meshpilot run`")
-    p.add_argument("run", nargs="?", default=None, help="run directory or run id (default: list every run)")
+    p = sub.add_parser("status", help="show the state of runs (`meshpilot run`) and submitted jobs (`meshpilot submit`)")
+    p.add_argument("run", nargs="?", default=None,
+                   help="run directory, run id or submission handle such as slurm:1234 (default: list everything)")
     p.add_argument("--json", action="store_true", help="print state.json instead of a table")
     p.add_argument("--events", type=int, default=10, metavar="N", help="show the last N events of one run")
     p.set_defaults(func=run)
@@ -29,13 +36,57 @@ def _shown_state(st) -> str:
     return f"{st.state} (lost)" if st.state == "failed" and st.message.startswith("lost:") else st.state
 
 
+def resolve(ref: str | None) -> tuple[str, object]:
+    """``("run", RunStore)`` or ``("submission", record)`` for what a user named: a submission's handle
+    or a directory holding a submission record is a submission; otherwise a run of ``meshpilot run``
+    (unless it runs inside a submission: a Ray job), then a submission by run id (or unique prefix)."""
+    if ref is not None and (subs.is_handle(ref) or subs.record_in(ref) is not None):
+        return "submission", subs.find_record(ref)
+    try:
+        store = find_run(ref)
+    except ConfigError as run_error:
+        if ref is None:
+            raise
+        try:
+            return "submission", subs.find_record(ref)
+        except ConfigError:
+            raise run_error from None
+    rec = subs.record_in(str(store.run_dir)) if ref is not None else None
+    # the `meshpilot run` of a Ray job submission: its scheduler (Ray's job API) is the controller to ask
+    return ("submission", rec) if rec is not None else ("run", store)
+
+
+def print_submission(rec: dict, *, as_json: bool = False) -> int:
+    st = subs.status_of(rec)
+    if as_json:
+        print(json.dumps(st, indent=1, default=str))
+    else:
+        print(subs.line(st))
+    return 0
+
+
 def run(args) -> int:
     console = Console()
     if args.run is None:
         runs = list_runs()
         states = [s.reconcile() for s in runs]
+        submitted = [subs.safe_status_of(rec) for rec in subs.records()]
         if args.json:
-            print(json.dumps([st.to_dict() for st in states], default=str, indent=2))
+            print(json.dumps([st.to_dict() for st in states] + submitted, default=str, indent=2))
+            return 0
+        if submitted:
+            st_table = Table(title="submitted jobs")
+            for col, width in (("handle", 12), ("backend", 7), ("state", 13), ("step", None), ("loss", None),
+                               ("plan", None), ("native", None)):
+                st_table.add_column(col, min_width=width, overflow="fold")
+            for s in submitted:
+                st_table.add_row(escape(str(s.get("handle"))), escape(str(s.get("backend"))), escape(str(s["state"])),
+                                 f"{s.get('step', '-')}/{s.get('total_steps', '?')}",
+                                 f"{s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "-",
+                                 escape(str(s.get("plan") or "-")),
+                                 escape(" ".join(str(x) for x in (s.get("native_state"), s.get("reason")) if x)))
+        if not runs and submitted:
+            console.print(st_table)
             return 0
         t = Table(title="meshpilot runs")
         for col in ("run", "state", "step", "loss", "attempt", "workers", "plan", "updated"):
@@ -45,8 +96,13 @@ def run(args) -> int:
                       "-" if st.loss is None else f"{st.loss:.4f}", str(st.attempt), str(st.world_size), escape(st.plan),
                       time.strftime("%H:%M:%S", time.localtime(st.updated)))
         console.print(t if runs else "no runs recorded")
+        if submitted:
+            console.print(st_table)
         return 0
-    store = find_run(args.run)
+    what, found = resolve(args.run)
+    if what == "submission":
+        return print_submission(found, as_json=args.json)
+    store = found
     st = store.reconcile()
     if args.json:
         print(json.dumps(st.to_dict(), default=str, indent=2))

@@ -13,13 +13,15 @@ where users run it.
    submission in ``<run dir>/submission.json`` plus an index entry under
    ``$MESHPILOT_HOME/submissions/``.
 
-The run store of ``meshpilot run`` (``meshpilot status/logs/cancel``) is not used for submitted
-jobs: their controller is the scheduler, not a meshpilot process. They are managed here:
+Submitted jobs are managed like runs: ``meshpilot status`` lists them beside the runs, and
+``meshpilot status/logs/cancel`` take a handle, a run id (or unique prefix) or a run dir; they ask the
+scheduler through :mod:`meshpilot.launch.submissions` (the scheduler, not a meshpilot process, is the
+controller). The older forms stay as aliases:
 
     meshpilot submit --list                    every recorded submission and its state
-    meshpilot submit --status REF [--json]     REF: a handle, a run id (or unique prefix), or a run dir
-    meshpilot submit --logs REF [--tail N]
-    meshpilot submit --cancel REF
+    meshpilot submit --status REF [--json]     = meshpilot status REF [--json]
+    meshpilot submit --logs REF [--tail N]     = meshpilot logs REF [--tail N]
+    meshpilot submit --cancel REF              = meshpilot cancel REF
 
 States (one vocabulary for every backend; TIMEOUT, OUT_OF_MEMORY, PREEMPTED and FAILED kept
 apart): pending, running, requeued, suspended, succeeded, failed, cancelled, timeout,
@@ -38,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from meshpilot.orchestrator.atomic_io import write_atomic
+from meshpilot.launch.submissions import RECORD
 from meshpilot.orchestrator.errors import ConfigError
 
 BACKENDS = ("slurm", "k8s", "mpi", "ray")
 K8S_KINDS = ("trainjob", "pytorchjob", "mpijob", "rayjob")
-RECORD = "submission.json"
 
 
 def add_parser(sub: Any) -> None:
@@ -158,13 +160,13 @@ def submit(args: argparse.Namespace) -> int:
     handle, native_info = _SUBMIT[args.to](ctx, out, native)
     record = dict(handle=handle, backend=args.to, run_id=run_id, run_dir=run_dir, out=str(out),
                   artefacts=sorted(files), submitted=time.time(), total_steps=job.train.steps,
-                  world_size=plan.world_size, plan=plan.describe(), native=native_info)
+                  world_size=plan.world_size, nodes=nodes, plan=plan.describe(), native=native_info)
     write_atomic(record_path, json.dumps(record, indent=1))
     _index_dir().mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(str(record_path).encode()).hexdigest()[:8]      # one entry per record file
     write_atomic(_index_dir() / f"{run_id}-{key}.json", json.dumps(dict(handle=handle, record=str(record_path))))
     print(f"submitted: {handle}")
-    print(f"  meshpilot submit --status {handle}    --logs {handle}    --cancel {handle}")
+    print(f"  meshpilot status {handle}    meshpilot logs {handle}    meshpilot cancel {handle}")
     return 0
 
 
@@ -246,30 +248,10 @@ def _submit_slurm(ctx: dict[str, Any], out: Path, native: dict[str, Any]) -> tup
     return f"slurm:{job_id}", dict(job_id=job_id)
 
 
-def _status_slurm(rec: dict[str, Any]) -> dict[str, Any]:
-    from meshpilot.launch.slurm import SlurmClient
-    st = SlurmClient().status(rec["native"]["job_id"]).to_dict()
-    if st["state"] == "unknown":
-        # Slurm forgets an ended job after MinJobAge unless accounting (sacct) runs: the batch log's last
-        # word tells succeeded from failed, not the finer states
-        log = Path(rec["run_dir"]) / "logs" / f"slurm-{rec['native']['job_id']}.out"
-        ends = [ln for ln in (log.read_text(errors="replace").splitlines() if log.exists() else [])
-                if ln.startswith("meshpilot: the job step ended with status ")]
-        if ends:
-            code = ends[-1].rsplit(" ", 1)[1]
-            st.update(state="succeeded" if code == "0" else "failed", native_state="", exit_code=code,
-                      reason="Slurm no longer knows the job; state from its batch log", source="batch log")
-    return st
 
 
-def _cancel_slurm(rec: dict[str, Any]) -> bool:
-    from meshpilot.launch.slurm import SlurmClient
-    return SlurmClient().cancel(rec["native"]["job_id"])
 
 
-def _logs_slurm(rec: dict[str, Any]) -> list[Path]:
-    logs = Path(rec["run_dir"]) / "logs"
-    return sorted(logs.glob("slurm-*.out")) + sorted(logs.glob("node*.log"))
 
 
 # --- Open MPI -----------------------------------------------------------------------------------------
@@ -304,18 +286,10 @@ def _submit_mpi(ctx: dict[str, Any], out: Path, native: dict[str, Any]) -> tuple
     return f"mpi:{ctx['run_id']}", dict(pid=pid, host=host)
 
 
-def _status_mpi(rec: dict[str, Any]) -> dict[str, Any]:
-    from meshpilot.launch.mpi import status
-    return status(rec["run_dir"], rec["native"]["pid"], rec["native"]["host"])
 
 
-def _cancel_mpi(rec: dict[str, Any]) -> bool:
-    from meshpilot.launch.mpi import cancel
-    return cancel(rec["run_dir"], rec["native"]["pid"], rec["native"]["host"])
 
 
-def _logs_mpi(rec: dict[str, Any]) -> list[Path]:
-    return [Path(rec["run_dir"]) / "logs" / "mpirun.log"]
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------------
@@ -361,28 +335,12 @@ def _submit_k8s(ctx: dict[str, Any], out: Path, native: dict[str, Any]) -> tuple
     return f"k8s:{ref['namespace']}/{ref['kind'].lower()}/{ref['name']}", dict(ref, context=ctx["args"].context)
 
 
-def _client_k8s(rec: dict[str, Any]) -> Any:
-    from meshpilot.launch.kubernetes import KubeClient
-    return KubeClient.from_config(context=rec["native"].get("context"))
 
 
-def _status_k8s(rec: dict[str, Any]) -> dict[str, Any]:
-    return _client_k8s(rec).status(rec["native"])
 
 
-def _cancel_k8s(rec: dict[str, Any]) -> bool:
-    return _client_k8s(rec).cancel(rec["native"])
 
 
-def _logs_k8s(rec: dict[str, Any]) -> list[Path]:
-    out = Path(rec["out"]) / "logs"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for pod, text in _client_k8s(rec).logs(rec["native"]).items():
-        p = out / f"{pod}.log"
-        write_atomic(p, text)
-        paths.append(p)
-    return paths
 
 
 # --- Ray ---------------------------------------------------------------------------------------------
@@ -406,137 +364,46 @@ def _submit_ray(ctx: dict[str, Any], out: Path, native: dict[str, Any]) -> tuple
     return f"ray:{sid}", dict(address=address, submission_id=sid)
 
 
-def _status_ray(rec: dict[str, Any]) -> dict[str, Any]:
-    from meshpilot.launch.ray_job import RayJobs
-    return RayJobs(rec["native"]["address"]).status(rec["native"]["submission_id"])
 
 
-def _cancel_ray(rec: dict[str, Any]) -> bool:
-    from meshpilot.launch.ray_job import RayJobs
-    return RayJobs(rec["native"]["address"]).cancel(rec["native"]["submission_id"])
 
 
-def _logs_ray(rec: dict[str, Any]) -> list[Path]:
-    from meshpilot.launch.ray_job import RayJobs
-    p = Path(rec["out"]) / "ray-job.log"
-    write_atomic(p, RayJobs(rec["native"]["address"]).logs(rec["native"]["submission_id"]))
-    return [p]
 
 
 _RENDER = {"slurm": _render_slurm, "k8s": _render_k8s, "mpi": _render_mpi, "ray": _render_ray}
 _SUBMIT = {"slurm": _submit_slurm, "k8s": _submit_k8s, "mpi": _submit_mpi, "ray": _submit_ray}
-_STATUS = {"slurm": _status_slurm, "k8s": _status_k8s, "mpi": _status_mpi, "ray": _status_ray}
-_CANCEL = {"slurm": _cancel_slurm, "k8s": _cancel_k8s, "mpi": _cancel_mpi, "ray": _cancel_ray}
-_LOGS = {"slurm": _logs_slurm, "k8s": _logs_k8s, "mpi": _logs_mpi, "ray": _logs_ray}
 
 
-# --- records and management -----------------------------------------------------------------------
+# --- management: aliases of `meshpilot status/logs/cancel` for submissions --------------------------
 
 def _index_dir() -> Path:
-    from meshpilot.orchestrator.run.store import meshpilot_home
-    return meshpilot_home() / "submissions"
-
-
-def _records() -> list[dict[str, Any]]:
-    out = []
-    d = _index_dir()
-    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            rec = json.loads(Path(json.loads(f.read_text())["record"]).read_text())
-        except (OSError, ValueError, KeyError):
-            continue
-        out.append(rec)
-    return sorted(out, key=lambda r: r.get("submitted", 0))
-
-
-def find_record(ref: str) -> dict[str, Any]:
-    """A submission by handle, run id (or unique prefix) or run/artefact directory."""
-    p = Path(ref)
-    if (p / RECORD).is_file():
-        return json.loads((p / RECORD).read_text())
-    recs = _records()
-    exact = [r for r in recs if ref in (r.get("handle"), r.get("run_id"))]
-    if exact:
-        return exact[-1]           # the latest, should a scheduler have reused a job id
-    found = [r for r in recs if str(r.get("run_id", "")).startswith(ref)]
-    if len(found) > 1:
-        raise ConfigError("REF", ref, reason="matches several submissions", allowed=[r["handle"] for r in found][:10])
-    if not found:
-        raise ConfigError("REF", ref, reason="no such submission (handle, run id or run directory)",
-                          fix="`meshpilot submit --list` lists them")
-    return found[0]
-
-
-def progress_of(run_dir: str) -> dict[str, Any]:
-    """Rank 0's last step and loss from RUN_DIR/metrics.jsonl (when the run dir is visible from here)."""
-    p = Path(run_dir) / "metrics.jsonl"
-    try:
-        lines = p.read_text().splitlines()
-    except OSError:
-        return {}
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        return {k: rec.get(k) for k in ("step", "loss") if k in rec}
-    return {}
-
-
-def status_of(rec: dict[str, Any]) -> dict[str, Any]:
-    st = dict(_STATUS[rec["backend"]](rec))
-    st.update(handle=rec["handle"], run_id=rec["run_id"], run_dir=rec["run_dir"], total_steps=rec.get("total_steps"))
-    st.update(progress_of(rec["run_dir"]))
-    return st
-
-
-def _line(st: dict[str, Any]) -> str:
-    step = f"step {st.get('step', '-')}/{st.get('total_steps', '?')}"
-    loss = f" loss {st['loss']:.4f}" if isinstance(st.get("loss"), (int, float)) else ""
-    native = f" ({st.get('native_state') or '-'}{', ' + st['reason'] if st.get('reason') not in (None, '', 'None') else ''}"
-    native += f", restarts {st['restarts']})" if st.get("restarts") else ")"
-    return f"{st['handle']}  {st['state']}  {step}{loss}{native}  {st['run_dir']}"
+    from meshpilot.launch.submissions import index_dir
+    return index_dir()
 
 
 def _list(args: argparse.Namespace) -> int:
-    sts = []
-    for rec in _records():
-        try:
-            sts.append(status_of(rec))
-        except Exception as e:           # one unreachable scheduler must not hide the others
-            sts.append(dict(handle=rec["handle"], run_id=rec["run_id"], run_dir=rec["run_dir"], state="unknown",
-                            reason=f"{type(e).__name__}: {e}"))
+    from meshpilot.launch import submissions as subs
+    sts = [subs.safe_status_of(rec) for rec in subs.records()]
     if args.json:
         print(json.dumps(sts, indent=1, default=str))
     else:
-        print("\n".join(_line(s) for s in sts) if sts else "no submissions recorded")
+        print("\n".join(subs.line(s) for s in sts) if sts else "no submissions recorded")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    st = status_of(find_record(args.status))
-    print(json.dumps(st, indent=1, default=str) if args.json else _line(st))
-    return 0
+    from meshpilot.orchestrator.cli.cmd_status import print_submission
+    from meshpilot.launch.submissions import find_record
+    return print_submission(find_record(args.status), as_json=args.json)
 
 
 def _logs(args: argparse.Namespace) -> int:
-    rec = find_record(args.logs)
-    paths = _LOGS[rec["backend"]](rec)
-    if not any(p.exists() for p in paths):
-        print(f"meshpilot: no logs yet for {rec['handle']}", file=sys.stderr)
-    for p in paths:
-        if not p.exists():
-            continue
-        text = p.read_text(errors="replace")
-        if args.tail is not None:
-            text = "\n".join(text.splitlines()[-args.tail:]) + "\n"
-        print(f"==> {p} <==")
-        sys.stdout.write(text)
-    return 0
+    from meshpilot.orchestrator.cli.cmd_logs import print_submission_logs
+    from meshpilot.launch.submissions import find_record
+    return print_submission_logs(find_record(args.logs), tail=args.tail)
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    rec = find_record(args.cancel)
-    ok = _CANCEL[rec["backend"]](rec)
-    print(f"{rec['handle']}: {'cancel requested' if ok else 'nothing to cancel (already ended?)'}")
-    return 0
+    from meshpilot.orchestrator.cli.cmd_cancel import cancel_submission
+    from meshpilot.launch.submissions import find_record
+    return cancel_submission(find_record(args.cancel))

@@ -18,7 +18,11 @@ The controller owns no resources itself: it drives a
 Restarted workers resume from the run directory's latest complete checkpoint, so only the
 steps after that checkpoint are repeated. A worker error that a restart would only repeat (a
 non-finite loss, a configuration error: :func:`~.protocol.deterministic_failure`) fails the job
-at once. Workers that stopped early on a signal (their results say ``status: stopped``, with
+at once. An out-of-memory failure (:func:`~.protocol.oom_failure`: CUDA or host OOM) is never
+retried with the same plan: without an ``on_oom`` handler the job fails at once
+(``Outcome.out_of_memory``); with one (``plan: auto``, see :mod:`.session`) the handler either
+returns a :class:`PlanSwitch` (a new worker group for a smaller plan: the controller restarts
+with it, without backoff) or a reason to stop. Workers that stopped early on a signal (their results say ``status: stopped``, with
 the stop checkpoint) end the job ``cancelled``, resumable, not ``succeeded``; a cancel records
 its terminal state before the (time-bounded) teardown.
 
@@ -32,11 +36,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Union
 
-from meshpilot.orchestrator.run.protocol import Failure, GangError, JobStatus, Progress, WorkerGroup, deterministic_failure
+from meshpilot.orchestrator.run.protocol import (Failure, GangError, JobStatus, Progress, WorkerGroup,
+                                                 deterministic_failure, oom_failure)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,18 @@ class FailDecision:
 
 
 Decision = Union[RestartDecision, FailDecision]
+
+
+@dataclass(frozen=True)
+class PlanSwitch:
+    """What an out-of-memory handler returns to go on with another plan: the group to start next."""
+    group: WorkerGroup
+    reason: str
+    info: Mapping[str, Any] = field(default_factory=dict)    # recorded with the transition (plan, peaks, resume)
+
+
+# (the OOM failure, fallbacks so far) -> a PlanSwitch, or the reason to stop (the job fails)
+OomHandler = Callable[[Failure, int], Union[PlanSwitch, str]]
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,8 @@ class Outcome:
     restarts: int
     failures: list[Failure]
     results: Optional[list[dict[str, Any]]]
+    out_of_memory: bool = False      # failed because a worker ran out of memory (not retried)
+    fallbacks: int = 0               # plan changes after out-of-memory failures
 
 
 TransitionHook = Callable[[JobStatus, JobStatus, str, dict], None]
@@ -125,11 +144,16 @@ class Controller:
                  on_transition: Optional[TransitionHook] = None,
                  on_progress: Optional[Callable[[Progress], None]] = None,
                  cancel_requested: CancelCheck = lambda: False,
+                 on_oom: Optional[OomHandler] = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
                  poll_interval_s: float = 0.5, cancel_grace_s: float = 10.0, teardown_limit_s: float = 15.0):
         self.group, self.policy = group, policy
         self._on_transition, self._on_progress = on_transition, on_progress
+        self._on_oom = on_oom
+        self._switched = False          # the next start is a fallback plan's
+        self.fallbacks = 0
+        self.out_of_memory = False
         self._cancel_requested, self._clock, self._sleep = cancel_requested, clock, sleep
         self.poll_interval_s, self.cancel_grace_s = poll_interval_s, cancel_grace_s
         self.teardown_limit_s = teardown_limit_s
@@ -162,6 +186,9 @@ class Controller:
         self.failures.append(failure)
         log.warning("controller: attempt %d failed: %s; tearing the gang down", self.attempt, failure)
         self._teardown()
+        if oom_failure(failure):
+            self._handle_oom(failure)
+            return
         decision = self.policy.decide(failure, self.restarts)
         if isinstance(decision, FailDecision):
             self._to(S.FAILED, decision.reason, failure=failure.kind.value, rank=failure.rank)
@@ -170,6 +197,30 @@ class Controller:
         self._restart_at = self._clock() + decision.delay_s
         self._to(S.RESTARTING, f"{decision.reason}; restart {decision.restart_number}/{self.policy.max_restarts} "
                  f"in {decision.delay_s:.1f}s", failure=failure.kind.value, rank=failure.rank, delay_s=decision.delay_s)
+
+    def _handle_oom(self, failure: Failure) -> None:
+        """Out of memory: never the same plan again. Fail (no handler, or the handler says stop),
+        or restart at once with the handler's group."""
+        info = dict(failure=failure.kind.value, rank=failure.rank, out_of_memory=True,
+                    measured_peak_gib=failure.memory_peak_gib)
+        if self._on_oom is None:
+            self.out_of_memory = True
+            self._to(S.FAILED, f"{failure} (out of memory: not retried with the same plan)", **info)
+            return
+        try:
+            switch = self._on_oom(failure, self.fallbacks)
+        except Exception as e:      # choosing a fallback must never leave the run non-terminal
+            log.exception("controller: choosing a fallback plan failed")
+            switch = f"{failure} (out of memory); choosing a fallback plan failed: {type(e).__name__}: {e}"
+        if isinstance(switch, str):
+            self.out_of_memory = True
+            self._to(S.FAILED, switch, **info)
+            return
+        self.group = switch.group
+        self.fallbacks += 1
+        self._switched = True
+        self._restart_at = self._clock()
+        self._to(S.RESTARTING, switch.reason, **info, fallback=self.fallbacks, **dict(switch.info))
 
     def _cancel(self, reason: str = "cancel requested") -> None:
         """Ask the workers to checkpoint and stop (at most ``cancel_grace_s``), record CANCELLED,
@@ -255,7 +306,9 @@ class Controller:
                 self._sleep(min(wait, self.poll_interval_s))
             else:
                 self.attempt += 1
-                self._to(S.SCHEDULING, f"restarting the gang (attempt {self.attempt}) from the latest checkpoint")
+                self._to(S.SCHEDULING, f"restarting the gang (attempt {self.attempt})" +
+                         (" with the fallback plan" if self._switched else " from the latest checkpoint"))
+                self._switched = False
         return not self.status.terminal
 
     def run(self) -> Outcome:
@@ -266,4 +319,5 @@ class Controller:
             # an exception in the controller itself (or Ctrl-C): never leave workers behind
             self._teardown()
             raise
-        return Outcome(self.status, self.message, self.attempt + 1, self.restarts, list(self.failures), self.results)
+        return Outcome(self.status, self.message, self.attempt + 1, self.restarts, list(self.failures), self.results,
+                       out_of_memory=self.out_of_memory and self.status is S.FAILED, fallbacks=self.fallbacks)

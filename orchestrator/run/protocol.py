@@ -48,6 +48,8 @@ class FailureKind(str, enum.Enum):
     WORKER_ERROR = "worker_error"          # the worker function raised
     PLACEMENT = "placement"                # the resources could not be reserved or laid out
     RENDEZVOUS = "rendezvous"              # the workers started but could not be joined into a gang
+    GPU_OOM = "gpu_oom"                    # a worker ran out of GPU memory (CUDA out of memory)
+    HOST_OOM = "host_oom"                  # a worker ran out of host memory (Ray's memory monitor, the OOM killer)
 
     def __str__(self) -> str:
         return self.value
@@ -62,6 +64,7 @@ class Failure:
     message: str
     rank: Optional[int] = None
     retryable: bool = True
+    memory_peak_gib: Optional[float] = None     # the failed rank's measured peak (GiB), when it reported one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", FailureKind(self.kind))
@@ -82,6 +85,33 @@ def deterministic_failure(failure: "Failure") -> bool:
         return False
     msg = failure.message
     return any(msg.startswith(name + ":") or f" {name}:" in msg[:200] for name in DETERMINISTIC_ERRORS)
+
+
+# Out of memory: a restart of the same plan would run out of memory again, so an OOM failure is
+# never retried with the same plan (the controller stops, or falls back to a smaller plan).
+# Texts are matched case-insensitively in a worker's exception (its class and message, DeepSpeed's
+# wrapping keeps the original message) or Ray's error.
+GPU_OOM_TEXTS = ("cuda out of memory", "torch.outofmemoryerror", "torch.cuda.outofmemoryerror",
+                 "outofmemoryerror: cuda", "hip out of memory", "cublas_status_alloc_failed",
+                 "cudaerrormemoryallocation", "cuda error: out of memory")
+HOST_OOM_TEXTS = ("ray.exceptions.outofmemoryerror", "memory monitor", "running low on memory",
+                  "defaultcpuallocator: can't allocate memory", "std::bad_alloc")
+
+
+def classify_oom_text(text: str) -> Optional[FailureKind]:
+    """GPU_OOM or HOST_OOM when ``text`` (an exception's class and message) says a worker ran out of
+    memory, else None. GPU texts win (a CUDA OOM message may mention host memory too)."""
+    t = (text or "").lower()
+    if any(k in t for k in GPU_OOM_TEXTS):
+        return FailureKind.GPU_OOM
+    if any(k in t for k in HOST_OOM_TEXTS) or t.startswith("memoryerror") or " memoryerror" in t:
+        return FailureKind.HOST_OOM             # (Python's MemoryError: a host allocation failed)
+    return None
+
+
+def oom_failure(failure: "Failure") -> bool:
+    """Whether ``failure`` is an out-of-memory failure (never retried with the same plan)."""
+    return failure.kind in (FailureKind.GPU_OOM, FailureKind.HOST_OOM)
 
 
 class GangError(RuntimeError):

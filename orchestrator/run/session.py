@@ -17,6 +17,17 @@ Order (everything that can be wrong with the job is found before any resource is
    peaks per rank beside the simulator's prediction), written to state.json, events.jsonl and
    ``<run_dir>/summary.json``.
 
+Out of memory (a worker's CUDA OOM, Ray's memory monitor, a SIGKILL with the node's memory
+near its limit: see ``meshpilot.launch.group``) is never retried with the same plan. With a fixed
+plan the run fails with :func:`oom_message` (the kind, the measured and predicted peaks, the
+simulator's suggestions; ``meshpilot run`` exits 4). With ``plan: auto`` the session falls back
+(:func:`fallback_plan`) to the best-ranked plan not yet tried whose predicted peak (GPU for a
+GPU OOM, host per node for a host OOM) is below the failed plan's, at most ``max_fallbacks``
+times; the new plan resumes from the run's checkpoints only when its fingerprint and world size
+are the old plan's (the workers' checkpoint compatibility check), else it starts from step 0 in
+a fresh folder ``<run_dir>/fallback-<n>-<fingerprint>``. Each decision is an ``oom`` event in
+events.jsonl.
+
 Nothing here imports Ray, torch or :mod:`meshpilot.launch`.
 """
 from __future__ import annotations
@@ -37,19 +48,22 @@ from meshpilot.orchestrator.config.loader import dump_job
 from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
-from meshpilot.orchestrator.run.controller import Controller, FailurePolicy, Outcome, TransitionHook
-from meshpilot.orchestrator.run.protocol import DEFAULT_WORKER, MEMORY_PEAK_KEYS, JobStatus, Progress, WorkerGroup
+from meshpilot.orchestrator.plan.text import fingerprint as plan_fingerprint
+from meshpilot.orchestrator.run.controller import Controller, FailurePolicy, Outcome, PlanSwitch, TransitionHook
+from meshpilot.orchestrator.run.protocol import (DEFAULT_WORKER, MEMORY_PEAK_KEYS, Failure, FailureKind, JobStatus,
+                                                 Progress, WorkerGroup)
 from meshpilot.orchestrator.run.store import (PRIVATE, TERMINAL_STATES, JobState, RunLock, RunStore, new_run_id,
                                               safe_run_id)
 from meshpilot.orchestrator.sim.estimate import Estimate
 from meshpilot.orchestrator.sim.flops import mfu as mfu_of
-from meshpilot.orchestrator.sim.planner import choose_plan
+from meshpilot.orchestrator.sim.planner import choose_plan, search
 from meshpilot.orchestrator.sim.simulator import simulate, suggestions
 
 log = logging.getLogger("meshpilot.run")
 
-# (run_dir, log_path(rank)) -> the worker group of the run
-GroupFactory = Callable[[str, Callable[[int], str]], WorkerGroup]
+# (run_dir, log_path(rank)) -> the worker group of the run; after an out-of-memory fallback it is
+# called with the new plan too, as make_group(run_dir, log_path, plan=plan)
+GroupFactory = Callable[..., WorkerGroup]
 ProgressHook = Callable[[Progress, Optional[float]], None]      # (rank 0's progress, tokens/s or None)
 
 
@@ -136,6 +150,56 @@ def check_resume_steps(run_dir: Path, steps: int) -> None:
     if int(meta.get("total_steps") or steps) != steps:
         log.warning("train.steps=%d: extending the run resumed at step %d (its checkpoint was written by a run of %s "
                     "steps); the learning-rate schedule changes from there", steps, step, meta.get("total_steps"))
+
+
+# --- out of memory ----------------------------------------------------------------------------
+
+def oom_message(failure: Failure, job: JobConfig, plan: Plan, estimate: Optional[Estimate]) -> str:
+    """Why the run stops on an out-of-memory failure: the kind, the measured peak ("-" when the
+    worker reported none), the simulator's predicted peak and its suggestions."""
+    gpu = failure.kind is FailureKind.GPU_OOM
+    measured = "-" if failure.memory_peak_gib is None else f"{failure.memory_peak_gib:.2f} GiB"
+    if estimate is None:
+        predicted = "-"
+    elif gpu:
+        predicted = f"{estimate.peak_memory_gib:.2f} GiB per GPU (of {estimate.gpu_memory_gib:.2f} GiB)"
+    else:
+        predicted = (f"{estimate.cpu_memory_gib_per_node:.2f} GiB host memory per node (of "
+                     f"{estimate.cpu_memory_available_gib:.2f} GiB); {estimate.peak_memory_gib:.2f} GiB per GPU")
+    try:
+        tips = suggestions(plan, job)[:4]
+    except Exception as e:          # never lose the message for want of suggestions
+        log.warning("no suggestions: %s", e)
+        tips = []
+    who = f" on rank {failure.rank}" if failure.rank is not None else ""
+    return (f"out of memory ({failure.kind.value}){who} with plan {plan.describe()}: measured peak {measured}, "
+            f"predicted peak {predicted}; not retried with the same plan. "
+            + ("Suggestions: " + ", ".join(tips) if tips else "Suggestions: a larger cluster or a smaller batch")
+            + f". Cause: {failure.message[:300]}")
+
+
+def fallback_plan(job: JobConfig, failed: list[Plan], kind: FailureKind, below_gib: float,
+                  *, headroom: float = 0.05) -> Optional[tuple[Plan, Estimate]]:
+    """The planner's best-ranked fitting plan, not one of ``failed``, whose predicted peak (per GPU
+    for a GPU OOM, host memory per node for a host OOM) is below ``below_gib``; None if none."""
+    res = search(job, headroom=headroom, top=1)
+    tried = {plan_fingerprint(p) for p in failed}
+    vals = res.scores.peak_gib if kind is FailureKind.GPU_OOM else res.scores.cpu_node_gib
+    for i in res.ranked:
+        i = int(i)
+        if float(vals[i]) >= below_gib:
+            continue
+        p = res.arrays.plan(i)
+        if plan_fingerprint(p) in tried:
+            continue
+        return p, simulate(job, p, headroom=headroom)
+    return None
+
+
+def can_resume(old: Plan, new: Plan) -> bool:
+    """Whether ``new`` can load ``old``'s checkpoints: the workers' check compares plan fingerprints
+    and world sizes (orchestrator/train/checkpoint.py)."""
+    return plan_fingerprint(old) == plan_fingerprint(new) and old.world_size == new.world_size
 
 
 # --- persisting and measuring the run -------------------------------------------------------
@@ -272,7 +336,8 @@ def summarize(job: JobConfig, plan: Plan, estimate: Optional[Estimate], outcome:
     peaks = {int(r.get("rank", i)): memory_peaks(r) for i, r in enumerate(results)}
     return dict(
         status=outcome.status.value, message=outcome.message, attempts=outcome.attempts, restarts=outcome.restarts,
-        failures=[str(f) for f in outcome.failures], plan=plan.describe(), world_size=plan.world_size,
+        failures=[str(f) for f in outcome.failures], out_of_memory=outcome.out_of_memory,
+        fallbacks=outcome.fallbacks, plan=plan.describe(), world_size=plan.world_size,
         wall_s=round(now - t_command, 3),
         time_to_first_step_s=round(first_step - t_command, 3) if first_step else None,
         # the phases of the first attempt's start-up; after a restart only the driver's and Ray's
@@ -355,10 +420,12 @@ class RunSession:
 
     def run(self, make_group: GroupFactory, policy: FailurePolicy, *,
             cancel_requested: Callable[[], bool] = lambda: False, on_progress: Optional[ProgressHook] = None,
-            on_transition: Optional[TransitionHook] = None) -> Outcome:
+            on_transition: Optional[TransitionHook] = None, max_fallbacks: int = 2) -> Outcome:
         """Drive the controller to a terminal state. ``cancel_requested`` is polled besides the run's
-        cancel file; ``on_progress`` / ``on_transition`` are called after the state is persisted."""
-        group = make_group(str(self.run_dir.resolve()), lambda r: str(self.store.rank_log(r).resolve()))
+        cancel file; ``on_progress`` / ``on_transition`` are called after the state is persisted.
+        ``max_fallbacks``: plan changes after out-of-memory failures (``plan: auto`` only)."""
+        log_path = lambda r: str(self.store.rank_log(r).resolve())          # noqa: E731
+        group = make_group(str(self.run_dir.resolve()), log_path)
         persist = StatePersister(self.store, self.state)
         tput = Throughput(self.job.train.global_batch * self.job.train.seq_len)
 
@@ -383,8 +450,52 @@ class RunSession:
                         f"`meshpilot run <job> --run-dir {self.run_dir}` resumes")
             return cancel_requested() or self.store.cancel_requested()
 
+        tried: list[Plan] = [self.plan]
+
+        def on_oom(failure: Failure, fallbacks: int) -> Any:
+            plan, est = self.plan, self.estimate
+            stop = oom_message(failure, self.job, plan, est)
+            event = dict(failure=failure.kind.value, rank=failure.rank, plan=plan.describe(),
+                         measured_peak_gib=failure.memory_peak_gib,
+                         predicted_peak_gib=None if est is None else est.peak_memory_gib,
+                         predicted_host_gib_per_node=None if est is None else est.cpu_memory_gib_per_node)
+            if not self.job.plan.auto:
+                self.store.append_event("oom", decision="stop", reason="fixed plan", **event)
+                return stop
+            if fallbacks >= max_fallbacks:
+                self.store.append_event("oom", decision="stop", reason=f"max_fallbacks={max_fallbacks} reached",
+                                        **event)
+                return f"{stop} Gave up after {fallbacks} fallback plan(s) (--max-fallbacks={max_fallbacks})."
+            gpu = failure.kind is FailureKind.GPU_OOM
+            if est is None:
+                est = simulate(self.job, plan)
+            below = est.peak_memory_gib if gpu else est.cpu_memory_gib_per_node
+            nxt = fallback_plan(self.job, tried, failure.kind, below)
+            if nxt is None:
+                self.store.append_event("oom", decision="stop", reason="no fitting plan with a lower peak", **event)
+                return f"{stop} No other plan fits with a predicted peak below {below:.2f} GiB."
+            new_plan, new_est = nxt
+            tried.append(new_plan)
+            resume = can_resume(plan, new_plan)
+            n = len(tried) - 1
+            work_dir = self.run_dir if resume else self.run_dir / f"fallback-{n}-{plan_fingerprint(new_plan)}"
+            work_dir.mkdir(parents=True, exist_ok=True)
+            self.plan, self.estimate = new_plan, new_est
+            self.state.plan, self.state.world_size = new_plan.describe(), new_plan.world_size
+            where = "from the last checkpoint" if resume else f"from step 0 in {work_dir} (its checkpoints " \
+                    "cannot be loaded by the new plan)"
+            reason = (f"out of memory ({failure.kind.value}) with plan {plan.describe()} (predicted peak "
+                      f"{below:.2f} GiB): plan marked as not fitting; falling back to {new_plan.describe()} "
+                      f"(predicted {'peak' if gpu else 'host'} "
+                      f"{new_est.peak_memory_gib if gpu else new_est.cpu_memory_gib_per_node:.2f} GiB) {where}; "
+                      f"fallback {fallbacks + 1}/{max_fallbacks}")
+            self.store.append_event("oom", decision="fallback", new_plan=new_plan.describe(), resume=resume,
+                                    work_dir=str(work_dir), new_predicted_peak_gib=new_est.peak_memory_gib, **event)
+            new_group = make_group(str(work_dir.resolve()), log_path, plan=new_plan)
+            return PlanSwitch(new_group, reason, dict(plan=new_plan.describe(), resume=resume))
+
         ctl = Controller(group, policy, on_transition=transition, on_progress=progress,
-                         cancel_requested=stop_requested)
+                         cancel_requested=stop_requested, on_oom=on_oom)
         try:
             return ctl.run()
         except BaseException as e:                 # a controller bug or Ctrl-C: the gang is already torn down
