@@ -81,7 +81,10 @@ def _raylet_of(pid: int, raylets: set[int]) -> int:
 def _wait(pred, timeout: float, what: str, proc: subprocess.Popen):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        v = pred()
+        try:
+            v = pred()
+        except FileNotFoundError:      # a log the ranks have not created yet
+            v = None
         if v:
             return v
         if proc.poll() is not None:
