@@ -130,12 +130,13 @@ def _build(b: Bench, ep: int, device: Any, dtype: Any):
     from meshpilot.comm.layout import build_layout
     from meshpilot.orchestrator.config.schema import ModelConfig
     from meshpilot.strategies.moe import MoEFeedForward
+    from meshpilot.strategies.weights import RandomWeights
 
     world = torch.distributed.get_world_size()
     groups = build_process_groups(build_layout(dp=world, ep=ep, gpus_per_node=world))
     m = ModelConfig(name="bench", arch="mixtral", layers=b.layers, hidden=b.hidden, heads=16, ffn=b.ffn,
                     vocab=32000, num_experts=b.experts, top_k=b.top_k, capacity_factor=b.capacity_factor)
-    ours = nn.ModuleList(MoEFeedForward(m, ep_group=groups.ep, name_prefix=f"layers.{i}.mlp", seed=1234,
+    ours = nn.ModuleList(MoEFeedForward(m, ep_group=groups.ep, name_prefix=f"layers.{i}.mlp", weights=RandomWeights(1234),
                                         dtype=dtype, device=device) for i in range(b.layers))
     ds = nn.ModuleList()
     for i in range(b.layers):

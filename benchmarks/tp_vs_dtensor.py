@@ -273,8 +273,10 @@ def _fast_device_init(device) -> None:
         g = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         return torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std
 
-    tensor_parallel.full_normal = full_normal_on_device
-    model_mod.full_normal = full_normal_on_device
+    from meshpilot.strategies import init_utils
+    for mod in (init_utils, tensor_parallel, model_mod):          # init_utils: what RandomWeights calls
+        if hasattr(mod, "full_normal"):
+            mod.full_normal = full_normal_on_device
 
 
 def _worker(rank: int, world: int, port: int, b: Bench, results) -> None:

@@ -38,8 +38,10 @@ def _params(model_name: str, device: torch.device):
 
     def meta_normal(name, shape, std, seed):
         return torch.empty(shape, device="meta")
-    for mod in (model_mod, moe, tensor_parallel):
-        mod.full_normal = meta_normal
+    from meshpilot.strategies import init_utils
+    for mod in (init_utils, model_mod, moe, tensor_parallel):     # init_utils: what RandomWeights calls
+        if hasattr(mod, "full_normal"):
+            mod.full_normal = meta_normal
     with torch.device("meta"):
         model = build_model(ModelConfig(**model_preset(model_name)), Plan(zo_mode="mezo"), None, seed=0,
                             device="meta")

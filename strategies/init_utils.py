@@ -3,6 +3,8 @@
 Every parameter of the full (unsharded) model is drawn from its own generator, seeded by
 the job seed and a CRC of the parameter's full name. A sharded layer draws the full
 tensor and keeps its slice, so the same seed gives the same full weights for every tp/ep.
+Layers ask for weights through a :class:`~.weights.WeightSource`; its random kind,
+:class:`~.weights.RandomWeights`, calls :func:`full_normal` (a checkpoint is the other kind).
 (Drawing the full tensor on each rank costs start-up time only; for models larger than
 host memory, stage-3 construction under ``deepspeed.zero.Init`` is used instead.)
 
@@ -22,9 +24,25 @@ import torch
 
 
 def init_device() -> torch.device:
-    """The device :func:`full_normal` draws on: the default device if it is a GPU, else the CPU."""
+    """The device :func:`full_normal` draws on: the default device if it is a GPU; inside
+    ``deepspeed.zero.Init`` on a GPU rank (ZeRO-3), that rank's current GPU; else the CPU.
+    ZeRO-3 used to draw on the CPU: 61 s of the 7B model's 77 s to its first step on 2 x H200
+    against 0.2 s for the same draw on the GPU under tp=2
+    (benchmarks/results/2026-11-29-s2-h200x2/hf7b); drawing on the GPU also gives ZeRO-3 the
+    weights that stages 0-2 draw for the same seed on the same kind of GPU."""
     dev = torch.get_default_device()
-    return dev if dev.type == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        return dev
+    if zero_init_active() and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def zero_init_active() -> bool:
+    """Whether a ``deepspeed.zero.Init`` context is open (read from DeepSpeed's module, if imported)."""
+    import sys
+    zp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return zp is not None and getattr(zp, "zero_init_context", 0) > 0
 
 
 def full_normal(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
@@ -59,13 +77,5 @@ def base_device() -> str | None:
     layer, and a 32-layer model's ``.to()`` then exceeded Python's recursion limit
     (DeepSpeed 0.19.8). There the base weights are allocated; Init partitions each layer
     once its constructor returns."""
-    import sys
-    zp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    return None if zp is not None and getattr(zp, "zero_init_context", 0) > 0 else "meta"
+    return None if zero_init_active() else "meta"
 
-
-def shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    """The ``rank``-th of ``world`` equal contiguous chunks of ``t`` along ``dim`` (a copy)."""
-    if t.shape[dim] % world:
-        raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by {world}")
-    return t.chunk(world, dim=dim)[rank].contiguous().clone()

@@ -20,6 +20,7 @@ from meshpilot.orchestrator.config.schema import ModelConfig
 
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 from .tp_comm import copy_to_tp_region, group_size
+from .weights import WeightSource
 
 
 def _replicated(p: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
@@ -31,11 +32,12 @@ def _replicated(p: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torc
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 and cast back (LLaMA)."""
 
-    def __init__(self, hidden: int, eps: float, *, tp_group: Any = None, sequence_parallel: bool = False):
+    def __init__(self, hidden: int, eps: float, *, name: str, weights: WeightSource, tp_group: Any = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.eps, self.tp_group = eps, tp_group
         self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
-        self.weight = nn.Parameter(torch.ones(hidden))
+        self.weight = nn.Parameter(weights.ones(f"{name}.weight", (hidden,)))
         self.weight.meshpilot_sequence_parallel = self.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,12 +49,13 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """y = (x - mean) / sqrt(var + eps) * w + b (GPT-2 / OPT)."""
 
-    def __init__(self, hidden: int, eps: float, *, tp_group: Any = None, sequence_parallel: bool = False):
+    def __init__(self, hidden: int, eps: float, *, name: str, weights: WeightSource, tp_group: Any = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.eps, self.tp_group = eps, tp_group
         self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.weight = nn.Parameter(weights.ones(f"{name}.weight", (hidden,)))
+        self.bias = nn.Parameter(weights.zeros(f"{name}.bias", (hidden,)))
         for p in (self.weight, self.bias):
             p.meshpilot_sequence_parallel = self.sequence_parallel
 
@@ -62,9 +65,12 @@ class LayerNorm(nn.Module):
                             self.eps)
 
 
-def make_norm(cfg: ModelConfig, *, tp_group: Any, sequence_parallel: bool) -> nn.Module:
+def make_norm(cfg: ModelConfig, *, name: str, weights: WeightSource, tp_group: Any, sequence_parallel: bool
+              ) -> nn.Module:
+    """The architecture's norm over ``hidden``, parameters ``{name}.weight`` (and ``.bias``)."""
     cls = RMSNorm if cfg.arch in ("llama", "mixtral") else LayerNorm
-    return cls(cfg.hidden, cfg.norm_eps, tp_group=tp_group, sequence_parallel=sequence_parallel)
+    return cls(cfg.hidden, cfg.norm_eps, name=name, weights=weights, tp_group=tp_group,
+               sequence_parallel=sequence_parallel)
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, *, device: Any, dtype: torch.dtype
@@ -78,7 +84,12 @@ def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, *, device: Any, dt
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[b, heads, s, d]``: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)."""
+    """x ``[b, heads, s, d]``: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1).
+
+    The halves convention of Hugging Face's llama (its checkpoints' q/k rows are ordered for it;
+    Meta's original interleaved-pairs weights were permuted by the conversion script), so
+    Hugging Face checkpoints load without permuting q_proj/k_proj (tests/test_hf_checkpoint.py
+    compares the logits)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -93,10 +104,12 @@ class Attention(nn.Module):
     sequence shards with SP) and one leave (all-reduce, or reduce-scatter with SP); the
     backward mirrors them. Scores use torch's fused scaled_dot_product_attention
     (is_causal=True); positions are rotary (llama) or added at the embedding (gpt2/opt).
+    Biases: q, k, v and o for gpt2/opt; q, k, v only with ``cfg.qkv_bias`` (qwen2), split
+    with their rows.
     """
 
-    def __init__(self, cfg: ModelConfig, *, prefix: str, seed: int, tp_group: Any, sequence_parallel: bool,
-                 std: float, out_std: float):
+    def __init__(self, cfg: ModelConfig, *, prefix: str, weights: WeightSource, tp_group: Any,
+                 sequence_parallel: bool, std: float, out_std: float):
         super().__init__()
         h, a, k = cfg.hidden, cfg.heads, cfg.kv_heads or cfg.heads
         self.head_dim = h // a
@@ -104,13 +117,13 @@ class Attention(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         bias = cfg.arch in ("gpt2", "opt")
-        col = dict(seed=seed, std=std, tp_group=tp_group, bias=bias, sequence_parallel=sequence_parallel,
-                   comm_input=False)
+        col = dict(weights=weights, std=std, tp_group=tp_group, bias=bias or bool(cfg.qkv_bias),
+                   sequence_parallel=sequence_parallel, comm_input=False)
         d = self.head_dim
         self.q_proj = ColumnParallelLinear(h, a * d, name=f"{prefix}.q_proj", **col)
         self.k_proj = ColumnParallelLinear(h, k * d, name=f"{prefix}.k_proj", **col)
         self.v_proj = ColumnParallelLinear(h, k * d, name=f"{prefix}.v_proj", **col)
-        self.o_proj = RowParallelLinear(a * d, h, name=f"{prefix}.o_proj", seed=seed, std=out_std,
+        self.o_proj = RowParallelLinear(a * d, h, name=f"{prefix}.o_proj", weights=weights, std=out_std,
                                         tp_group=tp_group, bias=bias, sequence_parallel=sequence_parallel)
         # rotary tables by (seq, device, dtype): constants, not parameters or buffers
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -145,15 +158,16 @@ class SwiGLUMLP(nn.Module):
     """y = down(silu(gate(x)) * up(x)); gate/up [f, h] column-parallel, down [h, f]
     row-parallel: one enter and one leave per forward (as in :class:`Attention`)."""
 
-    def __init__(self, cfg: ModelConfig, *, prefix: str, seed: int, tp_group: Any, sequence_parallel: bool,
-                 std: float, out_std: float):
+    def __init__(self, cfg: ModelConfig, *, prefix: str, weights: WeightSource, tp_group: Any,
+                 sequence_parallel: bool, std: float, out_std: float):
         super().__init__()
         h, f = cfg.hidden, cfg.ffn
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        col = dict(seed=seed, std=std, tp_group=tp_group, sequence_parallel=sequence_parallel, comm_input=False)
+        col = dict(weights=weights, std=std, tp_group=tp_group, sequence_parallel=sequence_parallel,
+                   comm_input=False)
         self.gate_proj = ColumnParallelLinear(h, f, name=f"{prefix}.gate_proj", **col)
         self.up_proj = ColumnParallelLinear(h, f, name=f"{prefix}.up_proj", **col)
-        self.down_proj = RowParallelLinear(f, h, name=f"{prefix}.down_proj", seed=seed, std=out_std,
+        self.down_proj = RowParallelLinear(f, h, name=f"{prefix}.down_proj", weights=weights, std=out_std,
                                            tp_group=tp_group, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,14 +179,14 @@ class GeluMLP(nn.Module):
     """y = down(act(up(x))) with biases; act = GELU (tanh approximation, GPT-2) or ReLU (OPT).
     up [f, h] column-parallel, down [h, f] row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, *, prefix: str, seed: int, tp_group: Any, sequence_parallel: bool,
-                 std: float, out_std: float):
+    def __init__(self, cfg: ModelConfig, *, prefix: str, weights: WeightSource, tp_group: Any,
+                 sequence_parallel: bool, std: float, out_std: float):
         super().__init__()
         h, f = cfg.hidden, cfg.ffn
         self.relu = cfg.arch == "opt"
-        self.up_proj = ColumnParallelLinear(h, f, name=f"{prefix}.up_proj", seed=seed, std=std, tp_group=tp_group,
-                                            bias=True, sequence_parallel=sequence_parallel)
-        self.down_proj = RowParallelLinear(f, h, name=f"{prefix}.down_proj", seed=seed, std=out_std,
+        self.up_proj = ColumnParallelLinear(h, f, name=f"{prefix}.up_proj", weights=weights, std=std,
+                                            tp_group=tp_group, bias=True, sequence_parallel=sequence_parallel)
+        self.down_proj = RowParallelLinear(f, h, name=f"{prefix}.down_proj", weights=weights, std=out_std,
                                            tp_group=tp_group, bias=True, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,23 +19,36 @@ parameters, whose names are the MoE layer's business)::
     tok_embed.weight                    [V, h]   vocab-parallel (rows, padded to a multiple of tp)
     pos_embed.weight                    [P, h]   gpt2 (P = max_positions), opt (P = max_positions + 2)
     blocks.{i}.attn_norm.weight (.bias) [h]      RMSNorm (llama/mixtral) or LayerNorm (gpt2/opt)
-    blocks.{i}.attn.{q,k,v}_proj.weight (.bias)  column-parallel (rows)
+    blocks.{i}.attn.{q,k,v}_proj.weight (.bias)  column-parallel (rows); biases for gpt2/opt and with
+                                                 ``qkv_bias`` (qwen2)
     blocks.{i}.attn.o_proj.weight (.bias)        row-parallel (columns); bias replicated
     blocks.{i}.mlp_norm.weight (.bias)
     blocks.{i}.mlp.{gate,up}_proj.weight         llama SwiGLU, column-parallel
     blocks.{i}.mlp.up_proj.weight/.bias          gpt2/opt GELU/ReLU MLP, column-parallel
     blocks.{i}.mlp.down_proj.weight (.bias)      row-parallel
-    blocks.{i}.mlp.*                             MoE layer (when is_moe_layer(cfg, i)); expert params
-                                                 carry ``param.meshpilot_expert = True``
+    blocks.{i}.mlp.*                             MoE layer (when is_moe_layer(cfg, i)): router.weight [E, h],
+                                                 w1, w3 [E, f, h], w2 [E, h, f] stacked over experts
+                                                 (the weight source names one expert's tensor
+                                                 ``blocks.{i}.mlp.experts.{e}.w1``); expert params carry
+                                                 ``param.meshpilot_expert = True``
     final_norm.weight (.bias)
     lm_head.weight                      [V, h]   column-parallel; absent when tied (the head
                                                  uses tok_embed.weight)
 
 Weight decay rule (:func:`decays`): no decay on biases and norm parameters, decay on
-every other parameter. Initialisation: N(0, 0.02^2) for every weight matrix and
-embedding, N(0, (0.02/sqrt(2L))^2) for the residual output projections (o_proj,
-down_proj), ones for norm weights, zeros for biases; every tensor is drawn in full by
-:func:`full_normal` from its full name, so it does not depend on tp or ep.
+every other parameter.
+
+Weights come from one :class:`~.weights.WeightSource` per build, asked for each parameter by
+its full name (and the part a sharded layer keeps):
+
+- random (``cfg.path`` unset): N(0, 0.02^2) for every weight matrix and embedding,
+  N(0, (0.02/sqrt(2L))^2) for the residual output projections (o_proj, down_proj), ones for
+  norm weights, zeros for biases; every tensor is drawn in full by :func:`full_normal` from
+  its full name and ``seed``, so it does not depend on tp or ep;
+- a Hugging Face model directory (``cfg.path``, :mod:`.hf_checkpoint`): every tensor,
+  norms and biases included, read from its safetensors files (a tp rank reads its rows or
+  columns, an ep rank its experts; under ZeRO-3's ``zero.Init`` each layer's tensors are read
+  as the layer is built and partitioned right after).
 """
 from __future__ import annotations
 
@@ -54,11 +67,11 @@ from meshpilot.orchestrator.config.schema import ModelConfig
 from meshpilot.orchestrator.config.models import fill_model_defaults, is_moe_layer
 from meshpilot.orchestrator.plan.plan import Plan
 
-from .init_utils import full_normal
 from .layers import Attention, GeluMLP, SwiGLUMLP, _replicated, make_norm
 from .tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding, enter_tp_region, mean_over_tokens,
                               vocab_parallel_cross_entropy)
 from .tp_comm import all_gather_no_grad, gather_from_tp_region, group_rank, group_size
+from .weights import RandomWeights, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +98,23 @@ class Block(nn.Module):
     the whole block is recomputed in backward (torch.utils.checkpoint, use_reentrant=False;
     the recompute repeats the block's tensor-parallel collectives)."""
 
-    def __init__(self, cfg: ModelConfig, i: int, *, seed: int, tp_group: Any, ep_group: Any,
+    def __init__(self, cfg: ModelConfig, i: int, *, weights: WeightSource, tp_group: Any, ep_group: Any,
                  sequence_parallel: bool, dtype: torch.dtype, device: Any):
         super().__init__()
         prefix = f"blocks.{i}"
         std, out_std = INIT_STD, INIT_STD / math.sqrt(2 * cfg.layers)
-        common = dict(seed=seed, tp_group=tp_group, sequence_parallel=sequence_parallel, std=std, out_std=out_std)
-        self.attn_norm = make_norm(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
+        common = dict(weights=weights, tp_group=tp_group, sequence_parallel=sequence_parallel, std=std,
+                      out_std=out_std)
+        norm = dict(weights=weights, tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.attn_norm = make_norm(cfg, name=f"{prefix}.attn_norm", **norm)
         self.attn = Attention(cfg, prefix=f"{prefix}.attn", **common)
-        self.mlp_norm = make_norm(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.mlp_norm = make_norm(cfg, name=f"{prefix}.mlp_norm", **norm)
         self.is_moe = is_moe_layer(cfg, i)
         if self.is_moe:
             from .moe import MoEFeedForward  # lazy: the MoE layer is optional for dense models
             self.mlp = MoEFeedForward(cfg, ep_group=ep_group, tp_group=tp_group, name_prefix=f"{prefix}.mlp",
-                                      seed=seed, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
+                                      weights=weights, dtype=dtype, device=device,
+                                      sequence_parallel=sequence_parallel)
         elif cfg.arch in ("llama", "mixtral"):
             self.mlp = SwiGLUMLP(cfg, prefix=f"{prefix}.mlp", **common)
         else:
@@ -118,7 +134,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. See the module docstring for the interface and parameter names."""
 
-    def __init__(self, cfg: ModelConfig, *, seed: int, tp_group: Any = None, ep_group: Any = None,
+    def __init__(self, cfg: ModelConfig, *, weights: WeightSource, tp_group: Any = None, ep_group: Any = None,
                  sequence_parallel: bool = False, dtype: torch.dtype = torch.float32, device: Any = "cpu"):
         super().__init__()
         cfg = resolved_model_config(cfg)
@@ -127,13 +143,13 @@ class Transformer(nn.Module):
         sp = bool(sequence_parallel) and group_size(tp_group) > 1
         self.sequence_parallel = sp
         self.tied = bool(cfg.tie_embeddings)
-        self.tok_embed = VocabParallelEmbedding(cfg.vocab, cfg.hidden, name="tok_embed", seed=seed, std=INIT_STD,
-                                                tp_group=tp_group, sequence_parallel=sp)
+        self.tok_embed = VocabParallelEmbedding(cfg.vocab, cfg.hidden, name="tok_embed", weights=weights,
+                                                std=INIT_STD, tp_group=tp_group, sequence_parallel=sp)
         self.pos_offset = 2 if cfg.arch == "opt" else 0
         if cfg.arch in ("gpt2", "opt"):
             n_pos = cfg.max_positions + self.pos_offset
             self.pos_embed = nn.Embedding(n_pos, cfg.hidden,
-                                          _weight=full_normal("pos_embed.weight", (n_pos, cfg.hidden), INIT_STD, seed))
+                                          _weight=weights.normal("pos_embed.weight", (n_pos, cfg.hidden), INIT_STD))
             self.pos_embed.weight.meshpilot_sequence_parallel = sp
         else:
             self.pos_embed = None
@@ -141,13 +157,13 @@ class Transformer(nn.Module):
         # casting the whole model at the end held all of it in fp32 plus its cast at once (6 bytes a
         # parameter for bf16: 78 GB per rank of a 13B zeroth-order model, which builds on the host)
         self.blocks = nn.ModuleList(
-            Block(cfg, i, seed=seed, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sp, dtype=dtype,
+            Block(cfg, i, weights=weights, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sp, dtype=dtype,
                   device=device).to(device=device, dtype=dtype) for i in range(cfg.layers))
-        self.final_norm = make_norm(cfg, tp_group=tp_group, sequence_parallel=sp)
+        self.final_norm = make_norm(cfg, name="final_norm", weights=weights, tp_group=tp_group, sequence_parallel=sp)
         if self.tied:
             self.lm_head = None
         else:
-            self.lm_head = ColumnParallelLinear(cfg.hidden, cfg.vocab, name="lm_head", seed=seed, std=INIT_STD,
+            self.lm_head = ColumnParallelLinear(cfg.hidden, cfg.vocab, name="lm_head", weights=weights, std=INIT_STD,
                                                 tp_group=tp_group, comm_input=False,
                                                 pad_out_to=self.tok_embed.vocab_padded)
         self.to(device=device, dtype=dtype)
@@ -254,11 +270,21 @@ class Transformer(nn.Module):
         return out
 
 
+def weight_source(cfg: ModelConfig, seed: int) -> WeightSource:
+    """The weights of a build: the Hugging Face directory ``cfg.path`` when set, else random from ``seed``."""
+    if cfg.path:
+        from .hf_checkpoint import CheckpointWeights   # lazy: random builds need no safetensors
+        return CheckpointWeights(cfg.path, cfg)
+    return RandomWeights(seed)
+
+
 def build_model(cfg: ModelConfig, plan: Plan, groups: Any | None, *, seed: int, dtype: torch.dtype = torch.float32,
-                device: Any = "cpu") -> Transformer:
+                device: Any = "cpu", weights: WeightSource | None = None) -> Transformer:
     """The model for ``plan`` on this rank. ``groups`` is the rank's
     :class:`~meshpilot.comm.groups.ProcessGroups` (None: single process, no parallelism, the
-    plan's degrees are ignored). Applies activation checkpointing when the plan asks for it."""
+    plan's degrees are ignored). Applies activation checkpointing when the plan asks for it.
+    Weights: ``weights`` when given, else :func:`weight_source` (``cfg.path``'s checkpoint, or
+    random from ``seed``)."""
     if groups is None:
         tp_group = ep_group = None
         sp = False
@@ -268,13 +294,19 @@ def build_model(cfg: ModelConfig, plan: Plan, groups: Any | None, *, seed: int, 
                              f"{groups.tp_size} ranks")
         tp_group, ep_group = groups.tp, groups.ep
         sp = plan.sequence_parallel and plan.tp > 1
-    model = Transformer(cfg, seed=seed, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sp, dtype=dtype,
-                        device=device)
+    source = weights if weights is not None else weight_source(resolved_model_config(cfg), seed)
+    try:
+        model = Transformer(cfg, weights=source, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sp,
+                            dtype=dtype, device=device)
+    finally:
+        if weights is None:
+            source.close()
     if plan.checkpoints_activations:
         apply_activation_checkpointing(model)
     n_local = sum(p.numel() for p in model.parameters())
-    log.info("rank %d: built %s model (%d layers, tp=%d, sp=%s, ep=%d): %.3fM local parameters", _rank(),
-             model.cfg.arch, model.cfg.layers, group_size(tp_group), sp, group_size(ep_group), n_local / 1e6)
+    log.info("rank %d: built %s model (%d layers, tp=%d, sp=%s, ep=%d) from %s: %.3fM local parameters", _rank(),
+             model.cfg.arch, model.cfg.layers, group_size(tp_group), sp, group_size(ep_group), source.describe(),
+             n_local / 1e6)
     return model
 
 

@@ -27,9 +27,13 @@ Parallelism
   data-parallel group: that is the job of the data-parallel wrapper (ZeRO), which can tell
   the expert parameters by ``param.meshpilot_expert``.
 
-Initialisation is layout independent: every full expert weight is drawn with
-:func:`.init_utils.full_normal` under its full-model name ``{name_prefix}.experts.{e}.w1``
-(etc.) and sliced, so ep=1 and ep=4 (and any tp) hold the same experts.
+Weights come from the :class:`~.weights.WeightSource` under their full-model names: the router
+``{name_prefix}.router.weight`` [E, h] and each expert's ``{name_prefix}.experts.{e}.w1`` [f, h],
+``w3`` [f, h], ``w2`` [h, f] (``fc1``/``fc1_bias``/``fc2``/``fc2_bias`` for gpt2/opt experts). A rank
+asks only for its local experts and, under expert tensor parallelism, only its slice of f; a
+random source draws each full expert tensor and slices it, so ep=1 and ep=4 (and any tp) hold
+the same experts, and a checkpoint source reads just those rows. The parameters stack the local
+experts: ``w1`` [E/ep, f/tp, h] etc.
 """
 from __future__ import annotations
 
@@ -47,8 +51,9 @@ from meshpilot.orchestrator.config.models import llama_ffn
 
 from .expert_parallel import all_to_all, exchange_counts, gather_sequence_replicated
 from .tp_comm import copy_to_tp_region, group_rank, group_size, reduce_from_tp_region, scatter_to_sequence_region
-from .init_utils import AssignedInit, base_device, full_normal, shard
+from .init_utils import AssignedInit, base_device
 from .router import Routing, route_top_k
+from .weights import Part, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, model_cfg: ModelConfig, *, ep_group: Any, tp_group: Any = None, name_prefix: str,
-                 seed: int, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                 weights: WeightSource, dtype: torch.dtype = torch.float32, device: Any = "cpu",
                  sequence_parallel: bool = False, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001,
                  capacity_factor: float | None = None, normalize_top_k: bool | None = None,
                  init_std: float = 0.02, out_init_std: float | None = None, expert_compute: str = "auto"):
@@ -142,17 +147,18 @@ class MoEFeedForward(nn.Module):
 
         h = m.hidden
         self.router = _Router(h, E, bias=False, device=base_device())
-        self.router.weight = param(full_normal(f"{name_prefix}.router.weight", (E, h), init_std, seed), False)
+        self.router.weight = param(weights.normal(f"{name_prefix}.router.weight", (E, h), init_std), False)
 
         local = range(self.expert_offset, self.expert_offset + self.num_local_experts)
 
         def stacked(name: str, shape: tuple[int, ...], std: float, dim: int | None) -> nn.Parameter:
             """Local experts' slices of ``name`` stacked on dim 0; ``dim`` (of the full weight) split over tp."""
             parts = []
+            part = None if dim is None else Part.chunk(dim, self.tp_rank, tp, shape[dim])
             for e in local:
-                full = (full_normal(f"{name_prefix}.experts.{e}.{name}", shape, std, seed) if std > 0
-                        else torch.zeros(shape))
-                parts.append(full if dim is None else shard(full, dim, self.tp_rank, tp))
+                full_name = f"{name_prefix}.experts.{e}.{name}"
+                parts.append(weights.normal(full_name, shape, std, part) if std > 0
+                             else weights.zeros(full_name, shape, part))
             p = param(torch.stack(parts), True)
             p.meshpilot_ep_dim = 0                       # stacking dim (global expert = offset + index)
             if dim is not None:

@@ -1,8 +1,9 @@
 """Megatron-style tensor-parallel layers and the vocabulary-parallel cross-entropy.
 
-Every layer is built from the FULL parameter name and draws the full tensor with
-:func:`full_normal`, keeping its shard, so the same seed gives the same full weights for
-every tensor-parallel degree. With ``tp_group=None`` (or one rank) the layers are plain
+Every layer is built from the FULL parameter name: it asks its
+:class:`~.weights.WeightSource` for its shard of the full tensor (random: the full tensor is
+drawn and sliced, so the same seed gives the same full weights for every tensor-parallel
+degree; a checkpoint: only the shard is read). With ``tp_group=None`` (or one rank) the layers are plain
 ``nn.Linear`` / ``nn.Embedding`` modules doing no communication (which is also what
 PyTorch's DTensor ``parallelize_module`` expects to find).
 
@@ -28,7 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .init_utils import AssignedInit, base_device, full_normal, shard
+from .init_utils import AssignedInit, base_device
+from .weights import Part, WeightSource
 from .tp_comm import (_all_reduce, copy_to_tp_region, gather_from_sequence_region, group_rank, group_size,
                       reduce_from_tp_region, reduce_scatter_to_sequence_region)
 
@@ -70,7 +72,7 @@ class ColumnParallelLinear(AssignedInit, nn.Linear):
     :func:`enter_tp_region` once. The output stays split (no gather).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, name: str, seed: int, std: float,
+    def __init__(self, in_features: int, out_features: int, *, name: str, weights: WeightSource, std: float,
                  tp_group: Any = None, bias: bool = False, sequence_parallel: bool = False,
                  comm_input: bool = True, pad_out_to: int | None = None):
         t, r = group_size(tp_group), group_rank(tp_group)
@@ -80,12 +82,11 @@ class ColumnParallelLinear(AssignedInit, nn.Linear):
         super().__init__(in_features, full_out // t, bias=bias, device=base_device())
         self.tp_group, self.sequence_parallel, self.comm_input = tp_group, sequence_parallel, comm_input
         self.full_out = out_features
-        w = full_normal(f"{name}.weight", (out_features, in_features), std, seed)
-        if full_out > out_features:
-            w = torch.cat([w, w.new_zeros(full_out - out_features, in_features)])
-        self.weight = mark_tp(nn.Parameter(shard(w, 0, r, t)), 0, out_features)
+        rows = Part.chunk(0, r, t, full_out)       # rows past out_features: padding (zeros)
+        w = weights.normal(f"{name}.weight", (out_features, in_features), std, rows)
+        self.weight = mark_tp(nn.Parameter(w), 0, out_features)
         if bias:
-            self.bias = mark_tp(nn.Parameter(torch.zeros(full_out // t)), 0, out_features)
+            self.bias = mark_tp(nn.Parameter(weights.zeros(f"{name}.bias", (out_features,), rows)), 0, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.comm_input:
@@ -104,17 +105,17 @@ class RowParallelLinear(AssignedInit, nn.Linear):
     reduction; on sequence shards its gradient is all-reduced over tp inside the graph.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, name: str, seed: int, std: float,
+    def __init__(self, in_features: int, out_features: int, *, name: str, weights: WeightSource, std: float,
                  tp_group: Any = None, bias: bool = False, sequence_parallel: bool = False):
         t, r = group_size(tp_group), group_rank(tp_group)
         if in_features % t:
             raise ValueError(f"{name}: input size {in_features} is not divisible by tp={t}")
         super().__init__(in_features // t, out_features, bias=bias, device=base_device())
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        w = full_normal(f"{name}.weight", (out_features, in_features), std, seed)
-        self.weight = mark_tp(nn.Parameter(shard(w, 1, r, t)), 1, in_features)
+        w = weights.normal(f"{name}.weight", (out_features, in_features), std, Part.chunk(1, r, t, in_features))
+        self.weight = mark_tp(nn.Parameter(w), 1, in_features)
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features))
+            self.bias = nn.Parameter(weights.zeros(f"{name}.bias", (out_features,)))
             self.bias.meshpilot_sequence_parallel = sequence_parallel and t > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,18 +137,16 @@ class VocabParallelEmbedding(AssignedInit, nn.Embedding):
     with sequence parallelism reduce-scatter onto sequence shards / all-gather backward.
     """
 
-    def __init__(self, vocab: int, hidden: int, *, name: str, seed: int, std: float, tp_group: Any = None,
-                 sequence_parallel: bool = False):
+    def __init__(self, vocab: int, hidden: int, *, name: str, weights: WeightSource, std: float,
+                 tp_group: Any = None, sequence_parallel: bool = False):
         t, r = group_size(tp_group), group_rank(tp_group)
         v_pad = pad_to_multiple(vocab, t)
         super().__init__(v_pad // t, hidden, device=base_device())
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.vocab, self.vocab_padded = vocab, v_pad
         self.vocab_start = r * (v_pad // t)
-        w = full_normal(f"{name}.weight", (vocab, hidden), std, seed)
-        if v_pad > vocab:
-            w = torch.cat([w, w.new_zeros(v_pad - vocab, hidden)])
-        self.weight = mark_tp(nn.Parameter(shard(w, 0, r, t)), 0, vocab)
+        w = weights.normal(f"{name}.weight", (vocab, hidden), std, Part.chunk(0, r, t, v_pad))
+        self.weight = mark_tp(nn.Parameter(w), 0, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.tp_group) == 1:

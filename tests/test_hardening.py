@@ -612,7 +612,7 @@ def test_layout_of_a_very_large_world_is_summarised(capsys):
                               "plan.dp=16384", "train.global_batch=16384", "plan.micro_batch=1")
     assert rc == 0, err
     assert "the last 8 of 16384" in out and "16383" in out and "(16384 ranks)" in out
-    assert out.count("\n") < 150 and time.time() - t0 < 30
+    assert out.count("\n") < 180 and time.time() - t0 < 30
 
 
 # --- slow: a real checkpoint damaged on disk (DeepSpeed, gloo, one process) ---------------------------------

@@ -25,6 +25,7 @@ from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.strategies.init_utils import full_normal
 from meshpilot.strategies.moe import MoEFeedForward
 from meshpilot.strategies.router import expert_capacity
+from meshpilot.strategies.weights import RandomWeights
 
 SEED = 11
 PREFIX = "layers.1.mlp"
@@ -39,7 +40,7 @@ def cfg(arch: str = "mixtral", experts: int = 4, k: int = 2, hidden: int = 16, f
 
 def layer(m: ModelConfig, **kw) -> MoEFeedForward:
     kw.setdefault("ep_group", None)
-    return MoEFeedForward(m, name_prefix=PREFIX, seed=SEED, **STD, **kw)
+    return MoEFeedForward(m, name_prefix=PREFIX, weights=RandomWeights(SEED), **STD, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,3 +125,18 @@ def test_presets_never_truncate_names_in_a_pipe_or_a_narrow_terminal():
     wide = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
     print_table(wide, "models", MODEL_COLUMNS, model_rows())
     assert "┃ name" in wide.file.getvalue() and "…" not in wide.file.getvalue()
+
+
+def test_qwen2_count_includes_qkv_biases(tmp_path):
+    """Qwen2-0.5B's config.json (0.49B parameters in the Qwen2 report): the count by hand, with the q/k/v
+    biases (896 + 2 * 128 per layer) that a llama-style count without them misses."""
+    import json
+    cfg = {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+           "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+           "max_position_embeddings": 32768, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = job_from_dict({"model": str(tmp_path / "config.json"), "cluster": "h100-sxm-4", "train": {"seq_len": 8}}).model
+    assert m.qkv_bias and m.rope_theta == 1e6
+    h, d, L = 896, 64, 24
+    per_layer = 2 * h * h + 2 * h * 2 * d + (h + 2 * 2 * d) + 3 * h * 4864 + 2 * h
+    assert param_counts(m).total == 151936 * h + L * per_layer + h == 494_032_768

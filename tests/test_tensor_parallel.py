@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from meshpilot.strategies.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                   vocab_parallel_cross_entropy)
+from meshpilot.strategies.weights import RandomWeights
 from meshpilot.strategies.tp_comm import (all_gather_no_grad, copy_to_tp_region, gather_from_sequence_region,
                                           gather_from_tp_region, reduce_from_tp_region,
                                           reduce_scatter_to_sequence_region, scatter_to_tp_region)
@@ -30,9 +31,10 @@ def _inputs():
 
 
 def _mlp(group, sp: bool):
-    col = ColumnParallelLinear(H, F_HID, name="t.col", seed=SEED, std=0.3, tp_group=group, bias=True,
+    w = RandomWeights(SEED)
+    col = ColumnParallelLinear(H, F_HID, name="t.col", weights=w, std=0.3, tp_group=group, bias=True,
                                sequence_parallel=sp)
-    row = RowParallelLinear(F_HID, OUT, name="t.row", seed=SEED, std=0.3, tp_group=group, bias=True,
+    row = RowParallelLinear(F_HID, OUT, name="t.row", weights=w, std=0.3, tp_group=group, bias=True,
                             sequence_parallel=sp)
     return col, row
 
@@ -59,7 +61,7 @@ def _run_layers(group, inp, sp: bool):
 
 def _run_embedding_and_ce(group, inp):
     t = 1 if group is None else dist.get_world_size(group)
-    emb = VocabParallelEmbedding(V, H, name="t.emb", seed=SEED, std=1.0, tp_group=group)
+    emb = VocabParallelEmbedding(V, H, name="t.emb", weights=RandomWeights(SEED), std=1.0, tp_group=group)
     y = emb(inp["ids"])
     (y * inp["e"]).sum().backward()
     w_grad = emb.weight.grad if group is None else all_gather_no_grad(emb.weight.grad, 0, group)

@@ -1,8 +1,10 @@
 """``meshpilot validate JOB [overrides]``: the resolved configuration and the rank layout.
 
 Also checks what ``meshpilot run`` checks before Ray starts: the output folder is writable and
-a token file named by ``train.data`` matches the model's vocabulary. Worlds of more than
-:data:`FULL_LAYOUT_RANKS` ranks show the first and last ranks of the layout only."""
+the data named by ``train.data`` match the model's vocabulary and hold enough samples (a dataset
+is prepared first when its cache is missing; a warning when the steps read the data more than
+once). Worlds of more than :data:`FULL_LAYOUT_RANKS` ranks show the first and last ranks of the
+layout only."""
 from __future__ import annotations
 
 from rich.console import Console
@@ -27,10 +29,12 @@ def run(args) -> int:
     console = Console()
     job = load_job(args.job, args.overrides)
     plan = None if job.plan.auto else resolve_plan(job)
-    check_inputs(job)
+    notes = check_inputs(job)           # a dataset is prepared (tokenized) here when its cache is missing
     console.print(Syntax(dump_job(job), "yaml", theme="ansi_dark", background_color="default"))
     pc = param_counts(job.model)
     console.print(f"model {escape(job.model.name)}: {pc.total:,} parameters ({pc.active:,} active per token)")
+    for note in notes:
+        console.print(f"[yellow]warning[/yellow]: {escape(note)}", soft_wrap=True)
     if job.plan.auto:
         console.print("plan: auto (the planner chooses the layout: `meshpilot plan` prints it)")
         return 0

@@ -17,7 +17,9 @@ from meshpilot.orchestrator.errors import ConfigError, shown
 _COMMAND_MODULES = (
     "meshpilot.orchestrator.cli.cmd_presets",
     "meshpilot.orchestrator.cli.cmd_validate",
+    "meshpilot.orchestrator.cli.cmd_data",
     "meshpilot.orchestrator.cli.cmd_probe",
+    "meshpilot.orchestrator.cli.cmd_calibrate",
     "meshpilot.orchestrator.cli.cmd_run",
     "meshpilot.orchestrator.cli.cmd_status",
     "meshpilot.orchestrator.cli.cmd_logs",
@@ -25,6 +27,7 @@ _COMMAND_MODULES = (
     "meshpilot.orchestrator.cli.cmd_simulate",
     "meshpilot.orchestrator.cli.cmd_plan",
     "meshpilot.orchestrator.cli.cmd_submit",
+    "meshpilot.orchestrator.cli.cmd_export",
 )
 
 

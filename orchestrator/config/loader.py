@@ -2,7 +2,8 @@
 
 Order of operations (each step raises :class:`ConfigError` naming the full key):
 1. read the YAML file (a mapping with the sections model, cluster, train, plan);
-2. resolve section shorthands: ``model: <preset | config.json>``, ``cluster: <preset | file>``,
+2. resolve section shorthands: ``model: <preset | config.json | HF model directory>`` (also
+   ``model: {path: DIR, ...}``), ``cluster: <preset | file>``,
    ``plan: auto``;
 3. apply the overrides left to right, so ``cluster=dgx-h100 cluster.nodes=128`` first
    replaces the cluster by the preset and then changes one of its fields;
@@ -18,9 +19,9 @@ import dataclasses
 import difflib
 import io
 import math
+import os
 import re
 import typing
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,9 +31,11 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 import meshpilot.orchestrator.config.schema as C
 from meshpilot.orchestrator.config.clusters import cluster_preset
 from meshpilot.orchestrator.config.deepspeed_keys import DEEPSPEED_TOP_LEVEL_KEYS
-from meshpilot.orchestrator.config.inputs import check_path_text
+from meshpilot.orchestrator.config.inputs import check_dataset_options, check_path_text
 from meshpilot.orchestrator.errors import ConfigError, check_choice, check_positive
-from meshpilot.orchestrator.config.models import fill_model_defaults, model_from_hf_config, model_preset
+from meshpilot.orchestrator.config.models import (fill_model_defaults, model_from_hf_config, model_preset,
+                                                  model_preset_names)
+from meshpilot.orchestrator.config.hf_layout import check_hf_checkpoint, model_from_hf_dir
 
 SECTIONS = ("model", "cluster", "train", "plan")
 
@@ -99,11 +102,7 @@ def dump_job(job: C.JobConfig) -> str:
 
 def job_to_dict(job: C.JobConfig) -> dict[str, Any]:
     """The job as plain data: mappings, lists, numbers and strings (choices as their values)."""
-    return dataclasses.asdict(job, dict_factory=lambda items: {k: _plain(v) for k, v in items})
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
+    return dataclasses.asdict(job, dict_factory=lambda items: {k: C.plain(v) for k, v in items})
 
 
 # --- steps --------------------------------------------------------------------------------
@@ -111,6 +110,11 @@ def _plain(value: Any) -> Any:
 def _shorthand(section: str, value: Any) -> Any:
     if value is None:
         return {}
+    if section == "model" and isinstance(value, dict) and value.get("path") is not None:
+        # model: {path: DIR, ...}: the shape from DIR/config.json, then the keys given here
+        check_path_text("model.path", str(value["path"]))
+        shape = model_from_hf_dir(str(value["path"]), key="model.path")
+        return {**shape, **value, "path": shape["path"]}
     if isinstance(value, dict):
         return value
     if not isinstance(value, str):
@@ -118,6 +122,9 @@ def _shorthand(section: str, value: Any) -> Any:
     if section == "model":
         if value.endswith(".json"):
             return model_from_hf_config(value)
+        # a Hugging Face model directory (shape and weights); a preset name wins unless written as a path (./gpt2)
+        if (os.sep in value or value not in model_preset_names()) and Path(value).expanduser().is_dir():
+            return model_from_hf_dir(value)
         return model_preset(value)
     if section == "cluster":
         return cluster_preset(value)
@@ -293,6 +300,12 @@ def validate_job(job: C.JobConfig) -> None:
         check_positive(f"cluster.{k}", getattr(c, k))
     for k in ("intra_node_latency_us", "inter_node_latency_us"):
         check_positive(f"cluster.{k}", getattr(c, k), zero_ok=True)
+    if c.cpu_threads_per_rank is not None:
+        check_positive("cluster.cpu_threads_per_rank", c.cpu_threads_per_rank)
+        if c.cpu_threads_per_rank > c.cpu_cores:
+            raise ConfigError("cluster.cpu_threads_per_rank", c.cpu_threads_per_rank,
+                              reason=f"exceeds cluster.cpu_cores={c.cpu_cores}",
+                              fix=f"at most {c.cpu_cores}, or leave it unset for the gang's default")
     for f in dataclasses.fields(c.calibration):
         v = getattr(c.calibration, f.name)
         if f.name != "measured_on":
@@ -310,15 +323,25 @@ def validate_job(job: C.JobConfig) -> None:
     _check_range("train.seed", t.seed, 0, 2**32 - 1)
     _check_range("train.keep_checkpoints", t.keep_checkpoints, 1)
     if not t.data:
-        raise ConfigError("train.data", t.data, reason="must be synthetic, demo or the path of a token file")
+        raise ConfigError("train.data", t.data, reason="must be synthetic, demo, the path of a token file or "
+                          "of a dataset (.txt, .jsonl, .json, .parquet, or a folder of them)")
     if t.data not in ("synthetic", "demo"):
         check_path_text("train.data", t.data)
+    check_dataset_options(t)
     check_path_text("train.output_dir", t.output_dir)
+    if t.export_dir is not None:
+        if not t.export_dir:
+            raise ConfigError("train.export_dir", t.export_dir, reason="must be a directory path",
+                              fix="leave it unset for RUN_DIR/export")
+        check_path_text("train.export_dir", t.export_dir)
     unknown = sorted(str(k) for k in t.deepspeed_extra if k not in DEEPSPEED_TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(f"train.deepspeed_extra.{unknown[0]}", reason="is not a DeepSpeed config key (DeepSpeed "
                           "would ignore it silently)", fix=_close(unknown[0], DEEPSPEED_TOP_LEVEL_KEYS)
                           or "see https://www.deepspeed.ai/docs/config-json/")
+    if m.path is not None:      # the weights' directory: every tensor there with its shape (headers only)
+        check_path_text("model.path", m.path)
+        check_hf_checkpoint(m, seq_len=t.seq_len)
     if m.arch in (C.Arch.GPT2, C.Arch.OPT) and t.seq_len > m.max_positions:
         raise ConfigError("train.seq_len", t.seq_len, reason=f"exceeds model.max_positions={m.max_positions} "
                           f"(learned positions of arch {m.arch})", fix=f"use train.seq_len<={m.max_positions}")

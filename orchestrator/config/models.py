@@ -5,8 +5,8 @@ the formulas below (the published count is kept beside each preset only so that 
 check the arithmetic to 1%).
 
 Per transformer layer, with h = hidden, a = heads, k = kv_heads, d = h/a, f = ffn:
-- llama/mixtral (no biases): attention h*a*d + 2*h*k*d + a*d*h; SwiGLU MLP 3*h*f;
-  two RMSNorms 2*h. An MoE layer has E experts of 3*h*f and a router h*E.
+- llama/mixtral (no biases): attention h*a*d + 2*h*k*d + a*d*h (+ a*d + 2*k*d with
+  ``qkv_bias``, qwen2); SwiGLU MLP 3*h*f; two RMSNorms 2*h. An MoE layer has E experts of 3*h*f and a router h*E.
 - gpt2/opt (biases, LayerNorm with bias): attention 4*h*h + 4*h; GELU MLP 2*h*f + f + h;
   two LayerNorms 4*h.
 Embeddings V*h (+ learned positions P*h for gpt2, (P+2)*h for opt's offset table), a final
@@ -77,12 +77,14 @@ def model_preset(name: str) -> dict[str, Any]:
     if name not in _PRESETS:
         raise ConfigError("model", name, reason="unknown model preset",
                           fix="use one of " + ", ".join(model_preset_names())
-                          + ", a mapping of dimensions, or a path to a Hugging Face config.json")
+                          + ", a mapping of dimensions, a path to a Hugging Face config.json (shape only) or a "
+                          "Hugging Face model directory (shape and weights)")
     return {k: v for k, v in _PRESETS[name].items() if not k.startswith("_")}
 
 
 def model_from_hf_config(path: str | Path) -> dict[str, Any]:
-    """Translate a Hugging Face ``config.json`` (llama, mistral, mixtral, gpt2, opt) into ModelConfig fields."""
+    """Translate a Hugging Face ``config.json`` (llama, mistral, qwen2, mixtral, gpt2, opt) into ModelConfig fields
+    (the shape; :func:`meshpilot.orchestrator.config.hf_layout.model_from_hf_dir` adds the weights' path)."""
     path = Path(path)
     try:
         c = json.loads(path.read_bytes().decode("utf-8"))
@@ -105,7 +107,9 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
                        ffn=c["intermediate_size"], vocab=c["vocab_size"],
                        max_positions=c.get("max_position_embeddings", 2048),
                        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                       norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=c.get("rope_theta", 10000.0))
+                       norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=_rope_theta(c))
+            if mt == "qwen2":
+                out["qkv_bias"] = True              # Qwen2's q/k/v projections carry biases (o_proj does not)
             if mt == "mixtral":
                 out.update(num_experts=c["num_local_experts"], top_k=c.get("num_experts_per_tok", 2))
         elif mt == "gpt2":
@@ -129,6 +133,17 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError("model", str(path), reason=f"Hugging Face config lacks {e.args[0]!r}") from None
     out["name"] = str(name)
     return out
+
+
+def _rope_theta(c: dict[str, Any]) -> float:
+    """The rotary base of a Hugging Face config: ``rope_theta`` at the top level (transformers 4),
+    or inside ``rope_parameters`` (transformers 5 writes it there)."""
+    rope = c.get("rope_parameters")
+    if c.get("rope_theta") is not None:
+        return float(c["rope_theta"])
+    if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+        return float(rope["rope_theta"])
+    return 10000.0
 
 
 def llama_ffn(hidden: int, multiple_of: int = 256) -> int:
@@ -203,6 +218,8 @@ def param_counts(m: ModelConfig) -> ParamCounts:
         final_norm = 2 * h
     else:
         attention = h * a * d + 2 * h * k * d + a * d * h + 2 * h
+        if m.qkv_bias:
+            attention += a * d + 2 * k * d               # q, k, v biases (qwen2)
         mlp = 3 * h * f
         embedding = m.vocab * h
         final_norm = h

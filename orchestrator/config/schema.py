@@ -42,6 +42,11 @@ class Choice(str, Enum):
         return tuple(m.value for m in cls)
 
 
+def plain(value: Any) -> Any:
+    """An enum member as its value (what YAML, JSON and fingerprints hold); anything else as is."""
+    return value.value if isinstance(value, Enum) else value
+
+
 class Arch(Choice):
     LLAMA = "llama"
     GPT2 = "gpt2"
@@ -82,13 +87,27 @@ class ZOMode(Choice):
     ZO2 = "zo2"                             # blocks in host memory, streamed through the GPU
 
 
+class ExportFormat(Choice):
+    NONE = "none"
+    HF = "hf"                               # a Hugging Face model directory (config.json + safetensors)
+
+
+class DataFormat(Choice):
+    AUTO = "auto"                           # .txt: text; records: chat, prompt-completion or jsonl-text by columns
+    TEXT = "text"                           # .txt files, one document per blank-line-separated paragraph
+    JSONL_TEXT = "jsonl-text"               # records' train.dataset.text_field
+    PROMPT_COMPLETION = "prompt-completion"  # records' prompt_field + completion_field (prompt masked)
+    CHAT = "chat"                           # records' messages_field [{role, content}] (assistant turns trained)
+
+
 ZERO_STAGES = (0, 1, 2, 3)
 ZO_PERTP = (1, 2)
 
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer dimensions. ``model: <preset>`` or a HF config.json path also work."""
+    """Decoder-only transformer dimensions. ``model: <preset>``, a HF config.json path (shape only) or a
+    HF model directory (shape and weights) also work."""
     name: str = "custom"
     arch: Arch = Arch.LLAMA
     layers: int = MISSING
@@ -105,6 +124,10 @@ class ModelConfig:
     moe_every: int = 1                      # layer i is MoE when i % moe_every == moe_every - 1
     norm_eps: float = 1.0e-5
     rope_theta: float = 10000.0
+    qkv_bias: bool = False                  # llama-style attention with q/k/v biases (qwen2)
+    # a local Hugging Face model directory whose safetensors weights the workers load (set by
+    # ``model: DIR``; None: random initialisation from train.seed)
+    path: Optional[str] = None
 
 
 @dataclass
@@ -118,6 +141,11 @@ class GPUSpec:
     memory_bandwidth_gbs: float = MISSING
 
 
+class SlurmMode(Choice):
+    TORCHRUN = "torchrun"                   # one torchrun per node (c10d rendezvous at the first host)
+    RAY = "ray"                             # Ray on Slurm: head and workers through srun, meshpilot's controller drives
+
+
 @dataclass
 class SlurmSettings:
     partition: Optional[str] = None
@@ -125,6 +153,7 @@ class SlurmSettings:
     time_limit: Optional[str] = None        # Slurm syntax, e.g. "04:00:00"
     qos: Optional[str] = None
     extra_sbatch: List[str] = field(default_factory=list)
+    mode: SlurmMode = SlurmMode.TORCHRUN    # `meshpilot submit --to slurm` launch mode (--slurm-mode overrides)
 
 
 @dataclass
@@ -134,6 +163,8 @@ class KubernetesSettings:
     tolerations: List[Dict[str, str]] = field(default_factory=list)
     node_selector: Dict[str, str] = field(default_factory=dict)
     shm_size: str = "16Gi"
+    queue: Optional[str] = None             # Kueue LocalQueue (label kueue.x-k8s.io/queue-name); --queue overrides
+    checkpoint_pvc: Optional[str] = None    # PersistentVolumeClaim of the run directory; --pvc overrides
 
 
 @dataclass
@@ -149,6 +180,14 @@ class CalibrationConfig:
     h2d_gbs: Optional[float] = None            # pinned host -> device
     d2h_gbs: Optional[float] = None            # device -> pinned host
     cpu_adam_gparams_per_s: Optional[float] = None  # DeepSpeed CPUAdam, billions of parameters per second per node
+    # fitted from recorded runs by `meshpilot calibrate` (orchestrator/sim/calibration.py):
+    cpu_adam_rank_gparams_per_s: Optional[float] = None  # CPUAdam of one offloading rank in training (replaces the
+    #                                                      per-thread and per-node model when set)
+    device_fixed_gib: Optional[float] = None   # per rank, device memory outside the modelled tensors, allocator reserve
+    #                                            and NCCL buffers (CUDA context and what the model misses); replaces the
+    #                                            constants' cuda_context_gib (CPU workers: cpu_worker_runtime_gib)
+    host_process_gib: Optional[float] = None   # per rank, host memory of a training process before offload buffers;
+    #                                            replaces the constants' cpu_process_gib when set
 
 
 @dataclass
@@ -170,9 +209,31 @@ class ClusterConfig:
     pcie_bandwidth_gbs: float = MISSING     # host <-> device, per GPU, pinned memory
     cpu_memory_gib: float = MISSING         # per node
     cpu_cores: int = MISSING                # per node
+    # OpenMP threads of a rank doing CPU math (DeepSpeed's CPU Adam with optimizer offload, a
+    # zeroth-order model built on the host); None: what `meshpilot run`'s gang gives a rank, the
+    # node's cores shared by its GPUs, at most 8. Read by the gang, the exported launch scripts
+    # (OMP_NUM_THREADS) and the simulator's CPU Adam time.
+    cpu_threads_per_rank: Optional[int] = None
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class DatasetConfig:
+    """How ``train.data`` is read when it names a local dataset (.txt, .jsonl/.json, .parquet or a
+    folder of them); see :mod:`meshpilot.orchestrator.data`."""
+    format: DataFormat = DataFormat.AUTO
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    tokenizer: Optional[str] = None         # folder with tokenizer.json, or "byte"; default model.path (else byte)
+    mask_prompt: bool = True                # prompt / non-assistant tokens are left out of the loss
+    add_eos: bool = True                    # EOS after every document
+    cache_dir: Optional[str] = None         # default: <train.output_dir>/data_cache
+    eval_fraction: float = 0.0              # the last fraction of records held out for evaluation
+    eval_data: Optional[str] = None         # or a separate evaluation dataset
 
 
 @dataclass
@@ -188,11 +249,17 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     zo_eps: float = 1.0e-3                  # perturbation scale of zeroth-order steps
-    data: str = "synthetic"                 # synthetic | demo | path to a token file
+    data: str = "synthetic"                 # synthetic | demo | a token file | a dataset file or folder
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_every: int = 0                     # validation loss every this many steps and at the end (0: off)
+    eval_batches: int = 0                   # global batches of the eval split per evaluation (0: all of it)
     checkpoint_every: int = 0               # 0: only at the end
     checkpoint_final: bool = True           # checkpoint after the last step (false: e.g. benchmarks)
     keep_checkpoints: int = 2               # complete checkpoints kept in RUN_DIR/checkpoints (>= 1)
     output_dir: str = "runs"
+    export: ExportFormat = ExportFormat.NONE  # hf: write a Hugging Face model directory after the last step
+    export_dir: Optional[str] = None        # default: RUN_DIR/export
+    export_dtype: Precision = Precision.FP32  # fp32: DeepSpeed's fp32 master weights where it keeps them
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from enum import Enum
 from typing import Any
 
+from meshpilot.orchestrator.config.schema import plain
 from meshpilot.orchestrator.errors import ConfigError
 
 # ``plan`` arguments below are :class:`meshpilot.orchestrator.plan.plan.Plan` objects; this module does not
@@ -77,9 +77,7 @@ def summary(plan: Plan) -> str:
 
 def fingerprint(plan: Plan) -> str:
     """First 12 hex digits of the SHA-1 of ``repr(sorted((field, value)))``, choices as their values."""
-    items = sorted((f.name, _plain(getattr(plan, f.name))) for f in dataclasses.fields(plan))
+    items = sorted((f.name, plain(getattr(plan, f.name))) for f in dataclasses.fields(plan))
     return hashlib.sha1(repr(items).encode()).hexdigest()[:12]
 
 
-def _plain(value: object) -> object:
-    return value.value if isinstance(value, Enum) else value

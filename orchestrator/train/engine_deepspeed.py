@@ -86,6 +86,12 @@ class DeepSpeedTrainEngine:
     def param_checksum(self) -> float:
         return param_checksum(self.engine, self.plan)
 
+    def full_weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """Every parameter as the full fp32 tensor on rank 0 (None elsewhere) and which copy it is
+        (collective; :func:`meshpilot.orchestrator.train.export.gather_deepspeed_weights`)."""
+        from meshpilot.orchestrator.train.export import gather_deepspeed_weights
+        return gather_deepspeed_weights(self.engine, rank=dist.get_rank())
+
     def results(self) -> dict[str, Any]:
         return {}
 

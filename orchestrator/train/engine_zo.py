@@ -83,6 +83,15 @@ class ZOTrainEngine:
         self.trainer.load_full_state(st["model"])
         self.trainer.load_state_dict(st["trainer"])
 
+    def full_weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """Every parameter in fp32 on rank 0 (None elsewhere; collective: ZO2 gathers its host
+        stores). Zeroth-order plans keep no fp32 copy: the weights are in train.precision, cast exactly."""
+        self.trainer.flush()
+        weights = self.trainer.full_state()
+        dtype = str(next(iter(weights.values())).dtype).replace("torch.", "") if weights else "float32"
+        out = {n: t.float() for n, t in weights.items()} if self.rank == 0 else None
+        return out, f"the zeroth-order {dtype} weights"
+
     def param_checksum(self) -> float:
         self.trainer.flush()
         return float(sum(v.double().sum().item() for v in self.trainer.full_state().values()))

@@ -15,8 +15,17 @@ the plan (:class:`ShardedBatches`), so after ``k`` steps ``k B`` samples are con
 resumed run needs only the step. MFU follows :mod:`meshpilot.orchestrator.sim.flops` (3
 forward-equivalents per token with backpropagation, 2 for a zeroth-order step).
 
+Evaluation (``train.eval_every`` > 0): after step s+1 when s+1 is a multiple of it, and after the
+last step, the validation loss over ``train.eval_batches`` global batches of the eval split
+(:mod:`.evaluation`), before the step's record is written (its ``eval_loss`` and
+``eval_perplexity``) and before the checkpoint; not after a step whose loss is not finite or
+that agreed to stop. Its time is not part of the step time.
+
 Communication per step beyond the engine's: on log steps one ``all_gather_object`` of every
-rank's memory statistics. After the loop the parameter checksum (collective).
+rank's memory statistics; on evaluation steps the forward passes and one ``all_gather`` of 3
+numbers per rank. After the loop, with ``train.export: hf`` (a run that completed
+``train.steps``), the Hugging Face export (:mod:`.export`: every parameter gathered to rank 0),
+then the parameter checksum (collective).
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ import torch.distributed as dist
 from meshpilot.orchestrator.errors import NonFiniteLoss
 from meshpilot.orchestrator.sim.flops import mfu, model_flops_per_token
 from meshpilot.orchestrator.train.checkpoint import CheckpointManager
-from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
+from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_job_source
+from meshpilot.orchestrator.train.evaluation import EvalResult, eval_batch_count, evaluate
 from meshpilot.orchestrator.train.engine import RunContext, StartupPhases, TrainEngine
 from meshpilot.orchestrator.train.metrics import MetricsLogger, StepRecord, memory_stats
 from meshpilot.orchestrator.train.preemption import StopRequest
@@ -46,7 +56,9 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
     ``status`` ("completed" | "stopped"), ``rank``, ``start_step``, ``step``, ``losses``,
     ``final_loss``, ``param_checksum``, ``tokens_per_s``, ``mfu``, ``step_time_s`` (of the last
     step), ``peak_memory`` (every rank's, from the last log step), ``checkpoint`` (the last one
-    written), ``startup_phases_s``, and the engine's own entries."""
+    written), ``startup_phases_s``, ``eval_loss`` / ``eval_perplexity`` (the last evaluation's, None
+    without ``train.eval_every``), ``evals`` (every evaluation of this run: step, loss, perplexity,
+    labels), and the engine's own entries."""
     job, plan, rank, world_size = ctx.job, ctx.plan, ctx.rank, ctx.world_size
     t = job.train
     ckpt = CheckpointManager(ctx.run_dir / "checkpoints", job, plan, rank=rank, world_size=world_size,
@@ -56,10 +68,15 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
         root, tag = ctx.resume_from
         tag = ckpt.resolve_verified(root, tag)          # SHA-256 of every file; falls back past a damaged one
         start_step = engine.load(ckpt, root, tag).step
-    source = resolve_source(t.data, vocab=job.model.vocab, seq_len=t.seq_len, seed=t.seed)
-    batches = ShardedBatches(source, BatchLayout(global_batch=t.global_batch, micro_batch=plan.micro_batch,
-                                                 grad_accum=plan.grad_accum, dp=plan.data_parallel,
-                                                 dp_rank=engine.data_rank), seed=t.seed)
+    source = resolve_job_source(job)
+    layout = BatchLayout(global_batch=t.global_batch, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                         dp=plan.data_parallel, dp_rank=engine.data_rank)
+    batches = ShardedBatches(source, layout, seed=t.seed)
+    eval_batches, n_eval, last_eval, evals = None, 0, None, []   # train.eval_every: see .evaluation
+    if t.eval_every > 0:
+        eval_source = resolve_job_source(job, split="eval")
+        eval_batches = ShardedBatches(eval_source, layout, seed=t.seed, shuffle=False)
+        n_eval = eval_batch_count(t.eval_batches, eval_source.num_samples, t.global_batch)
     phases.mark("checkpoint + data")
     metrics = MetricsLogger(ctx.run_dir, rank=rank, tensorboard=ctx.tensorboard, log_every=ctx.log_every)
     tokens_per_step = t.global_batch * t.seq_len
@@ -85,9 +102,15 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
             losses.append(out.loss)
             finite = math.isfinite(out.loss)
             mem = _gather_memory(rank, ctx.device, world_size) if (step % ctx.log_every == 0 or step == t.steps) else []
+            ev: EvalResult | None = None
+            if eval_batches is not None and finite and not out.stop and (step % t.eval_every == 0 or step == t.steps):
+                last_eval = ev = evaluate(engine, eval_batches, n_eval, device=ctx.device)
+                evals.append({"step": step, "eval_loss": ev.loss, "eval_perplexity": ev.perplexity,
+                              "eval_labels": ev.labels})
             rec = StepRecord(step=step, loss=out.loss, lr=out.lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                              mfu=mfu(job, tokens_per_step / dt, world_size, zeroth_order=plan.zeroth_order),
-                             grad_norm=engine.grad_norm(), memory=mem)
+                             grad_norm=engine.grad_norm(), memory=mem,
+                             eval_loss=ev.loss if ev else None, eval_perplexity=ev.perplexity if ev else None)
             metrics.write(rec)
             if ctx.on_step is not None:
                 ctx.on_step(asdict(rec))
@@ -101,6 +124,10 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
                 status = "stopped"
                 log.warning("rank %d: stopped at step %d on request; checkpoint %s", rank, step, last_ckpt)
                 break
+        exported = None
+        if status == "completed" and step == t.steps and t.export == "hf":
+            from meshpilot.orchestrator.train.export import export_at_end
+            exported = export_at_end(ctx, engine)
         checksum = engine.param_checksum()
     finally:
         metrics.close()
@@ -109,7 +136,9 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
             "tokens_per_s": rec.tokens_per_s if rec else None, "mfu": rec.mfu if rec else None,
             "step_time_s": rec.step_time_s if rec else None,
             "peak_memory": rec.memory if rec else [], "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "startup_phases_s": phases.seconds, **engine.results()}
+            "startup_phases_s": phases.seconds, "export": str(exported) if exported else None,
+            "eval_loss": last_eval.loss if last_eval else None,
+            "eval_perplexity": last_eval.perplexity if last_eval else None, "evals": evals, **engine.results()}
 
 
 def _gather_memory(rank: int, device: torch.device, world_size: int) -> list[dict[str, Any]]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,8 @@ class StepRecord:
     mfu: float
     grad_norm: float | None = None
     memory: list[dict[str, Any]] = field(default_factory=list)   # one entry per rank (on log steps)
+    eval_loss: float | None = None          # validation loss after this step (evaluation steps only)
+    eval_perplexity: float | None = None    # exp(eval_loss)
 
 
 class MetricsLogger:
@@ -82,6 +86,10 @@ class MetricsLogger:
                 v = getattr(rec, k)
                 if v is not None:
                     self._tb.add_scalar(f"train/{k}", v, rec.step)
+            for k in ("loss", "perplexity"):
+                v = getattr(rec, f"eval_{k}")
+                if v is not None:
+                    self._tb.add_scalar(f"eval/{k}", v, rec.step)
             for m in rec.memory:
                 for k, v in m.items():
                     if k != "rank" and v is not None:
@@ -93,8 +101,82 @@ class MetricsLogger:
                 mem = f" peak_mem_gib(max rank)={max(peaks) / 2**30:.2f}"
             log.info("rank 0: step %d loss %.4f lr %.3g %.3fs/step %.0f tok/s mfu %.1f%%%s", rec.step, rec.loss,
                      rec.lr, rec.step_time_s, rec.tokens_per_s, 100 * rec.mfu, mem)
+        if rec.eval_loss is not None:
+            log.info("rank 0: step %d eval_loss %.4f perplexity %.4g", rec.step, rec.eval_loss, rec.eval_perplexity)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+# --- step phases (for the run summary's predicted-vs-measured rows) ---------------------------
+
+PHASES = ("forward", "backward", "optimizer")
+"""The phases of a DeepSpeed step as :class:`PhaseTimer` measures them: ``engine(...)``,
+``engine.backward(loss)`` (at stages 0-2 this includes the gradient reductions DeepSpeed issues in
+backward) and ``engine.step()`` (the optimizer: GPU Adam, or the offloaded gradients' copies and
+CPU Adam; at stage 2 the parameter all-gather)."""
+
+
+class PhaseTimer:
+    """Times the forward, backward and optimizer calls of a DeepSpeed engine, per optimizer step.
+
+    ``attach(engine)`` wraps the engine object's ``forward``, ``backward`` and ``step`` (instance
+    attributes; the class is untouched). On CUDA each call is bracketed by two CUDA events on the
+    current stream (no synchronisation added: the events are read once, at :meth:`medians`); on
+    the CPU by ``time.perf_counter``. Each optimizer step is ``grad_accum`` calls of each phase;
+    :meth:`medians` is the median over steps of each phase's per-step sum, the first step left
+    out when there are more than two (its time includes one-off work: allocator growth,
+    communicator set-up). Only the first ``max_steps`` steps are kept. Communication: none."""
+
+    def __init__(self, grad_accum: int, device: torch.device, *, max_steps: int = 1000):
+        self.grad_accum, self.device, self.max_steps = max(1, int(grad_accum)), device, max_steps
+        self._calls: dict[str, list[Any]] = {p: [] for p in PHASES}
+
+    def attach(self, engine: Any) -> "PhaseTimer":
+        for phase, name in (("forward", "forward"), ("backward", "backward"), ("optimizer", "step")):
+            setattr(engine, name, self._wrap(phase, getattr(engine, name)))
+        return self
+
+    def _wrap(self, phase: str, fn: Any) -> Any:
+        calls, limit = self._calls[phase], self.max_steps * self.grad_accum
+        cuda = self.device.type == "cuda"
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if len(calls) >= limit:
+                return fn(*args, **kwargs)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                calls.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                calls.append(time.perf_counter() - t0)
+            return out
+        return timed
+
+    def _seconds(self, phase: str) -> list[float]:
+        out = []
+        for c in self._calls[phase]:
+            if isinstance(c, tuple):
+                c[1].synchronize()
+                out.append(c[0].elapsed_time(c[1]) / 1e3)
+            else:
+                out.append(float(c))
+        return out
+
+    def medians(self) -> dict[str, float] | None:
+        """Median seconds per optimizer step of each phase; None before a whole step was timed."""
+        out: dict[str, float] = {}
+        for phase in PHASES:
+            s = self._seconds(phase)
+            steps = [sum(s[i:i + self.grad_accum]) for i in range(0, len(s) - self.grad_accum + 1, self.grad_accum)]
+            if not steps:
+                return None
+            steps = steps[1:] if len(steps) > 2 else steps
+            out[phase] = float(statistics.median(steps))
+        return out

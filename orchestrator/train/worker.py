@@ -35,12 +35,13 @@ from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.train.checkpoint import CheckpointManager, find_checkpoint, read_meta
-from meshpilot.orchestrator.train.data import resolve_source
+from meshpilot.orchestrator.train.data import resolve_job_source
 from meshpilot.orchestrator.train.engine import ModelFactory, RunContext, StartupPhases, StepHook
 from meshpilot.orchestrator.train.engine_deepspeed import build_deepspeed_engine
 from meshpilot.orchestrator.train.engine_zo import build_zo_engine
 from meshpilot.orchestrator.train.loop import train
 from meshpilot.orchestrator.train.memory_peaks import PeakSampler, memory_peaks_gib
+from meshpilot.orchestrator.train.metrics import PhaseTimer
 from meshpilot.orchestrator.train.preemption import StopRequest
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ def preflight(job: JobConfig, plan: Plan, *, world_size: int, run_dir: str | Pat
     if world_size != plan.world_size:
         raise ConfigError("plan", plan.to_config(), reason=f"needs {plan.world_size} ranks, the launcher started "
                           f"{world_size}", fix="start one process per rank of the plan (WORLD_SIZE)")
-    resolve_source(job.train.data, vocab=job.model.vocab, seq_len=job.train.seq_len, seed=job.train.seed)
+    resolve_job_source(job)                              # a dataset: its prepared cache, never tokenized here
+    if job.train.eval_every > 0:
+        resolve_job_source(job, split="eval")
     if resume is False or resume is None:
         return None
     if resume == "auto":
@@ -144,9 +147,18 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     "final_loss", "param_checksum", "tokens_per_s", "mfu", "peak_memory", "checkpoint",
     "memory_peaks_gib", ...}`` (see :func:`.loop.train`); ``memory_peaks_gib`` holds this rank's
     ``nvml`` (sampled through the run), ``allocated`` and ``reserved`` (torch) and ``host_rss``
-    peaks in GiB, each None where its source is unavailable.
+    peaks in GiB, each None where its source is unavailable; ``step_times_s`` every step's wall time
+    (seconds, in order) and ``phases_s`` the median forward/backward/optimizer seconds per step
+    (:class:`~meshpilot.orchestrator.train.metrics.PhaseTimer`; None for zeroth-order engines).
     """
     run_dir = Path(run_dir)
+    step_times: list[float] = []
+    user_on_step = on_step
+
+    def on_step(record: dict[str, Any]) -> None:        # noqa: F811 (wraps the caller's hook)
+        step_times.append(float(record["step_time_s"]))
+        if user_on_step is not None:
+            user_on_step(record)
     resume_from = preflight(job, plan, world_size=world_size, run_dir=run_dir, resume=resume, rank=rank)
     on_cpu = _use_cpu(job)
     if on_cpu:
@@ -164,7 +176,11 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     try:
         phases = StartupPhases()
         build = build_zo_engine if plan.zeroth_order else build_deepspeed_engine
-        result = train(ctx, build(ctx, model_factory, phases), stop, phases)
+        engine = build(ctx, model_factory, phases)
+        timer = None if plan.zeroth_order else PhaseTimer(plan.grad_accum, ctx.device).attach(engine.engine)
+        result = train(ctx, engine, stop, phases)
+        result["phases_s"] = None if timer is None else timer.medians()
+        result["step_times_s"] = step_times
     finally:
         nvml_peak = sampler.stop()
         stop.uninstall()
