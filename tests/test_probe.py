@@ -65,7 +65,8 @@ def test_matmul_mix_flops_are_three_times_a_layer_forward():
 
 def test_calibration_keys_are_calibration_config_fields():
     r = ProbeReport(device_name="x", date="d", settings=ProbeSettings())
-    assert set(r.calibration()) == {f.name for f in dataclasses.fields(CalibrationConfig)}
+    fitted_from_runs = {"cpu_adam_rank_gparams_per_s", "device_fixed_gib", "host_process_gib"}   # meshpilot calibrate
+    assert set(r.calibration()) == {f.name for f in dataclasses.fields(CalibrationConfig)} - fitted_from_runs
 
 
 # --- the CPU probe: real gloo processes --------------------------------------------------------

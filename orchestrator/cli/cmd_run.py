@@ -33,6 +33,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from meshpilot.orchestrator.config.inputs import with_absolute_paths
 from meshpilot.orchestrator.config.loader import load_job
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.run.controller import FailurePolicy
@@ -104,7 +105,8 @@ def exit_code(status: JobStatus, out_of_memory: bool = False) -> int:
 def run(args: argparse.Namespace) -> int:
     t_command = time.time()
     console = Console(stderr=False)
-    job = load_job(args.job, args.overrides)
+    # absolute data paths: a worker of a Ray cluster started elsewhere runs in another working folder
+    job = with_absolute_paths(load_job(args.job, args.overrides))
     plan, estimate = plan_job(job, force=args.force)
     check_worker(args.worker)
     if args.max_restarts < 0:
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     fail_at = parse_fail_at(os.environ.get(FAIL_AT_ENV))
     c = job.cluster
     spec = gang_spec(plan.world_size, plan.tp, accelerator=c.accelerator, gpus_per_node=c.gpus_per_node,
-                     cpu_cores=c.cpu_cores)
+                     cpu_cores=c.cpu_cores, cpu_threads_per_rank=c.cpu_threads_per_rank)
     from meshpilot.launch.ray_cluster import embedded_resources, embeds, local_gpu_count
     if embeds(args.address):            # what an embedded Ray will have, known before starting it
         have = embedded_resources(c.accelerator, c.gpus_per_node)
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 def make_group(run_dir: str, log_path: Callable[[int], str], plan: Any = plan) -> RayWorkerGroup:
                     gs = spec if plan.world_size == spec.world_size and plan.tp == spec.tp else gang_spec(
                         plan.world_size, plan.tp, accelerator=c.accelerator, gpus_per_node=c.gpus_per_node,
-                        cpu_cores=c.cpu_cores)
+                        cpu_cores=c.cpu_cores, cpu_threads_per_rank=c.cpu_threads_per_rank)
                     return RayWorkerGroup(job, plan, run_dir, spec=gs, log_path=log_path, worker_fn=args.worker,
                                           placement_timeout_s=args.placement_timeout,
                                           heartbeat_timeout_s=args.heartbeat_timeout, step_timeout_s=args.step_timeout,
@@ -348,8 +350,15 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     t.add_row("MFU", fmt(s["mfu"], "{:.2%}"), "")
     t.add_row("final loss", fmt(s["final_loss"], "{:.5f}"), "")
     t.add_row("parameter checksum", fmt(s["param_checksum"], "{:.6f}"), "")
+    if s.get("eval_loss") is not None:
+        t.add_row("eval loss / perplexity", f"{s['eval_loss']:.5f} / {fmt(s.get('eval_perplexity'), '{:.2f}')}", "")
+    gpu_run = any(p.get("nvml") is not None for p in s["memory_peaks_gib"].values())
     for r, peaks in sorted(s["memory_peaks_gib"].items()):
         for key, label in MEMORY_ROWS:
-            predicted = fmt(s["predicted_peak_memory_gib"]) if key == "nvml" else ""
-            t.add_row(f"rank {r}: {label}", fmt(peaks[key]), predicted)
+            # a CPU run has no NVML row: its prediction is compared with the RSS in the table below
+            predicted = fmt(s["predicted_peak_memory_gib"]) if key == "nvml" and gpu_run else ""
+            t.add_row(f"rank {r}: {label}", fmt(peaks.get(key)), predicted)
     console.print(t)
+    if s.get("predicted_vs_measured"):
+        from meshpilot.orchestrator.cli.cmd_status import comparison_table
+        console.print(comparison_table(s["predicted_vs_measured"]))

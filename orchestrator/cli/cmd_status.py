@@ -8,6 +8,9 @@ preempted, timeout, failed and cancelled kept apart).
 A run whose controller process is gone while its state is not terminal (SIGKILL, a stopped
 machine) is recorded as ``failed`` with a "lost" message first (:meth:`RunStore.reconcile`).
 User-given text (run ids, messages, plans) is printed escaped, never as Rich markup.
+A finished run also shows its measured peaks, median step time and phases beside the simulator's
+predictions (``predicted_vs_measured`` in ``--json``; computed from summary.json and job.yaml for
+a run whose summary predates them).
 """
 from __future__ import annotations
 
@@ -65,6 +68,50 @@ def print_submission(rec: dict, *, as_json: bool = False) -> int:
     return 0
 
 
+def predicted_vs_measured_of(run_dir, st) -> dict | None:
+    """A finished run's measured peaks, median step time and phases beside the simulator's predictions:
+    its summary's ``predicted_vs_measured``, or computed now from summary.json and job.yaml for a
+    summary written before these rows existed; None for a run without a successful summary."""
+    recorded = (st.result or {}).get("predicted_vs_measured") if isinstance(st.result, dict) else None
+    if recorded:
+        return recorded
+    if st.state != "succeeded":
+        return None
+    from meshpilot.orchestrator.sim.calibration import load_run
+    try:
+        return load_run(run_dir).comparison()
+    except (ConfigError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def comparison_table(pvm: dict) -> Table:
+    """One row per compared quantity: measured, predicted and the error (predicted / measured - 1)."""
+    sim = pvm.get("simulator") or {}
+    t = Table(title=f"predicted vs measured (simulator {sim.get('version', '?')}, constants "
+                    f"{sim.get('constants_fingerprint', '?')})")
+    for col in ("quantity", "measured", "predicted", "error"):
+        t.add_column(col, justify="left" if col == "quantity" else "right")
+
+    def row(name: str, pair: dict | None) -> None:
+        if not pair:
+            return
+        m, p, e = pair.get("measured"), pair.get("predicted"), pair.get("error")
+        t.add_row(escape(name), "-" if m is None else f"{m:.4g}", "-" if p is None else f"{p:.4g}",
+                  "-" if e is None else f"{e:+.1%}")
+    row("step time (s, median)", pvm.get("step_time_s"))
+    for name, pair in (pvm.get("phases_s") or {}).items():
+        row(f"  {name} (s)", pair)
+    for rank, peaks in (pvm.get("per_rank") or {}).items():
+        for key, pair in peaks.items():
+            cpu = pvm.get("accelerator") == "cpu"
+            label = ("host RSS (CPU worker: its device)" if cpu else "host RSS (per-rank share of the host "
+                     "prediction)") if key == "host_rss" else key
+            row(f"rank {rank}: {label} (GiB)", pair)
+    for node, v in (pvm.get("per_node") or {}).items():
+        row(f"node {node}: host memory (GiB, sum of workers' RSS)", v.get("host_peak_gib"))
+    return t
+
+
 def run(args) -> int:
     console = Console()
     if args.run is None:
@@ -104,8 +151,11 @@ def run(args) -> int:
         return print_submission(found, as_json=args.json)
     store = found
     st = store.reconcile()
+    pvm = predicted_vs_measured_of(store.run_dir, st)
     if args.json:
-        print(json.dumps(st.to_dict(), default=str, indent=2))
+        out = st.to_dict()
+        out["predicted_vs_measured"] = pvm
+        print(json.dumps(out, default=str, indent=2))
         return 0
     console.print(f"[bold]{escape(st.run_id)}[/bold]  {_shown_state(st)}  ({escape(st.message)})")
     console.print(escape(f"run dir {st.run_dir}; plan {st.plan}; {st.world_size} worker(s); attempt {st.attempt}, "
@@ -114,6 +164,8 @@ def run(args) -> int:
                          + ("" if not st.tokens_per_s else f", {st.tokens_per_s:,.0f} tokens/s")))
     console.print(escape(f"controller pid {st.controller_pid} on {st.controller_host}; ray {st.ray_address or '-'}; "
                          f"worker pids {st.worker_pids}"))
+    if pvm:
+        console.print(comparison_table(pvm))
     if args.events:
         t = Table(title=f"last {args.events} events")
         for col in ("time", "event", "detail"):

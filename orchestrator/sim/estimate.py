@@ -186,6 +186,9 @@ class Estimate:
     time_breakdown_s: dict[str, float]
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    regime: str = ""                  # the plan's regime of the measured error bands (sim/error_bands.py)
+    memory_band: float = 0.0          # that regime's band: the measured peak has reached peak x (1 + band)
+    fits_with_margin: bool = True     # fits even with the band added (GPU and host)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,10 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
   offload_params=cpu: the w·P_s weight partition in host memory as well.
 
 Peak (what NVML reports) = (static + max(activation phase, step phase)) x (1 + fragmentation)
-+ model_load_fragmentation x w·P_r + CUDA context + NCCL buffers.
++ model_load_fragmentation x w·P_r + CUDA context + NCCL buffers. ``calibration.device_fixed_gib`` (a
+per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the rest of this model)
+replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
+``cpu_process_gib`` in the host memory of every rank of a node.
 
 The second allocator term is the hole the model leaves behind: the user's model is loaded
 as separate per-parameter tensors (w·P_r), then DeepSpeed copies them into its own flat
@@ -312,8 +315,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     nccl = np.where((a.world > 1) & on_gpu,
                     c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30, 0.0)
     load_hole = np.where(is_zo | (not on_gpu), 0.0, c.model_load_fragmentation * w * pr)
-    framework = ((c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib) * 2**30 + c.fragmentation * allocated
-                 + load_hole)
+    cal = job.cluster.calibration
+    # calibration.device_fixed_gib: fitted by `meshpilot calibrate`, the per-rank fixed cost as measured
+    fixed = cal.device_fixed_gib if cal.device_fixed_gib is not None else (
+        c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib)
+    framework = fixed * 2**30 + c.fragmentation * allocated + load_hole
     # host memory per node: every rank of the node holds its offloaded share; ZO2 ranks of one node
     # upload in slices, each keeping 1/n of every block's store
     per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
@@ -323,8 +329,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
     zo_build = np.where(is_zo, w * mt.total, 0.0)
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
-    cpu_node = ranks_per_node * (per_rank_cpu + zo_build + c.cpu_process_gib * 2**30)
+    process = cal.host_process_gib if cal.host_process_gib is not None else c.cpu_process_gib
+    cpu_node = ranks_per_node * (per_rank_cpu + zo_build + process * 2**30)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl, framework_overhead=framework,
                 cpu_offload=ranks_per_node * per_rank_cpu, cpu_node=cpu_node,
-                peak=allocated + nccl + framework)
+                peak=allocated + nccl + framework,
+                # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
+                allocated=allocated, reserved=allocated * (1.0 + c.fragmentation) + load_hole)

@@ -3,7 +3,9 @@
 The report shows (1) the memory breakdown of the top plans as stacked horizontal bars, each
 labelled with its plan, against the GPU's memory and (2) step time against peak memory for every scored plan, with the GPU memory line,
 the fitting plans, the rejected ones and the chosen plan marked. ``.png`` writes the figure;
-``.html`` writes a page that embeds it (base64) with the top-plan table.
+``.html`` writes a page that embeds it (base64) with the top-plan table. A calibration
+(``meshpilot calibrate --report``) has its own panel: predicted against measured step time and
+peak memory of every run, before and after, with the y = x line (:func:`write_calibration_report`).
 """
 from __future__ import annotations
 
@@ -23,8 +25,13 @@ def estimate_tables(est: Estimate, title: str | None = None) -> list[Table]:
     head = Table(title=title or f"plan {est.plan}", show_header=False)
     head.add_column("", style="bold")
     head.add_column("", justify="right")
-    head.add_row("fits", "[green]yes[/]" if est.fits else "[red]no[/]")
+    fits = ("[green]yes[/]" if est.fits_with_margin else "[yellow]yes, risky: not with the error band[/]") \
+        if est.fits else "[red]no[/]"
+    head.add_row("fits", fits)
     head.add_row("peak memory per GPU", f"{est.peak_memory_gib:.2f} GiB of {est.gpu_memory_gib:.1f}")
+    if est.regime:
+        head.add_row("measured error band", f"+{est.memory_band:.0%} ({est.regime.replace('_', ' ')}): up to "
+                                            f"{est.peak_memory_gib * (1 + est.memory_band):.2f} GiB")
     head.add_row("host memory per node", f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.0f}")
     head.add_row("step time", f"{est.step_time_s:.4g} s")
     head.add_row("tokens/s", f"{est.tokens_per_s:,.0f}")
@@ -50,11 +57,12 @@ def top_table(result) -> Table:
     t = Table(title=f"top plans by {result.objective} ({len(result.ranked)} of {result.scored} scored plans fit, "
                     f"{result.elapsed_s:.2f} s)")
     for col, just in (("#", "right"), ("plan", "left"), ("GPUs", "right"), ("peak GiB", "right"),
-                      ("step s", "right"), ("tokens/s", "right"), ("MFU", "right")):
+                      ("step s", "right"), ("tokens/s", "right"), ("MFU", "right"), ("margin", "left")):
         t.add_column(col, justify=just)
     for i, e in enumerate(result.top, 1):
         t.add_row(str(i), e.plan, str(e.world_size), f"{e.peak_memory_gib:.1f}", f"{e.step_time_s:.3g}",
-                  f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}")
+                  f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
+                  f"+{e.memory_band:.0%}" if e.fits_with_margin else f"[yellow]risky (+{e.memory_band:.0%})[/]")
     return t
 
 
@@ -107,26 +115,34 @@ def _figure(result):
     return fig
 
 
-def write_report(result, path: str | Path) -> Path:
-    """Write the search report as ``.png`` or ``.html`` (the PNG embedded)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".html", ".htm"):
-        raise ConfigError("--report", str(path), reason="must end in .png or .html")
+def _png(fig, path: Path) -> bytes | None:
+    """Render ``fig`` as PNG bytes and close it; a ``.png`` path is written and None returned, for
+    an HTML path the bytes are returned to embed."""
     import matplotlib.pyplot as plt
-
-    fig = _figure(result)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".png":
         path.write_bytes(buf.getvalue())
+        return None
+    return buf.getvalue()
+
+
+def write_report(result, path: str | Path) -> Path:
+    """Write the search report as ``.png`` or ``.html`` (the PNG embedded)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".html", ".htm"):
+        raise ConfigError("--report", str(path), reason="must end in .png or .html")
+
+    png = _png(_figure(result), path)
+    if png is None:
         return path
     rows = "".join(f"<tr><td>{i}</td><td>{html.escape(e.plan)}</td><td>{e.world_size}</td>"
                    f"<td>{e.peak_memory_gib:.1f}</td><td>{e.step_time_s:.3g}</td><td>{e.tokens_per_s:,.0f}</td>"
                    f"<td>{e.mfu:.1%}</td></tr>" for i, e in enumerate(result.top, 1))
     rej = "".join(f"<li>{html.escape(line)}</li>" for line in result.rejected_lines())
-    img = base64.b64encode(buf.getvalue()).decode()
+    img = base64.b64encode(png).decode()
     path.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>meshpilot plan</title></head><body>"
         f"<h1>meshpilot plan: {html.escape(result.job.model.name)} on {html.escape(result.job.cluster.name)}</h1>"
@@ -134,4 +150,67 @@ def write_report(result, path: str | Path) -> Path:
         f"{len(result.ranked)} fit.</p><table border='1' cellpadding='3'><tr><th>#</th><th>plan</th><th>GPUs</th>"
         f"<th>peak GiB</th><th>step s</th><th>tokens/s</th><th>MFU</th></tr>{rows}</table>"
         f"<h2>rejected</h2><ul>{rej}</ul><img alt='report' src='data:image/png;base64,{img}'/></body></html>")
+    return path
+
+
+def _calibration_figure(result):
+    """Predicted against measured step time and peak memory of every run, before and after the
+    calibration, on log axes with the y = x line; held-out runs drawn hollow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, key, label in ((axes[0], "step_time_s", "step time (s)"), (axes[1], "device_peak_gib", "peak memory (GiB)")):
+        vals = []
+        for when, color in (("before", "tab:gray"), ("after", "tab:blue")):
+            for held in (False, True):
+                pts = [(r.measured[key], getattr(r, when)[key]) for r in result.rows
+                       if r.held_out == held and r.measured[key] and getattr(r, when)[key]]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                vals += list(xs) + list(ys)
+                ax.scatter(xs, ys, s=40, label=f"{when}{' (held out)' if held else ''}",
+                           facecolors="none" if held else color, edgecolors=color)
+        if vals:
+            lo, hi = min(vals) / 1.3, max(vals) * 1.3
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_title(f"{label}: predicted vs measured")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"calibration of {result.cluster.name} from {len(result.rows)} run(s)")
+    fig.tight_layout()
+    return fig
+
+
+def write_calibration_report(result, path: str | Path) -> Path:
+    """Write the predicted-vs-measured panel of a calibration (``meshpilot calibrate --report``) as
+    ``.png`` or ``.html`` (the PNG embedded, with the runs' rows)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".html", ".htm"):
+        raise ConfigError("--report", str(path), reason="must end in .png or .html")
+
+    png = _png(_calibration_figure(result), path)
+    if png is None:
+        return path
+
+    def f(v):
+        return "-" if v is None else f"{v:.4g}"
+    rows = "".join(
+        f"<tr><td>{html.escape(r.run_id)}</td><td>{'held out' if r.held_out else 'fit'}</td>"
+        + "".join(f"<td>{f(r.measured[k])}</td><td>{f(r.before[k])}</td><td>{f(r.after[k])}</td>"
+                  for k in ("step_time_s", "device_peak_gib", "host_node_gib")) + "</tr>" for r in result.rows)
+    img = base64.b64encode(png).decode()
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>meshpilot calibrate</title></head><body>"
+        f"<h1>meshpilot calibrate: {html.escape(result.cluster.name)}</h1><table border='1' cellpadding='3'>"
+        "<tr><th>run</th><th>split</th><th>step s</th><th>before</th><th>after</th><th>peak GiB</th><th>before</th>"
+        "<th>after</th><th>host GiB/node</th><th>before</th><th>after</th></tr>"
+        f"{rows}</table><img alt='predicted vs measured' src='data:image/png;base64,{img}'/></body></html>")
     return path

@@ -38,9 +38,11 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
 - offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
   parameter bytes back per step over PCIe; parameter offload uploads w P_s per forward and
   backward pass; CPUAdam updates P_s parameters at min(threads x r_thread, R_node / ranks on the
-  node): compute-bound on the rank's threads (``clusters.cpu_threads_per_gpu_rank``, what the Ray
-  gang gives it) until the node's ranks share its memory bandwidth (4 x H200 host, 8 threads per
-  rank: 2 ranks ran 1.1 G params/s each, 4 ranks 0.8 each).
+  node): compute-bound on the rank's threads (``cluster.cpu_threads_per_rank``, by default what
+  the Ray gang gives it: ``clusters.threads_per_rank``) until the node's ranks share its memory
+  bandwidth (4 x H200 host, 8 threads per
+  rank: 2 ranks ran 1.1 G params/s each, 4 ranks 0.8 each). ``calibration.cpu_adam_rank_gparams_per_s``
+  (fitted by ``meshpilot calibrate`` from offload runs) replaces this rate when set.
 - optimizer step: memory bound, (``optimizer_bytes_per_param`` + ``grad_clip_bytes_per_param`` when
   clipping) x owned parameters / (HBM x efficiency), plus ``step_overhead_s`` and
   ``step_tensor_s`` per parameter tensor (DeepSpeed's per-tensor loops: norm, clip, copy-back).
@@ -55,7 +57,7 @@ import numpy as np
 
 from meshpilot.comm.cost_model import LinkRates, collective_time
 
-from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
+from meshpilot.orchestrator.config.clusters import threads_per_rank
 from meshpilot.orchestrator.config.schema import JobConfig, Precision
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
@@ -159,9 +161,12 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # (what `meshpilot run` gives it), unless the node's ranks together hit the host's memory
     # bandwidth (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy)
     ranks_per_node = np.minimum(a.world, cl.gpus_per_node)
-    rank_adam = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node) * c.cpu_adam_gparams_per_core * 1e9
+    rank_adam = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * c.cpu_adam_gparams_per_core * 1e9
     node_adam = (cal.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_node_gparams_per_core) * 1e9
-    cpu_opt = np.where(off_o, ps / np.minimum(rank_adam, node_adam / ranks_per_node), 0.0)
+    adam_rate = np.minimum(rank_adam, node_adam / ranks_per_node)
+    if cal.cpu_adam_rank_gparams_per_s:        # fitted from training runs by `meshpilot calibrate`: replaces the model
+        adam_rate = np.full_like(adam_rate, cal.cpu_adam_rank_gparams_per_s * 1e9, dtype=float)
+    cpu_opt = np.where(off_o, ps / adam_rate, 0.0)
     hbm = cl_hbm
     opt_params = np.where(st == 0, pr, ps)
     # memory-bound Adam over the owned fp32 states, the gradient-norm/clip pass over the owned fp32 gradients

@@ -1,0 +1,604 @@
+"""Predicted against measured, per run, and the refit of a cluster's calibration from recorded runs.
+
+Two things live here, both pure numpy (no torch):
+
+1. :func:`predicted_vs_measured`: what a finished run measured beside what the simulator predicts
+   for its job and plan, written to ``summary.json`` under ``predicted_vs_measured`` by
+   :mod:`meshpilot.orchestrator.run.session` and shown by ``meshpilot status RUN --json``:
+
+   - per rank: the NVML peak sampled through the run (the simulator's peak is NVML-level),
+     torch's allocated and reserved peaks (the memory model's allocated and
+     allocated x (1 + fragmentation) + model-load hole), and the peak resident set of the worker
+     process beside the predicted host memory of one rank (host memory per node / ranks on the
+     node). On CPU workers (gloo) there is no NVML: the device row is the worker's peak RSS against
+     the predicted peak (the memory model treats a CPU worker's memory as its device);
+   - per node: the host memory peak, taken as the sum of the peak RSS of the node's workers (an
+     upper bound: the workers' peaks need not coincide; not the node's used memory, which counts
+     other processes), against the predicted host memory per node. Rank r runs on node
+     r // (ranks per node), ranks per node = min(world size, gpus_per_node);
+   - the median step time (rank 0's steps, the first left out when there are more than two) and
+     the median forward + backward and optimizer phases
+     (:class:`meshpilot.orchestrator.train.metrics.PhaseTimer`), beside the step time and the
+     phase groups of the time model (compute + communication: forward, backward, recompute,
+     tensor-parallel, data-parallel, ZeRO-3 gathers, all-to-all; optimizer: optimizer step, CPU
+     Adam, offload copies);
+   - the simulator's identity: the package version and a fingerprint (SHA-256 of the constants
+     and of the cluster's calibration section).
+
+2. :func:`calibrate`: a refit of the calibratable quantities from runs (``meshpilot calibrate``).
+   Time: the unknowns are x = (1/R, 1/beta, 1/A) with R the achieved matrix rate
+   (``calibration.matmul_tflops``), beta a common factor on the four intra-node bus bandwidths
+   (``calibration.*_busbw_gbs``, each kept in its ratio to the others) and A the CPU Adam rate
+   of an offloading rank (``calibration.cpu_adam_rank_gparams_per_s``). Each run gives one
+   observation per measured quantity: its forward + backward time and its optimizer time when the
+   phases were measured, its median step time otherwise; the simulator's prediction f_i(x) is
+   affine in each of the three inverses wherever the step is GPU-bound and communication is not
+   hidden behind compute (the max() of the host-bound and overlap terms is the only
+   non-linearity). The fit minimises the relative squared error
+   ``sum_i ((y_i - f_i(x)) / y_i)^2`` by Gauss-Newton: with the Jacobian J (finite differences of
+   the simulator, exact for an affine f) and W = diag(1/y_i), each iteration solves the linear
+   least squares ``min |W (J dx - (y - f(x)))|`` in closed form (``numpy.linalg.lstsq``); for an
+   affine f the first iteration is the exact solution. A quantity that changes no prediction
+   (no run depends on it: no offload run for A, one rank for beta) keeps its old value, and so
+   does one that cannot be told apart from the others with these runs (the Jacobian's columns
+   are dependent) or whose fit is not positive; the output says which.
+   Memory: the fixed device memory per rank d (``calibration.device_fixed_gib``: CUDA context
+   and whatever the mechanism model misses, the allocator's unmodelled reserve included) is the
+   least-squares constant of the residuals r_i = measured peak_i - model_i (the model with d = 0;
+   the measured peak is the largest rank's NVML peak, RSS on CPU workers): d = mean(r_i). The host
+   memory of a training process h (``calibration.host_process_gib``, GPU runs only) solves
+   min sum_i (r_i - n_i h)^2 with r_i = measured host per node - model with h = 0, n_i ranks per
+   node: h = sum n_i r_i / sum n_i^2. A non-positive fit keeps the old value.
+   ``meshpilot probe`` results (``--probe``) first replace the calibration fields they measured (the
+   mean over several probes); the run fit starts from there.
+   Held-out runs (``holdout_every`` K: the K-th, 2K-th, ... run in the order of run ids, when there
+   are at least :data:`MIN_RUNS_FOR_HOLDOUT` runs) are never used in a fit; their rows are reported
+   apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from meshpilot.orchestrator.config.loader import job_from_dict, job_to_dict
+from meshpilot.orchestrator.config.schema import Accelerator, CalibrationConfig, ClusterConfig, JobConfig
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.plan.codec import PlanArrays
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
+from meshpilot.orchestrator.sim.estimate import GIB, SimulatorConstants
+from meshpilot.orchestrator.sim.simulator import evaluate
+
+MIN_RUNS_FOR_HOLDOUT = 4
+"""A held-out split is made only with at least this many runs."""
+MIN_RUNS = 1
+"""Runs that must inform a quantity (its predictions depend on it) for it to be fitted."""
+BUSBW_FIELDS = {"all_reduce": "allreduce_busbw_gbs", "all_gather": "allgather_busbw_gbs",
+                "reduce_scatter": "reducescatter_busbw_gbs", "all_to_all": "alltoall_busbw_gbs"}
+COMPUTE_COMM_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp_reduction_exposed",
+                     "zero3_gathers", "expert_alltoall")
+OPTIMIZER_KEYS = ("optimizer_step", "cpu_optimizer", "offload_transfers")
+TIME_PARAMS = ("matmul_tflops", "busbw", "cpu_adam_rank_gparams_per_s")
+_SENSITIVITY = 1e-6      # relative change of a prediction below which a run does not inform a quantity
+
+
+# --- the simulator's predictions for one run --------------------------------------------------
+
+def simulator_identity(cluster: ClusterConfig, constants: SimulatorConstants | None = None) -> dict[str, str]:
+    """The package version and a fingerprint of the constants and the cluster's calibration."""
+    c = constants or SimulatorConstants()
+    blob = json.dumps([dataclasses.asdict(c), dataclasses.asdict(cluster.calibration)], sort_keys=True, default=str)
+    try:
+        version = importlib.metadata.version("meshpilot")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"version": version, "constants_fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def ranks_per_node(job: JobConfig, plan: Plan) -> int:
+    return max(1, min(plan.world_size, job.cluster.gpus_per_node))
+
+
+def predict(job: JobConfig, plan: Plan, constants: SimulatorConstants | None = None) -> dict[str, Any]:
+    """The predictions a run is compared with (GiB and seconds); see the module docstring."""
+    arrays = PlanArrays.from_plans([plan], job.cluster.gpus_per_node)
+    s = evaluate(job, arrays, constants)
+    t = {k: float(v[0]) for k, v in s.time.items()}
+    n = ranks_per_node(job, plan)
+    host_node = float(s.cpu_node_gib[0])
+    return dict(device_peak_gib=float(s.peak_gib[0]), allocated_gib=float(s.memory["allocated"][0]) / GIB,
+                reserved_gib=float(s.memory["reserved"][0]) / GIB, host_node_gib=host_node,
+                host_rank_gib=host_node / n, step_time_s=float(s.step_time_s[0]),
+                phases_s={"forward_backward": sum(t[k] for k in COMPUTE_COMM_KEYS),
+                          "optimizer": sum(t[k] for k in OPTIMIZER_KEYS)})
+
+
+# --- what a run measured ----------------------------------------------------------------------
+
+def median_step_time(step_times: Sequence[float]) -> Optional[float]:
+    """Median of the step times, the first left out when there are more than two."""
+    xs = [float(x) for x in step_times if x is not None]
+    xs = xs[1:] if len(xs) > 2 else xs
+    return float(statistics.median(xs)) if xs else None
+
+
+def measured_from_results(job: JobConfig, plan: Plan, results: Sequence[Mapping[str, Any]],
+                          step_times: Optional[Sequence[float]] = None) -> dict[str, Any]:
+    """Peaks per rank and per node, the median step time and phases from the workers' results.
+
+    ``step_times``: rank 0's step times when the results do not carry them (older runs: read from
+    metrics.jsonl)."""
+    on_cpu = job.cluster.accelerator == Accelerator.CPU
+    n = ranks_per_node(job, plan)
+    per_rank: dict[int, dict[str, Optional[float]]] = {}
+    for i, r in enumerate(results):
+        peaks = r.get("memory_peaks_gib") or {}
+        per_rank[int(r.get("rank", i))] = {k: (None if peaks.get(k) is None else float(peaks[k]))
+                                           for k in ("nvml", "allocated", "reserved", "host_rss")}
+    nodes: dict[int, Optional[float]] = {}
+    for rank, p in per_rank.items():
+        node = rank // n
+        if p["host_rss"] is None or (node in nodes and nodes[node] is None):
+            nodes[node] = None
+        else:
+            nodes[node] = (nodes.get(node) or 0.0) + p["host_rss"]
+    device_key = "host_rss" if on_cpu else "nvml"
+    device = [p[device_key] for p in per_rank.values()]
+    r0 = next((r for r in results if r.get("rank") == 0), results[0] if results else {})
+    times = r0.get("step_times_s") or step_times or []
+    return dict(per_rank=per_rank, host_node_gib=nodes,
+                device_peak_gib=max(device) if device and None not in device else None,
+                device_peak_source="host RSS of the worker (CPU workers)" if on_cpu else "NVML, sampled through the run",
+                host_node_peak_gib=(max(nodes.values()) if nodes and None not in nodes.values() else None),
+                step_time_s=median_step_time(times), steps_timed=len(times),
+                phases_s=_phase_groups(r0.get("phases_s")))
+
+
+def _phase_groups(phases: Optional[Mapping[str, float]]) -> Optional[dict[str, float]]:
+    if not phases or any(phases.get(k) is None for k in ("forward", "backward", "optimizer")):
+        return None
+    return {"forward_backward": float(phases["forward"]) + float(phases["backward"]),
+            "optimizer": float(phases["optimizer"])}
+
+
+def _pair(measured: Optional[float], predicted: Optional[float]) -> dict[str, Optional[float]]:
+    err = None if measured in (None, 0) or predicted is None else (predicted - measured) / measured
+    return {"measured": measured, "predicted": predicted, "error": err}
+
+
+def predicted_vs_measured(job: JobConfig, plan: Plan, results: Sequence[Mapping[str, Any]],
+                          constants: SimulatorConstants | None = None,
+                          step_times: Optional[Sequence[float]] = None) -> dict[str, Any]:
+    """The ``predicted_vs_measured`` entry of summary.json (see the module docstring); ``error`` is
+    (predicted - measured) / measured."""
+    m = measured_from_results(job, plan, results, step_times)
+    p = predict(job, plan, constants)
+    on_cpu = job.cluster.accelerator == Accelerator.CPU
+    per_rank = {}
+    for rank, peaks in sorted(m["per_rank"].items()):
+        row = {"host_rss": _pair(peaks["host_rss"], p["device_peak_gib"] if on_cpu else p["host_rank_gib"])}
+        if not on_cpu:
+            row.update(nvml=_pair(peaks["nvml"], p["device_peak_gib"]),
+                       allocated=_pair(peaks["allocated"], p["allocated_gib"]),
+                       reserved=_pair(peaks["reserved"], p["reserved_gib"]))
+        per_rank[str(rank)] = row
+    phases = m["phases_s"] or {}
+    return dict(
+        simulator=simulator_identity(job.cluster, constants), plan_config=plan.to_config(),
+        accelerator=str(job.cluster.accelerator), ranks_per_node=ranks_per_node(job, plan),
+        per_rank=per_rank,
+        per_node={str(k): {"host_peak_gib": _pair(v, p["host_node_gib"]),
+                           "source": "sum of the node's workers' peak RSS"} for k, v in sorted(m["host_node_gib"].items())},
+        step_time_s=dict(_pair(m["step_time_s"], p["step_time_s"]), steps=m["steps_timed"],
+                         statistic="median of rank 0's steps, the first left out when there are more than two"),
+        phases_s={k: _pair(phases.get(k), v) for k, v in p["phases_s"].items()})
+
+
+# --- recorded runs ----------------------------------------------------------------------------
+
+@dataclass
+class RecordedRun:
+    """One run directory as the fit reads it."""
+    run_id: str
+    run_dir: Path
+    date: str
+    job: JobConfig
+    plan: Plan
+    measured: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+    step_times: Optional[list[float]] = None        # rank 0's, from metrics.jsonl when the results lack them
+
+    def comparison(self) -> dict[str, Any]:
+        """The run's ``predicted_vs_measured`` as recorded, or computed now for a summary without one."""
+        recorded = self.summary.get("predicted_vs_measured")
+        if recorded:
+            return recorded
+        out = predicted_vs_measured(self.job, self.plan, self.summary.get("results") or [], step_times=self.step_times)
+        out["computed_by"] = "meshpilot status (the summary predates these rows)"
+        return out
+
+    @property
+    def shape(self) -> tuple[str, str, int, int]:
+        c = self.job.cluster
+        return (str(c.accelerator), c.gpu.name, int(c.nodes), int(c.gpus_per_node))
+
+
+def load_run(run_dir: str | Path) -> RecordedRun:
+    """Read RUN_DIR/summary.json and RUN_DIR/job.yaml (plain JSON and YAML, nothing unpickled).
+
+    ConfigError (key ``RUN_DIR``) when the summary or the job is missing or unreadable, or the run
+    did not succeed (its peaks and times are not those of a whole run)."""
+    d = Path(run_dir)
+    key = "RUN_DIR"
+    if not d.is_dir():
+        raise ConfigError(key, str(d), reason="is not a directory", fix="give the run directories `meshpilot run` wrote")
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(key, str(d), reason="has no summary.json (the run has not finished, or is not a run "
+                          "directory)", fix="wait for the run to end, or leave this directory out") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, str(d), reason=f"summary.json cannot be read: {e}") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(key, str(d), reason="summary.json does not hold a mapping")
+    if summary.get("status") != "succeeded":
+        raise ConfigError(key, str(d), reason=f"the run did not succeed (status {summary.get('status')!r}): its "
+                          "peaks and step times are not those of a whole run", fix="leave this directory out")
+    import yaml                       # the job as plain YAML; the loader re-validates it
+    try:
+        raw = yaml.safe_load((d / "job.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(key, str(d), reason=f"job.yaml cannot be read: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(key, str(d), reason="job.yaml does not hold a mapping")
+    pvm = summary.get("predicted_vs_measured") or {}
+    if pvm.get("plan_config"):                     # the plan that ran (plan: auto, fallbacks)
+        raw["plan"] = dict(pvm["plan_config"])
+    elif (raw.get("plan") or {}).get("auto"):
+        from meshpilot.orchestrator.plan.text import parse
+        raw["plan"] = {}
+        job = job_from_dict(raw, parse(str(summary.get("plan", ""))))
+        return _recorded(d, summary, job)
+    job = job_from_dict(raw)
+    return _recorded(d, summary, job)
+
+
+def _recorded(d: Path, summary: dict[str, Any], job: JobConfig) -> RecordedRun:
+    plan = resolve_plan(job)
+    results = summary.get("results") or []
+    step_times = None
+    r0 = next((r for r in results if r.get("rank") == 0), results[0] if results else {})
+    if not r0.get("step_times_s"):
+        step_times = _metrics_step_times(d / "metrics.jsonl")
+        if not step_times and summary.get("tokens_per_s"):
+            step_times = [job.train.global_batch * job.train.seq_len / float(summary["tokens_per_s"])]
+    measured = measured_from_results(job, plan, results, step_times)
+    try:
+        state = json.loads((d / "state.json").read_text())
+        created = float(state.get("created") or 0.0)
+    except (OSError, ValueError, AttributeError):
+        created = 0.0
+    when = created or (d / "summary.json").stat().st_mtime
+    return RecordedRun(run_id=d.resolve().name, run_dir=d, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)),
+                       job=job, plan=plan, measured=measured, summary=summary, step_times=step_times)
+
+
+def _metrics_step_times(path: Path) -> list[float]:
+    out: list[float] = []
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.append(float(json.loads(line)["step_time_s"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return out
+
+
+def check_shapes(runs: Sequence[RecordedRun]) -> None:
+    """All runs on one cluster shape (accelerator, GPU, nodes, GPUs per node); ConfigError otherwise."""
+    shapes = {r.shape for r in runs}
+    if len(shapes) > 1:
+        listing = "; ".join(f"{r.run_id}: {r.shape[0]} {r.shape[2]} x {r.shape[3]} {r.shape[1]}" for r in runs)
+        raise ConfigError("RUN_DIR", " ".join(str(r.run_dir) for r in runs)[:300],
+                          reason=f"runs from different cluster shapes ({listing})",
+                          fix="calibrate each cluster shape separately (one command per shape)")
+
+
+def read_probe(path: str | Path) -> dict[str, Any]:
+    """The ``calibration`` mapping of a ``meshpilot probe --json`` file (plain JSON)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("--probe", str(path), reason=f"cannot be read as JSON: {e}",
+                          fix="give the file `meshpilot probe --json FILE` wrote") from None
+    cal = data.get("calibration") if isinstance(data, dict) else None
+    if not isinstance(cal, dict):
+        raise ConfigError("--probe", str(path), reason="has no 'calibration' mapping",
+                          fix="give the file `meshpilot probe --json FILE` wrote")
+    known = {f.name for f in dataclasses.fields(CalibrationConfig)}
+    return {k: v for k, v in cal.items() if k in known and v is not None}
+
+
+# --- the fit --------------------------------------------------------------------------------
+
+@dataclass
+class FittedQuantity:
+    name: str                 # CalibrationConfig field(s)
+    old: Optional[float]
+    new: Optional[float]
+    runs: int                 # runs that informed it
+    fitted: bool
+    note: str = ""
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    held_out: bool
+    measured: dict[str, Optional[float]]
+    before: dict[str, Optional[float]]
+    after: dict[str, Optional[float]]
+
+
+@dataclass
+class CalibrationResult:
+    cluster: ClusterConfig                     # the input cluster with the new calibration
+    quantities: list[FittedQuantity]
+    rows: list[RunRow]
+    fit_runs: list[RecordedRun]
+    held_out: list[RecordedRun]
+    probes: list[str] = field(default_factory=list)
+
+
+def with_calibration(job: JobConfig, cal: CalibrationConfig) -> JobConfig:
+    return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, calibration=cal))
+
+
+def _effective(cal: CalibrationConfig, job: JobConfig, c: SimulatorConstants) -> dict[str, Any]:
+    """The rates the simulator uses for ``job`` under ``cal`` (where ``cal`` leaves a field unset)."""
+    cl = job.cluster
+    ds = cl.gpu.bf16_tflops if str(job.train.precision) == "bf16" else cl.gpu.fp16_tflops
+    bw = {op: float(getattr(cal, f) or cl.intra_node_bandwidth_gbs) for op, f in BUSBW_FIELDS.items()}
+    return dict(matmul_tflops=float(cal.matmul_tflops or ds * c.matmul_efficiency), busbw=bw)
+
+
+def _observations(run: RecordedRun, pred: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(name, measured, predicted) time observations of one run."""
+    m = run.measured
+    if m["phases_s"]:
+        return [(k, float(m["phases_s"][k]), float(pred["phases_s"][k])) for k in ("forward_backward", "optimizer")
+                if m["phases_s"][k] and m["phases_s"][k] > 0]
+    if m["step_time_s"]:
+        return [("step", float(m["step_time_s"]), float(pred["step_time_s"]))]
+    return []
+
+
+def calibrate(runs: Sequence[RecordedRun], cluster: ClusterConfig, *, probes: Sequence[Mapping[str, Any]] = (),
+              probe_names: Sequence[str] = (), holdout_every: int = 4,
+              constants: SimulatorConstants | None = None) -> CalibrationResult:
+    """Refit ``cluster``'s calibration from ``runs`` (and probe calibrations); see the module docstring."""
+    c = constants or SimulatorConstants()
+    if not runs:
+        raise ConfigError("RUN_DIR", reason="no run directories given", fix="meshpilot calibrate RUN_DIR [RUN_DIR ...]")
+    check_shapes(runs)
+    if str(cluster.accelerator) != runs[0].shape[0] or cluster.gpu.name != runs[0].shape[1]:
+        raise ConfigError("--cluster", cluster.name, reason=f"is {cluster.accelerator} {cluster.gpu.name} but the runs "
+                          f"ran on {runs[0].shape[0]} {runs[0].shape[1]}",
+                          fix="give the cluster the runs ran on (default: the first run's)")
+    ordered = sorted(runs, key=lambda r: r.run_id)
+    k = int(holdout_every)
+    held = [r for i, r in enumerate(ordered) if k > 0 and len(ordered) >= MIN_RUNS_FOR_HOLDOUT and (i + 1) % k == 0]
+    fit = [r for r in ordered if r not in held]
+    old = cluster.calibration
+    cal = dataclasses.replace(old)
+    quantities: list[FittedQuantity] = []
+    # probe results replace the fields they measured (mean over probes)
+    if probes:
+        keys = sorted({k for p in probes for k in p if k != "measured_on"})
+        for key in keys:
+            vals = [float(p[key]) for p in probes if p.get(key) is not None]
+            setattr(cal, key, float(np.mean(vals)))
+            quantities.append(FittedQuantity(key, getattr(old, key), float(np.mean(vals)), 0, True,
+                                             f"mean of {len(vals)} probe(s)"))
+    cal, time_q = _fit_times(fit, cal, c)
+    cal, mem_q = _fit_memory(fit, cal, c)
+    quantities += time_q + mem_q
+    cal.measured_on = (f"meshpilot calibrate, {len(fit)} run(s) ({', '.join(r.run_id for r in fit)[:200]}), "
+                       f"{time.strftime('%Y-%m-%d', time.gmtime())}")
+    rows = [RunRow(r.run_id, r in held, _row_measured(r), _row_pred(r, old, c), _row_pred(r, cal, c))
+            for r in ordered]
+    return CalibrationResult(cluster=dataclasses.replace(cluster, calibration=cal), quantities=quantities, rows=rows,
+                             fit_runs=fit, held_out=held, probes=list(probe_names))
+
+
+def _row_measured(r: RecordedRun) -> dict[str, Optional[float]]:
+    m = r.measured
+    return dict(step_time_s=m["step_time_s"], device_peak_gib=m["device_peak_gib"],
+                host_node_gib=None if r.job.cluster.accelerator == Accelerator.CPU else m["host_node_peak_gib"])
+
+
+def _row_pred(r: RecordedRun, cal: CalibrationConfig, c: SimulatorConstants) -> dict[str, Optional[float]]:
+    p = predict(with_calibration(r.job, cal), r.plan, c)
+    return dict(step_time_s=p["step_time_s"], device_peak_gib=p["device_peak_gib"], host_node_gib=p["host_node_gib"])
+
+
+def _apply(cal: CalibrationConfig, x: np.ndarray, active: Sequence[str], base_bw: dict[str, float]) -> CalibrationConfig:
+    out = dataclasses.replace(cal)
+    for name, val in zip(active, x):
+        val = float(val)
+        if name == "matmul_tflops":
+            out.matmul_tflops = 1.0 / val
+        elif name == "busbw":
+            for op, f in BUSBW_FIELDS.items():
+                setattr(out, f, base_bw[op] / val)
+        else:
+            out.cpu_adam_rank_gparams_per_s = 1.0 / val
+    return out
+
+
+def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig,
+               c: SimulatorConstants) -> tuple[CalibrationConfig, list[FittedQuantity]]:
+    """Gauss-Newton on the relative time errors in x = (1/R, 1/beta, 1/A) (module docstring)."""
+    q: list[FittedQuantity] = []
+    if not runs:
+        return cal, [FittedQuantity(n, None, None, 0, False, "no runs in the fit set") for n in TIME_PARAMS]
+    eff = _effective(cal, runs[0].job, c)
+    base_bw = eff["busbw"]
+    adam0 = cal.cpu_adam_rank_gparams_per_s or _model_adam_rate(runs, c)
+    x0 = {"matmul_tflops": 1.0 / eff["matmul_tflops"], "busbw": 1.0, "cpu_adam_rank_gparams_per_s": 1.0 / adam0}
+    olds = {"matmul_tflops": cal.matmul_tflops, "busbw": cal.allreduce_busbw_gbs,
+            "cpu_adam_rank_gparams_per_s": cal.cpu_adam_rank_gparams_per_s}
+    names = list(TIME_PARAMS)
+
+    def f(x: np.ndarray, active: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        cand = _apply(cal, x, active, base_bw)
+        ys, fs, owner = [], [], []
+        for i, r in enumerate(runs):
+            for _, y, pred in _observations(r, predict(with_calibration(r.job, cand), r.plan, c)):
+                ys.append(y)
+                fs.append(pred)
+                owner.append(i)
+        return np.array(ys), np.array(fs), owner
+
+    x = np.array([x0[n] for n in names])
+    y, f0, owner = f(x, names)
+    if not len(y):
+        return cal, [FittedQuantity(n, olds[n], olds[n], 0, False, "no run has a step time") for n in names]
+    J = _jacobian(lambda xx: f(xx, names)[1], x, f0)
+    rel = np.abs(J * x[None, :]) / y[:, None]                   # relative change of each prediction per unit change
+    informing = {n: len({owner[i] for i in np.nonzero(rel[:, j] > _SENSITIVITY)[0]}) for j, n in enumerate(names)}
+    active = [n for n in names if informing[n] >= MIN_RUNS]
+    notes = {n: f"no run depends on it ({_why_none(n)}); kept" for n in names if n not in active}
+    # drop quantities that the runs cannot tell apart (dependent columns), the least informative first
+    while active:
+        idx = [names.index(n) for n in active]
+        A = (J[:, idx] * x[idx][None, :]) / y[:, None]
+        if np.linalg.matrix_rank(A, tol=1e-9 * max(1.0, float(np.abs(A).max()))) == len(active):
+            break
+        weakest = min(active, key=lambda n: float(np.linalg.norm(rel[:, names.index(n)])))
+        active.remove(weakest)
+        notes[weakest] = "cannot be told apart from " + ", ".join(active) + " with these runs (add runs that differ " \
+                         "in its share of the step); kept"
+    xa = np.array([x0[n] for n in active])
+    for _ in range(20):
+        if not active:
+            break
+        ya, fa, _ = f(xa, active)
+        Ja = _jacobian(lambda xx: f(xx, active)[1], xa, fa)
+        w = 1.0 / ya
+        dx = np.linalg.lstsq(Ja * w[:, None], (ya - fa) * w, rcond=None)[0]
+        xa = xa + dx
+        if np.all(np.abs(dx) <= 1e-13 * np.abs(xa)):
+            break
+    good = [n for n, v in zip(active, xa) if v > 0 and np.isfinite(v)]
+    for n, v in zip(active, xa):
+        if n not in good:
+            notes[n] = f"the fit gave a non-physical value ({'inf' if v == 0 else 1.0 / v:.4g}); kept"
+    out = _apply(cal, np.array([xa[active.index(n)] for n in good]), good, base_bw)
+    for n in names:
+        new = {"matmul_tflops": out.matmul_tflops, "busbw": out.allreduce_busbw_gbs,
+               "cpu_adam_rank_gparams_per_s": out.cpu_adam_rank_gparams_per_s}[n]
+        label = "*_busbw_gbs (all four, one factor)" if n == "busbw" else n
+        q.append(FittedQuantity(label, olds[n], float(new) if n in good else olds[n], informing[n], n in good,
+                                notes.get(n, "")))
+    return out, q
+
+
+def _why_none(name: str) -> str:
+    return {"matmul_tflops": "every run is host-bound or fp32",
+            "busbw": "no run communicates over intra-node links",
+            "cpu_adam_rank_gparams_per_s": "no run offloads the optimizer"}[name]
+
+
+def _model_adam_rate(runs: Sequence[RecordedRun], c: SimulatorConstants) -> float:
+    """The time model's CPU Adam rate of one rank (G params/s), a starting point only."""
+    from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
+    cl = runs[0].job.cluster
+    rank = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node) * c.cpu_adam_gparams_per_core
+    node = cl.calibration.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_node_gparams_per_core
+    return float(min(rank, node / max(1, min(runs[0].plan.world_size, cl.gpus_per_node))))
+
+
+def _jacobian(fn, x: np.ndarray, f0: np.ndarray) -> np.ndarray:
+    """Forward differences with steps of 25% of each (positive) unknown: exact where fn is affine."""
+    J = np.zeros((len(f0), len(x)))
+    for j in range(len(x)):
+        h = 0.25 * x[j]
+        xx = x.copy()
+        xx[j] += h
+        J[:, j] = (fn(xx) - f0) / h
+    return J
+
+
+def _fit_memory(runs: Sequence[RecordedRun], cal: CalibrationConfig,
+                c: SimulatorConstants) -> tuple[CalibrationConfig, list[FittedQuantity]]:
+    """The device and host fixed costs per rank (closed forms of the module docstring)."""
+    mech = dataclasses.replace(cal, device_fixed_gib=0.0, host_process_gib=0.0)      # the model without them
+    dev_res, host_res, host_n = [], [], []
+    for r in runs:
+        p = predict(with_calibration(r.job, mech), r.plan, c)
+        m = r.measured
+        if m["device_peak_gib"] is not None:
+            dev_res.append(m["device_peak_gib"] - p["device_peak_gib"])
+        if r.job.cluster.accelerator != Accelerator.CPU and m["host_node_peak_gib"] is not None:
+            host_res.append(m["host_node_peak_gib"] - p["host_node_gib"])
+            host_n.append(float(ranks_per_node(r.job, r.plan)))
+    out = dataclasses.replace(cal)
+    q = []
+    for name, n_runs, value, none_why in (
+            ("device_fixed_gib", len(dev_res), float(np.mean(dev_res)) if dev_res else None,
+             "no run has a device peak (NVML, or RSS on CPU workers)"),
+            ("host_process_gib", len(host_res),
+             float(np.sum(np.array(host_n) * np.array(host_res)) / np.sum(np.square(host_n))) if host_res else None,
+             "no GPU run with every worker's RSS (on CPU workers RSS is the device row)")):
+        old = getattr(cal, name)
+        if n_runs < MIN_RUNS or value is None:
+            q.append(FittedQuantity(name, old, old, 0, False, none_why + "; kept"))
+        elif value <= 0:
+            q.append(FittedQuantity(name, old, old, n_runs, False, f"the fit gave {value:.4g} GiB (the rest of the "
+                                    "model already over-predicts); kept"))
+        else:
+            setattr(out, name, value)
+            q.append(FittedQuantity(name, old, value, n_runs, True))
+    return out, q
+
+
+# --- the written cluster ----------------------------------------------------------------------
+
+def cluster_mapping(cluster: ClusterConfig) -> dict[str, Any]:
+    """The cluster as plain data (a ``local`` cluster renamed, so that loading it does not detect again)."""
+    job = JobConfig(cluster=cluster)
+    data = job_to_dict(job)["cluster"]
+    if data.get("name") == "local":
+        data["name"] = "local-calibrated"
+    return data
+
+
+def cluster_yaml_text(result: CalibrationResult, command: str) -> str:
+    """The calibrated cluster as YAML, with its provenance as comments."""
+    import yaml
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"# Cluster calibrated by `meshpilot calibrate` on {now}",
+             f"# command: {command}",
+             f"# simulator: {simulator_identity(result.cluster)['version']}",
+             "# runs used in the fit (run id, date):"]
+    lines += [f"#   {r.run_id}  {r.date}  plan {r.plan.describe()}" for r in result.fit_runs] or ["#   none"]
+    if result.held_out:
+        lines.append("# runs held out (never used in the fit):")
+        lines += [f"#   {r.run_id}  {r.date}" for r in result.held_out]
+    for p in result.probes:
+        lines.append(f"# probe: {p}")
+    lines.append("# calibration:")
+    for qq in result.quantities:
+        state = "fitted" if qq.fitted else "kept"
+        lines.append(f"#   {qq.name}: {state} {qq.old} -> {qq.new} ({qq.runs} run(s)){'; ' + qq.note if qq.note else ''}")
+    body = yaml.safe_dump(cluster_mapping(result.cluster), sort_keys=False)
+    return "\n".join(lines) + "\n" + body
