@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol
 
-from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
+from meshpilot.orchestrator.config.clusters import threads_per_rank
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.run.protocol import Failure, FailureKind, GangError
 
@@ -75,9 +75,11 @@ def capacity_shortfall(spec: GangSpec, total: Mapping[str, float], where: str = 
     return "; ".join(missing) or None
 
 
-def gang_spec(world_size: int, tp: int, *, accelerator: str, gpus_per_node: int, cpu_cores: int) -> GangSpec:
+def gang_spec(world_size: int, tp: int, *, accelerator: str, gpus_per_node: int, cpu_cores: int,
+              cpu_threads_per_rank: Optional[int] = None) -> GangSpec:
+    """One bundle per rank: a GPU and :func:`threads_per_rank` CPUs (GPU ranks), or one CPU (CPU workers)."""
     use_gpus = accelerator == "gpu"
-    cpus = cpu_threads_per_gpu_rank(cpu_cores, gpus_per_node) if use_gpus else 1
+    cpus = threads_per_rank(cpu_cores, gpus_per_node, cpu_threads_per_rank) if use_gpus else 1
     return GangSpec(world_size=world_size, use_gpus=use_gpus, cpus_per_worker=cpus,
                     max_nodes=(world_size - 1) // gpus_per_node + 1, tp=tp)
 

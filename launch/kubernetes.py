@@ -21,9 +21,11 @@ Kinds (:func:`manifests`; the first document is always the ConfigMap holding the
 Every pod that trains: ``resources.limits["nvidia.com/gpu"]`` (requests equal to limits), CPU and
 memory, a memory-backed emptyDir at /dev/shm (``shm_size``), the preset's tolerations and node
 selector, the ConfigMap at /etc/meshpilot, the run directory's volume (a PersistentVolumeClaim with
-``--pvc``, else an emptyDir, which loses checkpoints with the pod), ``privileged: false`` and
+``--pvc`` or the preset's ``kubernetes.checkpoint_pvc``, else an emptyDir, which loses checkpoints
+with the pod), ``privileged: false`` and
 ``allowPrivilegeEscalation: false``, and a termination grace period for the checkpoint the worker
-writes on SIGTERM. The Kueue label ``kueue.x-k8s.io/queue-name`` is set when a queue is given.
+writes on SIGTERM. The Kueue label ``kueue.x-k8s.io/queue-name`` is set when a queue is given
+(``--queue`` or the preset's ``kubernetes.queue``).
 Commands are argument lists (no shell), except RayJob's entrypoint string, built with shlex.
 
 Checks (:func:`validate`): a custom resource against its CRD's ``openAPIV3Schema`` with jsonschema,
@@ -102,6 +104,8 @@ class K8sSpec:
     queue: Optional[str] = None
     pvc: Optional[str] = None
     runtime: str = "torch-distributed"
+    queue_key: str = "--queue"      # where queue and pvc came from, for errors (the CLI or the cluster preset)
+    pvc_key: str = "--pvc"
     comments: tuple[str, ...] = ()
 
     @property
@@ -122,9 +126,9 @@ class K8sSpec:
         if not _DNS_LABEL.match(self.namespace) or len(self.namespace) > 63:
             raise ConfigError("--namespace", self.namespace, reason="not a Kubernetes namespace name (DNS-1123 label)")
         if self.queue is not None and (not _LABEL_VALUE.match(self.queue) or len(self.queue) > 63):
-            raise ConfigError("--queue", self.queue, reason="not a valid label value (Kueue LocalQueue name)")
+            raise ConfigError(self.queue_key, self.queue, reason="not a valid label value (Kueue LocalQueue name)")
         if self.pvc is not None and (not _DNS_SUBDOMAIN.match(self.pvc) or len(self.pvc) > 253):
-            raise ConfigError("--pvc", self.pvc, reason="not a PersistentVolumeClaim name")
+            raise ConfigError(self.pvc_key, self.pvc, reason="not a PersistentVolumeClaim name")
         if not _DNS_SUBDOMAIN.match(self.runtime):
             raise ConfigError("--runtime", self.runtime, reason="not a ClusterTrainingRuntime name")
         if not _QUANTITY.match(self.shm_size):

@@ -8,6 +8,9 @@ to an existing cluster uses token authentication when a token is available, as `
 An embedded Ray is started with ``address="local"`` (never joining a cluster recorded by an
 earlier ``ray start``), listens on 127.0.0.1 only (:func:`loopback_only`), and keeps token
 authentication on with an owner-only token file (:func:`secure_token_file`).
+
+:func:`wait_for_nodes` (``python -m meshpilot.launch.ray_cluster --wait-nodes N ADDRESS``) waits
+until a cluster started with ``ray start`` has all its nodes (the sbatch script of Ray on Slurm).
 """
 from __future__ import annotations
 
@@ -149,3 +152,51 @@ def _token_auth_for_client() -> None:
         return
     if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
         log.info("Ray token authentication: using the local token")
+
+
+def wait_for_nodes(address: str, nodes: int, timeout_s: float, *, poll_s: float = 0.5) -> int:
+    """Connect to the Ray cluster at ``address`` (token authentication as :func:`connect_ray`) and
+    wait until it has ``nodes`` alive nodes; returns how many it has. Raises TimeoutError after
+    ``timeout_s`` (checked at least once), and what ``ray.init`` raises when the cluster cannot be
+    reached.
+    Used by the sbatch script of ``meshpilot submit --to slurm --slurm-mode ray`` between
+    ``ray start`` on every node and the driver."""
+    import time
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    _token_auth_for_client()
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        while True:
+            alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+            if alive >= nodes:
+                return alive
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the Ray cluster at {address} has {alive} of {nodes} node(s) after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+    finally:
+        ray.shutdown()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m meshpilot.launch.ray_cluster --wait-nodes N [--timeout S] ADDRESS``: exit 0 once the
+    cluster has N alive nodes, 1 when it does not within S seconds or cannot be reached."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m meshpilot.launch.ray_cluster",
+                                description="wait until a Ray cluster has N alive nodes")
+    p.add_argument("address", help="GCS address HOST:PORT")
+    p.add_argument("--wait-nodes", type=int, required=True, metavar="N")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S")
+    args = p.parse_args(argv)
+    try:
+        n = wait_for_nodes(args.address, args.wait_nodes, args.timeout)
+    except Exception as e:  # noqa: BLE001 - unreachable, refused, timed out: the script stops Ray and ends
+        print(f"meshpilot: waiting for {args.wait_nodes} Ray node(s) at {args.address}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 1
+    print(f"meshpilot: the Ray cluster at {args.address} has {n} node(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -58,8 +58,16 @@ def _cancel_slurm(rec: dict[str, Any]) -> bool:
 
 def _logs_slurm(rec: dict[str, Any]) -> dict[str, list[Path]]:
     logs = Path(rec["run_dir"]) / "logs"
+    if _slurm_ray(rec):           # Ray on Slurm: the batch log (the driver) and the controller's, then one log per rank
+        ranks = sorted(logs.glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+        return {"main": [*sorted(logs.glob("slurm-*.out")), Path(rec["run_dir"]) / "controller.log"], "workers": ranks}
     nodes = sorted(logs.glob("node*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     return {"main": sorted(logs.glob("slurm-*.out")), "workers": nodes}
+
+
+def _slurm_ray(rec: dict[str, Any]) -> bool:
+    """A Slurm job of the ray mode (``meshpilot submit --slurm-mode ray``): per-rank logs, not per-node."""
+    return rec.get("backend") == "slurm" and (rec.get("native") or {}).get("mode") == "ray"
 
 
 # --- Open MPI ---------------------------------------------------------------------------------------
@@ -213,8 +221,8 @@ def safe_status_of(rec: dict[str, Any]) -> dict[str, Any]:
 
 def log_paths(rec: dict[str, Any], rank: int | None = None) -> list[Path]:
     """The submission's logs: the launcher's/batch log and every per-node (per-pod, per-rank) log, or
-    with RANK only the RANK-th worker log (Slurm: node<RANK>.log, Kubernetes: the RANK-th pod, Ray:
-    rank<RANK>.log). Kubernetes and Ray logs are fetched through the API into the artefact folder."""
+    with RANK only the RANK-th worker log (Slurm: node<RANK>.log, Ray on Slurm and Ray: rank<RANK>.log,
+    Kubernetes: the RANK-th pod). Kubernetes and Ray logs are fetched through the API into the artefact folder."""
     got = _LOGS[rec["backend"]](rec)
     if rank is None:
         return [*got["main"], *got["workers"]]
@@ -225,7 +233,7 @@ def log_paths(rec: dict[str, Any], rank: int | None = None) -> list[Path]:
     if world and not 0 <= rank < world:
         raise ConfigError("--rank", rank, reason=f"{rec['handle']} has ranks 0..{world - 1}")
     index = rank
-    if rec["backend"] in ("slurm", "k8s") and world and rec.get("nodes"):
+    if rec["backend"] in ("slurm", "k8s") and world and rec.get("nodes") and not _slurm_ray(rec):
         index = rank // max(1, world // int(rec["nodes"]))      # one log per node (torchrun / pod) holds its ranks
     if not 0 <= index < len(got["workers"]):
         raise ConfigError("--rank", rank, reason=f"no log of rank {rank} yet ({len(got['workers'])} worker log(s): "

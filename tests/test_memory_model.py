@@ -10,6 +10,7 @@ from meshpilot.orchestrator.config.loader import load_job
 from meshpilot.orchestrator.sim.memory import (korthikanti_layer_bytes, layer_activation_bytes, memory_terms,
                                                  model_terms, zero_model_states_paper)
 from meshpilot.orchestrator.config.models import param_counts
+from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.sim.simulator import simulate
@@ -226,6 +227,25 @@ def test_cpu_adam_is_thread_bound_until_the_node_is_memory_bound():
     job.cluster.calibration = tight
     e = simulate(job, Plan(dp=4, zero_stage=2, offload_optimizer="cpu", micro_batch=1))
     assert e.time_breakdown_s["cpu_optimizer"] == pytest.approx((P / 4) / (0.5e9 / 4), rel=1e-3)
+
+
+def test_cpu_threads_per_rank_is_what_the_simulator_and_the_gang_read():
+    """``cluster.cpu_threads_per_rank`` (e.g. 1, as a torchrun start of an exported config gives
+    a rank) replaces the gang's default in the CPU Adam time and in the gang's bundles."""
+    from meshpilot.launch.gang import gang_spec
+    job = _job(global_batch=4)
+    P = param_counts(job.model).total
+    plan = Plan(dp=1, zero_stage=2, offload_optimizer="cpu", micro_batch=4)
+    default = simulate(job, plan).time_breakdown_s["cpu_optimizer"]
+    job.cluster.cpu_threads_per_rank = 1
+    one = simulate(job, plan).time_breakdown_s["cpu_optimizer"]
+    assert one == pytest.approx(P / (1 * C.cpu_adam_gparams_per_core * 1e9), rel=1e-3)
+    assert one > default * 4                                       # the default gives this preset 8 threads
+    cl = job.cluster
+    assert gang_spec(4, 1, accelerator="gpu", gpus_per_node=cl.gpus_per_node, cpu_cores=cl.cpu_cores,
+                     cpu_threads_per_rank=3).bundles == [{"CPU": 3, "GPU": 1}] * 4
+    with pytest.raises(ConfigError, match="cluster.cpu_threads_per_rank"):
+        load_job(None, ["model=tiny-llama", "cluster=h100-sxm-4", f"cluster.cpu_threads_per_rank={cl.cpu_cores + 1}"])
 
 
 def test_zo2_transfers_duplex_and_sliced_over_one_node():

@@ -148,6 +148,41 @@ def test_dry_run_is_byte_stable(tmp_path):
     assert texts[0] == texts[1]
 
 
+@pytest.mark.parametrize("kind", list(k8s.KINDS))
+def test_queue_and_checkpoint_volume_from_the_preset_the_command_line_wins(tmp_path, kind):
+    """The cluster preset's kubernetes.queue and kubernetes.checkpoint_pvc give the Kueue label and the
+    run directory's PVC (validated as above); --queue/--pvc override them."""
+    base = ["cluster=k8s-h100", "plan.dp=16", "train.global_batch=32", "--image", "ghcr.io/acme/meshpilot:0.1",
+            "cluster.kubernetes.queue=team-b", "cluster.kubernetes.checkpoint_pvc=ckpt-b", "--kind", kind]
+
+    def manifest(out, *extra):
+        r = meshpilot(["submit", QUICKSTART, "--to", "k8s", "--dry-run", "--out", tmp_path / out,
+                       f"train.output_dir={tmp_path}", *base, *extra], tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "no --pvc" not in r.stdout
+        docs = list(yaml.safe_load_all((tmp_path / out / f"{kind}.yaml").read_text()))
+        if CRDS is not None:
+            k8s.validate_all(docs, CRDS)
+        return docs[-1]
+
+    for job, (queue, pvc) in ((manifest("preset"), ("team-b", "ckpt-b")),
+                              (manifest("cli", "--queue", "team-a", "--pvc", "ckpt"), ("team-a", "ckpt"))):
+        assert job["metadata"]["labels"][k8s.QUEUE_LABEL] == queue
+        for pod in _pod_specs(job):
+            assert {v["name"]: v for v in pod["volumes"]}["run"]["persistentVolumeClaim"]["claimName"] == pvc
+
+
+def test_bad_queue_or_volume_in_the_preset_names_the_preset_key(tmp_path):
+    base = ["submit", QUICKSTART, "--to", "k8s", "--dry-run", "cluster=k8s-h100", "plan.dp=16",
+            "train.global_batch=32", "--image", "x:1"]
+    r = meshpilot([*base, "cluster.kubernetes.queue=bad queue"], tmp_path)
+    assert r.returncode == 2 and "cluster.kubernetes.queue" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = meshpilot([*base, "cluster.kubernetes.checkpoint_pvc=Bad_PVC"], tmp_path)
+    assert r.returncode == 2 and "cluster.kubernetes.checkpoint_pvc" in r.stderr, r.stderr
+    r = meshpilot([*base, "cluster.kubernetes.queue=bad queue", "--queue", "ok"], tmp_path)   # the CLI wins
+    assert r.returncode == 0, r.stderr
+
+
 def test_bad_inputs_are_config_errors(tmp_path):
     r = meshpilot(["submit", QUICKSTART, "--to", "k8s", "--dry-run", "cluster=k8s-h100", "plan.dp=16",
                    "train.global_batch=32", "--image", "x:1", "--namespace", "Bad_NS"], tmp_path)

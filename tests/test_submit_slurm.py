@@ -27,21 +27,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_submit_helpers import (QUICKSTART, ROOT, STEPS, TRAIN, TWO_NODES, last_metrics, meshpilot,  # noqa: E402
+from test_submit_helpers import (QUICKSTART, STEPS, TRAIN, TWO_NODES, last_metrics, meshpilot,  # noqa: E402
                                  reference_run, status, submit_handle, wait_for)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 WEIRD = "runs with space 'single' \"double\" $(touch PWNED) `touch PWNED2` ;x"
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "start-slurm.sh")], capture_output=True, text=True, timeout=900)
-    if r.returncode == 3:
-        pytest.skip(f"no Slurm can be set up here: {r.stderr.strip()}")
-    assert r.returncode == 0, f"scripts/start-slurm.sh failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
 
 
 @pytest.fixture(scope="module")

