@@ -251,3 +251,26 @@ def test_meshpilot_run_stops_on_a_worker_cuda_oom_with_exit_4(tmp_path):
     assert "Traceback" not in p.stdout
     oom = [e for e in _events(run_dir) if e["event"] == "oom"]
     assert len(oom) == 1 and oom[0]["decision"] == "stop" and oom[0]["failure"] == "gpu_oom"
+
+
+def test_fallback_needs_the_error_the_failure_showed_in_the_failed_plans_regime():
+    """A GPU OOM at predicted peak P on a card of C GiB shows an error of at least C/P - 1
+    (by hand below). Plans of the failed plan's regime must then fit with that error; plans of
+    other regimes keep their own measured bands. With an error no plan of the regime can carry,
+    the fallback leaves the regime."""
+    from meshpilot.orchestrator.run.session import fallback_plan, observed_error
+    from meshpilot.orchestrator.sim.error_bands import regime_of
+    job = load_job(None, ["model=llama-2-13b", "cluster=h100-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                          "train.global_batch=8", "train.seq_len=2048"])
+    res_plan = plan_job(job)[0]
+    est = simulate(job, res_plan, headroom=0.05)
+    err = observed_error(job, FailureKind.GPU_OOM, est.peak_memory_gib, None)
+    assert err == pytest.approx(job.cluster.gpu.memory_gib / est.peak_memory_gib - 1)
+    assert observed_error(job, FailureKind.GPU_OOM, 50.0, 100.0) == pytest.approx(1.0)     # measured above the card
+    cap = job.cluster.gpu.memory_gib * 0.95
+    new, new_est = fallback_plan(job, [res_plan], FailureKind.GPU_OOM, est.peak_memory_gib, regime=est.regime, error=err)
+    assert new_est.peak_memory_gib < est.peak_memory_gib
+    if regime_of(new, 2) == est.regime:
+        assert new_est.peak_memory_gib * (1 + err) <= cap
+    out = fallback_plan(job, [res_plan], FailureKind.GPU_OOM, est.peak_memory_gib, regime=est.regime, error=100.0)
+    assert out is None or regime_of(out[0], 2) != est.regime

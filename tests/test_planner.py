@@ -65,21 +65,22 @@ def test_search_ranks_and_agrees_with_simulate():
     job = _job("model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16")
     res = search(job, top=5)
     assert res.best is not None and len(res.top) == 5
+    assert all(e.fits_with_margin for e in res.top)         # 7B on 8 x 80 GB: plenty of plans with margin
     tps = [e.tokens_per_s for e in res.top]
     assert tps == sorted(tps, reverse=True)
-    fit_idx = np.flatnonzero(res.scores.fits)
-    assert res.top[0].tokens_per_s == pytest.approx(res.scores.tokens_per_s[fit_idx].max())
+    margin_idx = np.flatnonzero(res.scores.fits_margin & res.scores.fits)
+    assert res.top[0].tokens_per_s == pytest.approx(res.scores.tokens_per_s[margin_idx].max())
     for e in res.top:
-        assert e.fits and e.peak_memory_gib <= 79.6 * 0.95
+        assert e.fits and e.peak_memory_gib * (1 + e.memory_band) <= 79.6 * 0.95
     again = simulate(job, res.best, headroom=0.05)
     assert again.step_time_s == pytest.approx(res.top[0].step_time_s)
     assert again.peak_memory_gib == pytest.approx(res.top[0].peak_memory_gib)
     # memory objective: the smallest peak among fitting plans
     mem = search(job, objective="memory", top=3)
     assert mem.top[0].peak_memory_gib == pytest.approx(mem.scores.peak_gib[np.flatnonzero(mem.scores.fits)].min())
-    # cost objective: the fewest GPU-seconds per step
+    # cost objective: the fewest GPU-seconds per step among plans with margin
     cost = search(job, objective="cost", top=1)
-    f = np.flatnonzero(cost.scores.fits)
+    f = np.flatnonzero(cost.scores.fits_margin & cost.scores.fits)
     gs = cost.scores.step_time_s[f] * cost.arrays.world[f]
     assert cost.top[0].step_time_s * cost.top[0].world_size == pytest.approx(gs.min())
 
@@ -153,3 +154,31 @@ def test_plan_description_round_trip():
         assert p.describe() == text.describe(p)
     with pytest.raises(ConfigError, match="--explain"):
         text.parse("dp=4 banana")
+
+
+def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_risky():
+    """The band rule by hand: a plan is risky when peak <= cap < peak x (1 + band). With bands
+    of 0 nothing is risky and the ranking is the plain one; with the shipped bands every risky
+    plan ranks after every plan with margin, and auto picks the fastest plan with margin."""
+    from meshpilot.orchestrator.sim.error_bands import REGIMES, bands_from_rows, load_error_bands, regime_codes
+    from meshpilot.orchestrator.sim.simulator import evaluate
+    job = _job("model=llama-2-13b", "cluster=h100-sxm-4", "cluster.gpus_per_node=2", "train.global_batch=8",
+               "train.seq_len=2048")
+    res = search(job, top=3)
+    s, cap = res.scores, 79.6 * 0.95
+    band = load_error_bands().band_array(res.arrays)
+    assert np.array_equal(s.band, band)
+    expect_risky = (s.peak_gib <= cap) & (s.peak_gib * (1 + band) > cap) & s.fits_cpu
+    assert np.array_equal(s.risky, expect_risky & s.fits) and s.risky.any()
+    n_margin = int((s.fits_margin & s.fits).sum())
+    assert n_margin > 0 and set(res.ranked[:n_margin]) == set(np.flatnonzero(s.fits_margin & s.fits))
+    assert res.best == res.arrays.plan(int(np.flatnonzero(s.fits_margin & s.fits)[
+        np.argmax(s.tokens_per_s[s.fits_margin & s.fits])]))
+    assert res.margin_note.startswith("margin: ") and "held-out run" in res.margin_note
+    i = int(np.flatnonzero(s.risky)[0])
+    est = simulate(job, res.arrays.plan(i), headroom=0.05)
+    assert not est.fits_with_margin and est.fits and any(n.startswith("risky") for n in est.notes)
+    assert est.regime == REGIMES[int(regime_codes(res.arrays)[i])]
+    zero = bands_from_rows([(r, 1.0, 1.0) for r in REGIMES for _ in range(2)])
+    flat = evaluate(job, res.arrays, headroom=0.05, bands=zero)
+    assert not flat.risky.any() and np.array_equal(flat.fits_margin & flat.fits, flat.fits)

@@ -46,7 +46,7 @@ def run(args) -> int:
     out = {"objective": res.objective, "headroom": res.headroom, "enumerated": res.enumerated,
            "invalid": res.invalid, "scored": res.scored, "fitting": int(len(res.ranked)),
            "elapsed_s": res.elapsed_s, "top": [e.to_dict() for e in res.top], "rejected": res.rejected_lines(),
-           "fixed": res.fixed.to_dict() if res.fixed else None}
+           "fixed": res.fixed.to_dict() if res.fixed else None, "risky": res.risky, "margin": res.margin_note}
     explained = None
     if args.explain:
         base = job_to_dict(job)
@@ -66,6 +66,8 @@ def run(args) -> int:
         console.print(f"{escape(str(job.model.name))} on {escape(str(job.cluster.name))} ({job.cluster.nodes} x {job.cluster.gpus_per_node} "
                       f"GPUs): {res.enumerated} plans enumerated, {res.invalid} invalid, {res.scored} scored, "
                       f"{len(res.ranked)} fit ({res.elapsed_s:.2f} s)")
+        if res.margin_note:
+            console.print(escape(res.margin_note))
         if res.top:
             console.print(top_table(res))
         for line in res.rejected_lines():

@@ -40,4 +40,6 @@ def run(args) -> int:
         console.print(t)
     for r in est.reasons:
         console.print(f"[red]does not fit:[/] {escape(r)}")
+    for n in est.notes:
+        console.print(f"[yellow]{escape(n)}[/]" if n.startswith("risky") else escape(n))
     return 0

@@ -22,8 +22,9 @@ near its limit: see ``meshpilot.launch.group``) is never retried with the same p
 plan the run fails with :func:`oom_message` (the kind, the measured and predicted peaks, the
 simulator's suggestions; ``meshpilot run`` exits 4). With ``plan: auto`` the session falls back
 (:func:`fallback_plan`) to the best-ranked plan not yet tried whose predicted peak (GPU for a
-GPU OOM, host per node for a host OOM) is below the failed plan's, at most ``max_fallbacks``
-times; the new plan resumes from the run's checkpoints only when its fingerprint and world size
+GPU OOM, host per node for a host OOM) is below the failed plan's and, in the failed plan's
+regime, fits even with the error the failure showed (:func:`observed_error`: the regime's
+margin was too small), at most ``max_fallbacks`` times; the new plan resumes from the run's checkpoints only when its fingerprint and world size
 are the old plan's (the workers' checkpoint compatibility check), else it starts from step 0 in
 a fresh folder ``<run_dir>/fallback-<n>-<fingerprint>``. Each decision is an ``oom`` event in
 events.jsonl.
@@ -54,6 +55,7 @@ from meshpilot.orchestrator.run.protocol import (DEFAULT_WORKER, MEMORY_PEAK_KEY
                                                  Progress, WorkerGroup)
 from meshpilot.orchestrator.run.store import (PRIVATE, TERMINAL_STATES, JobState, RunLock, RunStore, new_run_id,
                                               safe_run_id)
+from meshpilot.orchestrator.sim.calibration import predicted_vs_measured
 from meshpilot.orchestrator.sim.estimate import Estimate
 from meshpilot.orchestrator.sim.flops import mfu as mfu_of
 from meshpilot.orchestrator.sim.planner import choose_plan, search
@@ -78,7 +80,10 @@ class Connection(Protocol):
 
 def plan_job(job: JobConfig, *, force: bool = False) -> tuple[Plan, Estimate]:
     """The plan to run (the job's own, or the planner's for ``plan: auto``) and its estimate."""
-    check_inputs(job, check_output=False)        # the token file; the run directory is checked by create()
+    # the data (a dataset whose cache is missing is tokenized here, before any worker starts: workers
+    # only memory-map it); the run directory is checked by create()
+    for note in check_inputs(job, check_output=False):
+        log.warning("%s", note)
     plan = choose_plan(job)
     return plan, fit_check(job, plan, force=force)
 
@@ -178,16 +183,32 @@ def oom_message(failure: Failure, job: JobConfig, plan: Plan, estimate: Optional
             + f". Cause: {failure.message[:300]}")
 
 
+def observed_error(job: JobConfig, kind: FailureKind, predicted_gib: float, measured_gib: Optional[float]) -> float:
+    """How far a run that ran out of memory exceeded its prediction, at least: it needed more than
+    the capacity (the card for a GPU OOM; 95% of the node's memory, where Ray's memory monitor
+    kills, for a host OOM) or than its measured peak. ``max(capacity, measured) / predicted - 1``."""
+    cap = job.cluster.gpu.memory_gib if kind is FailureKind.GPU_OOM else 0.95 * job.cluster.cpu_memory_gib
+    return max(0.0, max(cap, measured_gib or 0.0) / predicted_gib - 1.0) if predicted_gib > 0 else 0.0
+
+
 def fallback_plan(job: JobConfig, failed: list[Plan], kind: FailureKind, below_gib: float,
-                  *, headroom: float = 0.05) -> Optional[tuple[Plan, Estimate]]:
-    """The planner's best-ranked fitting plan, not one of ``failed``, whose predicted peak (per GPU
-    for a GPU OOM, host memory per node for a host OOM) is below ``below_gib``; None if none."""
+                  *, headroom: float = 0.05, regime: str = "", error: float = 0.0) -> Optional[tuple[Plan, Estimate]]:
+    """The planner's best-ranked fitting plan (those with their measured error band first), not
+    one of ``failed``, whose predicted peak (per GPU for a GPU OOM, host memory per node for a host
+    OOM) is below ``below_gib``; None if none. A plan of the failed plan's ``regime`` must moreover
+    fit with the ``error`` that regime just showed (:func:`observed_error`): its margin was too small."""
+    from meshpilot.orchestrator.sim.error_bands import REGIMES, regime_codes
     res = search(job, headroom=headroom, top=1)
     tried = {plan_fingerprint(p) for p in failed}
-    vals = res.scores.peak_gib if kind is FailureKind.GPU_OOM else res.scores.cpu_node_gib
+    gpu = kind is FailureKind.GPU_OOM
+    vals = res.scores.peak_gib if gpu else res.scores.cpu_node_gib
+    cap = (job.cluster.gpu.memory_gib if gpu else job.cluster.cpu_memory_gib) * (1.0 - headroom)
+    codes = regime_codes(res.arrays)
     for i in res.ranked:
         i = int(i)
         if float(vals[i]) >= below_gib:
+            continue
+        if regime and REGIMES[int(codes[i])] == regime and float(vals[i]) * (1.0 + error) > cap:
             continue
         p = res.arrays.plan(i)
         if plan_fingerprint(p) in tried:
@@ -323,7 +344,10 @@ def summarize(job: JobConfig, plan: Plan, estimate: Optional[Estimate], outcome:
     ``memory_peaks_gib`` maps rank -> {nvml, allocated, reserved, host_rss} (GiB or None);
     ``predicted_peak_memory_gib`` is the simulator's NVML-level peak, comparable with ``nvml``
     only; ``peak_memory_gib`` (rank -> one number, see :func:`peak_memory_of`) is kept for
-    readers of older summaries; ``startup_phases_s``: see :func:`startup_phases`."""
+    readers of older summaries; ``startup_phases_s``: see :func:`startup_phases`;
+    ``predicted_vs_measured``: every rank's NVML, allocated, reserved and RSS peaks, every node's host
+    peak, the median step time and phases, each beside its prediction and the simulator's version
+    and constants fingerprint (:mod:`meshpilot.orchestrator.sim.calibration`)."""
     now = time.time() if now is None else now
     results = outcome.results or []
     r0 = next((r for r in results if r.get("rank") == 0), results[0] if results else {})
@@ -344,11 +368,24 @@ def summarize(job: JobConfig, plan: Plan, estimate: Optional[Estimate], outcome:
         startup_phases_s=startup_phases(t_command, connect_times, r0 if outcome.restarts == 0 else {}),
         tokens_per_s=tps, mfu=mfu,
         final_loss=r0.get("final_loss"), param_checksum=r0.get("param_checksum"),
+        eval_loss=r0.get("eval_loss"), eval_perplexity=r0.get("eval_perplexity"),
         memory_peaks_gib=peaks,
         peak_memory_gib={r: peak_memory_of(p) for r, p in peaks.items()},
         predicted_peak_memory_gib=None if estimate is None else estimate.peak_memory_gib,
         predicted_tokens_per_s=None if estimate is None else estimate.tokens_per_s,
+        predicted_vs_measured=_predicted_vs_measured(job, plan, results) if results else None,
         results=results)
+
+
+def _predicted_vs_measured(job: JobConfig, plan: Plan, results: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Every measured peak, the median step time and phases beside the simulator's predictions
+    (:func:`meshpilot.orchestrator.sim.calibration.predicted_vs_measured`); a failure to compute them
+    is logged and never loses the summary."""
+    try:
+        return predicted_vs_measured(job, plan, results)
+    except Exception as e:
+        log.warning("no predicted-vs-measured rows in the summary: %s: %s", type(e).__name__, e)
+        return None
 
 
 # --- the session ----------------------------------------------------------------------------
@@ -470,7 +507,9 @@ class RunSession:
             if est is None:
                 est = simulate(self.job, plan)
             below = est.peak_memory_gib if gpu else est.cpu_memory_gib_per_node
-            nxt = fallback_plan(self.job, tried, failure.kind, below)
+            error = observed_error(self.job, failure.kind, below, failure.memory_peak_gib)
+            event.update(regime=est.regime, observed_error=round(error, 4), regime_band=est.memory_band)
+            nxt = fallback_plan(self.job, tried, failure.kind, below, regime=est.regime, error=error)
             if nxt is None:
                 self.store.append_event("oom", decision="stop", reason="no fitting plan with a lower peak", **event)
                 return f"{stop} No other plan fits with a predicted peak below {below:.2f} GiB."
@@ -485,7 +524,9 @@ class RunSession:
             where = "from the last checkpoint" if resume else f"from step 0 in {work_dir} (its checkpoints " \
                     "cannot be loaded by the new plan)"
             reason = (f"out of memory ({failure.kind.value}) with plan {plan.describe()} (predicted peak "
-                      f"{below:.2f} GiB): plan marked as not fitting; falling back to {new_plan.describe()} "
+                      f"{below:.2f} GiB): plan marked as not fitting, and the {est.regime.replace('_', ' ')} "
+                      f"regime's margin as too small (+{est.memory_band:.0%} measured before, at least "
+                      f"+{error:.0%} now); falling back to {new_plan.describe()} "
                       f"(predicted {'peak' if gpu else 'host'} "
                       f"{new_est.peak_memory_gib if gpu else new_est.cpu_memory_gib_per_node:.2f} GiB) {where}; "
                       f"fallback {fallbacks + 1}/{max_fallbacks}")

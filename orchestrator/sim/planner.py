@@ -14,6 +14,11 @@ GPUs when communication dominates. Plans with other world sizes would leave ragg
 of nodes idle and are not considered.
 
 Fields set in the job's plan section while ``plan: auto`` constrain the search to that value.
+
+Margin. Plans that fit with the measured error band of their regime (:mod:`.error_bands`) rank
+before those that fit only as predicted ("risky"); ``plan: auto`` therefore takes a risky plan
+only when no plan fits with margin, and :attr:`SearchResult.margin_note` says which band was
+applied to the chosen plan and where it comes from.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan import text
 from meshpilot.orchestrator.plan.codec import PlanArrays, PlanColumns
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
+from meshpilot.orchestrator.sim.error_bands import REGIMES, ErrorBands, load_error_bands, regime_codes
 from meshpilot.orchestrator.sim.estimate import Estimate, SimulatorConstants
 from meshpilot.orchestrator.sim.memory import model_terms
 from meshpilot.orchestrator.sim.simulator import Scores, estimate_at, evaluate, simulate
@@ -75,6 +81,24 @@ class SearchResult:
     elapsed_s: float
     fixed: Estimate | None = None             # the job's own plan when its plan section is fixed
     notes: list[str] = field(default_factory=list)
+    bands: ErrorBands | None = None
+
+    @property
+    def risky(self) -> int:
+        """Fitting plans that do not fit with their regime's measured error band."""
+        return int(self.scores.risky.sum())
+
+    @property
+    def margin_note(self) -> str:
+        """The margin the best plan was chosen with, and its evidence (empty when nothing fits)."""
+        if not len(self.ranked) or self.bands is None:
+            return ""
+        i = int(self.ranked[0])
+        band = self.bands.of(REGIMES[int(regime_codes(self.arrays)[i])])
+        if bool(self.scores.fits_margin[i]):
+            return f"margin: {band.why()}; {self.risky} risky plan(s) ranked after those with margin"
+        return (f"margin: no plan fits with its measured error band; the best plan is risky ({band.why()}): "
+                "watch its first steps' memory, or give it more room (more GPUs, checkpointing, offload)")
 
     @property
     def scored(self) -> int:
@@ -192,9 +216,10 @@ def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0
     t0 = time.perf_counter()
     fixed_plan = None if job.plan.auto else resolve_plan(job)
     arrays, invalid, enumerated = enumerate_plans(job, constrain=job.plan.auto)
-    scores = evaluate(job, arrays, constants, headroom=headroom, terms=model_terms(job.model))
-    fits = scores.fits
-    ranked = rank_order(scores, arrays, np.flatnonzero(fits), objective)
+    bands = load_error_bands()
+    scores = evaluate(job, arrays, constants, headroom=headroom, terms=model_terms(job.model), bands=bands)
+    ranked = np.concatenate([rank_order(scores, arrays, np.flatnonzero(scores.fits_margin & scores.fits), objective),
+                             rank_order(scores, arrays, np.flatnonzero(scores.risky), objective)])
     rejected = [RejectedGroup(reason=k, count=n) for k, n in sorted(invalid.items(), key=lambda kv: -kv[1])]
     for reason, mask in (("gpu_memory", ~scores.fits_gpu), ("cpu_memory", scores.fits_gpu & ~scores.fits_cpu)):
         idx = np.flatnonzero(mask)
@@ -205,7 +230,7 @@ def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0
     top_est = [estimate_at(job, arrays, scores, int(i), headroom) for i in ranked[:top]]
     result = SearchResult(job=job, objective=objective, headroom=headroom, arrays=arrays, scores=scores,
                           ranked=ranked, top=top_est, rejected=rejected, enumerated=enumerated,
-                          invalid=sum(invalid.values()), elapsed_s=0.0)
+                          invalid=sum(invalid.values()), elapsed_s=0.0, bands=bands)
     if fixed_plan is not None:
         result.fixed = simulate(job, fixed_plan, constants=constants, headroom=headroom)
     result.elapsed_s = time.perf_counter() - t0

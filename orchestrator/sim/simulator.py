@@ -19,6 +19,7 @@ from meshpilot.orchestrator.plan import text
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 from meshpilot.orchestrator.sim.deepspeed_settings import deepspeed_settings
+from meshpilot.orchestrator.sim.error_bands import REGIMES, ErrorBands, load_error_bands, regime_codes
 from meshpilot.orchestrator.sim.estimate import GIB, MEMORY_KEYS, TIME_KEYS, Estimate, SimulatorConstants
 from meshpilot.orchestrator.sim.flops import BACKPROP_PASSES, ZEROTH_ORDER_PASSES, forward_flops, peak_flops
 from meshpilot.orchestrator.sim.memory import ModelTerms, memory_terms, model_terms
@@ -39,15 +40,25 @@ class Scores:
     mfu: np.ndarray
     fits_gpu: np.ndarray
     fits_cpu: np.ndarray
+    band: np.ndarray                  # measured error band of each plan's regime (:mod:`.error_bands`)
+    fits_margin: np.ndarray           # GPU and host peaks fit even when raised by the band
 
     @property
     def fits(self) -> np.ndarray:
         return self.fits_gpu & self.fits_cpu
 
+    @property
+    def risky(self) -> np.ndarray:
+        """Predicted to fit, but not with the measured error band of the plan's regime."""
+        return self.fits & ~self.fits_margin
+
 
 def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants | None = None, *,
-             headroom: float = 0.0, terms: ModelTerms | None = None) -> Scores:
-    """Score every plan of ``arrays`` (no validity checks: that is Plan.check's job)."""
+             headroom: float = 0.0, terms: ModelTerms | None = None, bands: ErrorBands | None = None) -> Scores:
+    """Score every plan of ``arrays`` (no validity checks: that is Plan.check's job).
+
+    ``bands``: the measured error bands (default: those shipped, :func:`load_error_bands`); a plan
+    fits with margin when its GPU and host peaks times (1 + its regime's band) fit."""
     c = constants or SimulatorConstants()
     mt = terms or model_terms(job.model)
     ds = deepspeed_settings(job, arrays)
@@ -61,10 +72,12 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     useful = np.where(arrays.zeroth_order, ZEROTH_ORDER_PASSES, BACKPROP_PASSES) * fpt * tokens   # sim.flops' rule
     peak_gib = mem["peak"] / GIB
     cpu_gib = mem["cpu_node"] / GIB
+    gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), cl.cpu_memory_gib * (1.0 - headroom)
+    band = (bands or load_error_bands()).band_array(arrays)
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
-                  fits_gpu=peak_gib <= cl.gpu.memory_gib * (1.0 - headroom),
-                  fits_cpu=cpu_gib <= cl.cpu_memory_gib * (1.0 - headroom))
+                  fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, band=band,
+                  fits_margin=(peak_gib * (1.0 + band) <= gpu_cap) & (cpu_gib * (1.0 + band) <= cpu_cap))
 
 
 def suggestions(plan: Plan, job: JobConfig, *, fitting_only: bool = False, max_changes: int = 3) -> list[str]:
@@ -156,12 +169,19 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     if not scores.fits_cpu[i]:
         reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {cl.cpu_memory_gib * (1 - headroom):.1f} "
                        "available; lower the offload (plan.offload_params=none) or use more nodes")
+    band = float(scores.band[i])
+    regime = REGIMES[int(regime_codes(arrays)[i])]
+    notes = []
+    if bool(scores.risky[i]):
+        notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}, "
+                     f"+{band:.0%}: up to {peak * (1 + band):.1f} GiB per GPU, {cpu * (1 + band):.1f} GiB host)")
     return Estimate(plan=text.describe(plan), plan_config=plan.to_config(), world_size=plan.world_size,
                     fits=bool(scores.fits_gpu[i] and scores.fits_cpu[i]), peak_memory_gib=peak,
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
                     cpu_memory_available_gib=float(cl.cpu_memory_gib), step_time_s=float(scores.step_time_s[i]),
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
-                    memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons)
+                    memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes,
+                    regime=regime, memory_band=band, fits_with_margin=bool(scores.fits_margin[i]))
 
 
 def simulate(job: JobConfig, plan: Plan | None = None, *, constants: SimulatorConstants | None = None,

@@ -1,0 +1,114 @@
+"""Per-regime error bands of the simulator's GPU-memory prediction, from the committed measured set.
+
+Scores the current simulator (default constants) on the measurements committed under
+benchmarks/results/ and writes ``orchestrator/sim/error_bands.json``, which the planner reads
+(see :mod:`meshpilot.orchestrator.sim.error_bands` for the rule). Only held-out rows count:
+
+* measure_deepspeed / measure_zo / train_bench JSONs: the held-out half of
+  ``accuracy_report.split`` (every other config in file order; the constants were fitted on
+  the other half, benchmarks/accuracy_report.py);
+* ``meshpilot run`` directories (job.yaml + summary.json with the NVML peak sampled through the
+  run): all held out (measured after the constants were fitted).
+
+A run that ran out of memory has no peak; if the simulator predicted it to fit, the band must
+at least cover the card, so the row counts as (capacity, predicted).
+
+    python benchmarks/error_bands.py [--write] [--json-out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# the files, in the order, of the fit that set the simulator's default constants
+# (benchmarks/results/2026-11-27-h200x2/README.md): its held-out half is the same here
+MEASUREMENTS = [
+    "results/2026-11-27-h200x4/deepspeed_measurements_shard1.json",
+    "results/2026-11-27-h200x4/deepspeed_measurements_shard2.json",
+    "results/2026-11-27-h200x4/zo_measurements.json",
+    "results/2026-11-27-h200x2/deepspeed_measurements_dp2.json",
+    "results/2026-11-27-h200x2/deepspeed_measurements_offload.json",
+]
+RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
+            "results/2026-11-29-h200x2/run_z3"]
+
+
+def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
+    """Held-out rows: name, regime, measured and predicted peak (GiB), status, source."""
+    from accuracy_report import load_cases, split
+
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.plan import text
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.sim.error_bands import regime_of
+    from meshpilot.orchestrator.sim.simulator import simulate
+
+    paths = [str(HERE / p) for p in MEASUREMENTS if (HERE / p).exists()]
+    cases, _ = load_cases(paths)
+    _, hold = split(cases)
+    rows = []
+    for c in hold:
+        e = simulate(c.job, c.plan)
+        measured = c.peak_gib if c.status == "ok" else (c.job.cluster.gpu.memory_gib if e.fits else None)
+        if measured is None:
+            continue
+        rows.append(dict(name=c.name, regime=regime_of(c.plan, c.job.cluster.gpus_per_node), status=c.status,
+                         measured_gib=measured, predicted_gib=e.peak_memory_gib, source=Path(c.source).name))
+    used = list(paths)
+    for d in RUN_DIRS:
+        run = HERE / d
+        if not (run / "summary.json").exists():
+            continue
+        s = json.loads((run / "summary.json").read_text())
+        job = load_job(str(run / "job.yaml"), text.parse(s["plan"]))
+        plan = resolve_plan(job)
+        peaks = [v.get("nvml") for v in (s.get("memory_peaks_gib") or {}).values() if v.get("nvml")]
+        if not peaks:
+            continue
+        e = simulate(job, plan)
+        rows.append(dict(name=run.name, regime=regime_of(plan, job.cluster.gpus_per_node), status=s.get("status"),
+                         measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=d))
+        used.append(str(run))
+    return rows, used
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="write orchestrator/sim/error_bands.json")
+    a = ap.parse_args()
+    from meshpilot.orchestrator.sim.error_bands import BANDS_FILE, REGIMES, bands_from_rows
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+
+    rows, used = measured_rows()
+    print(f"{'run':34s} {'regime':18s} {'measured':>9s} {'predicted':>9s} {'under %':>8s}")
+    for r in sorted(rows, key=lambda r: (REGIMES.index(r["regime"]), r["name"])):
+        under = 100.0 * (r["measured_gib"] - r["predicted_gib"]) / r["predicted_gib"]
+        print(f"{r['name']:34s} {r['regime']:18s} {r['measured_gib']:9.2f} {r['predicted_gib']:9.2f} {under:+8.1f}")
+    source = dict(written=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  command="python benchmarks/error_bands.py --write",
+                  measurements=[str(Path(u).relative_to(HERE.parent)) for u in used],
+                  constants_sha1=hashlib.sha1(repr(SimulatorConstants()).encode()).hexdigest()[:12],
+                  rows=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    bands = bands_from_rows([(r["regime"], r["measured_gib"], r["predicted_gib"]) for r in rows], source)
+    print(f"\n{'regime':18s} {'runs':>4s} {'band':>6s} {'MAPE %':>7s}  evidence")
+    for reg in REGIMES:
+        b = bands.of(reg)
+        print(f"{reg:18s} {b.runs:4d} {b.band:6.1%} {b.mape_pct if b.mape_pct is not None else float('nan'):7.1f}  "
+              f"{'measured' if b.measured else 'too few runs: largest measured band'}")
+    if a.write:
+        out = HERE.parent / "orchestrator" / "sim" / BANDS_FILE
+        out.write_text(json.dumps(bands.to_dict(), indent=1) + "\n")
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
