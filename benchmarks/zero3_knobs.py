@@ -1,0 +1,95 @@
+"""ZeRO-3 settings: meshpilot's generated DeepSpeed config against DeepSpeed's defaults, same plan, same loop.
+
+Issue #16 item 5: the DeepSpeed config meshpilot generates must be at least as fast as
+DeepSpeed's defaults for the same plan. Each variant is one `meshpilot run` of the same job
+and plan from the same Hugging Face checkpoint (written first, random weights, not timed),
+differing only in ``train.deepspeed_extra``:
+
+* ``meshpilot``: the generated config (strategies/deepspeed_config.py);
+* ``ds_defaults``: DeepSpeed 0.19's own ZeRO-3 defaults (overlap_comm on, 5e8 buckets, prefetch
+  5e7, persistence threshold 1e5, max live 1e9);
+* ``overlap``: the generated config with only overlap_comm turned on.
+
+Reported per variant: median step time and tokens/s (the run summary), NVML peak per GPU, and
+the ratio to the ``meshpilot`` variant measured in the same call.
+
+    python benchmarks/zero3_knobs.py --model llama-2-13b --ckpt /tmp/llama13b-hf --out $R/z3knobs \\
+        --set cluster=h200-sxm-4 cluster.gpus_per_node=2 cluster.cpu_memory_gib=256 cluster.cpu_cores=32
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_startup import make_checkpoint, run_one, warm  # noqa: E402
+
+Z = "train.deepspeed_extra.zero_optimization"
+VARIANTS = {
+    "meshpilot": [],
+    "ds_defaults": [f"{Z}.overlap_comm=true", f"{Z}.reduce_bucket_size=500000000",
+                    f"{Z}.stage3_prefetch_bucket_size=50000000", f"{Z}.stage3_param_persistence_threshold=100000",
+                    f"{Z}.stage3_max_live_parameters=1000000000"],
+    "overlap": [f"{Z}.overlap_comm=true"],
+}
+PLAN = ["plan.tp=1", "plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=1", "plan.activation_checkpointing=full"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-2-13b")
+    ap.add_argument("--ckpt", type=Path, required=True)
+    ap.add_argument("--job", default="benchmarks/configs/h200x2_check.yaml")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--set", nargs="*", default=[])
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if not (a.ckpt / "config.json").exists():
+        print(f"checkpoint written in {make_checkpoint(a.model, a.ckpt):.1f} s", flush=True)
+    warm(a.ckpt)
+    sets = [*a.set, f"model={a.ckpt}", f"train.steps={a.steps}", f"train.global_batch={a.global_batch}",
+            "train.seq_len=2048", "train.checkpoint_final=false", *PLAN]
+    rows = []
+    for name in a.variants:
+        # --force: the simulator predicts this plan over the card (issue #15: it ran at 110 GiB)
+        r = run_one(a.job, sets, [], [*VARIANTS[name], "--force"], a.out / name)
+        s = json.loads((a.out / name / "summary.json").read_text()) if (a.out / name / "summary.json").exists() else {}
+        pvm = s.get("predicted_vs_measured") or {}
+        step = (pvm.get("step_time_s") or {}).get("measured")
+        peaks = [v.get("nvml") for v in (s.get("memory_peaks_gib") or {}).values() if v.get("nvml")]
+        r.update(variant=name, overrides=VARIANTS[name], tokens_per_s=s.get("tokens_per_s"), median_step_s=step, predicted_step_s=(pvm.get("step_time_s") or {}).get("predicted"),
+                 phases_s=pvm.get("phases_s"),
+                 nvml_peak_gib=max(peaks) if peaks else None, predicted_tokens_per_s=s.get("predicted_tokens_per_s"),
+                 predicted_peak_gib=s.get("predicted_peak_memory_gib"))
+        rows.append(r)
+        print(f"{name:12s} rc={r['rc']} tokens/s {r['tokens_per_s']} peak {r['nvml_peak_gib']} GiB", flush=True)
+    base = next((r for r in rows if r["variant"] == "meshpilot" and r["tokens_per_s"]), None)
+    print(f"\n{'variant':12s} {'tokens/s':>9s} {'vs meshpilot':>12s} {'NVML GiB':>9s} {'pred tok/s':>10s} {'pred GiB':>9s}")
+    for r in rows:
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and r["tokens_per_s"] else float("nan")
+        print(f"{r['variant']:12s} {r['tokens_per_s'] or float('nan'):9.0f} {ratio:12.2f} "
+              f"{r['nvml_peak_gib'] or float('nan'):9.1f} {r['predicted_tokens_per_s'] or float('nan'):10.0f} "
+              f"{r['predicted_peak_gib'] or float('nan'):9.1f}")
+    try:
+        import deepspeed
+        import torch
+        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        versions = dict(torch=torch.__version__, deepspeed=deepspeed.__version__, python=platform.python_version())
+    except ImportError:
+        card, versions = "unknown", {}
+    (a.out / "zero3_knobs.json").write_text(json.dumps(dict(
+        card=card, date=dt.datetime.now(dt.timezone.utc).isoformat(), versions=versions,
+        command=" ".join([sys.executable, *sys.argv]), model=a.model, plan=PLAN, rows=rows), indent=1) + "\n")
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
