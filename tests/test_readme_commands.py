@@ -1,7 +1,8 @@
 """Every `meshpilot` command in the README runs as written against the README's own job file.
 
 The README's job (the ```yaml block of "A short tour") is written to job.yaml in a temporary folder
-and each command of the ```bash blocks is run there with its comment removed. Planning commands must
+and each command of the ```bash blocks is run there with its comment removed (``examples/`` is linked
+there, for the commands the README runs from the repository root). Planning commands must
 succeed. Commands that need what this machine lacks must refuse cleanly (exit 2, one line, no
 traceback): `probe` of a GPU preset and `run` of the 4-GPU job without GPUs, `logs`/`cancel`/
 `submit --status` of the README's placeholder ids. `submit` commands run with --dry-run added where
@@ -54,8 +55,8 @@ def _expect(cmd: str) -> int:
         return 2                      # a GPU preset is not calibrated without its GPUs
     if sub == "run" and not _gpu_visible():
         return 2                      # the README's job needs 4 GPUs: refused at once
-    if sub in ("logs", "cancel") and "RUN_ID" in words:
-        return 2
+    if sub in ("logs", "cancel", "export", "calibrate") and any("RUN_ID" in w for w in words):
+        return 2                      # the README's placeholder run id
     if sub == "submit" and any(w in words for w in ("--status", "--logs", "--cancel")):
         return 2                      # slurm:1234 is not a submission of this machine
     return 0
@@ -72,6 +73,7 @@ def test_the_readme_has_its_commands():
 @pytest.mark.parametrize("cmd", readme_commands())
 def test_readme_command(cmd, tmp_path):
     (tmp_path / "job.yaml").write_text(next(b for b in _blocks("yaml") if "plan:" in b))
+    (tmp_path / "examples").symlink_to(ROOT / "examples")     # commands "from the repository root" name examples/
     words = shlex.split(cmd)
     if words[1] == "submit" and "--dry-run" not in words and not any(
             w in words for w in ("--list", "--status", "--logs", "--cancel")):
