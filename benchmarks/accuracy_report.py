@@ -114,6 +114,8 @@ def load_cases(paths: Sequence[str], cluster_profile: str | None = None) -> tupl
                 # predict the configuration that was measured: measure_deepspeed ran DeepSpeed's defaults
                 stage = int((raw.get("plan") or {}).get("zero_stage") or 0)
                 raw["train"] = dict(raw.get("train") or {}, deepspeed_extra=deepspeed_defaults(stage))
+                # ... on Hugging Face's LlamaForCausalLM (transformers' model class, loaded per parameter)
+                overrides.append("model.implementation=hf")
             job = job_from_dict(raw, overrides)
             peak = _max(r.get("nvml_peak_gib")) or _max(r.get("nvml_peak_all_gib"))
             cases.append(Case(name=r["name"], kind=r.get("kind", "deepspeed"), status=r["status"], peak_gib=peak,

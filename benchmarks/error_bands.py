@@ -37,15 +37,19 @@ MEASUREMENTS = [
     "results/2026-11-27-h200x2/deepspeed_measurements_dp2.json",
     "results/2026-11-27-h200x2/deepspeed_measurements_offload.json",
 ]
+# (not 2026-11-29-s2-h200x2/hf7b: its NVML readings include 28 GiB held by the benchmark's own process)
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
-            "results/2026-11-29-h200x2/run_z3"]
+            "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
+            "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap"]
 
 
 def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
     """Held-out rows: name, regime, measured and predicted peak (GiB), status, source."""
     from accuracy_report import load_cases, split
 
-    from meshpilot.orchestrator.config.loader import load_job
+    import yaml
+
+    from meshpilot.orchestrator.config.loader import job_from_dict
     from meshpilot.orchestrator.plan import text
     from meshpilot.orchestrator.plan.plan import resolve_plan
     from meshpilot.orchestrator.sim.error_bands import regime_of
@@ -68,7 +72,9 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
         if not (run / "summary.json").exists():
             continue
         s = json.loads((run / "summary.json").read_text())
-        job = load_job(str(run / "job.yaml"), text.parse(s["plan"]))
+        raw = yaml.safe_load((run / "job.yaml").read_text())
+        raw["model"].pop("path", None)        # the shape is in job.yaml; the weights' folder was on the GPU machine
+        job = job_from_dict(raw, text.parse(s["plan"]))
         plan = resolve_plan(job)
         peaks = [v.get("nvml") for v in (s.get("memory_peaks_gib") or {}).values() if v.get("nvml")]
         if not peaks:

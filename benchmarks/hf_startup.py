@@ -54,6 +54,17 @@ def make_checkpoint(preset: str, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def make_checkpoint_in_subprocess(preset: str, out: Path) -> float:
+    """:func:`make_checkpoint` in its own process: the GPU memory its model held (torch's caching
+    allocator keeps it after ``del``) must not count in the NVML peaks of the runs measured after it
+    (it added 28 GiB to every NVML reading of the first hf7b call, 2026-11-29-s2-h200x2)."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]); from hf_startup import "
+            "make_checkpoint; print(make_checkpoint(sys.argv[1], Path(sys.argv[2])))")
+    p = subprocess.run([sys.executable, "-c", code, preset, str(out), str(Path(__file__).resolve().parent)],
+                       capture_output=True, text=True, check=True)
+    return float(p.stdout.strip().splitlines()[-1])
+
+
 def warm(path: Path) -> float:
     """Read every file once (page cache warm); returns the bytes read in GB."""
     n = 0
@@ -93,7 +104,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     made = None
     if not (a.ckpt / "config.json").exists():
-        made = make_checkpoint(a.model, a.ckpt)
+        made = make_checkpoint_in_subprocess(a.model, a.ckpt)
         print(f"checkpoint written in {made:.1f} s to {a.ckpt}", flush=True)
     gb = warm(a.ckpt)
     print(f"page cache warmed: {gb:.1f} GB", flush=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_startup import make_checkpoint, run_one, warm  # noqa: E402
+from hf_startup import make_checkpoint_in_subprocess, run_one, warm  # noqa: E402
 
 Z = "train.deepspeed_extra.zero_optimization"
 VARIANTS = {
@@ -53,7 +53,7 @@ def main() -> int:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if not (a.ckpt / "config.json").exists():
-        print(f"checkpoint written in {make_checkpoint(a.model, a.ckpt):.1f} s", flush=True)
+        print(f"checkpoint written in {make_checkpoint_in_subprocess(a.model, a.ckpt):.1f} s", flush=True)
     warm(a.ckpt)
     sets = [*a.set, f"model={a.ckpt}", f"train.steps={a.steps}", f"train.global_batch={a.global_batch}",
             "train.seq_len=2048", "train.checkpoint_final=false", *PLAN]

@@ -127,6 +127,7 @@ class ZeroSettings:
     prefetch_bucket_size: float = 5e7            # stage3_prefetch_bucket_size
     max_live_parameters: float = 1e9             # stage3_max_live_parameters
     persistence_threshold: float = 1e5           # stage3_param_persistence_threshold: smaller tensors stay gathered
+    sub_group_size: float = 1e9                  # stage 3 steps its partition in sub-groups of about this many elements
     overlap_comm: bool = False
     """Gradient reductions (and at stage 3 the parameter all-gathers) run on their own stream,
     concurrently with compute. DeepSpeed's default is true at stage 3 only. Stage 0 has no ZeRO
@@ -146,6 +147,7 @@ def zero_settings(cfg: Mapping[str, Any]) -> ZeroSettings:
         prefetch_bucket_size=float(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
         max_live_parameters=float(z.get("stage3_max_live_parameters", d.max_live_parameters)),
         persistence_threshold=float(z.get("stage3_param_persistence_threshold", d.persistence_threshold)),
+        sub_group_size=float(z.get("sub_group_size", d.sub_group_size)),
         overlap_comm=stage > 0 and (stage == 3 if overlap is None else bool(overlap)))
 
 

@@ -9,6 +9,9 @@ labels that are not ``ignore_index``.
 
     run_worker(job, plan, ..., model_factory=lambda job, plan, groups:
                CausalLMLoss(AutoModelForCausalLM.from_config(cfg)))
+
+``model.implementation: hf`` makes the worker do this itself (:func:`hf_model_factory`): transformers'
+model class for the job's model, with the weights of ``model.path`` when it is set.
 """
 from __future__ import annotations
 
@@ -31,3 +34,75 @@ class CausalLMLoss(nn.Module):
             return logits
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=self.ignore_index)
+
+
+def hf_model_factory(job: Any, plan: Any, groups: Any) -> nn.Module:
+    """transformers' ``AutoModelForCausalLM`` for ``job.model`` (``model.implementation: hf``), in fp32,
+    wrapped in :class:`CausalLMLoss`.
+
+    Without ZeRO-3: ``from_pretrained(model.path)`` (transformers' own loading), or ``from_config``
+    of the job's shape when there is no path. Under ZeRO-3 the engine's construction context is
+    ``deepspeed.zero.Init``, which partitions each parameter as ``from_config`` creates it; the
+    checkpoint's tensors are then read one at a time from the safetensors files (by the in-memory
+    name, or that name without its base-model prefix as hub checkpoints of gpt2 store it) and
+    copied into the gathered parameter, so no rank materialises the whole model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from meshpilot.strategies.hf_checkpoint import hf_config_dict
+    cfg = job.model
+    if cfg.path and plan.zero_stage != 3:
+        return CausalLMLoss(AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32))
+    config = AutoConfig.for_model(**hf_config_dict(cfg))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if cfg.path:
+        _load_partitioned(model, cfg.path)
+    return CausalLMLoss(model)
+
+
+def _load_partitioned(model: nn.Module, directory: str) -> None:
+    """Copy every parameter of ``model`` (ZeRO-3 partitioned) from the safetensors files of ``directory``."""
+    import json
+    from pathlib import Path
+
+    import deepspeed
+    import torch
+    from safetensors import safe_open
+
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else {k: "model.safetensors" for k in _keys(d / "model.safetensors")})
+    tied = _tied_names(model)
+    handles: dict[str, Any] = {}
+    try:
+        for name, p in model.named_parameters():
+            key = name if name in where else name.split(".", 1)[-1]
+            if key not in where:
+                if name in tied:
+                    continue
+                raise ValueError(f"{d}: no tensor for {name!r} (transformers' {type(model).__name__})")
+            f = handles.setdefault(where[key], safe_open(str(d / where[key]), framework="pt"))
+            tensor = f.get_tensor(key)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                with torch.no_grad():
+                    p.copy_(tensor.to(device=p.device, dtype=p.dtype))
+    finally:
+        handles.clear()
+
+
+def _keys(file: Any) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that are the same tensor as an earlier one (a tied LM head)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied

@@ -292,3 +292,25 @@ def test_zo_loss_working_set_is_one_chunk_of_the_built_in_models_loss():
     per_token_layer = (big.memory_breakdown_gib["temporary"] - small.memory_breakdown_gib["temporary"]) * 2**30 / 8192
     chunk = C.forward_only_rows * C.logits_forward_only_bytes * V
     assert small.memory_breakdown_gib["temporary"] * 2**30 == pytest.approx(8192 * per_token_layer + chunk)
+
+
+def test_zero3_step_holds_one_optimizer_sub_group_of_fp32_gradients():
+    """Stage 3 steps its partition one sub-group at a time (DeepSpeed's sub_group_size, default 1e9
+    elements): the step's fp32 gradient temporary is 4 x min(P_s, sub_group_size) bytes, by hand:
+    two sub-group sizes below P_s differ by 4 bytes per element of their difference."""
+    from meshpilot.orchestrator.sim.deepspeed_settings import deepspeed_settings
+    job = load_job(None, ["model=llama-2-13b", "cluster=h100-sxm-4", "train.global_batch=8", "plan.dp=4",
+                          "plan.zero_stage=3", "plan.micro_batch=2", "plan.activation_checkpointing=full"])
+    a = PlanArrays.from_plans([Plan(dp=4, zero_stage=3, micro_batch=2, activation_checkpointing="full")],
+                              job.cluster.gpus_per_node)
+    ps = param_counts(job.model).total / 4
+    temp = {}
+    for sub_group in (3e9, 2.5e9):
+        job.train.deepspeed_extra = {"zero_optimization": {"sub_group_size": sub_group}}
+        ds = deepspeed_settings(job, a)
+        assert float(ds.sub_group_size[0]) == sub_group
+        temp[sub_group] = float(memory_terms(model_terms(job.model), job, a, C, ds)["temporary"][0])
+    assert ps > 3e9
+    assert temp[3e9] - temp[2.5e9] == pytest.approx(4.0 * (3e9 - 2.5e9), rel=1e-9)
+    job.train.deepspeed_extra = {}
+    assert float(deepspeed_settings(job, a).sub_group_size[0]) == 1e9          # DeepSpeed's default

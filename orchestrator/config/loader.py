@@ -329,6 +329,10 @@ def validate_job(job: C.JobConfig) -> None:
         check_path_text("train.data", t.data)
     check_dataset_options(t)
     check_path_text("train.output_dir", t.output_dir)
+    if t.export == C.ExportFormat.HF and m.implementation == C.Implementation.HF:
+        raise ConfigError("train.export", t.export, reason="exports the built-in model's weights; with "
+                          "model.implementation=hf the run's DeepSpeed checkpoint already holds transformers' names",
+                          fix="model.implementation=builtin (it loads the same checkpoint), or train.export=none")
     if t.export_dir is not None:
         if not t.export_dir:
             raise ConfigError("train.export_dir", t.export_dir, reason="must be a directory path",

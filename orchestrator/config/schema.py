@@ -54,6 +54,11 @@ class Arch(Choice):
     MIXTRAL = "mixtral"
 
 
+class Implementation(Choice):
+    BUILTIN = "builtin"                     # meshpilot's transformer (strategies/model.py): every plan
+    HF = "hf"                               # transformers' AutoModelForCausalLM: data parallel and ZeRO only
+
+
 class Accelerator(Choice):
     GPU = "gpu"
     CPU = "cpu"                             # CPU workers over gloo
@@ -128,6 +133,10 @@ class ModelConfig:
     # a local Hugging Face model directory whose safetensors weights the workers load (set by
     # ``model: DIR``; None: random initialisation from train.seed)
     path: Optional[str] = None
+    # which code runs the model: the built-in transformer, or transformers' own model class (as a
+    # Python-API user of Hugging Face would run it: full-vocabulary logits, its own modules), which the
+    # simulator models with the allocator hole of a loaded model (sim/memory.py)
+    implementation: Implementation = Implementation.BUILTIN
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 
 from meshpilot.comm.layout import RankLayout, build_layout
 
-from meshpilot.orchestrator.config.schema import (Checkpointing, ClusterConfig, JobConfig, ModelConfig, Offload,
-                                                  Optimizer, PlanConfig, TrainConfig, ZOMode)
+from meshpilot.orchestrator.config.schema import (Checkpointing, ClusterConfig, Implementation, JobConfig, ModelConfig,
+                                                  Offload, Optimizer, PlanConfig, TrainConfig, ZOMode)
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan import text
 
@@ -155,6 +155,11 @@ class Plan:
                     raise ConfigError(key, val, reason="a zeroth-order plan keeps no gradients or optimizer state",
                                       fix=f"set {key}={ok}" + ("; use plan.zo.dp for data parallelism"
                                                                if key == "plan.dp" else ""))
+        if model.implementation == Implementation.HF and (zo or self.tp > 1 or self.ep > 1):
+            what = "zeroth order" if zo else ("tensor parallelism" if self.tp > 1 else "expert parallelism")
+            raise ConfigError("model.implementation", model.implementation,
+                              reason=f"transformers' model runs data parallel and ZeRO only, not {what}",
+                              fix="model.implementation=builtin (it loads the same Hugging Face checkpoint)")
         tp = self.tp
         if tp > 1:
             for key, n in (("model.heads", model.heads), ("model.kv_heads", model.kv_heads), ("model.ffn", model.ffn)):

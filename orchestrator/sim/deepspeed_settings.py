@@ -2,8 +2,8 @@
 
 For each plan the simulator needs what DeepSpeed is configured to do: the reduce bucket (a
 staging buffer), the stage-3 prefetch bucket and live-parameter cap (the gathered window), the
-persistence threshold (which tensors ZeRO-3 fetches) and whether communication overlaps
-compute. They are read with :func:`meshpilot.strategies.deepspeed_config.zero_settings` from
+persistence threshold (which tensors ZeRO-3 fetches), the stage-3 optimizer sub-group (the fp32
+gradient it materialises at a time) and whether communication overlaps compute. They are read with :func:`meshpilot.strategies.deepspeed_config.zero_settings` from
 :func:`meshpilot.strategies.deepspeed_config.deepspeed_config` (the builder the worker and
 ``--export-deepspeed`` use, ``train.deepspeed_extra`` merged in), never from constants here.
 
@@ -31,11 +31,12 @@ class DeepSpeedSettings:
     prefetch_bucket_size: np.ndarray
     max_live_parameters: np.ndarray
     persistence_threshold: np.ndarray
+    sub_group_size: np.ndarray
     overlap_comm: np.ndarray          # bool
 
 
 _FIELDS = ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters", "persistence_threshold",
-           "overlap_comm")
+           "sub_group_size", "overlap_comm")
 
 
 def deepspeed_settings(job: JobConfig, a: PlanArrays) -> DeepSpeedSettings:

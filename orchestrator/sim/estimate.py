@@ -40,21 +40,31 @@ TIME_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp_reducti
 class SimulatorConstants:
     """Tunable constants of the memory and time models (fit these, do not scatter them)."""
     # --- fixed memory costs -------------------------------------------------------------
-    cuda_context_gib: float = 0.6664
-    """CUDA context + cuBLAS workspace outside the caching allocator (NVML sees it; torch does not).
-    First principles 0.5; fitted 0.6664 (NVML - torch reserved was ~2.4-2.65 GiB per GPU on the H200 runs)."""
-    nccl_base_gib: float = 0.236
-    """NCCL buffers of the first communicator (default NCCL_BUFFSIZE 4 MiB x channels x peers).
-    First principles 0.25; fitted 0.236."""
-    nccl_per_group_gib: float = 0.08
-    """Each further communicator (tp, ep, edp, ...) a rank joins."""
-    fragmentation: float = 0.1133
+    cuda_context_gib: float = 1.82
+    """CUDA context, cuBLAS workspace and loaded kernels outside the caching allocator (NVML sees it;
+    torch does not). Measured, not fitted: NVML peak - torch reserved peak of every single-rank run
+    on H200 (MeZO, 0.37B-6.7B: 1.82 GiB each; benchmarks/results/2026-11-27-h200x4/zo_measurements.json).
+    It was 0.67 when fitted together with the allocator terms, which then absorbed the rest."""
+    nccl_base_gib: float = 0.28
+    """NCCL buffers of the first communicator. Measured: NVML - reserved of 2-rank zeroth-order runs
+    (2.10 GiB) minus a single rank's (1.82)."""
+    nccl_per_group_gib: float = 0.28
+    """Each further communicator (tp, ep, edp, the engine's own) a rank joins: the same buffers as the first."""
+    deepspeed_engine_groups: float = 2.0
+    """Communicators a DeepSpeed engine at ZeRO 0-2 creates beyond the world's: NVML - reserved of
+    every DeepSpeed dp run at ZeRO 0-2 was 2.63-2.66 GiB = 1.82 + 0.28 + 2 x 0.28 (H200, 0.37B-6.7B)."""
+    zero3_engine_groups: float = 1.0
+    """The same at ZeRO-3: 2.35-2.45 GiB = 1.82 + 0.28 + 1 x 0.28 (and 2.55 on meshpilot's 13B ZeRO-3 run)."""
+    fragmentation: float = 0.0546
     """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1).
-    First principles 0.06; fitted 0.1133 (with model_load_fragmentation for the model-sized part)."""
-    model_load_fragmentation: float = 0.9408
-    """Allocator blocks left reserved after DeepSpeed copies the loaded model (w·P_r bytes per rank)
-    into its flat buffers, as a fraction of w·P_r (see memory_model). Not used for zeroth-order plans.
-    First principles 0.5; fitted 0.9408 (reserved - allocated 12-19 GiB at 6.7B, bf16 model 12.6 GiB)."""
+    First principles 0.06; fitted 0.0546 on the calibration half with the fixed costs measured
+    (cuda_context_gib, nccl_*; before: 0.1133 with them fitted too). The built-in model's runs, not in
+    the fit, measured 0.013-0.087 at 7B-13B (benchmarks/results/2026-11-29-s2-h200x2)."""
+    model_load_fragmentation: float = 1.2036
+    """Allocator blocks left reserved after DeepSpeed copies a loaded transformers model (w·P_r bytes
+    per rank) into its flat buffers, as a fraction of w·P_r (``model.implementation: hf`` only; see
+    sim/memory.py). Not used for zeroth-order plans. First principles 0.5; fitted 1.2036 on the
+    calibration half (reserved - allocated 12-19 GiB at 6.7B, bf16 model 12.6 GiB)."""
     # --- DeepSpeed internals (not configurable) --------------------------------------------
     stage0_allreduce_bucket: float = 5e8
     """Elements per flattened all-reduce buffer of the engine's plain data-parallel path (stage 0):

@@ -18,7 +18,8 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
   (stage 2), K·P_s states, one ``reduce_bucket_size`` staging buffer (torch.empty, model dtype, even
   for tiny models), a 4·P_s fp32 gradient partition at the step;
 - stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
-  max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, 4·P_s at the step;
+  max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, and at the step
+  the fp32 gradient of one optimizer sub-group at a time (4·min(P_s, sub_group_size));
 - offload_optimizer=cpu: states and fp32 gradients (K + 4)·P_s in pinned host memory;
   offload_params=cpu: the w·P_s weight partition in host memory as well.
 
@@ -28,12 +29,15 @@ per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the res
 replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
 ``cpu_process_gib`` in the host memory of every rank of a node.
 
-The second allocator term is the hole the model leaves behind: the user's model is loaded
-as separate per-parameter tensors (w·P_r), then DeepSpeed copies them into its own flat
-buffers and frees the originals; the caching allocator keeps those blocks reserved, and
-later tensors of other sizes reuse them only in part. Measured reserved - allocated on the
-H200 runs grows with the model, not with the activations (0.8-2.2 GiB at 0.37B, 12-19 GiB
-at 6.7B at any micro-batch), which a fraction of the allocated peak alone cannot follow.
+The second allocator term is the hole the model leaves behind when it is transformers' model
+class (``model.implementation: hf``): the model is loaded as separate per-parameter 16-bit
+tensors (w·P_r), then DeepSpeed copies them into its own flat buffers and frees the originals;
+the caching allocator keeps those blocks reserved, and later tensors of other sizes reuse them
+only in part. Measured reserved - allocated on the H200 runs of Hugging Face Llama grows with
+the model, not with the activations (0.8-2.2 GiB at 0.37B, 12-19 GiB at 6.7B at any
+micro-batch), which a fraction of the allocated peak alone cannot follow. The built-in model
+leaves no such hole (it is built layer by layer where it runs): measured 1.0-2.1 GiB at 7B
+tp=2 and 4.9 GiB at 7B and 13B ZeRO-3, so the term is 0 for ``builtin``.
 
 Activations are counted from the saved tensors of the Hugging Face layers with SDPA (no s^2
 scores): see :func:`layer_activation_bytes`. Every evaluation function takes numpy arrays (one
@@ -46,7 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshpilot.orchestrator.config.models import param_counts
-from meshpilot.orchestrator.config.schema import Accelerator, Arch, JobConfig, ModelConfig, Optimizer, Precision
+from meshpilot.orchestrator.config.schema import (Accelerator, Arch, Implementation, JobConfig, ModelConfig, Optimizer,
+                                                  Precision)
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
 from meshpilot.orchestrator.sim.estimate import SimulatorConstants
@@ -298,7 +303,10 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     bucket = np.where(st >= 1, w * ds.reduce_bucket_size, 0.0)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
-    step_tmp = np.select([st == 0, off_o], [stage0_tmp, 0.0], fp32_grads * ps)
+    # stage 3 steps its partition one sub-group at a time (stage3.py step: _prepare_sub_group flattens
+    # that sub-group's gradients to fp32, steps, releases): sub_group_size elements, not P_s
+    step_tmp = np.select([st == 0, off_o, st == 3], [stage0_tmp, 0.0, fp32_grads * np.minimum(ps, ds.sub_group_size)],
+                         fp32_grads * ps)
     acts, working = activation_terms(mt, job.train.seq_len, a, c)
     # zeroth order: weights only (MeZO: all on the GPU; ZO2: embeddings/head + a window of blocks)
     zo_weights = np.where(a.zo2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
@@ -310,11 +318,20 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     step_tmp = np.where(is_zo, 0.0, step_tmp)
     temporary = np.maximum(working, step_tmp - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
-    groups = (a.world > 1).astype(float) * (1.0 + (a.tp > 1) + (a.ep > 1) * 2 + (a.zo_pertp > 1))
+    # communicators a rank joins: the world's, tp, ep (ep and expert-data-parallel), pertp, and the engine's
+    # own beyond the world's (DeepSpeed: 2 at ZeRO 0-2, 1 at ZeRO-3, read off the measured NVML - reserved:
+    # 2.65 and 2.37 GiB against 2.10 for a 2-rank zeroth-order run, estimate.py)
+    engine_groups = np.where(is_zo, 0.0, np.where(st == 3, c.zero3_engine_groups, c.deepspeed_engine_groups))
+    groups = (a.world > 1).astype(float) * (1.0 + (a.tp > 1) + (a.ep > 1) * 2 + (a.zo_pertp > 1) + engine_groups)
     on_gpu = job.cluster.accelerator == Accelerator.GPU        # CPU workers (gloo) have no CUDA context or NCCL buffers
     nccl = np.where((a.world > 1) & on_gpu,
                     c.nccl_base_gib * 2**30 + np.maximum(groups - 1, 0) * c.nccl_per_group_gib * 2**30, 0.0)
-    load_hole = np.where(is_zo | (not on_gpu), 0.0, c.model_load_fragmentation * w * pr)
+    # the hole of a loaded model: transformers' model class (model.implementation: hf) only; the built-in
+    # model is created layer by layer where it runs (measured reserve above allocated on 2 x H200: 1.0-2.1
+    # GiB at 7B tp=2, 4.9 GiB at 7B and 13B ZeRO-3, where the loaded-model term would add 11.8 and 22.8 GiB;
+    # benchmarks/results/2026-11-29-s2-h200x2)
+    hf = job.model.implementation == Implementation.HF
+    load_hole = np.where(is_zo | (not on_gpu) | (not hf), 0.0, c.model_load_fragmentation * w * pr)
     cal = job.cluster.calibration
     # calibration.device_fixed_gib: fitted by `meshpilot calibrate`, the per-rank fixed cost as measured
     fixed = cal.device_fixed_gib if cal.device_fixed_gib is not None else (

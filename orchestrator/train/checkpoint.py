@@ -77,12 +77,15 @@ EXPERTS = "experts"
 def model_fingerprint(job: JobConfig) -> str:
     """A hash of the model section (the shapes a checkpoint must match). Not hashed: the name, the
     weights' source ``path`` (where the starting weights came from; a resumed run reads its own
-    checkpoint), and ``qkv_bias`` while false (fingerprints written before the field existed stay valid)."""
+    checkpoint), ``qkv_bias`` while false and ``implementation`` while builtin (fingerprints written before
+those fields existed stay valid)."""
     m = asdict(job.model)
     m.pop("name", None)
     m.pop("path", None)
     if not m.get("qkv_bias"):
         m.pop("qkv_bias", None)
+    if m.get("implementation") == "builtin":            # as before the field existed
+        m.pop("implementation", None)
     return hashlib.sha1(json.dumps(m, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from meshpilot.comm.groups import ProcessGroups
-from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.config.schema import Implementation, JobConfig
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.train.checkpoint import CheckpointManager, CheckpointMeta
 from meshpilot.orchestrator.train.engine import (MicroBatches, ModelFactory, RunContext, StartupPhases, StepOutcome,
@@ -123,12 +123,17 @@ def build_deepspeed_engine(ctx: RunContext, model_factory: ModelFactory | None,
     if rank == 0:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         (ctx.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
+    if model_factory is None and job.model.implementation == Implementation.HF:
+        from meshpilot.strategies.hf_adapter import hf_model_factory
+        model_factory = hf_model_factory                # transformers' model class (model.implementation: hf)
+        build_ctx = _build_device(device, plan)
+    else:
+        build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
     factory = model_factory or _default_model_factory
     if model_factory is None:
         # import the model's classes before zero.Init: classes first defined inside Init keep its
         # partitioning __init__ wrapper after Init exits (a later non-stage-3 model would be partitioned)
         import meshpilot.strategies.model  # noqa: F401
-    build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
     with construction_context(job, plan, groups, ds_config, dtype=train_dtype(t.precision)), build_ctx:
         model = factory(job, plan, groups)
     phases.mark("model build")

@@ -1,0 +1,107 @@
+"""``model.implementation: hf``: transformers' model class run by the worker, and modelled by the simulator.
+
+- The worker builds ``AutoModelForCausalLM`` with the checkpoint's weights under ZeRO-2 and
+  ZeRO-3 (2 gloo ranks, the parameters partitioned as they are created): the first step's loss is
+  the Hugging Face model's on the same batch, and both plans train to the same losses as the
+  built-in model started from the same checkpoint (same weights, same data, same optimizer).
+- Plans it cannot run (tensor or expert parallel, zeroth order) and ``train.export: hf`` exit 2
+  naming the key; the planner then never proposes them.
+- The simulator adds the loaded model's allocator hole (``model_load_fragmentation`` x w x P_r) for
+  ``hf`` only: the difference of the two predictions is that term, by hand.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from dist_utils import run_distributed  # noqa: E402
+
+from meshpilot.orchestrator.config.loader import job_from_dict, load_job  # noqa: E402
+from meshpilot.orchestrator.errors import ConfigError  # noqa: E402
+from meshpilot.orchestrator.plan.plan import Plan, resolve_plan  # noqa: E402
+
+TRAIN = {"seq_len": 16, "global_batch": 4, "steps": 3, "precision": "fp32", "lr": 1e-3, "data": "synthetic",
+         "seed": 5, "checkpoint_final": False, "warmup_steps": 0}
+PLANS = {"zero2": {"dp": 2, "zero_stage": 2}, "zero3": {"dp": 2, "zero_stage": 3}}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(11)
+    d = tmp_path_factory.mktemp("hf") / "llama"
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(d), safe_serialization=True)
+    return d
+
+
+def _job(directory, plan, implementation):
+    return job_from_dict({"model": {"path": str(directory), "implementation": implementation}, "cluster": "local",
+                          "train": TRAIN, "plan": plan}, ["cluster.gpus_per_node=4"])
+
+
+def _worker(rank: int, world: int, directory: str, tmp: str) -> dict:
+    from train_utils import run
+    out = {}
+    for impl in ("hf", "builtin"):
+        for name, plan in PLANS.items():
+            out[f"{impl}_{name}"] = run(_job(directory, plan, impl), rank, world, f"{tmp}/{impl}_{name}",
+                                        resume=False)["losses"]
+    return out
+
+
+@pytest.mark.slow
+def test_transformers_model_trains_like_the_builtin_one_from_the_same_checkpoint(llama_dir, tmp_path):
+    from test_hf_checkpoint import _hf_batch_loss
+    res = run_distributed(_worker, 2, str(llama_dir), str(tmp_path), timeout=900)
+    want = _hf_batch_loss(llama_dir, _job(llama_dir, PLANS["zero2"], "hf"), dp=2)
+    for name in PLANS:
+        hf, builtin = res[0][f"hf_{name}"], res[0][f"builtin_{name}"]
+        assert hf == res[1][f"hf_{name}"] and len(hf) == 3
+        assert hf[0] == pytest.approx(want, rel=1e-5, abs=1e-5), (name, hf, want)
+        assert hf == pytest.approx(builtin, rel=1e-4, abs=1e-4), (name, hf, builtin)
+        assert hf[2] != hf[0]
+
+
+def test_plans_it_cannot_run_and_export_exit_2(llama_dir):
+    job = _job(llama_dir, PLANS["zero2"], "hf")
+    for plan, key in ((Plan(dp=2, tp=2), "model.implementation"), (Plan(dp=2, ep=2), "model.implementation")):
+        with pytest.raises(ConfigError, match=key):
+            plan.check(job.model, job.train, job.cluster)
+    zo = job_from_dict({"model": {"path": str(llama_dir), "implementation": "hf"}, "cluster": "local",
+                        "train": {**TRAIN, "optimizer": "zo-sgd"}, "plan": {"zo": {"mode": "mezo"}}},
+                       ["cluster.gpus_per_node=4"])
+    with pytest.raises(ConfigError, match="model.implementation"):
+        resolve_plan(zo).check(zo.model, zo.train, zo.cluster)
+    from meshpilot.orchestrator.sim.planner import search
+    auto = job_from_dict({"model": {"path": str(llama_dir), "implementation": "hf"}, "cluster": "local",
+                          "train": TRAIN, "plan": "auto"}, ["cluster.gpus_per_node=4"])
+    res = search(auto)
+    plans = [res.arrays.plan(i) for i in range(res.arrays.n)]
+    assert plans and all(p.tp == 1 and p.ep == 1 and not p.zeroth_order for p in plans)
+    with pytest.raises(ConfigError, match="train.export"):
+        job_from_dict({"model": {"path": str(llama_dir), "implementation": "hf"}, "cluster": "local",
+                       "train": {**TRAIN, "export": "hf"}, "plan": PLANS["zero2"]}, ["cluster.gpus_per_node=4"])
+
+
+def test_simulator_adds_the_loaded_model_hole_for_hf_only():
+    from meshpilot.orchestrator.config.models import param_counts
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.simulator import simulate
+    job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=8", "plan.dp=4",
+                          "plan.zero_stage=2", "plan.micro_batch=2"])
+    builtin = simulate(job)
+    job.model.implementation = "hf"
+    hf = simulate(job)
+    w_pr = 2.0 * param_counts(job.model).total                  # bf16, tp = 1: P_r = every parameter
+    hole = SimulatorConstants().model_load_fragmentation * w_pr / 2**30
+    assert hf.peak_memory_gib - builtin.peak_memory_gib == pytest.approx(hole, rel=1e-9)
+    assert hf.memory_breakdown_gib["framework_overhead"] - builtin.memory_breakdown_gib["framework_overhead"] \
+        == pytest.approx(hole, rel=1e-9)
