@@ -435,3 +435,19 @@ def test_hub_names_without_the_base_prefix(checkpoints, arch, prefix, tmp_path):
     ids = tokens(5)
     with torch.no_grad():
         close(build_model(job_for(d).model, Plan(), None, seed=0)(ids), hf_logits(src, ids), f"{arch} hub names")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ("llama", "gpt2"))
+def test_logits_equal_hugging_face_on_the_gpu(checkpoints, arch):
+    """The same check on a GPU, where the weights are read straight to the device: fp32 both sides
+    (TF32 off), the built-in model built under ``torch.device("cuda")`` on the GPU, as the worker builds it."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    job = job_for(checkpoints[arch])
+    with torch.device("cuda"):
+        model = build_model(job.model, Plan(), None, seed=0, device="cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    ids = tokens().cuda()
+    m = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[arch]).cuda().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), m(ids).logits, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,7 @@ def test_ray_job_matches_meshpilot_run(ray_head, tmp_path, tmp_path_factory):
     handle = submit_handle(r)
     assert handle.startswith("ray:meshpilot-tiny-llama-")
     st = wait_for(handle, tmp_path, lambda s: s["state"] in ("succeeded", "failed", "cancelled"), timeout=400, every=2)
-    logs = meshpilot(["submit", "--logs", handle, "--tail", "40"], tmp_path).stdout
+    logs = meshpilot(["submit", "--logs", handle, "--tail", "120"], tmp_path).stdout   # the run summary tables end it
     assert st["state"] == "succeeded" and st["native_state"] == "SUCCEEDED", (st, logs)
     m = last_metrics(Path(st["run_dir"]))
     assert m["step"] == STEPS and m["loss"] == pytest.approx(ref["final_loss"], rel=1e-6, abs=1e-7)
