@@ -47,9 +47,7 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
     """Held-out rows: name, regime, measured and predicted peak (GiB), status, source."""
     from accuracy_report import load_cases, split
 
-    import yaml
-
-    from meshpilot.orchestrator.config.loader import job_from_dict
+    from meshpilot.orchestrator.config.loader import load_job
     from meshpilot.orchestrator.plan import text
     from meshpilot.orchestrator.plan.plan import resolve_plan
     from meshpilot.orchestrator.sim.error_bands import regime_of
@@ -72,9 +70,7 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
         if not (run / "summary.json").exists():
             continue
         s = json.loads((run / "summary.json").read_text())
-        raw = yaml.safe_load((run / "job.yaml").read_text())
-        raw["model"].pop("path", None)        # the shape is in job.yaml; the weights' folder was on the GPU machine
-        job = job_from_dict(raw, text.parse(s["plan"]))
+        job = load_job(str(run / "job.yaml"), text.parse(s["plan"]), recorded=True)
         plan = resolve_plan(job)
         peaks = [v.get("nvml") for v in (s.get("memory_peaks_gib") or {}).values() if v.get("nvml")]
         if not peaks:

@@ -174,3 +174,17 @@ def test_choice_member_names_are_not_values():
     with pytest.raises(ConfigError) as e:
         job_from_dict(BASE, ["plan.offload_optimizer=CPU"])
     assert e.value.key == "plan.offload_optimizer" and e.value.allowed == ["none", "cpu"]
+
+
+def test_a_recorded_job_whose_weights_folder_is_gone_keeps_its_shape(tmp_path):
+    """A run's job.yaml names the folder its weights came from; reading the run back elsewhere
+    (status, calibrate, export) must not need that folder: the recorded shape stands. A job file
+    given to `run` still refuses a missing folder."""
+    from meshpilot.orchestrator.config.loader import dump_job, load_job
+    job = load_job(None, ["model=tiny-llama", "cluster=local"])
+    job.model.path = str(tmp_path / "gone")
+    (tmp_path / "job.yaml").write_text(dump_job(job))
+    back = load_job(tmp_path / "job.yaml", recorded=True)
+    assert back.model.path is None and (back.model.layers, back.model.hidden) == (job.model.layers, job.model.hidden)
+    with pytest.raises(ConfigError, match="model.path"):
+        load_job(tmp_path / "job.yaml")

@@ -40,8 +40,9 @@ from meshpilot.orchestrator.config.hf_layout import check_hf_checkpoint, model_f
 SECTIONS = ("model", "cluster", "train", "plan")
 
 
-def load_job(path: str | Path | None = None, overrides: Iterable[str] = ()) -> C.JobConfig:
+def load_job(path: str | Path | None = None, overrides: Iterable[str] = (), *, recorded: bool = False) -> C.JobConfig:
     """Read a job file (or start from defaults when ``path`` is None) and apply overrides.
+    ``recorded``: the file is a run's resolved job.yaml (:func:`recorded_job`).
 
     The file is read as UTF-8 YAML without resolving interpolations: a ``${...}`` anywhere (for
     instance ``${oc.env:TOKEN}``, which would copy a secret into the run directory's job.yaml)
@@ -66,6 +67,17 @@ def load_job(path: str | Path | None = None, overrides: Iterable[str] = ()) -> C
             raise ConfigError("job file", str(path), reason="must be a mapping with the sections "
                               + ", ".join(SECTIONS))
         raw = loaded
+    return recorded_job(raw, overrides) if recorded else job_from_dict(raw, overrides)
+
+
+def recorded_job(raw: dict[str, Any], overrides: Iterable[str] = ()) -> C.JobConfig:
+    """A run's resolved job (its job.yaml: every model dimension written out) as a JobConfig, for
+    reading the run back (status, calibrate, export). ``model.path`` only says where the run's
+    starting weights came from: when that folder is gone (another machine, a removed download) the
+    recorded shape stands and the path is dropped, instead of failing on the missing folder."""
+    m = raw.get("model")
+    if isinstance(m, dict) and m.get("path") and not Path(str(m["path"])).is_dir():
+        raw = dict(raw, model={k: v for k, v in m.items() if k != "path"})
     return job_from_dict(raw, overrides)
 
 

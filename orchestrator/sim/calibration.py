@@ -69,7 +69,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from meshpilot.orchestrator.config.loader import job_from_dict, job_to_dict
+from meshpilot.orchestrator.config.loader import job_to_dict, recorded_job
 from meshpilot.orchestrator.config.schema import Accelerator, CalibrationConfig, ClusterConfig, JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.codec import PlanArrays
@@ -265,9 +265,9 @@ def load_run(run_dir: str | Path) -> RecordedRun:
     elif (raw.get("plan") or {}).get("auto"):
         from meshpilot.orchestrator.plan.text import parse
         raw["plan"] = {}
-        job = job_from_dict(raw, parse(str(summary.get("plan", ""))))
+        job = recorded_job(raw, parse(str(summary.get("plan", ""))))
         return _recorded(d, summary, job)
-    job = job_from_dict(raw)
+    job = recorded_job(raw)
     return _recorded(d, summary, job)
 
 

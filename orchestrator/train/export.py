@@ -497,7 +497,7 @@ def resolve_run(run_dir: str | Path, *, step: int | None, job_path: str | Path |
     if not jp.is_file():
         raise ConfigError("RUN_DIR", str(run_dir), reason="has no job.yaml (not a directory of `meshpilot run`)",
                           fix="give the job file the run was started with: --job JOB.yaml")
-    job = load_job(jp)
+    job = load_job(jp, recorded=True)
     root = rd / "checkpoints"
     if not root.is_dir():
         raise ConfigError("RUN_DIR", str(run_dir), reason="has no checkpoints (RUN_DIR/checkpoints is missing)",
