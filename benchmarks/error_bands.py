@@ -40,7 +40,9 @@ MEASUREMENTS = [
 # (not 2026-11-29-s2-h200x2/hf7b: its NVML readings include 28 GiB held by the benchmark's own process)
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
-            "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap"]
+            "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
+            "results/2026-11-29-s2-h200x2/edge13b/mb1_noac", "results/2026-11-29-s2-h200x2/edge13b/mb8_ac",
+            "results/2026-11-29-s2-h200x2/hf7b_z3/zero3_random"]
 
 
 def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
