@@ -248,10 +248,11 @@ def test_accuracy_report_fits_constants_on_synthetic_measurements(tmp_path):
     from meshpilot.orchestrator.config.loader import job_from_dict
     from meshpilot.orchestrator.plan.plan import resolve_plan
     for c in configs:
-        # what measure_deepspeed runs: DeepSpeed's own defaults, which load_cases predicts with as well
+        # what measure_deepspeed runs: DeepSpeed's own defaults on transformers' Llama, which load_cases
+        # predicts with as well
         stage = int((c.raw.get("plan") or {}).get("zero_stage") or 0)
         raw = dict(c.raw, train=dict(c.raw.get("train") or {}, deepspeed_extra=R.deepspeed_defaults(stage)))
-        job = job_from_dict(raw, list(c.overrides))
+        job = job_from_dict(raw, [*c.overrides, "model.implementation=hf"])
         e = simulate(job, resolve_plan(job), constants=true)
         ok = e.fits
         results.append(dict(name=c.name, kind=c.kind, job=c.raw, overrides=list(c.overrides),
