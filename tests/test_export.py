@@ -7,8 +7,9 @@
 - Round trip (needs strategies/hf_checkpoint.py, the loading of ``model.path``): a tiny llama made
   with transformers, trained with lr 0 under tp=2 and ZeRO-3 dp=2, exports its input bit for bit.
 - A zeroth-order (MeZO) run exports too; errors of ``meshpilot export`` exit 2 naming the problem.
-- Expert parallelism (a tiny mixtral, dp=2 x ep=2, each rank holding half the experts) round-trips
-  its input bit for bit with lr 0; ZO2 (blocks in host memory) to within its perturb/restore
+- Expert parallelism (a tiny mixtral, dp=2 x ep=2, each rank holding half the experts) and ZeRO-2
+  with optimizer offload (the fp32 masters in host memory) round-trip their input bit for bit with
+  lr 0; ZO2 (blocks in host memory) to within its perturb/restore
   rounding; the offline export of both equals the end-of-run one.
 """
 from __future__ import annotations
@@ -243,7 +244,7 @@ def _round_trip(rank: int, world: int, tmp: str, hf_dir: str, plan: dict, train:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep2", "zo2"])
+@pytest.mark.parametrize("case", ["ep2", "zo2", "offload"])
 def test_expert_parallel_and_zo2_round_trip_bit_for_bit(tmp_path, case):
     """lr 0: the export at the end of the run equals the input (ep=2: bit for bit, each rank's
     experts gathered; ZO2: within the rounding of its in-place perturb/restore), and the offline
@@ -256,6 +257,9 @@ def test_expert_parallel_and_zo2_round_trip_bit_for_bit(tmp_path, case):
     if case == "ep2":
         _tiny_hf_mixtral(hf_dir)
         world, plan, train = 2, {"dp": 2, "ep": 2, "zero_stage": 1}, {}
+    elif case == "offload":                          # fp32 masters in host memory (DeepSpeed's CPU Adam)
+        _tiny_hf_llama(hf_dir)
+        world, plan, train = 2, {"dp": 2, "zero_stage": 2, "offload_optimizer": "cpu"}, {}
     else:
         _tiny_hf_llama(hf_dir)
         world, plan, train = 1, {"zo": {"mode": "zo2"}}, {"optimizer": "zo-sgd", "weight_decay": 0.0}
@@ -264,7 +268,7 @@ def test_expert_parallel_and_zo2_round_trip_bit_for_bit(tmp_path, case):
     src = _read_export(hf_dir)
     out = _read_export(res[0])
     assert set(out) == set(src)
-    if case == "ep2":
+    if case in ("ep2", "offload"):
         assert all(torch.equal(out[k], src[k]) for k in src), sorted(k for k in src if not torch.equal(out[k], src[k]))
     else:
         # zeroth order perturbs and restores in place (+eps z, -2 eps z, +eps z): with lr 0 the weights
