@@ -14,14 +14,13 @@ outcome (ran / out of memory), the measured NVML peak and torch's reserved peak.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import metadata, write_json  # noqa: E402
 from hf_startup import make_checkpoint_in_subprocess, run_one  # noqa: E402
 
 
@@ -62,16 +61,8 @@ def main() -> int:
     for r in rows:
         print(f"{r['variant']:10s} {r['outcome']:14s} {r['predicted_peak_gib'] or float('nan'):13.1f} "
               f"{r['nvml_peak_gib'] or float('nan'):9.1f} {r['reserved_peak_gib'] or float('nan'):12.1f}")
-    try:
-        import deepspeed
-        import torch
-        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        versions = dict(torch=torch.__version__, deepspeed=deepspeed.__version__, python=platform.python_version())
-    except ImportError:
-        card, versions = "unknown", {}
-    (a.out / "edge_runs.json").write_text(json.dumps(dict(
-        card=card, date=dt.datetime.now(dt.timezone.utc).isoformat(), versions=versions,
-        command=" ".join([sys.executable, *sys.argv]), model=a.model, rows=rows), indent=1) + "\n")
+    write_json(a.out / "edge_runs.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
+                                             model=a.model, rows=rows))
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -89,6 +88,8 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="write orchestrator/sim/error_bands.json")
     a = ap.parse_args()
     from meshpilot.orchestrator.sim.error_bands import BANDS_FILE, REGIMES, bands_from_rows
+    from meshpilot.orchestrator.config.schema import CalibrationConfig
+    from meshpilot.orchestrator.sim.calibration import constants_fingerprint
     from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 
     rows, used = measured_rows()
@@ -99,7 +100,8 @@ def main() -> int:
     source = dict(written=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   command="python benchmarks/error_bands.py --write",
                   measurements=[str(Path(u).relative_to(HERE.parent)) for u in used],
-                  constants_sha1=hashlib.sha1(repr(SimulatorConstants()).encode()).hexdigest()[:12],
+                  # as run summaries record it for an uncalibrated cluster
+                  constants_fingerprint=constants_fingerprint(SimulatorConstants(), CalibrationConfig()),
                   rows=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
     bands = bands_from_rows([(r["regime"], r["measured_gib"], r["predicted_gib"]) for r in rows], source)
     print(f"\n{'regime':18s} {'runs':>4s} {'band':>6s} {'MAPE %':>7s}  evidence")

@@ -18,10 +18,7 @@ Prints a table; writes ``OUT/hf_startup.json`` with card, date, versions and the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -128,19 +125,10 @@ def main() -> int:
                  if r["time_to_first_step_s"] and base["time_to_first_step_s"] else None)
         print(f"{r['plan']:6s} {r['init']:10s} {r['time_to_first_step_s'] or float('nan'):12.1f} "
               f"{r['model_build_s'] or float('nan'):8.1f} {ratio or float('nan'):9.2f}")
-    try:
-        import torch
-        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        versions = {"torch": torch.__version__, "python": platform.python_version()}
-        import deepspeed
-        import transformers
-        versions.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__)
-    except ImportError:
-        card, versions = "unknown", {}
-    out = dict(card=card, gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), date=dt.datetime.now(dt.timezone.utc).isoformat(),
-               versions=versions, command=" ".join([sys.executable, *sys.argv]), model=a.model,
-               checkpoint_write_s=made, checkpoint_gb=round(gb, 2), rows=rows)
-    (a.out / "hf_startup.json").write_text(json.dumps(out, indent=1) + "\n")
+    from harness import metadata, write_json       # card (from NVML: no CUDA context here), date, versions
+    write_json(a.out / "hf_startup.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
+                                               model=a.model, checkpoint_write_s=made, checkpoint_gb=round(gb, 2),
+                                               rows=rows))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

@@ -19,14 +19,13 @@ the ratio to the ``meshpilot`` variant measured in the same call.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import metadata, write_json  # noqa: E402
 from hf_startup import make_checkpoint_in_subprocess, run_one, warm  # noqa: E402
 
 Z = "train.deepspeed_extra.zero_optimization"
@@ -78,16 +77,8 @@ def main() -> int:
         print(f"{r['variant']:12s} {r['tokens_per_s'] or float('nan'):9.0f} {ratio:12.2f} "
               f"{r['nvml_peak_gib'] or float('nan'):9.1f} {r['predicted_tokens_per_s'] or float('nan'):10.0f} "
               f"{r['predicted_peak_gib'] or float('nan'):9.1f}")
-    try:
-        import deepspeed
-        import torch
-        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        versions = dict(torch=torch.__version__, deepspeed=deepspeed.__version__, python=platform.python_version())
-    except ImportError:
-        card, versions = "unknown", {}
-    (a.out / "zero3_knobs.json").write_text(json.dumps(dict(
-        card=card, date=dt.datetime.now(dt.timezone.utc).isoformat(), versions=versions,
-        command=" ".join([sys.executable, *sys.argv]), model=a.model, plan=PLAN, rows=rows), indent=1) + "\n")
+    write_json(a.out / "zero3_knobs.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
+                                               model=a.model, plan=PLAN, rows=rows))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

@@ -79,3 +79,17 @@ def reference_run(tmp_path_factory) -> dict[str, Any]:
 def last_metrics(run_dir: Path) -> dict[str, Any]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return json.loads(lines[-1])
+
+
+def cancel_running(handle: str, home: Path) -> dict[str, Any]:
+    """`meshpilot status` of a running submitted job says running; `cancel` ends it as cancelled
+    (the scheduler's CANCELLED) and a second `cancel` is a no-op. Returns the final status."""
+    r = meshpilot(["status", handle, "--json"], home)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
+    r = meshpilot(["cancel", handle], home)
+    assert r.returncode == 0 and "cancel requested" in r.stdout, r.stdout + r.stderr
+    st = wait_for(handle, home, lambda s: s["state"] != "running", timeout=120, every=0.5)
+    assert st["state"] == "cancelled" and st["native_state"] == "CANCELLED", st
+    r = meshpilot(["cancel", handle], home)                       # idempotent
+    assert r.returncode == 0 and "nothing to cancel" in r.stdout, r.stdout + r.stderr
+    return st

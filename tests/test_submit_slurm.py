@@ -27,8 +27,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_submit_helpers import (QUICKSTART, STEPS, TRAIN, TWO_NODES, last_metrics, meshpilot,  # noqa: E402
-                                 reference_run, status, submit_handle, wait_for)
+from test_submit_helpers import (QUICKSTART, STEPS, TRAIN, TWO_NODES, cancel_running, last_metrics,  # noqa: E402
+                                 meshpilot, reference_run, status, submit_handle, wait_for)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -132,14 +132,7 @@ def test_cancel_maps_to_cancelled(slurm_cluster, home, tmp_path):
     handle = submit_handle(r)
     wait_for(handle, home, lambda s: s["state"] == "running", timeout=120, every=0.5)
     # `meshpilot status/logs/cancel` take the handle (`meshpilot submit --status/--logs/--cancel` are aliases)
-    r = meshpilot(["status", handle, "--json"], home)
-    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
-    r = meshpilot(["cancel", handle], home)
-    assert r.returncode == 0 and "cancel requested" in r.stdout, r.stdout + r.stderr
-    st = wait_for(handle, home, lambda s: s["state"] != "running", timeout=120, every=0.5)
-    assert st["state"] == "cancelled" and st["native_state"] == "CANCELLED", st
-    r = meshpilot(["cancel", handle], home)                       # idempotent
-    assert r.returncode == 0 and "nothing to cancel" in r.stdout, r.stdout + r.stderr
+    cancel_running(handle, home)
     assert meshpilot(["submit", "--cancel", handle], home).returncode == 0
     r = meshpilot(["logs", handle, "--rank", "1"], home)          # rank 1 runs on the second node
     assert r.returncode == 0 and "node1.log <==" in r.stdout and r.stdout.count("==> ") == 1, r.stdout + r.stderr

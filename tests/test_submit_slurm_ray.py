@@ -32,8 +32,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_submit_helpers import (QUICKSTART, STEPS, TRAIN, TWO_NODES, last_metrics, meshpilot,  # noqa: E402
-                                 status, submit_handle, wait_for, reference_run)
+from test_submit_helpers import (QUICKSTART, STEPS, TRAIN, TWO_NODES, cancel_running, last_metrics,  # noqa: E402
+                                 meshpilot, status, submit_handle, wait_for, reference_run)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -169,14 +169,7 @@ def test_ray_mode_cancel_maps_to_cancelled(slurm_cluster, home, tmp_path, cancel
     cancel_on_failure.append(_job_id(handle))
     run_dir = Path(status(handle, home)["run_dir"])
     _training_pids(run_dir, 0, time.monotonic() + 240)
-    r = meshpilot(["status", handle, "--json"], home)
-    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
-    r = meshpilot(["cancel", handle], home)
-    assert r.returncode == 0 and "cancel requested" in r.stdout, r.stdout + r.stderr
-    st = wait_for(handle, home, lambda s: s["state"] != "running", timeout=120, every=0.5)
-    assert st["state"] == "cancelled" and st["native_state"] == "CANCELLED", st
-    r = meshpilot(["cancel", handle], home)                       # idempotent
-    assert r.returncode == 0 and "nothing to cancel" in r.stdout, r.stdout + r.stderr
+    cancel_running(handle, home)
     batch_log = next((run_dir / "logs").glob("slurm-*.out")).read_text()
     assert "meshpilot: SIGTERM" in batch_log, batch_log[-2000:]
     cancel_on_failure.clear()

@@ -197,13 +197,13 @@ def fallback_plan(job: JobConfig, failed: list[Plan], kind: FailureKind, below_g
     one of ``failed``, whose predicted peak (per GPU for a GPU OOM, host memory per node for a host
     OOM) is below ``below_gib``; None if none. A plan of the failed plan's ``regime`` must moreover
     fit with the ``error`` that regime just showed (:func:`observed_error`): its margin was too small."""
-    from meshpilot.orchestrator.sim.error_bands import REGIMES, regime_codes
+    from meshpilot.orchestrator.sim.error_bands import REGIMES
     res = search(job, headroom=headroom, top=1)
     tried = {plan_fingerprint(p) for p in failed}
     gpu = kind is FailureKind.GPU_OOM
     vals = res.scores.peak_gib if gpu else res.scores.cpu_node_gib
     cap = (job.cluster.gpu.memory_gib if gpu else job.cluster.cpu_memory_gib) * (1.0 - headroom)
-    codes = regime_codes(res.arrays)
+    codes = res.scores.regime
     for i in res.ranked:
         i = int(i)
         if float(vals[i]) >= below_gib:

@@ -92,15 +92,20 @@ _SENSITIVITY = 1e-6      # relative change of a prediction below which a run doe
 
 # --- the simulator's predictions for one run --------------------------------------------------
 
+def constants_fingerprint(constants: SimulatorConstants, calibration: CalibrationConfig) -> str:
+    """SHA-256 (16 hex digits) of the simulator's constants and a cluster's calibration section."""
+    blob = json.dumps([dataclasses.asdict(constants), dataclasses.asdict(calibration)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def simulator_identity(cluster: ClusterConfig, constants: SimulatorConstants | None = None) -> dict[str, str]:
     """The package version and a fingerprint of the constants and the cluster's calibration."""
-    c = constants or SimulatorConstants()
-    blob = json.dumps([dataclasses.asdict(c), dataclasses.asdict(cluster.calibration)], sort_keys=True, default=str)
     try:
         version = importlib.metadata.version("meshpilot")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return {"version": version, "constants_fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+    return {"version": version,
+            "constants_fingerprint": constants_fingerprint(constants or SimulatorConstants(), cluster.calibration)}
 
 
 def ranks_per_node(job: JobConfig, plan: Plan) -> int:

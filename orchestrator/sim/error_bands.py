@@ -78,10 +78,13 @@ class ErrorBands:
     def of(self, regime: str) -> RegimeBand:
         return self.bands[regime]
 
+    def band_of(self, codes: np.ndarray) -> np.ndarray:
+        """The memory band of every regime code of ``codes`` (from :func:`regime_codes`)."""
+        return np.array([self.bands[r].band for r in REGIMES])[codes]
+
     def band_array(self, arrays: PlanArrays) -> np.ndarray:
         """The memory band of every plan of ``arrays``."""
-        table = np.array([self.bands[r].band for r in REGIMES])
-        return table[regime_codes(arrays)]
+        return self.band_of(regime_codes(arrays))
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "regimes": {r: dict(runs=b.runs, band=b.band, measured=b.measured,

@@ -34,7 +34,7 @@ from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan import text
 from meshpilot.orchestrator.plan.codec import PlanArrays, PlanColumns
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
-from meshpilot.orchestrator.sim.error_bands import REGIMES, ErrorBands, load_error_bands, regime_codes
+from meshpilot.orchestrator.sim.error_bands import REGIMES, ErrorBands, load_error_bands
 from meshpilot.orchestrator.sim.estimate import Estimate, SimulatorConstants
 from meshpilot.orchestrator.sim.memory import model_terms
 from meshpilot.orchestrator.sim.simulator import Scores, estimate_at, evaluate, simulate
@@ -94,7 +94,7 @@ class SearchResult:
         if not len(self.ranked) or self.bands is None:
             return ""
         i = int(self.ranked[0])
-        band = self.bands.of(REGIMES[int(regime_codes(self.arrays)[i])])
+        band = self.bands.of(REGIMES[int(self.scores.regime[i])])
         if bool(self.scores.fits_margin[i]):
             return f"margin: {band.why()}; {self.risky} risky plan(s) ranked after those with margin"
         return (f"margin: no plan fits with its measured error band; the best plan is risky ({band.why()}): "

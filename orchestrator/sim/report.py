@@ -115,6 +115,22 @@ def _figure(result):
     return fig
 
 
+def _report_path(path: str | Path) -> Path:
+    """``path`` as a Path, or a ConfigError naming ``--report`` unless it ends in .png or .html."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".html", ".htm"):
+        raise ConfigError("--report", str(path), reason="must end in .png or .html")
+    return path
+
+
+def _html_page(path: Path, title: str, body: str, png: bytes, alt: str) -> Path:
+    """Write ``body`` as a UTF-8 HTML page titled ``title``, the PNG embedded after it."""
+    img = base64.b64encode(png).decode()
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+                    f"{body}<img alt='{alt}' src='data:image/png;base64,{img}'/></body></html>")
+    return path
+
+
 def _png(fig, path: Path) -> bytes | None:
     """Render ``fig`` as PNG bytes and close it; a ``.png`` path is written and None returned, for
     an HTML path the bytes are returned to embed."""
@@ -131,10 +147,7 @@ def _png(fig, path: Path) -> bytes | None:
 
 def write_report(result, path: str | Path) -> Path:
     """Write the search report as ``.png`` or ``.html`` (the PNG embedded)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".html", ".htm"):
-        raise ConfigError("--report", str(path), reason="must end in .png or .html")
-
+    path = _report_path(path)
     png = _png(_figure(result), path)
     if png is None:
         return path
@@ -142,15 +155,13 @@ def write_report(result, path: str | Path) -> Path:
                    f"<td>{e.peak_memory_gib:.1f}</td><td>{e.step_time_s:.3g}</td><td>{e.tokens_per_s:,.0f}</td>"
                    f"<td>{e.mfu:.1%}</td></tr>" for i, e in enumerate(result.top, 1))
     rej = "".join(f"<li>{html.escape(line)}</li>" for line in result.rejected_lines())
-    img = base64.b64encode(png).decode()
-    path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>meshpilot plan</title></head><body>"
+    return _html_page(
+        path, "meshpilot plan",
         f"<h1>meshpilot plan: {html.escape(result.job.model.name)} on {html.escape(result.job.cluster.name)}</h1>"
         f"<p>objective {result.objective}, headroom {result.headroom:.0%}, {result.scored} plans scored, "
         f"{len(result.ranked)} fit.</p><table border='1' cellpadding='3'><tr><th>#</th><th>plan</th><th>GPUs</th>"
         f"<th>peak GiB</th><th>step s</th><th>tokens/s</th><th>MFU</th></tr>{rows}</table>"
-        f"<h2>rejected</h2><ul>{rej}</ul><img alt='report' src='data:image/png;base64,{img}'/></body></html>")
-    return path
+        f"<h2>rejected</h2><ul>{rej}</ul>", png, "report")
 
 
 def _calibration_figure(result):
@@ -192,10 +203,7 @@ def _calibration_figure(result):
 def write_calibration_report(result, path: str | Path) -> Path:
     """Write the predicted-vs-measured panel of a calibration (``meshpilot calibrate --report``) as
     ``.png`` or ``.html`` (the PNG embedded, with the runs' rows)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".html", ".htm"):
-        raise ConfigError("--report", str(path), reason="must end in .png or .html")
-
+    path = _report_path(path)
     png = _png(_calibration_figure(result), path)
     if png is None:
         return path
@@ -206,11 +214,9 @@ def write_calibration_report(result, path: str | Path) -> Path:
         f"<tr><td>{html.escape(r.run_id)}</td><td>{'held out' if r.held_out else 'fit'}</td>"
         + "".join(f"<td>{f(r.measured[k])}</td><td>{f(r.before[k])}</td><td>{f(r.after[k])}</td>"
                   for k in ("step_time_s", "device_peak_gib", "host_node_gib")) + "</tr>" for r in result.rows)
-    img = base64.b64encode(png).decode()
-    path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>meshpilot calibrate</title></head><body>"
+    return _html_page(
+        path, "meshpilot calibrate",
         f"<h1>meshpilot calibrate: {html.escape(result.cluster.name)}</h1><table border='1' cellpadding='3'>"
         "<tr><th>run</th><th>split</th><th>step s</th><th>before</th><th>after</th><th>peak GiB</th><th>before</th>"
-        "<th>after</th><th>host GiB/node</th><th>before</th><th>after</th></tr>"
-        f"{rows}</table><img alt='predicted vs measured' src='data:image/png;base64,{img}'/></body></html>")
-    return path
+        f"<th>after</th><th>host GiB/node</th><th>before</th><th>after</th></tr>{rows}</table>",
+        png, "predicted vs measured")

@@ -40,7 +40,8 @@ class Scores:
     mfu: np.ndarray
     fits_gpu: np.ndarray
     fits_cpu: np.ndarray
-    band: np.ndarray                  # measured error band of each plan's regime (:mod:`.error_bands`)
+    regime: np.ndarray                # each plan's regime, an index into error_bands.REGIMES
+    band: np.ndarray                  # measured error band of that regime (:mod:`.error_bands`)
     fits_margin: np.ndarray           # GPU and host peaks fit even when raised by the band
 
     @property
@@ -73,10 +74,11 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     peak_gib = mem["peak"] / GIB
     cpu_gib = mem["cpu_node"] / GIB
     gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), cl.cpu_memory_gib * (1.0 - headroom)
-    band = (bands or load_error_bands()).band_array(arrays)
+    regime = regime_codes(arrays)
+    band = (bands or load_error_bands()).band_of(regime)
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
-                  fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, band=band,
+                  fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, regime=regime, band=band,
                   fits_margin=(peak_gib * (1.0 + band) <= gpu_cap) & (cpu_gib * (1.0 + band) <= cpu_cap))
 
 
@@ -170,7 +172,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
         reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {cl.cpu_memory_gib * (1 - headroom):.1f} "
                        "available; lower the offload (plan.offload_params=none) or use more nodes")
     band = float(scores.band[i])
-    regime = REGIMES[int(regime_codes(arrays)[i])]
+    regime = REGIMES[int(scores.regime[i])]
     notes = []
     if bool(scores.risky[i]):
         notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}, "
