@@ -52,9 +52,11 @@ class SimulatorConstants:
     """Each further communicator (tp, ep, edp, the engine's own) a rank joins: the same buffers as the first."""
     deepspeed_engine_groups: float = 2.0
     """Communicators a DeepSpeed engine at ZeRO 0-2 creates beyond the world's: NVML - reserved of
-    every DeepSpeed dp run at ZeRO 0-2 was 2.63-2.66 GiB = 1.82 + 0.28 + 2 x 0.28 (H200, 0.37B-6.7B)."""
+    the DeepSpeed dp runs at ZeRO 0-2 was 2.56-2.66 GiB, median 2.65 = 1.82 + 0.28 + 2 x 0.28 (H200,
+    0.37B-6.7B; benchmarks/fixed_costs.py prints them all)."""
     zero3_engine_groups: float = 1.0
-    """The same at ZeRO-3: 2.35-2.45 GiB = 1.82 + 0.28 + 1 x 0.28 (and 2.55 on meshpilot's 13B ZeRO-3 run)."""
+    """The same at ZeRO-3: 2.35-2.45 GiB on Hugging Face Llama = 1.82 + 0.28 + 1 x 0.28; 2.56 on the
+    built-in model's runs through `meshpilot run` (1B-13B), 0.18 GiB more than this predicts."""
     fragmentation: float = 0.0546
     """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1).
     First principles 0.06; fitted 0.0546 on the calibration half with the fixed costs measured
