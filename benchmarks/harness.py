@@ -416,21 +416,22 @@ def run_subprocess(cmd: list[str], env: dict[str, str], timeout_s: float, log_pa
         try:
             return p.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _killpg(p)
+            kill_process_group(p)
             return 124
         finally:
             if p.poll() is None:
-                _killpg(p)
+                kill_process_group(p)
 
 
-def _killpg(p: subprocess.Popen) -> None:
+def kill_process_group(p: subprocess.Popen, wait_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, to ``p``'s process group (started with ``start_new_session``)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(p.pid, sig)
         except ProcessLookupError:
             return
         try:
-            p.wait(timeout=5)
+            p.wait(timeout=wait_s)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -522,7 +523,7 @@ def precompile_ops(env: dict[str, str], timeout_s: float, log_dir: Path, ops: Se
         try:
             rc = p.wait(timeout=max(1.0, timeout_s - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
-            _killpg(p)
+            kill_process_group(p)
             rc = 124
         logf.close()
         out[op] = dict(rc=rc, seconds=round(time.monotonic() - t0, 1))

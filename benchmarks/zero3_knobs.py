@@ -10,6 +10,25 @@ differing only in ``train.deepspeed_extra``:
   5e7, persistence threshold 1e5, max live 1e9);
 * ``overlap``: the generated config with only overlap_comm turned on.
 
+The plan's own knob (``plan.comm_overlap``, issue #16 item 5), on any plan given with ``--plan``:
+
+* ``lean`` / ``overlap_plan``: ``plan.comm_overlap=false`` / ``true`` (the same configs as
+  ``meshpilot`` / ``overlap``, set through the plan instead of ``deepspeed_extra``);
+* ``planner``: ``plan: auto`` constrained to the given plan's fields (offloads none), so the planner
+  chooses overlap_comm; the row records the plan it ran (``plan_run``).
+
+Measured against predicted, one stage-2 and one stage-3 job on 2 x H200 (llama-2-7b ZeRO-2 mb 1x8:
+the simulator predicts overlap 9% faster for +0.8 GiB and the planner takes it; llama-2-13b ZeRO-3 mb
+1x8 with checkpointing: no gain for +2.2 GiB, the planner keeps the lean setting)::
+
+    python benchmarks/zero3_knobs.py --model llama-2-7b --ckpt /tmp/llama7b-hf --out $R/knob_z2 \
+        --variants lean overlap_plan planner \
+        --plan plan.tp=1 plan.dp=2 plan.zero_stage=2 plan.micro_batch=1 plan.activation_checkpointing=none \
+        --set cluster=h200-sxm-4 cluster.gpus_per_node=2 cluster.cpu_memory_gib=256 cluster.cpu_cores=32
+    python benchmarks/zero3_knobs.py --model llama-2-13b --ckpt /tmp/llama13b-hf --out $R/knob_z3 \
+        --variants lean overlap_plan planner \
+        --set cluster=h200-sxm-4 cluster.gpus_per_node=2 cluster.cpu_memory_gib=256 cluster.cpu_cores=32
+
 Reported per variant: median step time and tokens/s (the run summary), NVML peak per GPU, and
 the ratio to the ``meshpilot`` variant measured in the same call.
 
@@ -35,7 +54,11 @@ VARIANTS = {
                     f"{Z}.stage3_prefetch_bucket_size=50000000", f"{Z}.stage3_param_persistence_threshold=100000",
                     f"{Z}.stage3_max_live_parameters=1000000000"],
     "overlap": [f"{Z}.overlap_comm=true"],
+    "lean": ["plan.comm_overlap=false"],
+    "overlap_plan": ["plan.comm_overlap=true"],
+    "planner": ["plan.auto=true", "plan.offload_optimizer=none", "plan.offload_params=none"],
 }
+DEFAULT_VARIANTS = ["meshpilot", "ds_defaults", "overlap"]
 PLAN = ["plan.tp=1", "plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=1", "plan.activation_checkpointing=full"]
 
 
@@ -47,7 +70,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=16)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--plan", nargs="+", default=PLAN, help="the plan's overrides (default: the 13B ZeRO-3 one)")
     ap.add_argument("--set", nargs="*", default=[])
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +79,7 @@ def main() -> int:
         print(f"checkpoint written in {make_checkpoint_in_subprocess(a.model, a.ckpt):.1f} s", flush=True)
     warm(a.ckpt)
     sets = [*a.set, f"model={a.ckpt}", f"train.steps={a.steps}", f"train.global_batch={a.global_batch}",
-            "train.seq_len=2048", "train.checkpoint_final=false", *PLAN]
+            "train.seq_len=2048", "train.checkpoint_final=false", *a.plan]
     rows = []
     for name in a.variants:
         # --force: the simulator predicts this plan over the card (issue #15: it ran at 110 GiB)
@@ -68,9 +92,11 @@ def main() -> int:
                  phases_s=pvm.get("phases_s"),
                  nvml_peak_gib=max(peaks) if peaks else None, predicted_tokens_per_s=s.get("predicted_tokens_per_s"),
                  predicted_peak_gib=s.get("predicted_peak_memory_gib"))
+        state = a.out / name / "state.json"
+        r["plan_run"] = json.loads(state.read_text()).get("plan") if state.exists() else None
         rows.append(r)
         print(f"{name:12s} rc={r['rc']} tokens/s {r['tokens_per_s']} peak {r['nvml_peak_gib']} GiB", flush=True)
-    base = next((r for r in rows if r["variant"] == "meshpilot" and r["tokens_per_s"]), None)
+    base = next((r for r in rows if r["variant"] in ("meshpilot", "lean") and r["tokens_per_s"]), None)
     print(f"\n{'variant':12s} {'tokens/s':>9s} {'vs meshpilot':>12s} {'NVML GiB':>9s} {'pred tok/s':>10s} {'pred GiB':>9s}")
     for r in rows:
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and r["tokens_per_s"] else float("nan")
@@ -78,7 +104,7 @@ def main() -> int:
               f"{r['nvml_peak_gib'] or float('nan'):9.1f} {r['predicted_tokens_per_s'] or float('nan'):10.0f} "
               f"{r['predicted_peak_gib'] or float('nan'):9.1f}")
     write_json(a.out / "zero3_knobs.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
-                                               model=a.model, plan=PLAN, rows=rows))
+                                               model=a.model, plan=a.plan, rows=rows))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

@@ -18,6 +18,14 @@ layer's forward and backward). ``offload_optimizer=cpu`` keeps fp32 master weigh
 Adam moments in pinned host memory and steps them with DeepSpeed's CPUAdam;
 ``offload_params=cpu`` (stage 3) keeps the parameter shards in pinned host memory too.
 
+``overlap_comm`` is the plan's ``comm_overlap`` (stages 1-3; ``plan: auto`` chooses it per plan).
+In DeepSpeed 0.19 it moves the gradient reductions from the compute stream to a side stream
+(``reduction_stream`` at stages 1-2, ``reduce_and_partition_stream`` at stage 3, which with it off
+*is* the compute stream) and at stage 3 also the all-gather launches (``parameter_offload.py``:
+``allgather_stream`` is the default stream unless overlap_comm). Stages 1-2 then double the
+reduction bucket (``setup_buckets``). What that costs and saves is modelled in
+``meshpilot.orchestrator.sim.memory`` and ``.step_time``.
+
 User keys from ``train.deepspeed_extra`` are merged last (nested mappings key by key) and
 every overridden or added key is returned by :func:`merge_extra` so the caller logs it.
 """
@@ -79,7 +87,7 @@ def _zero_section(plan: Plan) -> dict[str, Any]:
     z: dict[str, Any] = {"stage": plan.zero_stage}
     if plan.zero_stage == 0:
         return z
-    z.update(reduce_bucket_size=DEFAULT_BUCKET, contiguous_gradients=True, overlap_comm=False)
+    z.update(reduce_bucket_size=DEFAULT_BUCKET, contiguous_gradients=True, overlap_comm=bool(plan.comm_overlap))
     if plan.zero_stage in (1, 2):
         z.update(allgather_partitions=True, allgather_bucket_size=DEFAULT_BUCKET, reduce_scatter=True)
     if plan.zero_stage == 3:
@@ -127,11 +135,15 @@ class ZeroSettings:
     prefetch_bucket_size: float = 5e7            # stage3_prefetch_bucket_size
     max_live_parameters: float = 1e9             # stage3_max_live_parameters
     persistence_threshold: float = 1e5           # stage3_param_persistence_threshold: smaller tensors stay gathered
+    max_reuse_distance: float = 1e9              # stage3_max_reuse_distance: a parameter used again within this
+                                                 # many elements of the trace is not released after its module
     sub_group_size: float = 1e9                  # stage 3 steps its partition in sub-groups of about this many elements
     overlap_comm: bool = False
-    """Gradient reductions (and at stage 3 the parameter all-gathers) run on their own stream,
-    concurrently with compute. DeepSpeed's default is true at stage 3 only. Stage 0 has no ZeRO
-    optimizer: the engine all-reduces after backward whatever the key says, so it is false there."""
+    """Gradient reductions run on a side stream, concurrently with the backward, instead of on the
+    compute stream; at stage 3 the prefetching all-gathers are launched from a stream of their own
+    too (they are asynchronous NCCL work either way, so prefetched gathers overlap compute with it
+    off as well). DeepSpeed's default is true at stage 3 only. Stage 0 has no ZeRO optimizer: the
+    engine all-reduces after backward whatever the key says, so it is false there."""
 
 
 def zero_settings(cfg: Mapping[str, Any]) -> ZeroSettings:
@@ -147,6 +159,7 @@ def zero_settings(cfg: Mapping[str, Any]) -> ZeroSettings:
         prefetch_bucket_size=float(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
         max_live_parameters=float(z.get("stage3_max_live_parameters", d.max_live_parameters)),
         persistence_threshold=float(z.get("stage3_param_persistence_threshold", d.persistence_threshold)),
+        max_reuse_distance=float(z.get("stage3_max_reuse_distance", d.max_reuse_distance)),
         sub_group_size=float(z.get("sub_group_size", d.sub_group_size)),
         overlap_comm=stage > 0 and (stage == 3 if overlap is None else bool(overlap)))
 

@@ -3,10 +3,12 @@
 
 Reads every run's summary.json and job.yaml (:func:`meshpilot.orchestrator.sim.calibration.load_run`),
 refits the calibratable quantities (:func:`~meshpilot.orchestrator.sim.calibration.calibrate`: the
-achieved matrix rate, the bus bandwidths, the CPU Adam rate of an offloading rank, the device and
-host memory overheads per rank), writes the cluster (``--cluster``, default the first run's) with
-its ``calibration:`` section updated and the provenance as comments, and prints the predicted
-against measured values of every run before and after, held-out runs apart. Refused with exit
+achieved matrix rate, and one per matmul shape class when the runs cover two classes or more, the bus
+bandwidths, the CPU Adam rate of an offloading rank, the device and host memory overheads per rank),
+writes the cluster (``--cluster``, default the first run's) with its ``calibration:`` section updated
+and the provenance as comments (which runs each class rate came from), and prints the predicted
+against measured values of every run before and after, held-out runs apart, and the mean step-time
+error per shape class. Refused with exit
 status 2, before anything is written: a run directory without a summary (or a run that did not
 succeed), runs from different cluster shapes, a ``--cluster`` of another accelerator or GPU. A
 quantity that no run informs keeps its old value and the table says so.
@@ -26,11 +28,13 @@ from meshpilot.orchestrator.errors import ConfigError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="refit a cluster's calibration (matmul rate, bandwidths, CPU Adam, memory "
-                                         "overheads) from recorded runs; write a cluster YAML")
+    p = sub.add_parser("calibrate", help="refit a cluster's calibration (matmul rate, per shape class too, "
+                                         "bandwidths, CPU Adam, memory overheads) from recorded runs; write a "
+                                         "cluster YAML")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `meshpilot run`")
     p.add_argument("--probe", action="append", default=[], metavar="PROBE.json",
-                   help="a `meshpilot probe --json` file; its measured rates replace the cluster's first (repeatable)")
+                   help="a `meshpilot probe --json` file; its measured rates replace the cluster's first, its matmul "
+                        "rate also as the rate of the shape class it was measured at (repeatable)")
     p.add_argument("--cluster", default=None, metavar="PRESET_OR_YAML",
                    help="the cluster to calibrate (default: the cluster the first run ran on)")
     p.add_argument("--out", default="cluster-calibrated.yaml", help="cluster YAML to write "
@@ -105,18 +109,19 @@ def _err(pred: Optional[float], meas: Optional[float]) -> str:
 
 
 def tables(result) -> list[Table]:
-    """The fitted quantities, every run's predicted vs measured before and after, and the mean errors."""
+    """The fitted quantities, every run's predicted vs measured before and after, and the mean errors (by
+    split, and by shape class and split)."""
     q = Table(title="calibration")
     for col in ("quantity", "old", "new", "runs", "note"):
         q.add_column(col, justify="right" if col in ("old", "new", "runs") else "left")
     for x in result.quantities:
         q.add_row(x.name, _fmt(x.old), _fmt(x.new) if x.fitted else "[yellow]kept[/]", str(x.runs), escape(x.note))
     rows = Table(title="predicted vs measured, before -> after (error = predicted / measured - 1)")
-    for col in ("run", "split", "step s", "before", "after", "peak GiB", "before", "after", "host GiB/node",
+    for col in ("run", "split", "class", "step s", "before", "after", "peak GiB", "before", "after", "host GiB/node",
                 "before", "after"):
-        rows.add_column(col, justify="left" if col in ("run", "split") else "right")
+        rows.add_column(col, justify="left" if col in ("run", "split", "class") else "right")
     for r in result.rows:
-        cells = [escape(r.run_id), "[cyan]held out[/]" if r.held_out else "fit"]
+        cells = [escape(r.run_id), "[cyan]held out[/]" if r.held_out else "fit", r.shape_class]
         for key in ("step_time_s", "device_peak_gib", "host_node_gib"):
             m = r.measured[key]
             cells += [_fmt(m), f"{_fmt(r.before[key])} ({_err(r.before[key], m)})",
@@ -131,7 +136,24 @@ def tables(result) -> list[Table]:
             continue
         summary.add_row(name, str(len(sel)), *(_mean_err(sel, key, when) for key in ("step_time_s", "device_peak_gib")
                                                 for when in ("before", "after")))
-    return [q, rows, summary]
+    return [q, rows, summary, by_class_table(result)]
+
+
+def by_class_table(result) -> Table:
+    """Mean |step-time error| per matmul shape class and split, beside the class's rate after the fit."""
+    by_shape = result.cluster.calibration.matmul_tflops_by_shape
+    t = Table(title="mean |step error| by shape class (h: hidden per shard, t: tokens per micro-batch, rounded down "
+                    "to powers of two)")
+    for col in ("class", "TFLOP/s after", "split", "runs", "step before", "step after"):
+        t.add_column(col, justify="left" if col in ("class", "split") else "right")
+    for cls in sorted({r.shape_class for r in result.rows}):
+        rate = _fmt(by_shape.get(cls)) if cls in by_shape else "matmul_tflops x shape"
+        for name, held in (("fit", False), ("held out", True)):
+            sel = [r for r in result.rows if r.shape_class == cls and r.held_out == held]
+            if sel:
+                t.add_row(cls, rate, name, str(len(sel)), _mean_err(sel, "step_time_s", "before"),
+                          _mean_err(sel, "step_time_s", "after"))
+    return t
 
 
 def _mean_err(rows, key: str, when: str) -> str:

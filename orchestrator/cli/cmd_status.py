@@ -106,9 +106,13 @@ def comparison_table(pvm: dict) -> Table:
             cpu = pvm.get("accelerator") == "cpu"
             label = ("host RSS (CPU worker: its device)" if cpu else "host RSS (per-rank share of the host "
                      "prediction)") if key == "host_rss" else key
+            if key == "host":
+                label = "host RssAnon + RssShmem (per-rank share of the host prediction)"
             row(f"rank {rank}: {label} (GiB)", pair)
     for node, v in (pvm.get("per_node") or {}).items():
-        row(f"node {node}: host memory (GiB, sum of workers' RSS)", v.get("host_peak_gib"))
+        src = v.get("source") or ""
+        how = "used by the node's processes" if src.startswith("the node's MemTotal") else "sum of workers' RSS"
+        row(f"node {node}: host memory (GiB, {how})", v.get("host_peak_gib"))
     return t
 
 

@@ -92,6 +92,7 @@ def job_from_dict(raw: dict[str, Any], overrides: Iterable[str] = ()) -> C.JobCo
         _apply_override(raw, item)
     _reject_interpolation(raw, "")
     _check_keys(raw, C.JobConfig, "")
+    _tristate(raw["plan"], "comm_overlap", "plan.")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(C.JobConfig), raw)
         job = OmegaConf.to_object(merged)
@@ -216,6 +217,18 @@ def _check_keys(raw: dict[str, Any], cls: type, prefix: str) -> None:
             raise ConfigError(full, value, reason="not a valid choice", allowed=ftype.values())
 
 
+def _tristate(section: dict[str, Any], key: str, prefix: str) -> None:
+    """An ``auto | true | false`` key: ``auto`` (or null) becomes None, a YAML boolean stays; anything else
+    (OmegaConf would read "yes" or 1 as true) raises naming the key."""
+    if key not in section:
+        return
+    v = section[key]
+    if v is None or v == "auto":
+        section[key] = None
+    elif not isinstance(v, bool):
+        raise ConfigError(f"{prefix}{key}", v, reason="not a valid choice", allowed=("auto", "true", "false"))
+
+
 def _unwrap_optional(hint: Any) -> Any:
     """``X`` for ``Optional[X]``, else the hint itself."""
     if typing.get_origin(hint) is typing.Union:
@@ -310,6 +323,10 @@ def validate_job(job: C.JobConfig) -> None:
         check_positive(f"cluster.gpu.{k}", getattr(c.gpu, k))
     for k in ("intra_node_bandwidth_gbs", "inter_node_bandwidth_gbs", "pcie_bandwidth_gbs", "cpu_memory_gib"):
         check_positive(f"cluster.{k}", getattr(c, k))
+    if not 0.0 < c.memory_usage_threshold <= 1.0:
+        raise ConfigError("cluster.memory_usage_threshold", c.memory_usage_threshold,
+                          reason="must be a fraction of the node's memory, > 0 and <= 1",
+                          fix="the memory_usage_threshold of your Ray cluster (0.95 is Ray's default)")
     for k in ("intra_node_latency_us", "inter_node_latency_us"):
         check_positive(f"cluster.{k}", getattr(c, k), zero_ok=True)
     if c.cpu_threads_per_rank is not None:
@@ -320,7 +337,15 @@ def validate_job(job: C.JobConfig) -> None:
                               fix=f"at most {c.cpu_cores}, or leave it unset for the gang's default")
     for f in dataclasses.fields(c.calibration):
         v = getattr(c.calibration, f.name)
-        if f.name != "measured_on":
+        if f.name == "matmul_tflops_by_shape":          # {shape class: TFLOP/s}
+            for cls, rate in v.items():
+                try:
+                    C.parse_shape_class(cls)
+                except ValueError as e:
+                    raise ConfigError(f"cluster.calibration.{f.name}", cls, reason=str(e),
+                                      fix="keys as `meshpilot calibrate` writes them, e.g. h4096_t8192") from None
+                check_positive(f"cluster.calibration.{f.name}.{cls}", rate)
+        elif f.name != "measured_on":
             check_positive(f"cluster.calibration.{f.name}", v)
 
     for k in ("seq_len", "global_batch", "steps"):

@@ -17,6 +17,8 @@ it, with a fixed plan the default documented on the field applies.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -176,11 +178,46 @@ class KubernetesSettings:
     checkpoint_pvc: Optional[str] = None    # PersistentVolumeClaim of the run directory; --pvc overrides
 
 
+_SHAPE_CLASS = re.compile(r"h([0-9]+)_t([0-9]+)")
+
+
+def _pow2_floor(x: float) -> int:
+    """2^floor(log2 x) for x >= 1, exactly (frexp: x = m 2^e with 0.5 <= m < 1)."""
+    return 2 ** (math.frexp(float(x))[1] - 1)
+
+
+def shape_class(hidden_shard: float, tokens: float) -> str:
+    """The matmul shape class of a plan, key of ``calibration.matmul_tflops_by_shape``: ``h{H}_t{T}`` with
+    H = 2^floor(log2(hidden / tp)) (the per-shard hidden size) and T = 2^floor(log2(micro_batch x seq_len))
+    (the tokens per micro-batch); the class holds hidden sizes in [H, 2H) and token counts in [T, 2T).
+    Example: llama-2-7b (hidden 4096) at tp 2 with 2 x 2048 tokens is ``h2048_t4096``."""
+    if hidden_shard < 1 or tokens < 1:
+        raise ValueError(f"hidden per shard ({hidden_shard}) and tokens per micro-batch ({tokens}) must be >= 1")
+    return f"h{_pow2_floor(hidden_shard)}_t{_pow2_floor(tokens)}"
+
+
+def parse_shape_class(key: str) -> tuple[int, int]:
+    """(H, T) of a shape class key ``h{H}_t{T}`` (:func:`shape_class`); ValueError unless both are powers of two."""
+    m = _SHAPE_CLASS.fullmatch(str(key))
+    if m is None:
+        raise ValueError(f"{key!r} is not a shape class (h<hidden per shard>_t<tokens per micro-batch>, e.g. "
+                         "h4096_t8192)")
+    h, t = int(m.group(1)), int(m.group(2))
+    for name, v in (("hidden", h), ("tokens", t)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{key!r}: the {name} bound {v} is not a power of two (classes are [2^k, 2^(k+1)))")
+    return h, t
+
+
 @dataclass
 class CalibrationConfig:
     """Measured rates that replace datasheet numbers (written by ``meshpilot probe``; None = not measured)."""
     measured_on: Optional[str] = None          # card and date of the measurement
     matmul_tflops: Optional[float] = None      # achieved bf16 TFLOP/s on transformer-shaped products
+    # achieved bf16/fp16 TFLOP/s per matmul shape class (keys from `shape_class`: per-shard hidden size and tokens
+    # per micro-batch, each rounded down to a power of two), from `meshpilot calibrate` runs and probes. A plan in
+    # a listed class computes at that rate; elsewhere matmul_tflops (else datasheet x efficiency) x shape factor
+    matmul_tflops_by_shape: Dict[str, float] = field(default_factory=dict)
     allreduce_busbw_gbs: Optional[float] = None
     allgather_busbw_gbs: Optional[float] = None
     reducescatter_busbw_gbs: Optional[float] = None
@@ -223,6 +260,11 @@ class ClusterConfig:
     # node's cores shared by its GPUs, at most 8. Read by the gang, the exported launch scripts
     # (OMP_NUM_THREADS) and the simulator's CPU Adam time.
     cpu_threads_per_rank: Optional[int] = None
+    # the fraction of a node's memory its processes may use before Ray's memory monitor kills a worker
+    # (the raylet's memory_usage_threshold, RAY_memory_usage_threshold: 0.95 by default; it compares the
+    # node's MemTotal - MemAvailable with this fraction of MemTotal). A plan fits the host when its host
+    # memory per node is at most memory_usage_threshold x cpu_memory_gib.
+    memory_usage_threshold: float = 0.95
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -295,6 +337,9 @@ class PlanConfig:
     activation_checkpointing: Optional[Checkpointing] = None  # default none
     sequence_parallel: Optional[bool] = None  # default false; only with tp > 1
     zo: ZOPlanConfig = field(default_factory=ZOPlanConfig)
+    # DeepSpeed's overlap_comm (ZeRO >= 1): ``auto`` (None, the default) lets ``plan: auto`` choose per plan
+    # (a fixed plan section keeps false, the lean setting); true/false fix it. The loader maps ``auto`` to None
+    comm_overlap: Optional[bool] = None
 
 
 @dataclass

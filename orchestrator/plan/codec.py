@@ -1,8 +1,8 @@
 """Plans as columns of integer arrays: the form in which the simulator scores any number of plans at once.
 
 One row per plan, one column per field (:data:`FIELDS`); choices are coded as integers:
-offloads and activation checkpointing as 0/1, the zeroth-order mode as its index in
-:data:`ZO_MODES` (0 none, 1 mezo, 2 zo2). :func:`encode` and :meth:`PlanArrays.plan` are
+offloads, activation checkpointing and DeepSpeed's overlap_comm (``overlap``) as 0/1, the
+zeroth-order mode as its index in :data:`ZO_MODES` (0 none, 1 mezo, 2 zo2). :func:`encode` and :meth:`PlanArrays.plan` are
 inverse to each other. Columns derived from the plan rules (``world``, ``zo2_slices``) come from
 the same functions as :class:`Plan`'s properties (:func:`.plan.world_size_of`,
 :func:`.plan.zo2_upload_slices_of`), evaluated over the arrays.
@@ -25,12 +25,12 @@ from meshpilot.orchestrator.config.schema import Checkpointing, Offload, ZOMode
 from meshpilot.orchestrator.plan.plan import Plan, world_size_of, zo2_upload_slices_of
 
 FIELDS = ("dp", "tp", "ep", "zero", "off_opt", "off_param", "micro_batch", "grad_accum", "ac", "sp",
-          "zo", "zo_pertp", "zo_dp")
+          "zo", "zo_pertp", "zo_dp", "overlap")
 """Column names, in row order."""
 ZO_MODES = tuple(ZOMode)
 """The zeroth-order mode of code i (the ``zo`` column)."""
 _ZO_CODE = {m: i for i, m in enumerate(ZO_MODES)}
-_MB, _GA, _AC = FIELDS.index("micro_batch"), FIELDS.index("grad_accum"), FIELDS.index("ac")
+_MB, _GA, _AC, _OV = FIELDS.index("micro_batch"), FIELDS.index("grad_accum"), FIELDS.index("ac"), FIELDS.index("overlap")
 
 Span = tuple[int, int, int]
 
@@ -39,7 +39,7 @@ def encode(plan: Plan) -> tuple[int, ...]:
     """The row of ``plan`` (see :data:`FIELDS`)."""
     return (plan.dp, plan.tp, plan.ep, plan.zero_stage, int(plan.offloads_optimizer), int(plan.offloads_params),
             plan.micro_batch, plan.grad_accum, int(plan.checkpoints_activations), int(plan.sequence_parallel),
-            _ZO_CODE[plan.zo_mode], plan.zo_pertp, plan.zo_dp)
+            _ZO_CODE[plan.zo_mode], plan.zo_pertp, plan.zo_dp, int(plan.comm_overlap))
 
 
 def structure_spans(dp: int, tp: int, ep: int, zo: int, pertp: int, zo_dp: int,
@@ -101,6 +101,10 @@ class PlanArrays:
     def checkpoints_activations(self) -> np.ndarray:
         return self.ac.astype(bool)
 
+    @property
+    def comm_overlap(self) -> np.ndarray:
+        return self.overlap.astype(bool)
+
     # --- conversions -----------------------------------------------------------------------
     @classmethod
     def from_plans(cls, plans: Sequence[Plan], gpus_per_node: int) -> "PlanArrays":
@@ -117,7 +121,7 @@ class PlanArrays:
                     micro_batch=int(self.micro_batch[i]), grad_accum=int(self.grad_accum[i]),
                     activation_checkpointing=Checkpointing.FULL if self.ac[i] else Checkpointing.NONE,
                     sequence_parallel=bool(self.sp[i]), zo_mode=ZO_MODES[int(self.zo[i])],
-                    zo_pertp=int(self.zo_pertp[i]), zo_dp=int(self.zo_dp[i]))
+                    zo_pertp=int(self.zo_pertp[i]), zo_dp=int(self.zo_dp[i]), comm_overlap=bool(self.overlap[i]))
 
     def find(self, plan: Plan) -> int | None:
         """Index of the first row equal to ``plan`` (None if there is none)."""
@@ -141,12 +145,15 @@ class PlanColumns:
     def append(self, plan: Plan) -> None:
         self._rows.append(encode(plan))
 
-    def append_variants(self, plan: Plan, batches: Iterable[tuple[int, int]], checkpointing: Iterable[bool]) -> None:
-        """``plan`` once per ((micro_batch, grad_accum), checkpoints activations) pair of the product
-        of ``batches`` and ``checkpointing``, without building a Plan per row."""
+    def append_variants(self, plan: Plan, batches: Iterable[tuple[int, int]], checkpointing: Iterable[bool],
+                        overlaps: Iterable[bool] | None = None) -> None:
+        """``plan`` once per ((micro_batch, grad_accum), checkpoints activations, comm_overlap) of the product
+        of ``batches``, ``checkpointing`` and ``overlaps`` (default: the plan's own), without building a Plan
+        per row."""
         base = list(encode(plan))
-        for (mb, ga), ac in itertools.product(batches, checkpointing):
-            base[_MB], base[_GA], base[_AC] = mb, ga, int(ac)
+        ovs = (plan.comm_overlap,) if overlaps is None else overlaps
+        for (mb, ga), ac, ov in itertools.product(batches, checkpointing, ovs):
+            base[_MB], base[_GA], base[_AC], base[_OV] = mb, ga, int(ac), int(ov)
             self._rows.append(tuple(base))
 
     def build(self, gpus_per_node: int) -> PlanArrays:

@@ -60,6 +60,12 @@ class Plan:
     zo_mode: ZOMode = ZOMode.NONE
     zo_pertp: int = 1
     zo_dp: int = 1
+    comm_overlap: bool = False
+    """DeepSpeed's ``overlap_comm`` (ZeRO >= 1): gradient reductions run on a side stream beside the
+    backward instead of on the compute stream, for more memory (side-stream allocator pools, a second
+    reduction bucket at stages 1-2); at stage 3 the all-gathers run on a stream of their own too.
+    :mod:`meshpilot.orchestrator.sim.memory` and ``.step_time`` model both settings; ``plan: auto``
+    chooses. It does not change what a checkpoint holds, so :func:`.text.fingerprint` leaves it out."""
 
     def __post_init__(self) -> None:
         # choices given as their string values (``Plan(offload_optimizer="cpu")``) become members
@@ -123,7 +129,8 @@ class Plan:
                     offload_optimizer=self.offload_optimizer.value, offload_params=self.offload_params.value,
                     micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing.value,
                     sequence_parallel=self.sequence_parallel,
-                    zo=dict(mode=self.zo_mode.value, pertp=self.zo_pertp, dp=self.zo_dp))
+                    zo=dict(mode=self.zo_mode.value, pertp=self.zo_pertp, dp=self.zo_dp),
+                    comm_overlap=self.comm_overlap)
 
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)
@@ -196,6 +203,12 @@ class Plan:
                               f"(model.num_experts={model.num_experts})",
                               fix="set plan.zero_stage to 0, 1 or 2 (expert optimizer states are still sharded "
                                   "over the expert-data-parallel ranks), or plan.ep>1 to split the experts")
+        if self.comm_overlap and (zo or self.zero_stage == 0):
+            raise ConfigError("plan.comm_overlap", True,
+                              reason="overlap_comm is a ZeRO optimizer setting; "
+                                     + ("a zeroth-order plan runs no DeepSpeed engine" if zo else
+                                        "at plan.zero_stage=0 the engine all-reduces after backward whatever it says"),
+                              fix="set plan.comm_overlap=false (or auto), or plan.zero_stage>=1")
         if self.offloads_params and self.zero_stage != 3:
             raise ConfigError("plan.offload_params", self.offload_params, reason="needs plan.zero_stage=3",
                               fix="set plan.zero_stage=3, or plan.offload_params=none")
@@ -222,7 +235,11 @@ def _divisors_str(n: int, limit: int) -> str:
 
 
 def plan_from_config(pc: PlanConfig, job: JobConfig) -> Plan:
-    """Resolve a fixed plan section (defaults for unset fields) into a checked Plan."""
+    """Resolve a fixed plan section (defaults for unset fields) into a checked Plan.
+
+    ``plan.comm_overlap: auto`` (None) is chosen by the planner under ``plan: auto`` only; a fixed plan
+    section has nothing to choose it and keeps false (the lean setting), so the worker, ``simulate`` and
+    the exported DeepSpeed config agree without running the simulator here."""
     if pc.auto:
         raise ConfigError("plan", "auto", reason="the planner chooses this plan",
                           fix="run `meshpilot plan JOB` first, or give the degrees")
@@ -250,7 +267,8 @@ def plan_from_config(pc: PlanConfig, job: JobConfig) -> Plan:
                 offload_params=pc.offload_params or Offload.NONE,
                 micro_batch=mb, grad_accum=accum,
                 activation_checkpointing=pc.activation_checkpointing or Checkpointing.NONE,
-                sequence_parallel=bool(pc.sequence_parallel), zo_mode=zo_mode, zo_pertp=pertp, zo_dp=zo_dp)
+                sequence_parallel=bool(pc.sequence_parallel), zo_mode=zo_mode, zo_pertp=pertp, zo_dp=zo_dp,
+                comm_overlap=bool(pc.comm_overlap))
     plan.check(job.model, t, c)
     return plan
 

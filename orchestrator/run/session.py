@@ -170,7 +170,7 @@ def oom_message(failure: Failure, job: JobConfig, plan: Plan, estimate: Optional
         predicted = f"{estimate.peak_memory_gib:.2f} GiB per GPU (of {estimate.gpu_memory_gib:.2f} GiB)"
     else:
         predicted = (f"{estimate.cpu_memory_gib_per_node:.2f} GiB host memory per node (of "
-                     f"{estimate.cpu_memory_available_gib:.2f} GiB); {estimate.peak_memory_gib:.2f} GiB per GPU")
+                     f"{estimate.cpu_memory_available_gib:.2f} GiB usable); {estimate.peak_memory_gib:.2f} GiB per GPU")
     try:
         tips = suggestions(plan, job)[:4]
     except Exception as e:          # never lose the message for want of suggestions

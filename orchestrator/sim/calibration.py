@@ -12,9 +12,13 @@ Two things live here, both pure numpy (no torch):
      process beside the predicted host memory of one rank (host memory per node / ranks on the
      node). On CPU workers (gloo) there is no NVML: the device row is the worker's peak RSS against
      the predicted peak (the memory model treats a CPU worker's memory as its device);
-   - per node: the host memory peak, taken as the sum of the peak RSS of the node's workers (an
-     upper bound: the workers' peaks need not coincide; not the node's used memory, which counts
-     other processes), against the predicted host memory per node. Rank r runs on node
+   - per rank, also the peak of the worker's RssAnon + RssShmem (``host``: its resident memory
+     without page cache, pinned buffers included) beside the same per-rank prediction;
+   - per node: the host memory peak as Ray's memory monitor counts it (:func:`node_host_memory_gib`:
+     the node's MemTotal - MemAvailable at its peak, less its value when the workers started, plus
+     the workers' own RssAnon + RssShmem at that start), against the predicted host memory per node;
+     for results without those readings (older runs), the sum of the peak RSS of the node's workers
+     (an upper bound: the workers' peaks need not coincide). Rank r runs on node
      r // (ranks per node), ranks per node = min(world size, gpus_per_node);
    - the median step time (rank 0's steps, the first left out when there are more than two) and
      the median forward + backward and optimizer phases
@@ -51,6 +55,20 @@ Two things live here, both pure numpy (no torch):
    node: h = sum n_i r_i / sum n_i^2. A non-positive fit keeps the old value.
    ``meshpilot probe`` results (``--probe``) first replace the calibration fields they measured (the
    mean over several probes); the run fit starts from there.
+   Matmul rate by shape class (``calibration.matmul_tflops_by_shape``): a run's class is
+   :func:`meshpilot.orchestrator.config.schema.shape_class` of its per-shard hidden size (hidden / tp) and
+   tokens per micro-batch (micro_batch x seq_len), each rounded down to a power of two (``h4096_t2048``:
+   hidden per shard in [4096, 8192), tokens in [2048, 4096)). The fit is done twice: first as above with
+   the single rate R (x shape factor) from every fit run, the per-class rates left out, so that R stays the
+   rate of plans outside the calibrated classes; then, when the fit runs cover two classes or more (or a
+   class that already has a rate, from a probe or an earlier calibration), with one unknown 1/R_c per
+   class of the fit runs in place of 1/R, starting from the first fit. The bandwidth and CPU Adam factors
+   are those of the second fit where it fits them (else of the first). A class whose runs are all
+   host-bound or fp32 (no prediction depends on R_c), that the runs cannot tell apart from the other
+   quantities, or that only held-out runs are in, gets no rate (or keeps its old one): its plans use R x
+   shape factor, and the output says why per class. A probe measures its matmuls at one shape (the
+   ``settings`` of its JSON: ``matmul_hidden``, ``matmul_tokens``, tp 1): its rate is also the rate of that
+   class.
    Held-out runs (``holdout_every`` K: the K-th, 2K-th, ... run in the order of run ids, when there
    are at least :data:`MIN_RUNS_FOR_HOLDOUT` runs) are never used in a fit; their rows are reported
    apart.
@@ -70,12 +88,14 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from meshpilot.orchestrator.config.loader import job_to_dict, recorded_job
-from meshpilot.orchestrator.config.schema import Accelerator, CalibrationConfig, ClusterConfig, JobConfig
+from meshpilot.orchestrator.config.schema import (Accelerator, CalibrationConfig, ClusterConfig, JobConfig,
+                                                  parse_shape_class, shape_class)
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 from meshpilot.orchestrator.sim.estimate import GIB, SimulatorConstants
 from meshpilot.orchestrator.sim.simulator import evaluate
+from meshpilot.orchestrator.sim.step_time import achieved_rate
 
 MIN_RUNS_FOR_HOLDOUT = 4
 """A held-out split is made only with at least this many runs."""
@@ -87,6 +107,8 @@ COMPUTE_COMM_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp
                      "zero3_gathers", "expert_alltoall")
 OPTIMIZER_KEYS = ("optimizer_step", "cpu_optimizer", "offload_transfers")
 TIME_PARAMS = ("matmul_tflops", "busbw", "cpu_adam_rank_gparams_per_s")
+BY_SHAPE = "matmul_tflops_by_shape"
+"""The calibration field of the per-class matmul rates; a class's quantity is named ``BY_SHAPE.<class>``."""
 _SENSITIVITY = 1e-6      # relative change of a prediction below which a run does not inform a quantity
 
 
@@ -94,7 +116,8 @@ _SENSITIVITY = 1e-6      # relative change of a prediction below which a run doe
 
 def constants_fingerprint(constants: SimulatorConstants, calibration: CalibrationConfig) -> str:
     """SHA-256 (16 hex digits) of the simulator's constants and a cluster's calibration section."""
-    blob = json.dumps([dataclasses.asdict(constants), dataclasses.asdict(calibration)], sort_keys=True, default=str)
+    cal = {k: v for k, v in dataclasses.asdict(calibration).items() if not (k == BY_SHAPE and not v)}
+    blob = json.dumps([dataclasses.asdict(constants), cal], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -106,6 +129,12 @@ def simulator_identity(cluster: ClusterConfig, constants: SimulatorConstants | N
         version = "unknown"
     return {"version": version,
             "constants_fingerprint": constants_fingerprint(constants or SimulatorConstants(), cluster.calibration)}
+
+
+def run_shape_class(job: JobConfig, plan: Plan) -> str:
+    """The matmul shape class of a plan (per-shard hidden size, tokens per micro-batch), as the time model
+    selects ``calibration.matmul_tflops_by_shape``."""
+    return shape_class(job.model.hidden / plan.tp, plan.micro_batch * job.train.seq_len)
 
 
 def ranks_per_node(job: JobConfig, plan: Plan) -> int:
@@ -155,6 +184,12 @@ def measured_from_results(job: JobConfig, plan: Plan, results: Sequence[Mapping[
             nodes[node] = None
         else:
             nodes[node] = (nodes.get(node) or 0.0) + p["host_rss"]
+    node_host = node_host_memory_gib(results, n)
+    for i, r in enumerate(results):
+        per_rank[int(r.get("rank", i))]["host"] = (r.get("host_memory_gib") or {}).get("host")
+    host_source = "sum of the node's workers' peak RSS"
+    if node_host and set(node_host) == set(nodes):
+        nodes, host_source = node_host, NODE_HOST_SOURCE
     device_key = "host_rss" if on_cpu else "nvml"
     device = [p[device_key] for p in per_rank.values()]
     r0 = next((r for r in results if r.get("rank") == 0), results[0] if results else {})
@@ -163,8 +198,32 @@ def measured_from_results(job: JobConfig, plan: Plan, results: Sequence[Mapping[
                 device_peak_gib=max(device) if device and None not in device else None,
                 device_peak_source="host RSS of the worker (CPU workers)" if on_cpu else "NVML, sampled through the run",
                 host_node_peak_gib=(max(nodes.values()) if nodes and None not in nodes.values() else None),
+                host_node_source=host_source,
                 step_time_s=median_step_time(times), steps_timed=len(times),
                 phases_s=_phase_groups(r0.get("phases_s")))
+
+
+NODE_HOST_SOURCE = ("the node's MemTotal - MemAvailable at its peak, minus its value when the workers "
+                    "started, plus the workers' RssAnon + RssShmem then")
+
+
+def node_host_memory_gib(results: Sequence[Mapping[str, Any]], ranks_on_node: int) -> dict[int, Optional[float]]:
+    """Each node's measured host memory (GiB) from its ranks' ``host_memory_gib``
+    (:func:`meshpilot.orchestrator.train.memory_peaks.host_memory_gib`), as Ray's memory monitor counts it:
+    max over the node's ranks of MemTotal - MemAvailable at its peak, minus the smallest value at a
+    rank's start (the node before this job's allocations), plus the sum of the ranks' RssAnon + RssShmem
+    at their start (the processes' own memory by then, which the prediction's per-process term holds).
+    Nodes whose ranks lack a reading are left out; {} for results without ``host_memory_gib``."""
+    by_node: dict[int, list[Mapping[str, Any]]] = {}
+    for i, r in enumerate(results):
+        by_node.setdefault(int(r.get("rank", i)) // max(1, ranks_on_node), []).append(r.get("host_memory_gib") or {})
+    out: dict[int, Optional[float]] = {}
+    for node, hs in by_node.items():
+        need = ("node_used_peak", "node_used_start", "host_start")
+        if all(h.get(k) is not None for h in hs for k in need):
+            out[node] = (max(float(h["node_used_peak"]) for h in hs) - min(float(h["node_used_start"]) for h in hs)
+                         + sum(float(h["host_start"]) for h in hs))
+    return out
 
 
 def _phase_groups(phases: Optional[Mapping[str, float]]) -> Optional[dict[str, float]]:
@@ -190,6 +249,8 @@ def predicted_vs_measured(job: JobConfig, plan: Plan, results: Sequence[Mapping[
     per_rank = {}
     for rank, peaks in sorted(m["per_rank"].items()):
         row = {"host_rss": _pair(peaks["host_rss"], p["device_peak_gib"] if on_cpu else p["host_rank_gib"])}
+        if not on_cpu and peaks.get("host") is not None:      # RssAnon + RssShmem (page cache left out)
+            row["host"] = _pair(peaks["host"], p["host_rank_gib"])
         if not on_cpu:
             row.update(nvml=_pair(peaks["nvml"], p["device_peak_gib"]),
                        allocated=_pair(peaks["allocated"], p["allocated_gib"]),
@@ -201,7 +262,7 @@ def predicted_vs_measured(job: JobConfig, plan: Plan, results: Sequence[Mapping[
         accelerator=str(job.cluster.accelerator), ranks_per_node=ranks_per_node(job, plan),
         per_rank=per_rank,
         per_node={str(k): {"host_peak_gib": _pair(v, p["host_node_gib"]),
-                           "source": "sum of the node's workers' peak RSS"} for k, v in sorted(m["host_node_gib"].items())},
+                           "source": m["host_node_source"]} for k, v in sorted(m["host_node_gib"].items())},
         step_time_s=dict(_pair(m["step_time_s"], p["step_time_s"]), steps=m["steps_timed"],
                          statistic="median of rank 0's steps, the first left out when there are more than two"),
         phases_s={k: _pair(phases.get(k), v) for k, v in p["phases_s"].items()})
@@ -229,6 +290,10 @@ class RecordedRun:
         out = predicted_vs_measured(self.job, self.plan, self.summary.get("results") or [], step_times=self.step_times)
         out["computed_by"] = "meshpilot status (the summary predates these rows)"
         return out
+
+    @property
+    def shape_class(self) -> str:
+        return run_shape_class(self.job, self.plan)
 
     @property
     def shape(self) -> tuple[str, str, int, int]:
@@ -329,7 +394,26 @@ def read_probe(path: str | Path) -> dict[str, Any]:
         raise ConfigError("--probe", str(path), reason="has no 'calibration' mapping",
                           fix="give the file `meshpilot probe --json FILE` wrote")
     known = {f.name for f in dataclasses.fields(CalibrationConfig)}
-    return {k: v for k, v in cal.items() if k in known and v is not None}
+    out = {k: v for k, v in cal.items() if k in known and v is not None and k != BY_SHAPE}
+    by_shape: dict[str, float] = {}
+    for key, rate in (cal.get(BY_SHAPE) or {}).items():
+        try:
+            parse_shape_class(key)
+            rate = float(rate)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("--probe", str(path), reason=f"calibration.{BY_SHAPE}: {e}") from None
+        if not rate > 0:
+            raise ConfigError("--probe", str(path), reason=f"calibration.{BY_SHAPE}.{key}={rate} is not positive")
+        by_shape[key] = rate
+    # the probe times its matmul mix at one shape (comm/probe.py: tp 1, settings.matmul_hidden and matmul_tokens)
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    hidden, tokens = settings.get("matmul_hidden"), settings.get("matmul_tokens")
+    if out.get("matmul_tflops") and isinstance(hidden, (int, float)) and isinstance(tokens, (int, float)) \
+            and hidden >= 1 and tokens >= 1:
+        by_shape.setdefault(shape_class(hidden, tokens), float(out["matmul_tflops"]))
+    if by_shape:
+        out[BY_SHAPE] = by_shape
+    return out
 
 
 # --- the fit --------------------------------------------------------------------------------
@@ -342,6 +426,7 @@ class FittedQuantity:
     runs: int                 # runs that informed it
     fitted: bool
     note: str = ""
+    run_ids: list[str] = field(default_factory=list)     # those runs (a shape class: the runs in it)
 
 
 @dataclass
@@ -351,6 +436,7 @@ class RunRow:
     measured: dict[str, Optional[float]]
     before: dict[str, Optional[float]]
     after: dict[str, Optional[float]]
+    shape_class: str = ""                      # the run's matmul shape class (run_shape_class)
 
 
 @dataclass
@@ -361,6 +447,12 @@ class CalibrationResult:
     fit_runs: list[RecordedRun]
     held_out: list[RecordedRun]
     probes: list[str] = field(default_factory=list)
+
+
+def copy_calibration(cal: CalibrationConfig, **changes: Any) -> CalibrationConfig:
+    """A copy that shares no mapping with ``cal`` (``dataclasses.replace`` alone would share the by-shape dict)."""
+    changes.setdefault(BY_SHAPE, dict(getattr(cal, BY_SHAPE)))
+    return dataclasses.replace(cal, **changes)
 
 
 def with_calibration(job: JobConfig, cal: CalibrationConfig) -> JobConfig:
@@ -403,23 +495,28 @@ def calibrate(runs: Sequence[RecordedRun], cluster: ClusterConfig, *, probes: Se
     held = [r for i, r in enumerate(ordered) if k > 0 and len(ordered) >= MIN_RUNS_FOR_HOLDOUT and (i + 1) % k == 0]
     fit = [r for r in ordered if r not in held]
     old = cluster.calibration
-    cal = dataclasses.replace(old)
+    cal = copy_calibration(old)
     quantities: list[FittedQuantity] = []
-    # probe results replace the fields they measured (mean over probes)
+    # probe results replace the fields they measured (mean over probes; per shape class for the by-shape rates)
     if probes:
-        keys = sorted({k for p in probes for k in p if k != "measured_on"})
+        keys = sorted({k for p in probes for k in p if k not in ("measured_on", BY_SHAPE)})
         for key in keys:
             vals = [float(p[key]) for p in probes if p.get(key) is not None]
             setattr(cal, key, float(np.mean(vals)))
             quantities.append(FittedQuantity(key, getattr(old, key), float(np.mean(vals)), 0, True,
                                              f"mean of {len(vals)} probe(s)"))
-    cal, time_q = _fit_times(fit, cal, c)
+        for cls in sorted({cls for p in probes for cls in (p.get(BY_SHAPE) or {})}):
+            vals = [float(p[BY_SHAPE][cls]) for p in probes if cls in (p.get(BY_SHAPE) or {})]
+            cal.matmul_tflops_by_shape[cls] = float(np.mean(vals))
+            quantities.append(FittedQuantity(f"{BY_SHAPE}.{cls}", old.matmul_tflops_by_shape.get(cls),
+                                             float(np.mean(vals)), 0, True, f"mean of {len(vals)} probe(s)"))
+    cal, time_q = _fit_times_by_shape(fit, held, cal, c)
     cal, mem_q = _fit_memory(fit, cal, c)
     quantities += time_q + mem_q
     cal.measured_on = (f"meshpilot calibrate, {len(fit)} run(s) ({', '.join(r.run_id for r in fit)[:200]}), "
                        f"{time.strftime('%Y-%m-%d', time.gmtime())}")
-    rows = [RunRow(r.run_id, r in held, _row_measured(r), _row_pred(r, old, c), _row_pred(r, cal, c))
-            for r in ordered]
+    rows = [RunRow(r.run_id, r in held, _row_measured(r), _row_pred(r, old, c), _row_pred(r, cal, c),
+                   shape_class=r.shape_class) for r in ordered]
     return CalibrationResult(cluster=dataclasses.replace(cluster, calibration=cal), quantities=quantities, rows=rows,
                              fit_runs=fit, held_out=held, probes=list(probe_names))
 
@@ -435,8 +532,82 @@ def _row_pred(r: RecordedRun, cal: CalibrationConfig, c: SimulatorConstants) -> 
     return dict(step_time_s=p["step_time_s"], device_peak_gib=p["device_peak_gib"], host_node_gib=p["host_node_gib"])
 
 
+def _class_name(cls: str) -> str:
+    return f"{BY_SHAPE}.{cls}"
+
+
+def _class_of(name: str) -> Optional[str]:
+    """The shape class of a per-class quantity name (``BY_SHAPE.<class>``), None for the other quantities."""
+    return name[len(BY_SHAPE) + 1:] if name.startswith(BY_SHAPE + ".") else None
+
+
+def _value(cal: CalibrationConfig, name: str) -> Optional[float]:
+    """The calibration value a time quantity of the fit stands for."""
+    cls = _class_of(name)
+    if cls is not None:
+        return cal.matmul_tflops_by_shape.get(cls)
+    return {"matmul_tflops": cal.matmul_tflops, "busbw": cal.allreduce_busbw_gbs,
+            "cpu_adam_rank_gparams_per_s": cal.cpu_adam_rank_gparams_per_s}[name]
+
+
+def _fit_times_by_shape(fit: Sequence[RecordedRun], held: Sequence[RecordedRun], cal: CalibrationConfig,
+                        c: SimulatorConstants) -> tuple[CalibrationConfig, list[FittedQuantity]]:
+    """The single-rate fit, then the per-class fit where it applies, and a quantity per class saying what
+    became of it (module docstring)."""
+    classes: dict[str, list[str]] = {}
+    for r in fit:
+        classes.setdefault(r.shape_class, []).append(r.run_id)
+    held_only: dict[str, list[str]] = {}
+    for r in held:
+        if r.shape_class not in classes:
+            held_only.setdefault(r.shape_class, []).append(r.run_id)
+    old_by_shape = dict(cal.matmul_tflops_by_shape)
+    # first fit: the single rate x shape factor, from every fit run (no class rate in the way)
+    single, q_single = _fit_times(fit, copy_calibration(cal, matmul_tflops_by_shape={}), c)
+    single.matmul_tflops_by_shape = dict(old_by_shape)
+    per_class = len(classes) > 1 or any(k in old_by_shape for k in classes)
+    out_q = list(q_single)
+    out = single
+    if fit and per_class:
+        out, q_class = _fit_times(fit, single, c, classes=list(classes))
+        by_name = {q.name: q for q in q_single}
+        out_q = [by_name["matmul_tflops"]]
+        if out_q[0].fitted:
+            out_q[0].note = ("the single rate (x shape factor) of the plans outside the fitted shape classes, "
+                             "fitted from every fit run")
+        for q in q_class:
+            cls = _class_of(q.name)
+            if cls is not None:
+                if not q.fitted:
+                    q.note = (q.note.removesuffix("; kept") + f"; {_fallback(cls, old_by_shape)} (fit runs in it: "
+                              f"{', '.join(classes[cls])})")
+                out_q.append(q)
+            elif q.fitted:                     # the per-class fit's bandwidth and CPU Adam factors win
+                q.old = by_name[q.name].old
+                out_q.append(q)
+            else:                              # else those of the single-rate fit (the per-class fit kept them)
+                out_q.append(by_name[q.name])
+    elif fit:
+        (cls, ids), = classes.items()
+        out_q.append(FittedQuantity(_class_name(cls), None, None, len(ids), False,
+                                    "the fit runs are all in this one shape class: matmul_tflops is fitted from them "
+                                    "and applies here with the shape factor (runs in two classes or more fit one "
+                                    "rate per class)", run_ids=ids))
+    for cls, ids in sorted(held_only.items()):
+        out_q.append(FittedQuantity(_class_name(cls), old_by_shape.get(cls), old_by_shape.get(cls), 0, False,
+                                    "only held-out runs are in this class (never used in a fit); "
+                                    + _fallback(cls, old_by_shape), run_ids=ids))
+    return out, out_q
+
+
+def _fallback(cls: str, old_by_shape: Mapping[str, float]) -> str:
+    if cls in old_by_shape:
+        return f"keeps its old rate {old_by_shape[cls]:.4g} TFLOP/s"
+    return "no class rate: its plans use matmul_tflops x shape factor"
+
+
 def _apply(cal: CalibrationConfig, x: np.ndarray, active: Sequence[str], base_bw: dict[str, float]) -> CalibrationConfig:
-    out = dataclasses.replace(cal)
+    out = copy_calibration(cal)
     for name, val in zip(active, x):
         val = float(val)
         if name == "matmul_tflops":
@@ -444,24 +615,35 @@ def _apply(cal: CalibrationConfig, x: np.ndarray, active: Sequence[str], base_bw
         elif name == "busbw":
             for op, f in BUSBW_FIELDS.items():
                 setattr(out, f, base_bw[op] / val)
+        elif _class_of(name) is not None:
+            out.matmul_tflops_by_shape[_class_of(name)] = 1.0 / val
         else:
             out.cpu_adam_rank_gparams_per_s = 1.0 / val
     return out
 
 
-def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig,
-               c: SimulatorConstants) -> tuple[CalibrationConfig, list[FittedQuantity]]:
-    """Gauss-Newton on the relative time errors in x = (1/R, 1/beta, 1/A) (module docstring)."""
+def _class_rate(runs: Sequence[RecordedRun], cls: str, cal: CalibrationConfig, c: SimulatorConstants) -> float:
+    """TFLOP/s the time model gives the first run of class ``cls`` under ``cal`` (a starting point)."""
+    r = next(r for r in runs if r.shape_class == cls)
+    job = with_calibration(r.job, cal)
+    return float(achieved_rate(job, job.model.hidden / r.plan.tp, r.plan.micro_batch * job.train.seq_len, c)) / 1e12
+
+
+def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig, c: SimulatorConstants,
+               classes: Sequence[str] = ()) -> tuple[CalibrationConfig, list[FittedQuantity]]:
+    """Gauss-Newton on the relative time errors in x = (1/R, 1/beta, 1/A) (module docstring); with
+    ``classes``, one 1/R_c per shape class in place of 1/R."""
     q: list[FittedQuantity] = []
+    rate_names = [_class_name(k) for k in classes] if classes else ["matmul_tflops"]
+    names = rate_names + list(TIME_PARAMS[1:])
     if not runs:
-        return cal, [FittedQuantity(n, None, None, 0, False, "no runs in the fit set") for n in TIME_PARAMS]
+        return cal, [FittedQuantity(_label(n), None, None, 0, False, "no runs in the fit set") for n in names]
     eff = _effective(cal, runs[0].job, c)
     base_bw = eff["busbw"]
     adam0 = cal.cpu_adam_rank_gparams_per_s or _model_adam_rate(runs, c)
     x0 = {"matmul_tflops": 1.0 / eff["matmul_tflops"], "busbw": 1.0, "cpu_adam_rank_gparams_per_s": 1.0 / adam0}
-    olds = {"matmul_tflops": cal.matmul_tflops, "busbw": cal.allreduce_busbw_gbs,
-            "cpu_adam_rank_gparams_per_s": cal.cpu_adam_rank_gparams_per_s}
-    names = list(TIME_PARAMS)
+    x0.update({_class_name(k): 1.0 / _class_rate(runs, k, cal, c) for k in classes})
+    olds = {n: _value(cal, n) for n in names}
 
     def f(x: np.ndarray, active: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         cand = _apply(cal, x, active, base_bw)
@@ -476,10 +658,11 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig,
     x = np.array([x0[n] for n in names])
     y, f0, owner = f(x, names)
     if not len(y):
-        return cal, [FittedQuantity(n, olds[n], olds[n], 0, False, "no run has a step time") for n in names]
+        return cal, [FittedQuantity(_label(n), olds[n], olds[n], 0, False, "no run has a step time") for n in names]
     J = _jacobian(lambda xx: f(xx, names)[1], x, f0)
     rel = np.abs(J * x[None, :]) / y[:, None]                   # relative change of each prediction per unit change
-    informing = {n: len({owner[i] for i in np.nonzero(rel[:, j] > _SENSITIVITY)[0]}) for j, n in enumerate(names)}
+    informed_by = {n: sorted({owner[i] for i in np.nonzero(rel[:, j] > _SENSITIVITY)[0]}) for j, n in enumerate(names)}
+    informing = {n: len(v) for n, v in informed_by.items()}
     active = [n for n in names if informing[n] >= MIN_RUNS]
     notes = {n: f"no run depends on it ({_why_none(n)}); kept" for n in names if n not in active}
     # drop quantities that the runs cannot tell apart (dependent columns), the least informative first
@@ -490,8 +673,8 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig,
             break
         weakest = min(active, key=lambda n: float(np.linalg.norm(rel[:, names.index(n)])))
         active.remove(weakest)
-        notes[weakest] = "cannot be told apart from " + ", ".join(active) + " with these runs (add runs that differ " \
-                         "in its share of the step); kept"
+        notes[weakest] = "cannot be told apart from " + ", ".join(_label(n) for n in active) + " with these runs " \
+                         "(add runs that differ in its share of the step); kept"
     xa = np.array([x0[n] for n in active])
     for _ in range(20):
         if not active:
@@ -509,15 +692,19 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig,
             notes[n] = f"the fit gave a non-physical value ({'inf' if v == 0 else 1.0 / v:.4g}); kept"
     out = _apply(cal, np.array([xa[active.index(n)] for n in good]), good, base_bw)
     for n in names:
-        new = {"matmul_tflops": out.matmul_tflops, "busbw": out.allreduce_busbw_gbs,
-               "cpu_adam_rank_gparams_per_s": out.cpu_adam_rank_gparams_per_s}[n]
-        label = "*_busbw_gbs (all four, one factor)" if n == "busbw" else n
-        q.append(FittedQuantity(label, olds[n], float(new) if n in good else olds[n], informing[n], n in good,
-                                notes.get(n, "")))
+        new = _value(out, n)
+        q.append(FittedQuantity(_label(n), olds[n], float(new) if n in good else olds[n], informing[n], n in good,
+                                notes.get(n, ""), run_ids=[runs[i].run_id for i in informed_by[n]]))
     return out, q
 
 
+def _label(name: str) -> str:
+    return "*_busbw_gbs (all four, one factor)" if name == "busbw" else name
+
+
 def _why_none(name: str) -> str:
+    if _class_of(name) is not None:
+        return "every run in this shape class is host-bound or fp32"
     return {"matmul_tflops": "every run is host-bound or fp32",
             "busbw": "no run communicates over intra-node links",
             "cpu_adam_rank_gparams_per_s": "no run offloads the optimizer"}[name]
@@ -604,6 +791,24 @@ def cluster_yaml_text(result: CalibrationResult, command: str) -> str:
     lines.append("# calibration:")
     for qq in result.quantities:
         state = "fitted" if qq.fitted else "kept"
-        lines.append(f"#   {qq.name}: {state} {qq.old} -> {qq.new} ({qq.runs} run(s)){'; ' + qq.note if qq.note else ''}")
+        ids = f": {', '.join(qq.run_ids)}"[:300] if _class_of(qq.name) is not None and qq.run_ids else ""
+        lines.append(f"#   {qq.name}: {state} {qq.old} -> {qq.new} ({qq.runs} run(s){ids})"
+                     f"{'; ' + qq.note if qq.note else ''}")
+    by_shape = result.cluster.calibration.matmul_tflops_by_shape
+    if by_shape or any(_class_of(qq.name) is not None for qq in result.quantities):
+        lines.append(f"# {BY_SHAPE}: TFLOP/s per shape class h<H>_t<T> (hidden / tp in [H, 2H), micro_batch x seq_len "
+                     "in [T, 2T)); plans in no listed class use matmul_tflops x shape factor. Runs per class:")
+        counts: dict[str, list[str]] = {}
+        for r in result.fit_runs:
+            counts.setdefault(r.shape_class, []).append(r.run_id)
+        for cls in sorted(set(by_shape) | set(counts)):
+            rate = f"{by_shape[cls]:.6g} TFLOP/s" if cls in by_shape else "no class rate"
+            fitted = next((qq for qq in result.quantities
+                           if qq.name == _class_name(cls) and qq.fitted and qq.runs), None)
+            source = (f"fitted from {', '.join(fitted.run_ids)}" if fitted is not None
+                      else "not from these runs (probe or earlier calibration)" if cls in by_shape else "")
+            fit_ids = (f"; fit runs in the class: {', '.join(counts[cls])}"
+                       if cls in counts and (fitted is None or fitted.run_ids != counts[cls]) else "")
+            lines.append(f"#   {cls}: {rate}{'; ' + source if source else ''}{fit_ids}"[:400])
     body = yaml.safe_dump(cluster_mapping(result.cluster), sort_keys=False)
     return "\n".join(lines) + "\n" + body

@@ -2,14 +2,16 @@
 
 For each plan the simulator needs what DeepSpeed is configured to do: the reduce bucket (a
 staging buffer), the stage-3 prefetch bucket and live-parameter cap (the gathered window), the
-persistence threshold (which tensors ZeRO-3 fetches), the stage-3 optimizer sub-group (the fp32
-gradient it materialises at a time) and whether communication overlaps compute. They are read with :func:`meshpilot.strategies.deepspeed_config.zero_settings` from
+persistence threshold (which tensors ZeRO-3 fetches), the reuse distance (which gathered tensors
+ZeRO-3 keeps), the stage-3 optimizer sub-group (the fp32 gradient it materialises at a time) and
+whether the reductions run on a side stream (overlap_comm). They are read with :func:`meshpilot.strategies.deepspeed_config.zero_settings` from
 :func:`meshpilot.strategies.deepspeed_config.deepspeed_config` (the builder the worker and
 ``--export-deepspeed`` use, ``train.deepspeed_extra`` merged in), never from constants here.
 
-The builder's ``zero_optimization`` section depends on the plan only through its zero stage and
-its two offload flags, so it is built once per distinct (stage, offload optimizer, offload
-parameters) of the batch (at most 9), from the first plan that has them. Zeroth-order plans run
+The builder's ``zero_optimization`` section depends on the plan only through its zero stage, its
+two offload flags and its comm_overlap, so it is built once per distinct (stage, offload optimizer,
+offload parameters, overlap) of the batch (at most 18), from the first plan that has them; a
+``train.deepspeed_extra`` overlap_comm overrides the plan's, as it does in the worker. Zeroth-order plans run
 no DeepSpeed engine; their entries are 0 (the models do not read them).
 """
 from __future__ import annotations
@@ -33,15 +35,16 @@ class DeepSpeedSettings:
     persistence_threshold: np.ndarray
     sub_group_size: np.ndarray
     overlap_comm: np.ndarray          # bool
+    max_reuse_distance: np.ndarray
 
 
 _FIELDS = ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters", "persistence_threshold",
-           "sub_group_size", "overlap_comm")
+           "sub_group_size", "overlap_comm", "max_reuse_distance")
 
 
 def deepspeed_settings(job: JobConfig, a: PlanArrays) -> DeepSpeedSettings:
     """The settings of every plan of ``a`` (see the module docstring)."""
-    key = np.where(a.zeroth_order, -1, a.zero * 4 + a.off_opt * 2 + a.off_param)
+    key = np.where(a.zeroth_order, -1, a.zero * 8 + a.off_opt * 4 + a.off_param * 2 + a.overlap)
     uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
     per_key = [_settings(job, a, int(i)) if k >= 0 else None for k, i in zip(uniq, first)]
     inv = inv.reshape(-1)

@@ -20,14 +20,38 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
 - stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
   max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, and at the step
   the fp32 gradient of one optimizer sub-group at a time (4·min(P_s, sub_group_size));
-- offload_optimizer=cpu: states and fp32 gradients (K + 4)·P_s in pinned host memory;
-  offload_params=cpu: the w·P_s weight partition in host memory as well.
+- offload_optimizer=cpu / offload_params=cpu: the optimizer states, fp32 gradients and (parameter
+  offload) the w·P_s weight partition move to host memory, in pinned blocks that torch rounds up to
+  powers of two, plus per-parameter accumulation buffers: :func:`host_memory_terms`.
+
+overlap_comm (the plan's ``comm_overlap``; :func:`overlap_comm_terms`). With it on, DeepSpeed issues
+work on side streams, and PyTorch's caching allocator keeps one pool per stream: a block freed by
+one stream's allocation never serves another stream's. What the side streams allocate therefore
+stays reserved beside the compute stream's peak instead of being reused by it (the optimizer
+step's fp32 sub-group, the activations):
+- stages 1-2: a second ``reduce_bucket_size`` bucket (``setup_buckets`` double-buffers so the next
+  bucket fills while the last is reduced; allocated, w·B), and on the ``reduction_stream`` the
+  flattened copy of one bucket that ``allreduce_bucket`` reduces (a pool of w·B);
+- stage 3: on the ``reduce_and_partition_stream`` the interleaved copy of one bucket that
+  ``reduce_scatter_coalesced`` concatenates (w·B; the gradient accumulation dtype is the model's, so
+  the partitions are views); on the all-gather stream every gathered parameter (the coordinator runs
+  ``all_gather_coalesced``, whose flat buffers are allocated, under that stream). That pool grows to
+  the most parameters gathered at once: the window counted above, plus the parameters kept because
+  they are used again within ``stage3_max_reuse_distance`` elements of the trace (at the turn from
+  forward to backward, the last layers of the forward), min(P_r - window, reuse distance) elements.
+  With one data-parallel rank nothing is gathered.
+With it off all of this runs on the compute stream and shares its pool. Measured on 2 x H200
+(llama-2-13b ZeRO-3 dp=2, mb 1x8, checkpointing, bucket 2e8): +3.45 GiB NVML peak with
+overlap_comm, +4.94 GiB with DeepSpeed's defaults (bucket 5e8); this model gives +2.24 and +3.38
+(benchmarks/results/2026-11-29-s2-h200x2/z3knobs, tests/test_comm_overlap.py).
 
 Peak (what NVML reports) = (static + max(activation phase, step phase)) x (1 + fragmentation)
 + model_load_fragmentation x w·P_r + CUDA context + NCCL buffers. ``calibration.device_fixed_gib`` (a
 per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the rest of this model)
 replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
-``cpu_process_gib`` in the host memory of every rank of a node.
+``cpu_process_gib`` in the host memory of every rank of a node. Host memory per node = ranks on the node x
+(process + offloaded buffers + a zeroth-order model built on the host), compared by the simulator with
+``cluster.memory_usage_threshold`` x ``cluster.cpu_memory_gib`` (where Ray's memory monitor kills).
 
 The second allocator term is the hole the model leaves behind when it is transformers' model
 class (``model.implementation: hf``): the model is loaded as separate per-parameter 16-bit
@@ -282,6 +306,22 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     return np.where(zo, 0.0, saved), np.where(zo, zo_working, working)
 
 
+def overlap_comm_terms(mt: ModelTerms, a: PlanArrays, ds: DeepSpeedSettings, w: float, live):
+    """(reduction buckets allocated, side-stream pools reserved) in bytes per rank (module docstring).
+
+    ``live``: the stage-3 gathered window (elements) already counted with the weights.
+    Buckets: w·B at stages 1-3, 2·w·B at stages 1-2 with overlap_comm. Pools, with overlap_comm:
+    w·B at stages 1-2; w·B + w·min(P_r - live, reuse distance) at stage 3 (the second term 0 at dp = 1)."""
+    st = a.zero
+    on = ds.overlap_comm & (st >= 1)
+    B = w * ds.reduce_bucket_size
+    bucket = np.where(st >= 1, B, 0.0) * (1.0 + (on & (st <= 2)))
+    pr = rank_params(mt, a.tp, a.ep, a.dp)[0]
+    kept = np.where(a.dp > 1, np.minimum(ds.max_reuse_distance, np.maximum(pr - live, 0.0)), 0.0)
+    pools = np.where(on, B + np.where(st == 3, w * kept, 0.0), 0.0)
+    return bucket, pools
+
+
 def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
                  ds: DeepSpeedSettings | None = None) -> dict[str, np.ndarray]:
     """Per-rank bytes of every category for all plans in ``a`` (see the module docstring).
@@ -300,7 +340,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * offloaded_window)
     grads = np.select([st <= 1, off_o], [w * pr, 0.0], w * ps)
     opt = np.where(off_o, 0.0, K * np.where(st == 0, pr, ps))
-    bucket = np.where(st >= 1, w * ds.reduce_bucket_size, 0.0)
+    bucket, stream_pools = overlap_comm_terms(mt, a, ds, w, live)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
     # stage 3 steps its partition one sub-group at a time (stage3.py step: _prepare_sub_group flattens
@@ -315,6 +355,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     grads = np.where(is_zo, 0.0, grads)
     opt = np.where(is_zo, 0.0, opt)
     bucket = np.where(is_zo, 0.0, bucket)
+    stream_pools = np.where(is_zo, 0.0, stream_pools)
     step_tmp = np.where(is_zo, 0.0, step_tmp)
     temporary = np.maximum(working, step_tmp - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
@@ -337,20 +378,140 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     fixed = cal.device_fixed_gib if cal.device_fixed_gib is not None else (
         c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib)
     framework = fixed * 2**30 + c.fragmentation * allocated + load_hole
-    # host memory per node: every rank of the node holds its offloaded share; ZO2 ranks of one node
-    # upload in slices, each keeping 1/n of every block's store
-    per_rank_cpu = (np.where(off_o & ~is_zo, (K + fp32_grads) * ps + c.cpu_pinned_buffer_gib * 2**30, 0.0)
-                    + np.where(off_p & ~is_zo, w * ps, 0.0)
-                    + np.where(a.zo2, w * mt.blocks_total / a.zo2_slices + c.cpu_pinned_buffer_gib * 2**30, 0.0))
+    # host memory per node: every rank of the node holds its offloaded share (pinned buffers rounded up to
+    # powers of two, per-parameter accumulation buffers, ZO2 block stores: host_memory_terms); ZO2 ranks of
+    # one node upload in slices, each keeping 1/n of every block's store
+    host = host_memory_terms(mt, job, a, ds, ps, pr, w, K)
+    per_rank_cpu = host["offload"]
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
-    zo_build = np.where(is_zo, w * mt.total, 0.0)
+    zo_build = host["build"]
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
     process = cal.host_process_gib if cal.host_process_gib is not None else c.cpu_process_gib
     cpu_node = ranks_per_node * (per_rank_cpu + zo_build + process * 2**30)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
-                communication_buffers=bucket + nccl, framework_overhead=framework,
+                communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,
                 cpu_offload=ranks_per_node * per_rank_cpu, cpu_node=cpu_node,
-                peak=allocated + nccl + framework,
+                peak=allocated + nccl + framework + stream_pools,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
-                allocated=allocated, reserved=allocated * (1.0 + c.fragmentation) + load_hole)
+                allocated=allocated, reserved=allocated * (1.0 + c.fragmentation) + load_hole + stream_pools)
+
+
+# --- host memory per rank ---------------------------------------------------------------------------
+
+def pow2_ceil(nbytes):
+    """Bytes of a pinned host block for a request of ``nbytes``: torch's CachingHostAllocator
+    (``Tensor.pin_memory()``, ``torch.empty(..., pin_memory=True)``) rounds every request up to the
+    next power of two (ATen/core/CachingHostAllocator.h allocate(): ``PowerOf2Ceil(size)``, unless
+    ``pinned_max_round_threshold`` is set), and cudaHostAlloc makes the whole block resident. 0 stays 0."""
+    x = np.asarray(nbytes, dtype=float)
+    return np.where(x > 0, np.exp2(np.ceil(np.log2(np.maximum(x, 1.0)))), 0.0)
+
+
+def parameter_tensors(m: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(elements, count, tensor-parallel sharded, expert) of each kind of parameter tensor of the
+    built-in model (strategies/layers.py, model.py): llama/mixtral q, k, v, o, gate, up, down and two
+    norms per layer (an MoE layer: a router and 3 tensors per expert instead of the MLP); gpt2/opt q,
+    k, v, o, fc1, fc2 with biases and two LayerNorms; embeddings, final norm and an untied head."""
+    pc = param_counts(m)
+    h, a, f = m.hidden, m.heads, m.ffn
+    kv = m.kv_heads or a
+    d = h // a
+    dense, moe = pc.dense_layers, pc.moe_layers
+    rows: list[tuple[float, float, bool, bool]] = []            # numel, count, sharded, expert
+    if m.arch in (Arch.GPT2, Arch.OPT):
+        L = m.layers
+        rows += [(h * h, 4 * L, True, False), (h, 3 * L, True, False), (h, 5 * L, False, False),
+                 (h * f, 2 * L, True, False), (f, L, True, False),
+                 ((m.max_positions + (2 if m.arch == Arch.OPT else 0)) * h, 1, False, False), (h, 2, False, False)]
+    else:
+        L = m.layers
+        rows += [(h * a * d, 2 * L, True, False), (h * kv * d, 2 * L, True, False), (h, 2 * L, False, False),
+                 (h * f, 3 * dense, True, False), (h, 1, False, False)]
+        if m.qkv_bias:
+            rows += [(a * d, L, True, False), (kv * d, 2 * L, True, False)]
+        if moe:
+            rows += [(h * m.num_experts, moe, False, False), (h * f, 3 * moe * m.num_experts, True, True)]
+    rows += [(m.vocab * h, 1 if m.tie_embeddings else 2, True, False)]
+    n, c, s, e = (np.array(col) for col in zip(*rows))
+    keep = c > 0
+    return n[keep].astype(float), c[keep].astype(float), s[keep].astype(bool), e[keep].astype(bool)
+
+
+def pinned_tensor_bytes(m: ModelConfig, w: float, tp, ep, split, *, pinned: bool = True) -> np.ndarray:
+    """Sum over a rank's parameter tensors of the pinned block of each, ``w`` bytes per element, each
+    tensor split ``split`` ways (1: whole tensors; dp: ZeRO-3 partitions); a rank holds 1/tp of the
+    sharded tensors and 1/ep of the experts. Per plan (arrays ``tp``, ``ep``, ``split``); exact sums
+    (no power-of-two rounding) when ``pinned`` is False. Computed once per distinct (tp, ep, split)."""
+    n, c, s, e = parameter_tensors(m)
+    tp, ep, split = (np.asarray(x, dtype=np.int64) for x in np.broadcast_arrays(tp, ep, split))
+    key = (tp.ravel() << 42) | (ep.ravel() << 21) | split.ravel()          # each below 2^21
+    combos, inverse = np.unique(key, return_inverse=True)
+    out = np.empty(len(combos))
+    for j, k in enumerate(combos):
+        t, x, d = float(k >> 42), float((k >> 21) & (2**21 - 1)), float(k & (2**21 - 1))
+        per_rank = np.ceil(n / np.where(s, t, 1.0) / d)
+        count = c / np.where(e, x, 1.0)
+        out[j] = float(np.sum(count * (pow2_ceil(w * per_rank) if pinned else w * per_rank)))
+    return out[np.ravel(inverse)].reshape(tp.shape)
+
+
+def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeedSettings, ps, pr,
+                      w: float, K: float) -> dict[str, np.ndarray]:
+    """Host bytes per rank that the worker allocates beyond its process (``offload``: what stays for
+    the run; ``build``: the zeroth-order model built on the host). Pinned blocks are rounded up to a
+    power of two (:func:`pow2_ceil`) on GPU clusters; a CPU cluster pins nothing.
+
+    Optimizer offload, ZeRO 1/2 (DeepSpeed 0.19 stage_1_and_2.py, pin_memory on, mixed precision):
+    the fp32 master partition ``pin(4 P_s)``, its 16-bit copy-back buffer ``pin(w P_s)``
+    (param_buffer_of_bit16_for_cpu_offload_groups), the fp32 gradient partition ``pin(4 P_s)``, the
+    Adam moments (K - 4) P_s (DeepSpeedCPUAdam's zeros_like, pageable), the staging buffer of the
+    largest parameter ``pin(w n_max)`` (temp_grad_buffer_for_cpu_offload), and with gradient
+    accumulation (grad_accum > 1) one pinned 16-bit buffer per whole parameter of the partition
+    (accumulated_grads_in_cpu: ``sum_t pin(w n_t) x P_s / P_r``).
+    ZeRO-3 (stage3.py): the fp32 master partition 4 P_s and moments (K - 4) P_s (pageable), one
+    pinned fp32 gradient per optimizer sub-group (``sum_g pin(4 n_g)``, n_g = sub_group_size and the
+    rest), the 16-bit gradient partition ``pin(w P_s)`` (grad_partitions_flat_buffer) and the fp32
+    gradient buffer of the largest sub-group built while the states are initialised (4 min(P_s,
+    sub_group_size)). Parameter offload: the 16-bit partition ``pin(w P_s)`` (the flat CPU buffer)
+    plus the per-parameter partitions zero.Init pinned when the model was built (``sum_t pin(w n_t /
+    dp)``), which torch's host allocator keeps cached after DeepSpeed copies them into the flat buffer.
+    ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
+    stash of every resident parameter (``sum_t pin(w n_t)``: embeddings, head, final norm); every
+    zeroth-order rank first builds the whole model on the host (w P), still alive while ZO2 fills its
+    stores. fp32 training (w = 4) keeps the same buffers with K - 0 states.
+    """
+    m = job.model
+    pinned = job.cluster.accelerator == Accelerator.GPU
+    pin = pow2_ceil if pinned else (lambda x: np.asarray(x, dtype=float))
+    mixed = w == 2.0
+    states = K - (4.0 if mixed else 0.0)                     # moments (and momentum) beyond the fp32 master
+    st, off_o, off_p, is_zo = a.zero, a.offloads_optimizer & ~a.zeroth_order, a.offloads_params & ~a.zeroth_order, \
+        a.zeroth_order
+    n, _, s, _ = parameter_tensors(m)
+    n_max = np.maximum(np.max(n[s]) / a.tp, np.max(n[~s], initial=0.0))         # the largest tensor on a rank
+    need = off_o & (st < 3) & (a.grad_accum > 1)                                 # only where it is used
+    accum = np.zeros(a.n)
+    if need.any():
+        accum[need] = pinned_tensor_bytes(m, w, a.tp[need], a.ep[need], 1, pinned=pinned) * (ps / pr)[need]
+    stage12 = pin(4.0 * ps) + pin(w * ps) + pin(4.0 * ps) + states * ps + pin(w * n_max) + accum
+    sg = np.maximum(np.asarray(ds.sub_group_size, dtype=float), 1.0)
+    full = np.floor(ps / sg)
+    sub_grads = full * pin(4.0 * sg) + pin(4.0 * (ps - full * sg))
+    stage3 = (4.0 + states) * ps + sub_grads + pin(w * ps) + 4.0 * np.minimum(ps, sg)
+    init_parts = np.zeros(a.n)                                # zero.Init's pinned per-parameter partitions
+    if off_p.any():
+        init_parts[off_p] = pinned_tensor_bytes(m, w, a.tp[off_p], a.ep[off_p], a.dp[off_p], pinned=pinned)
+    param_off = pin(w * ps) + init_parts
+    pc = param_counts(m)
+    slices = np.maximum(a.zo2_slices, 1)
+    stores = (pc.dense_layers * pin(w * np.ceil(pc.layer_dense / slices))
+              + pc.moe_layers * pin(w * np.ceil(pc.layer_moe / slices)))
+    resident = [pc.embedding - (m.max_positions + (2 if m.arch == Arch.OPT else 0)) * m.hidden
+                if m.arch in (Arch.GPT2, Arch.OPT) else pc.embedding, pc.head, pc.final_norm]
+    if m.arch in (Arch.GPT2, Arch.OPT):
+        resident.append((m.max_positions + (2 if m.arch == Arch.OPT else 0)) * m.hidden)
+    stash = float(sum(np.sum(pin(w * x)) for x in resident if x > 0))
+    offload = (np.where(off_o, np.where(st == 3, stage3, stage12), 0.0) + np.where(off_p, param_off, 0.0)
+               + np.where(a.zo2, stores + stash, 0.0))
+    return dict(offload=offload, build=np.where(is_zo, w * mt.total, 0.0))

@@ -1,7 +1,13 @@
 """The planner: enumerate every valid plan for a job's cluster, score them all, rank those that fit.
 
 Enumeration. A *structure* is (dp, tp, ep, zero stage, optimizer/parameter offload, sequence
-parallelism) or, for ``train.optimizer: zo-sgd``, (zo mode, pertp, zo dp). Each structure is
+parallelism, DeepSpeed's overlap_comm) or, for ``train.optimizer: zo-sgd``, (zo mode, pertp, zo dp).
+overlap_comm is enumerated both ways at ZeRO >= 1 (at stage 0 it does nothing), unless
+``plan.comm_overlap`` fixes it or ``train.deepspeed_extra`` sets ``zero_optimization.overlap_comm``
+(which the worker would run whatever the plan says): then only that value. With overlap the
+simulator charges the side streams' memory and credits the reductions it hides, so ``plan: auto``
+takes it where it fits and is faster, and the lean setting where memory is tight; where it gains
+nothing the overlapping row is not ranked at all (:func:`dominated_overlap`). Each structure is
 validated once with :meth:`Plan.check` (the same rules the executor applies); the micro-batch
 sizes dividing ``global_batch / dp`` and the activation-checkpointing choices are then
 expanded without further checks, since they cannot make a valid structure invalid. All
@@ -124,9 +130,18 @@ def _fixed(pc_value, options):
     return [pc_value] if pc_value is not None else list(options)
 
 
+def _overlap_options(extra) -> tuple[bool, ...]:
+    """overlap_comm values worth scoring at ZeRO >= 1: both, or the one ``train.deepspeed_extra`` forces."""
+    z = (extra or {}).get("zero_optimization") or {}
+    forced = z.get("overlap_comm") if hasattr(z, "get") else None
+    return (False, True) if forced is None else (bool(forced),)
+
+
 def _structures(job: JobConfig, constrain: bool):
-    """Yield (a plan of the structure, its data-parallel degree) for every candidate structure; the
-    plan's micro-batch and accumulation are placeholders (1, 1) that :func:`enumerate_plans` sets."""
+    """Yield (a plan of the structure, its data-parallel degree, the comm_overlap values to expand) for
+    every candidate structure; the plan's micro-batch and accumulation are placeholders (1, 1) that
+    :func:`enumerate_plans` sets, its comm_overlap the first of those values (the only one that can make
+    it invalid: a fixed ``plan.comm_overlap=true`` at stage 0)."""
     c, t, m = job.cluster, job.train, job.model
     pc = job.plan if constrain else None
     G = c.nodes * c.gpus_per_node
@@ -138,9 +153,11 @@ def _structures(job: JobConfig, constrain: bool):
         for mode, pertp in itertools.product(modes, _fixed(pc.zo.pertp if pc else None, ZO_PERTP)):
             for zdp in _fixed(pc.zo.dp if pc else None, [d for d in _divisors(gb) if d * pertp <= G]):
                 if pertp * zdp in worlds:
-                    yield Plan(zo_mode=mode, zo_pertp=pertp, zo_dp=zdp), zdp
+                    yield Plan(zo_mode=mode, zo_pertp=pertp, zo_dp=zdp, comm_overlap=bool(pc and pc.comm_overlap)), \
+                        zdp, (bool(pc and pc.comm_overlap),)
         return
     offload_opts = tuple(Offload) if t.optimizer == Optimizer.ADAMW else (Offload.NONE,)
+    overlaps = _overlap_options(t.deepspeed_extra)
     for tp in _fixed(get("tp"), _divisors(c.gpus_per_node)):
         for dp in _fixed(get("dp"), [d for d in _divisors(gb) if d * tp <= G and d * tp in worlds]):
             eps = [e for e in _divisors(m.num_experts) if dp % e == 0] if m.num_experts else [1]
@@ -152,8 +169,9 @@ def _structures(job: JobConfig, constrain: bool):
                     for oo in _fixed(get("offload_optimizer"), oos):
                         for op in _fixed(get("offload_params"), tuple(Offload) if zero == 3 else (Offload.NONE,)):
                             for sp in _fixed(get("sequence_parallel"), (False, True) if tp > 1 else (False,)):
+                                ovs = tuple(_fixed(get("comm_overlap"), overlaps if zero >= 1 else (False,)))
                                 yield Plan(dp=dp, tp=tp, ep=ep, zero_stage=zero, offload_optimizer=oo,
-                                           offload_params=op, sequence_parallel=sp), dp
+                                           offload_params=op, sequence_parallel=sp, comm_overlap=ovs[0]), dp, ovs
 
 
 def enumerate_plans(job: JobConfig, *, constrain: bool = True) -> tuple[PlanArrays, dict[str, int], int]:
@@ -165,12 +183,12 @@ def enumerate_plans(job: JobConfig, *, constrain: bool = True) -> tuple[PlanArra
     pc = job.plan if constrain else None
     ac_opts = ([pc.activation_checkpointing != Checkpointing.NONE] if (pc and pc.activation_checkpointing)
                else [False, True])
-    for structure, dpn in _structures(job, constrain):
+    for structure, dpn, overlaps in _structures(job, constrain):
         mbs = _divisors(t.global_batch // dpn)
         if pc is not None and pc.micro_batch is not None:
             mbs = [mb for mb in mbs if mb == pc.micro_batch]
         acs = [False] if structure.zeroth_order else ac_opts
-        n = len(mbs) * len(acs)
+        n = len(mbs) * len(acs) * len(overlaps)
         enumerated += n
         if not n:
             continue
@@ -182,8 +200,25 @@ def enumerate_plans(job: JobConfig, *, constrain: bool = True) -> tuple[PlanArra
             key = f"{e.key}: {e.reason or e}"
             invalid[key] = invalid.get(key, 0) + n
             continue
-        rows.append_variants(probe, batches, acs)
+        rows.append_variants(probe, batches, acs, overlaps)
     return rows.build(job.cluster.gpus_per_node), invalid, enumerated
+
+
+def dominated_overlap(arrays: PlanArrays, scores: Scores) -> np.ndarray:
+    """Rows with comm_overlap whose lean twin (the row before, equal in every other field, as
+    :func:`enumerate_plans` appends them) is at least as fast with no more memory: overlap_comm hides
+    nothing there, so the row is not ranked (it would only repeat its twin, costlier)."""
+    out = np.zeros(arrays.n, dtype=bool)
+    if arrays.n < 2:
+        return out
+    twin = arrays.overlap[1:].astype(bool) & ~arrays.overlap[:-1].astype(bool)
+    for k in arrays.FIELDS:
+        if k != "overlap":
+            col = getattr(arrays, k)
+            twin &= col[1:] == col[:-1]
+    st, peak = scores.step_time_s, scores.peak_gib
+    out[1:] = twin & (st[1:] >= st[:-1]) & (peak[1:] >= peak[:-1])
+    return out
 
 
 def rank_order(scores: Scores, arrays: PlanArrays, idx: np.ndarray, objective: str) -> np.ndarray:
@@ -218,8 +253,10 @@ def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0
     arrays, invalid, enumerated = enumerate_plans(job, constrain=job.plan.auto)
     bands = load_error_bands()
     scores = evaluate(job, arrays, constants, headroom=headroom, terms=model_terms(job.model), bands=bands)
-    ranked = np.concatenate([rank_order(scores, arrays, np.flatnonzero(scores.fits_margin & scores.fits), objective),
-                             rank_order(scores, arrays, np.flatnonzero(scores.risky), objective)])
+    keep = ~dominated_overlap(arrays, scores)
+    ranked = np.concatenate([rank_order(scores, arrays, np.flatnonzero(scores.fits_margin & scores.fits & keep),
+                                        objective),
+                             rank_order(scores, arrays, np.flatnonzero(scores.risky & keep), objective)])
     rejected = [RejectedGroup(reason=k, count=n) for k, n in sorted(invalid.items(), key=lambda kv: -kv[1])]
     for reason, mask in (("gpu_memory", ~scores.fits_gpu), ("cpu_memory", scores.fits_gpu & ~scores.fits_cpu)):
         idx = np.flatnonzero(mask)

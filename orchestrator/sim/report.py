@@ -32,7 +32,7 @@ def estimate_tables(est: Estimate, title: str | None = None) -> list[Table]:
     if est.regime:
         head.add_row("measured error band", f"+{est.memory_band:.0%} ({est.regime.replace('_', ' ')}): up to "
                                             f"{est.peak_memory_gib * (1 + est.memory_band):.2f} GiB")
-    head.add_row("host memory per node", f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.0f}")
+    head.add_row("host memory per node", f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.0f} usable")
     head.add_row("step time", f"{est.step_time_s:.4g} s")
     head.add_row("tokens/s", f"{est.tokens_per_s:,.0f}")
     head.add_row("MFU", f"{est.mfu:.1%}")
@@ -57,10 +57,11 @@ def top_table(result) -> Table:
     t = Table(title=f"top plans by {result.objective} ({len(result.ranked)} of {result.scored} scored plans fit, "
                     f"{result.elapsed_s:.2f} s)")
     for col, just in (("#", "right"), ("plan", "left"), ("GPUs", "right"), ("peak GiB", "right"),
-                      ("step s", "right"), ("tokens/s", "right"), ("MFU", "right"), ("margin", "left")):
+                      ("host GiB/node", "right"), ("step s", "right"), ("tokens/s", "right"), ("MFU", "right"), ("margin", "left")):
         t.add_column(col, justify=just)
     for i, e in enumerate(result.top, 1):
-        t.add_row(str(i), e.plan, str(e.world_size), f"{e.peak_memory_gib:.1f}", f"{e.step_time_s:.3g}",
+        t.add_row(str(i), e.plan, str(e.world_size), f"{e.peak_memory_gib:.1f}", f"{e.cpu_memory_gib_per_node:.1f}",
+                  f"{e.step_time_s:.3g}",
                   f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
                   f"+{e.memory_band:.0%}" if e.fits_with_margin else f"[yellow]risky (+{e.memory_band:.0%})[/]")
     return t
@@ -152,7 +153,7 @@ def write_report(result, path: str | Path) -> Path:
     if png is None:
         return path
     rows = "".join(f"<tr><td>{i}</td><td>{html.escape(e.plan)}</td><td>{e.world_size}</td>"
-                   f"<td>{e.peak_memory_gib:.1f}</td><td>{e.step_time_s:.3g}</td><td>{e.tokens_per_s:,.0f}</td>"
+                   f"<td>{e.peak_memory_gib:.1f}</td><td>{e.cpu_memory_gib_per_node:.1f}</td><td>{e.step_time_s:.3g}</td><td>{e.tokens_per_s:,.0f}</td>"
                    f"<td>{e.mfu:.1%}</td></tr>" for i, e in enumerate(result.top, 1))
     rej = "".join(f"<li>{html.escape(line)}</li>" for line in result.rejected_lines())
     return _html_page(
@@ -160,7 +161,7 @@ def write_report(result, path: str | Path) -> Path:
         f"<h1>meshpilot plan: {html.escape(result.job.model.name)} on {html.escape(result.job.cluster.name)}</h1>"
         f"<p>objective {result.objective}, headroom {result.headroom:.0%}, {result.scored} plans scored, "
         f"{len(result.ranked)} fit.</p><table border='1' cellpadding='3'><tr><th>#</th><th>plan</th><th>GPUs</th>"
-        f"<th>peak GiB</th><th>step s</th><th>tokens/s</th><th>MFU</th></tr>{rows}</table>"
+        f"<th>peak GiB</th><th>host GiB/node</th><th>step s</th><th>tokens/s</th><th>MFU</th></tr>{rows}</table>"
         f"<h2>rejected</h2><ul>{rej}</ul>", png, "report")
 
 

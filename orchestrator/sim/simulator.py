@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshpilot.orchestrator.config.schema import JobConfig, Optimizer
+from meshpilot.orchestrator.config.schema import ClusterConfig, JobConfig, Optimizer
 from meshpilot.orchestrator.plan import text
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
@@ -54,6 +54,12 @@ class Scores:
         return self.fits & ~self.fits_margin
 
 
+def host_usable_gib(cluster: ClusterConfig) -> float:
+    """Host memory a node's processes may use (GiB): ``memory_usage_threshold`` x ``cpu_memory_gib``, where
+    Ray's memory monitor starts killing workers."""
+    return float(cluster.cpu_memory_gib) * float(cluster.memory_usage_threshold)
+
+
 def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants | None = None, *,
              headroom: float = 0.0, terms: ModelTerms | None = None, bands: ErrorBands | None = None) -> Scores:
     """Score every plan of ``arrays`` (no validity checks: that is Plan.check's job).
@@ -73,7 +79,8 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     useful = np.where(arrays.zeroth_order, ZEROTH_ORDER_PASSES, BACKPROP_PASSES) * fpt * tokens   # sim.flops' rule
     peak_gib = mem["peak"] / GIB
     cpu_gib = mem["cpu_node"] / GIB
-    gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), cl.cpu_memory_gib * (1.0 - headroom)
+    # the host's usable memory: Ray's memory monitor kills a worker above memory_usage_threshold x the node's memory
+    gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), host_usable_gib(cl) * (1.0 - headroom)
     regime = regime_codes(arrays)
     band = (bands or load_error_bands()).band_of(regime)
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
@@ -169,8 +176,10 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                        + (f" (with {headroom:.0%} headroom)" if headroom else "")
                        + ("; try " + " or ".join(tips[:3]) if tips else ""))
     if not scores.fits_cpu[i]:
-        reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {cl.cpu_memory_gib * (1 - headroom):.1f} "
-                       "available; lower the offload (plan.offload_params=none) or use more nodes")
+        reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {host_usable_gib(cl) * (1 - headroom):.1f} "
+                       f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's memory_usage_threshold); "
+                       "lower the offload (plan.offload_params=none), accumulate fewer micro-batches (a larger plan.micro_batch) "
+                       "or use more nodes")
     band = float(scores.band[i])
     regime = REGIMES[int(scores.regime[i])]
     notes = []
@@ -180,7 +189,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     return Estimate(plan=text.describe(plan), plan_config=plan.to_config(), world_size=plan.world_size,
                     fits=bool(scores.fits_gpu[i] and scores.fits_cpu[i]), peak_memory_gib=peak,
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
-                    cpu_memory_available_gib=float(cl.cpu_memory_gib), step_time_s=float(scores.step_time_s[i]),
+                    cpu_memory_available_gib=host_usable_gib(cl), step_time_s=float(scores.step_time_s[i]),
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
                     memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes,
                     regime=regime, memory_band=band, fits_with_margin=bool(scores.fits_margin[i]))

@@ -8,7 +8,10 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   b s V/t logits (``loss_bytes_per_logit``, half in forward, half in backward). The achieved rate is
   ``calibration.matmul_tflops`` or datasheet x ``matmul_efficiency``, scaled by a shape factor
   x/(x + x_half) for the per-shard hidden size and the tokens per micro-batch (normalised at
-  hidden 4096 and 4096 tokens, where the efficiency constants are defined).
+  hidden 4096 and 4096 tokens, where the efficiency constants are defined). A plan whose shape class
+  (:func:`meshpilot.orchestrator.config.schema.shape_class`: per-shard hidden size and tokens per
+  micro-batch, each rounded down to a power of two) is in ``calibration.matmul_tflops_by_shape`` computes
+  at that class's rate instead, without shape factor (fp32 plans excepted: datasheet x efficiency).
 - host (CPU) time: eager PyTorch launches kernels asynchronously, so a micro-batch takes
   max(GPU time, host time), where host time = L x ``layer_overhead_s`` x (1 + recompute +
   ``backward_host_factor``) + parameter tensors x ``grad_hook_s`` (DeepSpeed's per-tensor gradient
@@ -29,10 +32,26 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   once per step; stage 2 reduce-scatters them every micro-batch and all-gathers the updated
   16-bit parameters once per step; stage 3 all-gathers parameters in forward and backward (and
   again for recomputation) and reduce-scatters gradients every micro-batch. Expert parameters
-  go over the expert-data-parallel group. Only the part not hidden behind compute is counted:
-  where the plan's DeepSpeed config turns overlap_comm on, ``overlap_comm_fraction`` of the last
-  backward hides the reductions and, at stage 3, of forward + recompute + half the backward the
-  all-gathers; with it off (meshpilot's config at every stage) all of it is exposed.
+  go over the expert-data-parallel group. Only the part not hidden is counted, by which stream
+  each collective runs on in DeepSpeed 0.19 (the plan's ``comm_overlap``, read from the config):
+  * reductions with overlap_comm off run on the compute stream (stage 3's
+    ``reduce_and_partition_stream`` *is* the default stream then, and the reduce-scatter is a
+    synchronous collective): in stream order with the backward, so they hide only in the time the
+    GPU would sit idle waiting for the host in that backward (the host-bound stretch of the
+    backward, and at stage 3 the backward's share of the fetch/release host time). Stage 1 (and
+    stage 0, the engine's all-reduce) reduces after the last backward: exposed;
+  * with overlap_comm on they run on a side stream beside the backward of every micro-batch
+    (stage 1: of the last one): hidden by that idle time plus ``overlap_comm_fraction`` of the
+    backward's GPU time;
+  * stage-3 all-gathers are asynchronous NCCL collectives (``_dist_allgather_fn``, async_op=True):
+    they run on the process group's own stream whatever overlap_comm says, and the coordinator
+    prefetches the next ``stage3_prefetch_bucket_size`` elements of the recorded trace, so the
+    compute stream waits only for what has not arrived. With prefetching (bucket > 0) they hide
+    behind ``overlap_comm_fraction`` of forward + recompute + half the backward in both settings;
+    overlap_comm changes only the stream they are launched from. Without prefetching every module
+    waits for its own gather: exposed.
+  So on a host-bound ZeRO-3 step the reduce-scatters fill idle GPU time with overlap_comm off too,
+  and overlap_comm buys little (llama-2-13b, 2 x H200, measured 0.7% faster).
 - expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
   b s k c h values (k = top_k, c = capacity factor) in the ep group.
 - offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
@@ -58,7 +77,7 @@ import numpy as np
 from meshpilot.comm.cost_model import LinkRates, collective_time
 
 from meshpilot.orchestrator.config.clusters import threads_per_rank
-from meshpilot.orchestrator.config.schema import JobConfig, Precision
+from meshpilot.orchestrator.config.schema import JobConfig, Precision, parse_shape_class
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
 from meshpilot.orchestrator.sim.estimate import SimulatorConstants
@@ -67,7 +86,24 @@ from meshpilot.orchestrator.sim.memory import ModelTerms, fetched_tensors, preci
 
 
 def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
-    """Achieved matrix FLOP/s per GPU for the given per-shard hidden size and tokens per micro-batch."""
+    """Achieved matrix FLOP/s per GPU for the given per-shard hidden size and tokens per micro-batch: the
+    rate of their shape class in ``calibration.matmul_tflops_by_shape`` where listed, else
+    (``matmul_tflops`` or datasheet x efficiency) x shape factor."""
+    rate = _shape_factor_rate(job, hidden_shard, tokens, c)
+    by_shape = job.cluster.calibration.matmul_tflops_by_shape
+    if not by_shape or job.train.precision == Precision.FP32:
+        return rate
+    # the class bounds 2^floor(log2 x), exactly: x = m 2^e with 0.5 <= m < 1
+    h_lo = np.ldexp(1.0, np.frexp(np.asarray(hidden_shard, dtype=float))[1] - 1)
+    t_lo = np.ldexp(1.0, np.frexp(np.asarray(tokens, dtype=float))[1] - 1)
+    for key, tflops in by_shape.items():
+        h, t = parse_shape_class(key)
+        rate = np.where((h_lo == h) & (t_lo == t), float(tflops) * 1e12, rate)
+    return rate
+
+
+def _shape_factor_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
+    """(``matmul_tflops`` or datasheet x efficiency) x the shape factor (module docstring)."""
     cl = job.cluster
     cal = cl.calibration.matmul_tflops
     if job.train.precision == Precision.FP32:
@@ -81,6 +117,24 @@ def achieved_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstants):
     shape = (hidden_shard / (hidden_shard + xh)) / (4096.0 / (4096.0 + xh))
     shape = shape * (tokens / (tokens + xt)) / (4096.0 / (4096.0 + xt))
     return peak * np.minimum(shape, 1.0)
+
+
+def dp_communication(ds: DeepSpeedSettings, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
+                     gather_cover, fraction: float):
+    """(exposed data-parallel reductions + stage-2 parameter all-gather, exposed stage-3 all-gathers) per step.
+
+    Per micro-batch: ``gpu_b`` the backward's GPU time, ``stretch`` its host-bound stretch, ``z3_host`` the
+    ZeRO-3 fetch/release host time of all passes; per step: ``gather_cover`` the compute that prefetched
+    all-gathers hide behind; ``fraction`` is ``overlap_comm_fraction``. See the module docstring."""
+    idle_bwd = gpu_b * (stretch - 1.0) + np.where(st == 3, z3_host / (2.0 + ac), 0.0)   # GPU waits for the host
+    side = ds.overlap_comm & (st >= 1)
+    hidden = idle_bwd + np.where(side, fraction * gpu_b, 0.0)
+    per_mb = ga * np.maximum(grad_rs - hidden, 0.0)                  # stages 2-3: every micro-batch
+    stage1 = np.where(side, np.maximum(grad_ar - hidden, 0.0), grad_ar)   # the last micro-batch, or after it
+    dp_exposed = np.select([st == 0, st == 1, st == 2], [grad_ar, stage1, per_mb + param_ag], per_mb)
+    gathers = ga * (2.0 + ac) * param_ag
+    gathers = np.where(ds.prefetch_bucket_size > 0, np.maximum(gathers - fraction * gather_cover, 0.0), gathers)
+    return dp_exposed, np.where(st == 3, gathers, 0.0)
 
 
 def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
@@ -139,12 +193,8 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     grad_ar = coll("all_reduce", w * pn, w * pe)
     grad_rs = coll("reduce_scatter", w * pn, w * pe)
     param_ag = coll("all_gather", w * pn, w * pe)
-    dp_total = np.select([st <= 1, st == 2], [grad_ar, ga * grad_rs + param_ag], ga * grad_rs)
-    last_bwd = backward / np.maximum(ga, 1)
-    overlap = ds.overlap_comm * c.overlap_comm_fraction
-    dp_exposed = np.maximum(dp_total - overlap * last_bwd, 0.0)
-    gathers = np.where(st == 3, ga * (2.0 + ac) * param_ag, 0.0)
-    gathers = np.maximum(gathers - overlap * (forward + recompute + backward * 0.5), 0.0)
+    dp_exposed, gathers = dp_communication(ds, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
+                                           forward + recompute + 0.5 * backward, c.overlap_comm_fraction)
     gathers = np.where(st == 3, gathers + z3_host_step, 0.0)
     # expert parallel
     a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,

@@ -1,5 +1,5 @@
 """Memory peaks of one rank: NVML's device-level peak sampled through the run, torch's allocator
-peaks and the process's peak resident set.
+peaks, and the host memory that decides whether the node runs out of memory.
 
 The simulator predicts device memory as NVML reports it (every allocation on the device: the
 caching allocator's segments, the CUDA context, NCCL and cuBLAS workspaces), which
@@ -9,8 +9,24 @@ seconds and keeps the maximum; it also reads once when it starts and once when i
 run shorter than one interval is still covered. A peak that lasts less than one interval may
 be missed. NVML's ``used`` counts every process on the device, not only this rank.
 
-Where NVML is not available (CPU runs, no driver, no ``pynvml``) the sampler does nothing and
-reports None. Communication: none (each rank samples its own device).
+Host memory, read by the same thread (:meth:`PeakSampler.for_rank`):
+
+- ``host``: this process's RssAnon + RssShmem (``/proc/self/status``): its anonymous pages
+  (heap, pageable tensors) and shared-memory pages (CUDA's pinned host buffers, cudaHostAlloc,
+  are accounted as RssShmem). File-backed pages (RssFile: the mmapped safetensors of a checkpoint,
+  shared libraries) are left out: they are page cache, which the kernel reclaims before it kills
+  anything. ``ru_maxrss`` (``host_rss``) counts them, and stays as a secondary field;
+- ``node_used``: the node's MemTotal - MemAvailable (``/proc/meminfo``), what Ray's memory
+  monitor compares with ``memory_usage_threshold`` x MemTotal (0.95 by default, checked every
+  ``memory_monitor_refresh_ms`` = 250 ms; ray/src/ray/common/monitors/memory_monitor_utils.cc
+  GetLinuxMemoryBytes; inside a cgroup with a lower limit Ray compares the cgroup's usage without
+  file pages with that limit instead, which this reading does not see). The value at the
+  sampler's start (after the process group is formed, before the engine is built) is kept as
+  the baseline: the node's peak minus it is what the job added.
+
+Where NVML is not available (CPU runs, no driver, no ``pynvml``) the device reading is None;
+the host readings work wherever ``/proc`` does (Linux). Communication: none (each rank samples
+its own device and process; every rank of a node reads the same node counters).
 """
 from __future__ import annotations
 
@@ -19,7 +35,7 @@ import os
 import resource
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -96,32 +112,48 @@ def nvml_used_bytes(device: torch.device) -> int | None:
 # --- the sampler -----------------------------------------------------------------------------------
 
 class PeakSampler:
-    """The maximum of ``read()`` over the time between :meth:`start` and :meth:`stop`.
+    """The maximum of ``read()`` over the time between :meth:`start` and :meth:`stop`, and of each
+    reading of ``also`` (name -> read) alongside, in the same thread.
 
-    ``read`` returns bytes (or None for "no value"); None as ``read`` disables the sampler. A
-    ``read`` that raises ends the sampling (logged once), keeping the peak seen so far.
-    ``close`` (optional) is called once after the last read.
+    Every read returns bytes (or None for "no value"); None as ``read`` leaves the primary reading
+    out (the sampler is disabled when there is nothing to read). A read that raises is dropped
+    (logged once) keeping the peak seen so far; the thread ends when no read is left.
+    ``close`` (optional) is called once after the last read. :attr:`first` holds each reading's
+    first value (its value at :meth:`start`), :attr:`peaks` each reading's peak.
     """
 
+    PRIMARY = "primary"
+
     def __init__(self, read: ReadBytes | None, *, interval_s: float = INTERVAL_S,
-                 close: Callable[[], None] | None = None, name: str = "memory-peak-sampler"):
-        self._read, self._close, self.interval_s, self.name = read, close, float(interval_s), name
+                 close: Callable[[], None] | None = None, name: str = "memory-peak-sampler",
+                 also: Mapping[str, ReadBytes] | None = None):
+        self._reads: dict[str, ReadBytes] = {} if read is None else {self.PRIMARY: read}
+        self._reads.update(also or {})
+        self._close, self.interval_s, self.name = close, float(interval_s), name
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
-        self._peak: int | None = None
+        self.peaks: dict[str, int | None] = {k: None for k in self._reads}
+        self.first: dict[str, int | None] = {k: None for k in self._reads}
         self.samples = 0
 
     @classmethod
-    def for_device(cls, device: torch.device, *, interval_s: float = INTERVAL_S) -> "PeakSampler":
-        """NVML's ``used`` bytes of ``device``; a disabled sampler where NVML is not available."""
+    def for_device(cls, device: torch.device, *, interval_s: float = INTERVAL_S,
+                   also: Mapping[str, ReadBytes] | None = None) -> "PeakSampler":
+        """NVML's ``used`` bytes of ``device`` (left out where NVML is not available) and ``also``."""
         nv = NvmlDevice.open(device)
         if nv is None:
-            return cls(None, interval_s=interval_s)
-        return cls(nv.used_bytes, interval_s=interval_s, close=nv.close)
+            return cls(None, interval_s=interval_s, also=also)
+        return cls(nv.used_bytes, interval_s=interval_s, close=nv.close, also=also)
+
+    @classmethod
+    def for_rank(cls, device: torch.device, *, interval_s: float = INTERVAL_S) -> "PeakSampler":
+        """What a training rank samples: NVML's ``used`` of its device, this process's
+        RssAnon + RssShmem (``host``) and the node's MemTotal - MemAvailable (``node_used``)."""
+        return cls.for_device(device, interval_s=interval_s, also=host_readers())
 
     @property
     def enabled(self) -> bool:
-        return self._read is not None
+        return bool(self._reads)
 
     @property
     def running(self) -> bool:
@@ -129,16 +161,17 @@ class PeakSampler:
 
     @property
     def peak_bytes(self) -> int | None:
-        return self._peak
+        """The primary reading's peak (NVML for :meth:`for_device`)."""
+        return self.peaks.get(self.PRIMARY)
 
     def start(self) -> "PeakSampler":
-        if self._read is not None and self._thread is None:
+        if self._reads and self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
         return self
 
     def stop(self) -> int | None:
-        """Stop the thread, take a last reading; the peak in bytes (None: nothing was read)."""
+        """Stop the thread, take a last reading; the primary peak in bytes (None: nothing was read)."""
         if self._thread is not None:
             self._halt.set()
             self._thread.join()
@@ -147,8 +180,8 @@ class PeakSampler:
         if self._close is not None:
             self._close()
             self._close = None
-        self._read = None
-        return self._peak
+        self._reads = {}
+        return self.peak_bytes
 
     def __enter__(self) -> "PeakSampler":
         return self.start()
@@ -161,19 +194,76 @@ class PeakSampler:
             pass
 
     def _sample(self) -> bool:
-        read = self._read
-        if read is None:
+        reads = dict(self._reads)
+        if not reads:
             return False
-        try:
-            value = read()
-        except Exception as e:                  # the device went away, NVML failed: keep what we have
-            log.warning("memory peak sampling stopped: %s", e)
-            self._read = None
-            return False
+        for key, read in reads.items():
+            try:
+                value = read()
+            except Exception as e:              # the device went away, NVML failed: keep what we have
+                log.warning("memory peak sampling of %s stopped: %s", key, e)
+                self._reads.pop(key, None)
+                continue
+            if value is None:
+                continue
+            if self.first[key] is None:
+                self.first[key] = int(value)
+            if self.peaks[key] is None or value > self.peaks[key]:
+                self.peaks[key] = int(value)
         self.samples += 1
-        if value is not None and (self._peak is None or value > self._peak):
-            self._peak = int(value)
-        return True
+        return bool(self._reads)
+
+
+# --- host memory: this process and the node ---------------------------------------------------------
+
+def read_kib_fields(path: str, fields: Sequence[str]) -> dict[str, int]:
+    """``{field: bytes}`` of the ``Name:  N kB`` lines of a /proc file (status, meminfo) named in
+    ``fields``; a field missing from the file is missing from the result."""
+    wanted, out = set(fields), {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in wanted:
+                parts = rest.split()
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return out
+
+
+def process_host_bytes(path: str = "/proc/self/status") -> int | None:
+    """RssAnon + RssShmem of this process in bytes (the resident memory that is not page cache);
+    None where the file or the fields are missing (not Linux)."""
+    try:
+        v = read_kib_fields(path, ("RssAnon", "RssShmem"))
+    except OSError:
+        return None
+    return v["RssAnon"] + v["RssShmem"] if "RssAnon" in v and "RssShmem" in v else None
+
+
+def node_memory_bytes(path: str = "/proc/meminfo") -> tuple[int, int] | None:
+    """(MemTotal, MemTotal - MemAvailable) of this node in bytes; None where unavailable."""
+    try:
+        v = read_kib_fields(path, ("MemTotal", "MemAvailable"))
+    except OSError:
+        return None
+    if "MemTotal" not in v or "MemAvailable" not in v:
+        return None
+    return v["MemTotal"], v["MemTotal"] - v["MemAvailable"]
+
+
+def node_used_bytes(path: str = "/proc/meminfo") -> int | None:
+    """MemTotal - MemAvailable of this node (what Ray's memory monitor calls used), bytes."""
+    m = node_memory_bytes(path)
+    return None if m is None else m[1]
+
+
+def host_readers() -> dict[str, ReadBytes]:
+    """The host readings a rank samples, by name (``host``, ``node_used``); empty without /proc."""
+    out: dict[str, ReadBytes] = {}
+    if process_host_bytes() is not None:
+        out["host"] = process_host_bytes
+    if node_memory_bytes() is not None:
+        out["node_used"] = node_used_bytes
+    return out
 
 
 # --- the result's peaks ---------------------------------------------------------------------------
@@ -199,3 +289,19 @@ def memory_peaks_gib(device: torch.device, nvml_peak_bytes: int | None) -> dict[
         return None if b is None else b / GIB
     return {"nvml": gib(nvml_peak_bytes), "allocated": gib(allocated), "reserved": gib(reserved),
             "host_rss": gib(host_rss_peak_bytes())}
+
+
+def host_memory_gib(sampler: PeakSampler) -> dict[str, float | None]:
+    """This rank's host readings in GiB (None where unavailable): ``host`` the peak of its
+    RssAnon + RssShmem and ``host_start`` its value when the sampler started; ``node_used_peak`` and
+    ``node_used_start`` the node's MemTotal - MemAvailable at its peak and at the start;
+    ``node_total`` MemTotal. The node's values are the same counters on every rank of a node:
+    the node's measured host memory is combined from them across its ranks
+    (:func:`meshpilot.orchestrator.sim.calibration.measured_from_results`)."""
+    def gib(b: int | None) -> float | None:
+        return None if b is None else b / GIB
+    total = node_memory_bytes()
+    return {"host": gib(sampler.peaks.get("host")), "host_start": gib(sampler.first.get("host")),
+            "node_used_peak": gib(sampler.peaks.get("node_used")),
+            "node_used_start": gib(sampler.first.get("node_used")),
+            "node_total": gib(None if total is None else total[0])}

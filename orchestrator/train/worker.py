@@ -40,7 +40,7 @@ from meshpilot.orchestrator.train.engine import ModelFactory, RunContext, Startu
 from meshpilot.orchestrator.train.engine_deepspeed import build_deepspeed_engine
 from meshpilot.orchestrator.train.engine_zo import build_zo_engine
 from meshpilot.orchestrator.train.loop import train
-from meshpilot.orchestrator.train.memory_peaks import PeakSampler, memory_peaks_gib
+from meshpilot.orchestrator.train.memory_peaks import PeakSampler, host_memory_gib, memory_peaks_gib
 from meshpilot.orchestrator.train.metrics import PhaseTimer
 from meshpilot.orchestrator.train.preemption import StopRequest
 
@@ -147,7 +147,9 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     "final_loss", "param_checksum", "tokens_per_s", "mfu", "peak_memory", "checkpoint",
     "memory_peaks_gib", ...}`` (see :func:`.loop.train`); ``memory_peaks_gib`` holds this rank's
     ``nvml`` (sampled through the run), ``allocated`` and ``reserved`` (torch) and ``host_rss``
-    peaks in GiB, each None where its source is unavailable; ``step_times_s`` every step's wall time
+    peaks in GiB, each None where its source is unavailable; ``host_memory_gib`` the host peaks (the
+    process's RssAnon + RssShmem, the node's MemTotal - MemAvailable, each with its value at the
+    start: :func:`.memory_peaks.host_memory_gib`); ``step_times_s`` every step's wall time
     (seconds, in order) and ``phases_s`` the median forward/backward/optimizer seconds per step
     (:class:`~meshpilot.orchestrator.train.metrics.PhaseTimer`; None for zeroth-order engines).
     """
@@ -172,7 +174,7 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
                      run_dir=run_dir, resume_from=resume_from, on_step=on_step, log_every=log_every,
                      tensorboard=tensorboard, save_final=save_final)
     stop = StopRequest(rank, stop_event).install()
-    sampler = PeakSampler.for_device(ctx.device).start()
+    sampler = PeakSampler.for_rank(ctx.device).start()     # NVML, this process's and the node's host memory
     try:
         phases = StartupPhases()
         build = build_zo_engine if plan.zeroth_order else build_deepspeed_engine
@@ -187,6 +189,7 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
     result["memory_peaks_gib"] = memory_peaks_gib(ctx.device, nvml_peak)
+    result["host_memory_gib"] = host_memory_gib(sampler)
     return result
 
 

@@ -1,0 +1,259 @@
+"""Host memory at its edge: `meshpilot run` of plans whose host memory the simulator puts near or over the node.
+
+Issue #15 item 2 and #16 item 3: a plan fits only if its host memory per node stays below what Ray's
+memory monitor allows (``cluster.memory_usage_threshold`` x ``cluster.cpu_memory_gib``), and a worker killed
+for host memory must end the run classified as ``host_oom``. Each case is one `meshpilot run` (``--force``
+where the simulator says it does not fit, so that it gets its chance to fail) in its own process group,
+with a wall-time limit; the whole set is bounded by ``--budget-s`` (cases that no longer fit in it are
+skipped and listed). Random weights (no checkpoint: nothing file-backed inflates the readings).
+
+Per case: the prediction (GPU peak, host per node, the usable host memory, fits), the outcome (exit
+status, run status, the failure kind the controller recorded), the measured GPU peak (NVML) and host peaks
+from summary.json (each rank's RssAnon + RssShmem and ru_maxrss, the node's host memory as
+``predicted_vs_measured`` combines it), and the node's MemTotal - MemAvailable sampled by this script from
+outside the run (its peak minus its value before the run: this also covers runs that were killed, whose
+workers report nothing).
+
+    python benchmarks/host_memory_runs.py --out $R/host                    # 2 x H200, 256 GiB host, 32 cores
+    python benchmarks/host_memory_runs.py --out /tmp/h --dry-run           # predictions and commands only
+    python benchmarks/host_memory_runs.py --out $R/host --cases z3both_13b z2off_7b_mb2   # a second call
+
+The cases run in the order listed (most informative first); with the default budget the last ones may
+not fit in one 600 s call: run them in a second call with ``--cases``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import kill_process_group, metadata, precompile_ops, write_json  # noqa: E402
+
+GIB = 2**30
+JOB = "benchmarks/configs/h200x2_check.yaml"
+# the 2 x H200 device machine (256 GiB host, 32 cores); gpus_per_node=1 cases use one of its GPUs. The host
+# memory is the machine's MemTotal when the cases run (what Ray's memory monitor takes as the total), 256 GiB
+# in a dry run
+CLUSTER = ["cluster.cpu_cores=32"]
+DRY_RUN_HOST_GIB = 256.0
+BASE = ["train.steps=3", "train.seq_len=2048", "train.checkpoint_final=false", "train.checkpoint_every=0",
+        "train.eval_every=0"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    overrides: tuple[str, ...]
+    timeout_s: float            # this case's wall-time limit (13B models build in about 35 s)
+    note: str                   # what the case tests (documentation only, never used to score)
+
+
+CASES = (
+    Case("z2off_13b_mb4", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                           "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=4",
+                           "plan.activation_checkpointing=full"), 150,
+         "issue #15's run: ZeRO-2 + optimizer offload, 2 accumulation steps; Ray's memory monitor killed it"),
+    Case("zo2_opt13b", ("model=opt-13b", "cluster.gpus_per_node=1", "train.optimizer=zo-sgd", "train.global_batch=1",
+                        "plan.dp=1", "plan.zo.mode=zo2", "plan.micro_batch=1"), 240,
+         "ZO2 on one GPU (issue #15: host predicted about 40% low)"),
+    Case("z3opt_13b", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                       "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=1",
+                       "plan.activation_checkpointing=full"), 150,
+         "ZeRO-3 + optimizer offload: host memory predicted just under the usable limit"),
+    Case("z2off_7b_mb2", ("model=llama-2-7b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                          "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=2",
+                          "plan.activation_checkpointing=full"), 200,
+         "ZeRO-2 + optimizer offload that fits: the host prediction against a whole run"),
+    Case("z3both_13b", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                        "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu",
+                        "plan.micro_batch=1", "plan.activation_checkpointing=full"), 150,
+         "ZeRO-3 + optimizer and parameter offload: predicted over the host"),
+)
+
+
+# --- the prediction (in this process: no GPU touched) ---------------------------------------------
+
+def predict(overrides: list[str]) -> dict:
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.sim.simulator import simulate
+    job = load_job(JOB, overrides)
+    e = simulate(job)
+    return dict(plan=e.plan, fits=e.fits, peak_gpu_gib=round(e.peak_memory_gib, 2),
+                host_node_gib=round(e.cpu_memory_gib_per_node, 2), host_usable_gib=round(e.cpu_memory_available_gib, 2),
+                host_offload_gib=round(e.memory_breakdown_gib["cpu_offload"], 2), reasons=e.reasons,
+                memory_usage_threshold=job.cluster.memory_usage_threshold)
+
+
+# --- the node's memory, sampled from outside the run ---------------------------------------------
+
+def meminfo_gib() -> dict[str, float]:
+    """MemTotal and MemAvailable of this node (GiB); {} where /proc/meminfo cannot be read."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("MemTotal", "MemAvailable"):
+                    info[k] = int(v.split()[0]) * 1024 / GIB
+        return info
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def node_used_gib() -> float | None:
+    info = meminfo_gib()
+    return info["MemTotal"] - info["MemAvailable"] if "MemTotal" in info and "MemAvailable" in info else None
+
+
+class NodeSampler:
+    """The peak of the node's MemTotal - MemAvailable over a run (a daemon thread, every 50 ms)."""
+
+    def __init__(self) -> None:
+        self.start_gib = node_used_gib()
+        self.peak_gib = self.start_gib
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._halt.wait(0.05):
+            v = node_used_gib()
+            if v is not None and (self.peak_gib is None or v > self.peak_gib):
+                self.peak_gib = v
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self._thread.join()
+        rise = None if self.peak_gib is None or self.start_gib is None else self.peak_gib - self.start_gib
+        return dict(node_used_before_gib=self.start_gib, node_used_peak_gib=self.peak_gib,
+                    node_used_rise_gib=rise)
+
+
+# --- one case --------------------------------------------------------------------------------------
+
+def run_case(overrides: list[str], force: bool, run_dir: Path, timeout_s: float) -> dict:
+    cmd = [sys.executable, "-m", "meshpilot.orchestrator.cli", "run", JOB, *overrides,
+           "--run-dir", str(run_dir), "--no-progress", "--max-restarts", "0", *(["--force"] if force else [])]
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    node = NodeSampler()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = p.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_process_group(p)                               # the run's whole process group (its Ray too)
+        rc = 124
+    wall = time.perf_counter() - t0
+    log.close()
+    return dict(rc=rc, wall_s=round(wall, 1), command=" ".join(cmd), **node.stop())
+
+
+def measured(run_dir: Path) -> dict:
+    """What summary.json and events.jsonl say about the run (None where the run left nothing)."""
+    s_path, e_path = run_dir / "summary.json", run_dir / "events.jsonl"
+    s = json.loads(s_path.read_text()) if s_path.exists() else {}
+    events = [json.loads(x) for x in e_path.read_text().splitlines() if x.strip()] if e_path.exists() else []
+    oom = [e for e in events if e.get("event") == "oom" or '"oom"' in json.dumps(e)[:40]]
+    failures = s.get("failures") or []
+    kind = (oom[0].get("failure") if oom else None) or (failures[0].split(":")[0] if failures else None)
+    results = s.get("results") or []
+    peaks = s.get("memory_peaks_gib") or {}
+    pvm = s.get("predicted_vs_measured") or {}
+    nodes = {k: v.get("host_peak_gib") for k, v in (pvm.get("per_node") or {}).items()}
+    return dict(status=s.get("status"), out_of_memory=s.get("out_of_memory"), failure_kind=kind,
+                failures=failures[:2], oom_events=oom[:2],
+                nvml_peak_gib=max((v.get("nvml") or 0 for v in peaks.values()), default=None) or None,
+                host_rss_gib={r: v.get("host_rss") for r, v in peaks.items()},
+                host_anon_shmem_gib={r.get("rank", i): (r.get("host_memory_gib") or {}).get("host")
+                                     for i, r in enumerate(results)},
+                host_memory_gib={r.get("rank", i): r.get("host_memory_gib") for i, r in enumerate(results)},
+                host_node=nodes, host_node_source={k: v.get("source") for k, v in (pvm.get("per_node") or {}).items()},
+                step_time_s=(pvm.get("step_time_s") or {}).get("measured"))
+
+
+def fmt(x, spec="{:.1f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cases", nargs="*", default=None, help=f"names among {', '.join(c.name for c in CASES)}")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-time budget of the whole set (default 540)")
+    ap.add_argument("--settle-s", type=float, default=5.0, help="pause between cases (the last run's memory returns)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE overrides for every case")
+    ap.add_argument("--dry-run", action="store_true", help="predictions and commands only; nothing is run")
+    ap.add_argument("--host-gib", type=float, default=None,
+                    help=f"cluster.cpu_memory_gib (default: this machine's MemTotal; {DRY_RUN_HOST_GIB:g} in a dry run)")
+    ap.add_argument("--no-precompile", action="store_true", help="do not build DeepSpeed's cpu_adam op first")
+    a = ap.parse_args()
+    cases = [c for c in CASES if a.cases is None or c.name in a.cases]
+    unknown = set(a.cases or []) - {c.name for c in CASES}
+    if unknown:
+        ap.error(f"unknown case(s) {sorted(unknown)}; choose among {[c.name for c in CASES]}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    host_gib = a.host_gib or (DRY_RUN_HOST_GIB if a.dry_run else round(meminfo_gib().get("MemTotal", 0.0), 1))
+    if not host_gib:
+        ap.error("cannot read MemTotal from /proc/meminfo: give --host-gib")
+    built = None
+    if not a.dry_run and not a.no_precompile:
+        # DeepSpeed compiles cpu_adam on first use: build it once here, not inside the first case's time limit
+        built = precompile_ops(dict(os.environ), 240.0, a.out, ["cpu_adam"])
+        print(f"cpu_adam: {built}", flush=True)
+    rows, skipped = [], []
+    for c in cases:
+        overrides = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE, *c.overrides, *a.set]
+        pred = predict(overrides)
+        row = dict(case=c.name, note=c.note, overrides=overrides, predicted=pred, forced=not pred["fits"])
+        left = a.budget_s - (time.monotonic() - t_start)
+        if a.dry_run:
+            run_dir = a.out / c.name
+            row.update(outcome="dry run", command=" ".join([sys.executable, "-m", "meshpilot.orchestrator.cli", "run",
+                                                            JOB, *overrides, "--run-dir", str(run_dir), "--no-progress",
+                                                            "--max-restarts", "0", *(["--force"] if not pred["fits"]
+                                                                                     else [])]))
+        elif left < min(c.timeout_s, 60.0):
+            skipped.append(c.name)
+            continue
+        else:
+            run_dir = a.out / c.name
+            row.update(run_case(overrides, not pred["fits"], run_dir, min(c.timeout_s, left)))
+            row["measured"] = measured(run_dir)
+            m = row["measured"]
+            row["outcome"] = ("ran" if row["rc"] == 0 else "timed out" if row["rc"] == 124 else
+                              f"out of memory ({m['failure_kind']})" if row["rc"] == 4 else f"exit {row['rc']}")
+            time.sleep(a.settle_s)
+        rows.append(row)
+        m = row.get("measured") or {}
+        host_node = next(iter((m.get("host_node") or {}).values()), None) or {}
+        print(f"{c.name:14s} {row['outcome']:24s} predicted GPU {pred['peak_gpu_gib']:.1f} GiB, host "
+              f"{pred['host_node_gib']:.1f} of {pred['host_usable_gib']:.1f} GiB/node ({'fits' if pred['fits'] else 'forced'}); "
+              f"measured GPU {fmt(m.get('nvml_peak_gib'))}, host/node {fmt(host_node.get('measured'))}, "
+              f"node rise {fmt(row.get('node_used_rise_gib'))} GiB", flush=True)
+    print(f"\n{'case':14s} {'outcome':24s} {'GPU pred':>8s} {'GPU meas':>8s} {'host pred':>9s} {'usable':>7s} "
+          f"{'host meas':>9s} {'node rise':>9s}")
+    for r in rows:
+        m = r.get("measured") or {}
+        host_node = next(iter((m.get("host_node") or {}).values()), None) or {}
+        print(f"{r['case']:14s} {r['outcome']:24s} {r['predicted']['peak_gpu_gib']:8.1f} {fmt(m.get('nvml_peak_gib')):>8s} "
+              f"{r['predicted']['host_node_gib']:9.1f} {r['predicted']['host_usable_gib']:7.1f} "
+              f"{fmt(host_node.get('measured')):>9s} {fmt(r.get('node_used_rise_gib')):>9s}")
+    if skipped:
+        print(f"skipped (over the {a.budget_s:.0f} s budget): {', '.join(skipped)}")
+    write_json(a.out / "host_memory_runs.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
+                                                     dry_run=a.dry_run, budget_s=a.budget_s, host_gib=host_gib,
+                                                     precompiled=built, rows=rows, skipped=skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Host memory: what a rank measures (its RssAnon + RssShmem and the node's MemTotal - MemAvailable, read by
+the worker's sampler thread), how a node's measurement is combined, and the simulator's host terms
+against values computed by hand from the model's tensor shapes."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from meshpilot.orchestrator.config.loader import load_job
+from meshpilot.orchestrator.errors import ConfigError
+from meshpilot.orchestrator.sim.calibration import measured_from_results, node_host_memory_gib
+from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+from meshpilot.orchestrator.sim.memory import pow2_ceil
+from meshpilot.orchestrator.sim.simulator import simulate
+from meshpilot.orchestrator.train.memory_peaks import (GIB, PeakSampler, host_memory_gib, node_memory_bytes,
+                                                       process_host_bytes)
+
+C = SimulatorConstants()
+MIB = 2**20
+# an allocation's RssAnon delta differs from its bytes by its last partial page (4 KiB), glibc's mmap header
+# and whatever the interpreter allocates meanwhile (a few pages); 8 MiB bounds all of that with room
+TOLERANCE = 8 * MIB
+
+
+def _settle(read, n=3, pause=0.01):
+    """The smallest of a few readings (another thread's short-lived allocation does not count)."""
+    values = []
+    for _ in range(n):
+        values.append(read())
+        time.sleep(pause)
+    return min(values)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_rss_anon_rises_by_the_bytes_of_a_touched_array(kind):
+    nbytes = 256 * MIB
+    before = _settle(process_host_bytes)
+    if kind == "numpy":
+        x = np.ones(nbytes, dtype=np.uint8)             # np.ones writes every page
+    else:
+        x = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    after = _settle(process_host_bytes)
+    assert abs((after - before) - nbytes) < TOLERANCE, (after - before) / MIB
+    del x
+
+
+def test_the_sampler_thread_sees_an_allocation_made_while_it_runs():
+    nbytes = 192 * MIB
+    sampler = PeakSampler.for_rank(torch.device("cpu"), interval_s=0.005).start()
+    assert sampler.enabled and sampler.running and sampler.peak_bytes is None     # no NVML on a CPU device
+    time.sleep(0.05)
+    x = np.ones(nbytes, dtype=np.uint8)
+    time.sleep(0.1)
+    del x
+    time.sleep(0.05)
+    sampler.stop()
+    assert sampler.samples >= 3
+    rise = sampler.peaks["host"] - sampler.first["host"]
+    assert rise > nbytes - TOLERANCE, rise / MIB
+    h = host_memory_gib(sampler)
+    assert h["host"] == pytest.approx(sampler.peaks["host"] / GIB)
+    assert h["host_start"] == pytest.approx(sampler.first["host"] / GIB)
+    assert 0 < h["node_used_start"] <= h["node_used_peak"] < h["node_total"]
+
+
+def test_proc_readings_from_files(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmRSS:\t  900000 kB\nRssAnon:\t  500000 kB\nRssFile:\t  390000 kB\n"
+                      "RssShmem:\t   10000 kB\n")
+    assert process_host_bytes(str(status)) == (500000 + 10000) * 1024          # file pages left out
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       263000000 kB\nMemFree:         1000000 kB\nMemAvailable:   13150000 kB\n"
+                       "Cached:          20000000 kB\n")
+    assert node_memory_bytes(str(meminfo)) == (263000000 * 1024, (263000000 - 13150000) * 1024)
+    # Ray's memory monitor kills above 0.95 x MemTotal: this node is at exactly 95% used
+    total, used = node_memory_bytes(str(meminfo))
+    assert used / total == pytest.approx(0.95)
+    status.write_text("Name:\tpython\n")
+    assert process_host_bytes(str(status)) is None
+    assert process_host_bytes(str(tmp_path / "missing")) is None
+    # the real files: MemTotal as the kernel reports it through sysconf as well
+    import os
+    total, used = node_memory_bytes()
+    assert total == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < used < total
+
+
+def test_node_measurement_combines_the_ranks_of_a_node():
+    """Node host memory = max peak of MemTotal - MemAvailable - min value at a rank's start + the ranks'
+    RssAnon + RssShmem at their start (GiB), by hand for two nodes of two ranks each."""
+    def res(rank, peak, start, host_start):
+        return {"rank": rank, "memory_peaks_gib": {"nvml": 1.0, "allocated": 0.5, "reserved": 0.6, "host_rss": 9.0},
+                "host_memory_gib": {"host": host_start + 50.0, "host_start": host_start, "node_used_peak": peak,
+                                    "node_used_start": start, "node_total": 251.0}}
+    results = [res(0, 200.0, 12.0, 2.5), res(1, 201.0, 12.5, 2.0), res(2, 150.0, 10.0, 2.0), res(3, 149.0, 11.0, 2.0)]
+    assert node_host_memory_gib(results, 2) == {0: 201.0 - 12.0 + 4.5, 1: 150.0 - 10.0 + 4.0}
+    # a node with a rank lacking the readings is left out
+    partial = [dict(results[0]), dict(results[1], host_memory_gib={})]
+    assert node_host_memory_gib(partial, 2) == {}
+    job = load_job(None, ["model=tiny-llama", "cluster=h100-sxm-4", "cluster.gpus_per_node=2", "cluster.nodes=2",
+                          "train.global_batch=4", "plan.dp=4", "plan.zero_stage=2", "plan.micro_batch=1"])
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    m = measured_from_results(job, resolve_plan(job), results)
+    assert m["host_node_gib"] == {0: pytest.approx(193.5), 1: pytest.approx(144.0)}
+    assert m["host_node_peak_gib"] == pytest.approx(193.5)
+    assert m["per_rank"][0]["host"] == 52.5
+    # older results (no host readings): the sum of the workers' ru_maxrss, as before
+    old = [{k: v for k, v in r.items() if k != "host_memory_gib"} for r in results]
+    assert measured_from_results(job, resolve_plan(job), old)["host_node_gib"] == {0: 18.0, 1: 18.0}
+
+
+def test_pow2_ceil():
+    assert list(pow2_ceil([0, 1, 3, 4, 5, 2**30 + 1, 26_031_728_640])) == [0, 1, 4, 4, 8, 2**31, 2**35]
+
+
+def _llama13b(*ov):
+    return load_job(None, ["model=llama-2-13b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2",
+                           "cluster.cpu_memory_gib=256", "cluster.cpu_cores=32", "train.global_batch=16",
+                           "train.seq_len=2048", *ov])
+
+
+def test_zero2_offload_host_terms_by_hand():
+    """llama-2-13b, ZeRO-2 + optimizer offload, dp=2, micro-batch 4 (2 accumulation steps), bf16 AdamW.
+    h=5120, 40 layers, ffn 13824, vocab 32000 (untied head): P = 40 x (4h^2 + 2h + 3 h ffn) + 2 x 32000 h + h."""
+    h, f, V, L = 5120, 13824, 32000, 40
+    P = L * (4 * h * h + 2 * h + 3 * h * f) + 2 * V * h + h
+    assert P == 13_015_864_320
+    ps = P // 2                                                   # 6,507,932,160 per rank
+    master = 2**35          # fp32 4 ps = 26.0e9 B (24.2 GiB) -> 32 GiB pinned block
+    copy_back = 2**34       # bf16 2 ps = 13.0e9 B -> 16 GiB
+    grads = 2**35           # fp32 gradient partition, as the master
+    moments = 8 * ps        # Adam m and v, pageable
+    staging = 2**29         # largest tensor bf16: 32000 x 5120 x 2 = 327.7e6 B -> 512 MiB
+    # accumulation (grad_accum 2): one pinned bf16 buffer per whole parameter of the partition
+    # q, k, v, o 5120^2 x 2 = 52.4e6 B -> 64 MiB; gate, up, down 5120 x 13824 x 2 = 141.6e6 B -> 256 MiB;
+    # norms 10 KiB -> 16 KiB; embedding and head 512 MiB each; half of them on each of the two ranks
+    per_layer = 4 * 2**26 + 3 * 2**28 + 2 * 2**14
+    accum = (L * per_layer + 2 * 2**29 + 2**14) / 2
+    per_rank = master + copy_back + grads + moments + staging + accum
+    e = simulate(_llama13b("plan.dp=2", "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=4"))
+    assert e.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * per_rank, rel=1e-12)
+    node = 2 * (per_rank + C.cpu_process_gib * 2**30)
+    assert e.cpu_memory_gib_per_node * 2**30 == pytest.approx(node, rel=1e-12)
+    assert e.cpu_memory_gib_per_node == pytest.approx(305.0, abs=0.05)
+    # Ray's memory monitor kills above 0.95 x 256 GiB: the plan does not fit the host (issue #15's run
+    # was killed at 242 of 252 GB), and the reason names the usable memory
+    assert not e.fits and e.cpu_memory_available_gib == pytest.approx(0.95 * 256)
+    assert any("usable (95% of 256" in r for r in e.reasons)
+    # no accumulation (micro-batch 8, one step): the per-parameter buffers go
+    one = simulate(_llama13b("plan.dp=2", "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=8"))
+    assert one.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * (per_rank - accum), rel=1e-12)
+
+
+def test_zero3_offload_host_terms_by_hand():
+    """The same model under ZeRO-3 + optimizer and parameter offload, dp=2, micro-batch 1 (sub-groups of 1e9)."""
+    L = 40
+    ps = 13_015_864_320 // 2
+    fp32 = 4 * ps + 8 * ps                                        # master and moments, pageable
+    sub_grads = 6 * 2**32 + 2**31       # six sub-groups of 1e9 fp32 (4e9 B -> 4 GiB), the rest 0.508e9 -> 2 GiB
+    grad16 = 2**34                      # bf16 gradient partition 13.0e9 B -> 16 GiB
+    init_buf = 4 * 10**9                # fp32 gradient of the largest sub-group while the states are set up
+    flat16 = 2**34                      # the offloaded bf16 parameter partition
+    # zero.Init's pinned partition of every parameter (half of each): q, k, v, o 26.2e6 B -> 32 MiB; gate,
+    # up, down 70.8e6 B -> 128 MiB; norms 5 KiB -> 8 KiB; embedding and head 163.8e6 B -> 256 MiB
+    init_parts = L * (4 * 2**25 + 3 * 2**27 + 2 * 2**13) + 2 * 2**28 + 2**13
+    per_rank = fp32 + sub_grads + grad16 + init_buf + flat16 + init_parts
+    e = simulate(_llama13b("plan.dp=2", "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu",
+                           "plan.micro_batch=1"))
+    assert e.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * per_rank, rel=1e-12)
+
+
+def test_zo2_host_terms_by_hand():
+    """opt-13b ZO2 on one GPU, bf16: h=5120, 40 layers, ffn 20480, vocab 50272, 2050 positions, tied head."""
+    h, f, V, L = 5120, 20480, 50272, 40
+    block = 4 * h * h + 8 * h + 2 * h * f + f + h                 # 314,639,360 parameters
+    stores = L * 2**30                  # 629.3e6 B per block -> 1 GiB pinned store each
+    stash = 2**29 + 2**25 + 2**15       # embedding 514.8e6 B -> 512 MiB, positions 21.0e6 B -> 32 MiB, final LN
+    P = L * block + V * h + 2050 * h + 2 * h
+    job = load_job(None, ["model=opt-13b", "cluster=h200-sxm-4", "cluster.gpus_per_node=1", "cluster.cpu_memory_gib=256",
+                          "train.optimizer=zo-sgd", "train.global_batch=1", "train.seq_len=2048",
+                          "plan.zo.mode=zo2", "plan.micro_batch=1"])
+    e = simulate(job)
+    assert e.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(stores + stash, rel=1e-12)
+    # the model is built whole on the host (bf16) before the stores are filled: both at once
+    assert e.cpu_memory_gib_per_node * 2**30 == pytest.approx(stores + stash + 2 * P + C.cpu_process_gib * 2**30,
+                                                              rel=1e-12)
+
+
+def test_memory_usage_threshold_is_the_host_fit_limit():
+    job = _llama13b("plan.dp=2", "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=8")
+    need = simulate(job).cpu_memory_gib_per_node
+    for threshold, fits in ((need / 320 * 1.01, True), (need / 320 * 0.99, False)):
+        j = _llama13b("plan.dp=2", "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=8",
+                      "cluster.cpu_memory_gib=320", f"cluster.memory_usage_threshold={threshold}")
+        e = simulate(j)
+        assert e.cpu_memory_available_gib == pytest.approx(320 * threshold)
+        assert (not any("host memory" in r for r in e.reasons)) is fits
+    with pytest.raises(ConfigError) as err:
+        _llama13b("cluster.memory_usage_threshold=1.5", "plan.dp=2")
+    assert err.value.key == "cluster.memory_usage_threshold"
