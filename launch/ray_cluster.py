@@ -64,7 +64,7 @@ def embedded_resources(accelerator: str, workers_per_node: int) -> dict[str, Any
 
 
 def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: int, nodes: int = 1,
-                object_store_mb: int = 150) -> RaySession:
+                object_store_mb: int = 150, memory_usage_threshold: Optional[float] = None) -> RaySession:
     """Connect to a running cluster or start an embedded one sized from the cluster config.
 
     Embedded with GPUs: Ray counts the GPUs this machine shows (CUDA_VISIBLE_DEVICES, else
@@ -73,6 +73,10 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
     (Having Ray's pre-started workers import torch while the gang is placed was measured
     and dropped: on 4 H200s the four imports delayed the placement by 10 s, more than the
     7 s they saved inside the workers; benchmarks/results/2026-11-27-s3-h200x4, run_vs_torchrun_tp2dp2_preload.)
+    ``memory_usage_threshold`` (the job's ``cluster.memory_usage_threshold``): the fraction of the
+    node's memory above which an embedded Ray's memory monitor kills a worker (the raylet's
+    ``memory_usage_threshold`` system config, Ray's default 0.95), so that the simulator's host
+    limit and the monitor's are one number. A running cluster keeps its own setting.
     Raises ConnectionError when the cluster at ``address`` cannot be reached.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -84,6 +88,8 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
         return RaySession(address=address, embedded=False)
     kw = embedded_resources(accelerator, workers_per_node)
     kw["object_store_memory"] = object_store_mb * 2**20
+    if memory_usage_threshold is not None:
+        kw["_system_config"] = {"memory_usage_threshold": float(memory_usage_threshold)}
     log.info("starting an embedded local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kw.items()))
     loopback_only()
     secure_token_file()

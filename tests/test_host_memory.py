@@ -201,3 +201,17 @@ def test_memory_usage_threshold_is_the_host_fit_limit():
     with pytest.raises(ConfigError) as err:
         _llama13b("cluster.memory_usage_threshold=1.5", "plan.dp=2")
     assert err.value.key == "cluster.memory_usage_threshold"
+
+
+def test_embedded_ray_takes_the_jobs_memory_usage_threshold():
+    """The simulator's host limit and the memory monitor's are one number: an embedded Ray is started
+    with the job's cluster.memory_usage_threshold as its raylet system config (read back from the node
+    Ray started, the config it hands to the raylet)."""
+    from ray._private import worker
+
+    from meshpilot.launch.ray_cluster import connect_ray
+    s = connect_ray(None, accelerator="cpu", workers_per_node=1, memory_usage_threshold=0.77)
+    try:
+        assert worker._global_node._config["memory_usage_threshold"] == 0.77
+    finally:
+        s.close()

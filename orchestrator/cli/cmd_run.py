@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                 reporter.phase("starting Ray" if embeds(args.address) else "connecting to Ray")
                 try:
                     connection = session.connect(lambda: connect_ray(args.address, accelerator=c.accelerator,
-                                                                     workers_per_node=c.gpus_per_node, nodes=c.nodes))
+                                                                     workers_per_node=c.gpus_per_node, nodes=c.nodes,
+                                                                     memory_usage_threshold=c.memory_usage_threshold))
                 except ConnectionError as e:
                     raise ConfigError("--address", args.address or os.environ.get("RAY_ADDRESS"),
                                       reason=f"cannot connect to Ray: {e}") from None
