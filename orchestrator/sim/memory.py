@@ -16,7 +16,8 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
   the engine's backward (w·min(P_r, bucket)) is freed before the step;
 - stage 1/2 (DeepSpeedZeroOptimizer): w·P_r weights, gradients w·P_r (stage 1) or w·P_s
   (stage 2), K·P_s states, one ``reduce_bucket_size`` staging buffer (torch.empty, model dtype, even
-  for tiny models), a 4·P_s fp32 gradient partition at the step;
+  for tiny models), a 4·P_s fp32 gradient partition at the step; with optimizer offload no gradient
+  partition on the GPU but ``temp_grad_buffer_for_gpu_offload`` (w x the largest parameter);
 - stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
   max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, and at the step
   the fp32 gradient of one optimizer sub-group at a time (4·min(P_s, sub_group_size));
@@ -45,8 +46,12 @@ With it off all of this runs on the compute stream and shares its pool. Measured
 overlap_comm, +4.94 GiB with DeepSpeed's defaults (bucket 5e8); this model gives +2.24 and +3.38
 (benchmarks/results/2026-11-29-s2-h200x2/z3knobs, tests/test_comm_overlap.py).
 
-Peak (what NVML reports) = (static + max(activation phase, step phase)) x (1 + fragmentation)
-+ model_load_fragmentation x w·P_r + CUDA context + NCCL buffers. ``calibration.device_fixed_gib`` (a
+Peak (what NVML reports) = max((static + max(activation phase, step phase)) x (1 + fragmentation)
++ model_load_fragmentation x w·P_r, the engine build's reserve at stages 1-2) + side-stream pools + CUDA
+context + NCCL buffers. The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__
+holds the parameters and their flat copy at once (2 w·P_r allocated) and clones the rank's partition
+(w·P_s) into a segment of its own; with optimizer offload, where the run itself is small, that is the
+peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97 reserved). ``calibration.device_fixed_gib`` (a
 per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the rest of this model)
 replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
 ``cpu_process_gib`` in the host memory of every rank of a node. Host memory per node = ranks on the node x
@@ -357,6 +362,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     bucket = np.where(is_zo, 0.0, bucket)
     stream_pools = np.where(is_zo, 0.0, stream_pools)
     step_tmp = np.where(is_zo, 0.0, step_tmp)
+    # optimizer offload at stages 1-2: DeepSpeedZeroOptimizer.__init__ allocates temp_grad_buffer_for_gpu_offload
+    # (w x the largest parameter, on the GPU, for the life of the engine), through which
+    # async_accumulate_grad_in_cpu_via_gpu adds each accumulated gradient to the new one
+    off12 = off_o & (st >= 1) & (st <= 2) & ~is_zo
+    grads = grads + np.where(off12, w * largest_tensor(job.model, a.tp), 0.0)
     temporary = np.maximum(working, step_tmp - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
     # communicators a rank joins: the world's, tp, ep (ep and expert-data-parallel), pertp, and the engine's
@@ -377,7 +387,13 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # calibration.device_fixed_gib: fitted by `meshpilot calibrate`, the per-rank fixed cost as measured
     fixed = cal.device_fixed_gib if cal.device_fixed_gib is not None else (
         c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib)
-    framework = fixed * 2**30 + c.fragmentation * allocated + load_hole
+    # the engine's construction, before the first step (engine_build_terms): a peak of its own at stages 1-2
+    build_alloc, build_reserved = engine_build_terms(job, a, pr, ps, w, on_gpu)
+    # (blocks cached by the build belong to the compute stream's pool: the side streams' pools come on top)
+    reserved_run = allocated * (1.0 + c.fragmentation) + load_hole
+    build_excess = np.maximum(build_reserved - reserved_run, 0.0)
+    reserved = reserved_run + build_excess + stream_pools
+    framework = fixed * 2**30 + c.fragmentation * allocated + load_hole + build_excess
     # host memory per node: every rank of the node holds its offloaded share (pinned buffers rounded up to
     # powers of two, per-parameter accumulation buffers, ZO2 block stores: host_memory_terms); ZO2 ranks of
     # one node upload in slices, each keeping 1/n of every block's store
@@ -394,7 +410,42 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
                 cpu_offload=ranks_per_node * per_rank_cpu, cpu_node=cpu_node,
                 peak=allocated + nccl + framework + stream_pools,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
-                allocated=allocated, reserved=allocated * (1.0 + c.fragmentation) + load_hole + stream_pools)
+                allocated=np.maximum(allocated, build_alloc), reserved=reserved)
+
+
+def largest_tensor(m: ModelConfig, tp) -> np.ndarray:
+    """Elements of the largest parameter tensor on a rank (tensor-parallel shards divided by ``tp``)."""
+    n, _, s, _ = parameter_tensors(m)
+    return np.maximum(np.max(n[s]) / np.asarray(tp, dtype=float), np.max(n[~s], initial=0.0))
+
+
+def engine_build_terms(job: JobConfig, a: PlanArrays, pr, ps, w: float, on_gpu: bool):
+    """(allocated, reserved) bytes per rank while DeepSpeed builds a ZeRO 1-2 engine on a GPU; 0 elsewhere.
+
+    DeepSpeedZeroOptimizer.__init__ (runtime/zero/stage_1_and_2.py, DeepSpeed 0.19.8), per parameter
+    group: ``flatten_dense_tensors_aligned`` copies the group's parameters into one new flat buffer while
+    the parameters still hold their own tensors, then ``_update_model_bit16_weights`` points them into
+    the flat buffer and frees the originals: allocated 2 w P_r at the largest group. Then
+    ``parallel_partitioned_bit16_groups[i][partition_id].detach().clone()`` copies the rank's partition on
+    the GPU (w P_s) before ``.to(device, fp32)`` makes the fp32 master: on the host with optimizer
+    offload (the clone is freed), on the GPU otherwise (4 P_s more, kept; with w = 4 ``.to`` returns the
+    clone itself). A request larger than every block freed before it (the parameters' blocks;
+    ``empty_cache`` ran before the flatten) gets a segment of its own, which the caching allocator keeps:
+    reserved 2 w P_r + w P_s (+ 4 P_s without offload), the clone's w P_s only where P_s exceeds the
+    largest parameter (else it fits in that parameter's freed block). The
+    built-in model, drawn in fp32 and cast per parameter by the engine (4 P_r at most for bf16, the same
+    as 2 w P_r), packs its 16-bit tensors into the freed fp32 blocks, which ``empty_cache`` returns.
+    Measured (built-in llama-2-7b, ZeRO-2 + optimizer offload, 2 x H200 dp=2 and 4 x H200 dp=4):
+    allocated peak 25.10 GiB both (2 w P_r = 25.10), reserved 31.97 and 28.83 GiB against 31.38 and
+    28.24 from this (0.59 GiB of the cast's packing left unmodelled)."""
+    mixed = w == 2.0
+    st = a.zero
+    build = (st >= 1) & (st <= 2) & ~a.zeroth_order & on_gpu
+    master = np.where(a.offloads_optimizer | (not mixed), 0.0, 4.0 * ps)
+    alloc = np.where(build, np.maximum(2.0 * w * pr, w * pr + w * ps + master), 0.0)
+    clone = np.where(ps > largest_tensor(job.model, a.tp), w * ps, 0.0)
+    reserved = np.where(build, 2.0 * w * pr + clone + master, 0.0)
+    return alloc, reserved
 
 
 # --- host memory per rank ---------------------------------------------------------------------------
@@ -479,7 +530,12 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
     stash of every resident parameter (``sum_t pin(w n_t)``: embeddings, head, final norm); every
     zeroth-order rank first builds the whole model on the host (w P), still alive while ZO2 fills its
-    stores. fp32 training (w = 4) keeps the same buffers with K - 0 states.
+    stores. ``build`` is the larger of that and, for ZO2, the run's closing checksum beside the stores:
+    ZO2Trainer.full_state() keeps every block's flat copy (w P_blocks) and a clone of every parameter
+    (w P) until it returns, and the checksum converts one tensor to float64 (8 n_max): 2 w P_blocks +
+    w (P - P_blocks) + 8 n_max. Measured (opt-13b, 1 x H200, bf16): RssAnon + RssShmem 89.0 GiB
+    against 40.5 (stores and stash) + 48.2 from this; the build alone (23.9) left 21.5 GiB unexplained.
+    fp32 training (w = 4) keeps the same buffers with K - 0 states.
     """
     m = job.model
     pinned = job.cluster.accelerator == Accelerator.GPU
@@ -514,4 +570,13 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     stash = float(sum(np.sum(pin(w * x)) for x in resident if x > 0))
     offload = (np.where(off_o, np.where(st == 3, stage3, stage12), 0.0) + np.where(off_p, param_off, 0.0)
                + np.where(a.zo2, stores + stash, 0.0))
-    return dict(offload=offload, build=np.where(is_zo, w * mt.total, 0.0))
+    # ZO2's end of run: the run's parameter checksum (engine_zo.ZOTrainEngine.param_checksum) takes
+    # ZO2Trainer.full_state(), which holds every block's flat copy from block_flats() (pageable, whole
+    # blocks also with sliced upload) and, beside them until it returns, a clone of every parameter of
+    # them and of the resident ones; then .double() of one tensor at a time
+    n_largest = np.max(n[s]) if np.any(s) else 0.0
+    n_largest = max(float(n_largest), float(np.max(n[~s], initial=0.0)))
+    checksum = 2.0 * w * mt.blocks_total + w * (mt.total - mt.blocks_total) + 8.0 * n_largest
+    build = np.where(is_zo, w * mt.total, 0.0)
+    build = np.where(a.zo2, np.maximum(build, checksum), build)
+    return dict(offload=offload, build=build)

@@ -8,7 +8,8 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   b s V/t logits (``loss_bytes_per_logit``, half in forward, half in backward). The achieved rate is
   ``calibration.matmul_tflops`` or datasheet x ``matmul_efficiency``, scaled by a shape factor
   x/(x + x_half) for the per-shard hidden size and the tokens per micro-batch (normalised at
-  hidden 4096 and 4096 tokens, where the efficiency constants are defined). A plan whose shape class
+  hidden 4096 and 4096 tokens, where the efficiency constants are defined; above them the factor
+  exceeds 1, bounded by the datasheet rate). A plan whose shape class
   (:func:`meshpilot.orchestrator.config.schema.shape_class`: per-shard hidden size and tokens per
   micro-batch, each rounded down to a power of two) is in ``calibration.matmul_tflops_by_shape`` computes
   at that class's rate instead, without shape factor (fp32 plans excepted: datasheet x efficiency).
@@ -107,16 +108,20 @@ def _shape_factor_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstan
     cl = job.cluster
     cal = cl.calibration.matmul_tflops
     if job.train.precision == Precision.FP32:
-        peak = cl.gpu.fp32_tflops * 1e12 * c.matmul_efficiency
-    elif cal:
-        peak = cal * 1e12
+        datasheet = cl.gpu.fp32_tflops
     else:
         datasheet = cl.gpu.bf16_tflops if job.train.precision == Precision.BF16 else cl.gpu.fp16_tflops
+    if cal and job.train.precision != Precision.FP32:
+        peak = cal * 1e12
+    else:
         peak = datasheet * 1e12 * c.matmul_efficiency
     xh, xt = c.shape_half_hidden, c.shape_half_tokens
     shape = (hidden_shard / (hidden_shard + xh)) / (4096.0 / (4096.0 + xh))
     shape = shape * (tokens / (tokens + xt)) / (4096.0 / (4096.0 + xt))
-    return peak * np.minimum(shape, 1.0)
+    # each factor saturates (x / (x + x_half) -> 1), so above the normalisation shape the rate keeps rising
+    # towards peak / (4096/(4096+x_half))^2; only the datasheet bounds it (a cap of the factor at 1 had kept
+    # hidden 4096 at 4096 tokens' rate for every larger micro-batch while hidden 2048 got the token gain)
+    return np.minimum(peak * shape, datasheet * 1e12)
 
 
 def dp_communication(ds: DeepSpeedSettings, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
