@@ -270,6 +270,31 @@ class Transformer(nn.Module):
         return out
 
 
+    def full_sum(self) -> float:
+        """The float64 sum of every element of :meth:`full_state_dict` without building it (collective
+        over the tp and ep groups, like it): each sharded parameter is all-gathered over the tp group
+        one at a time and summed (vocabulary padding removed); expert parameters, which each ep rank
+        holds different ones of, are summed locally and all-reduced over the ep group."""
+        from .checksum import tensor_sum64
+        dense = expert = 0.0
+        for p in self.parameters():
+            t = p.detach()
+            dim = getattr(p, "meshpilot_tp_dim", None)
+            if dim is not None and group_size(self.tp_group) > 1:
+                t = all_gather_no_grad(t, dim, self.tp_group)
+            if dim is not None:
+                t = t.narrow(dim, 0, p.meshpilot_full_size)
+            if getattr(p, "meshpilot_expert", False):
+                expert += tensor_sum64(t)
+            else:
+                dense += tensor_sum64(t)
+        if group_size(self.ep_group) > 1:
+            e = torch.tensor([expert], dtype=torch.float64, device=next(self.parameters()).device)
+            dist.all_reduce(e, group=self.ep_group)
+            expert = float(e.item())
+        return dense + expert
+
+
 def weight_source(cfg: ModelConfig, seed: int) -> WeightSource:
     """The weights of a build: the Hugging Face directory ``cfg.path`` when set, else random from ``seed``."""
     if cfg.path:

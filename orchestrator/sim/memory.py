@@ -530,11 +530,10 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
     stash of every resident parameter (``sum_t pin(w n_t)``: embeddings, head, final norm); every
     zeroth-order rank first builds the whole model on the host (w P), still alive while ZO2 fills its
-    stores. ``build`` is the larger of that and, for ZO2, the run's closing checksum beside the stores:
-    ZO2Trainer.full_state() keeps every block's flat copy (w P_blocks) and a clone of every parameter
-    (w P) until it returns, and the checksum converts one tensor to float64 (8 n_max): 2 w P_blocks +
-    w (P - P_blocks) + 8 n_max. Measured (opt-13b, 1 x H200, bf16): RssAnon + RssShmem 89.0 GiB
-    against 40.5 (stores and stash) + 48.2 from this; the build alone (23.9) left 21.5 GiB unexplained.
+    stores (``build``). The run's closing parameter checksum sums one tensor (ZO2: one block slot) at
+    a time and adds nothing here; it used to clone the model (ZO2Trainer.full_state: every block's
+    flat copy and a clone of every parameter), which set the measured host peak of opt-13b ZO2 on one
+    H200 (RssAnon + RssShmem 89.0 GiB against 40.5 of stores and stash, 2026-11-30).
     fp32 training (w = 4) keeps the same buffers with K - 0 states.
     """
     m = job.model
@@ -570,13 +569,5 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     stash = float(sum(np.sum(pin(w * x)) for x in resident if x > 0))
     offload = (np.where(off_o, np.where(st == 3, stage3, stage12), 0.0) + np.where(off_p, param_off, 0.0)
                + np.where(a.zo2, stores + stash, 0.0))
-    # ZO2's end of run: the run's parameter checksum (engine_zo.ZOTrainEngine.param_checksum) takes
-    # ZO2Trainer.full_state(), which holds every block's flat copy from block_flats() (pageable, whole
-    # blocks also with sliced upload) and, beside them until it returns, a clone of every parameter of
-    # them and of the resident ones; then .double() of one tensor at a time
-    n_largest = np.max(n[s]) if np.any(s) else 0.0
-    n_largest = max(float(n_largest), float(np.max(n[~s], initial=0.0)))
-    checksum = 2.0 * w * mt.blocks_total + w * (mt.total - mt.blocks_total) + 8.0 * n_largest
     build = np.where(is_zo, w * mt.total, 0.0)
-    build = np.where(a.zo2, np.maximum(build, checksum), build)
     return dict(offload=offload, build=build)

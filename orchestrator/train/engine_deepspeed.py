@@ -251,6 +251,8 @@ def param_checksum(engine: Any, plan: Plan) -> float:
     models (no ``full_state_dict``): the local parameters' sum (no tensor parallelism there).
     """
     import deepspeed
+
+    from meshpilot.strategies.checksum import tensor_sum64
     module = engine.module
     params = list(module.parameters())
     zero3 = any(hasattr(p, "ds_id") for p in params)
@@ -258,12 +260,10 @@ def param_checksum(engine: Any, plan: Plan) -> float:
         total = 0.0
         for p in params:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                total += float(p.detach().double().sum().item())
+                total += tensor_sum64(p)
         return total
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
-    with ctx:
-        if hasattr(module, "full_state_dict"):
-            tensors = list(module.full_state_dict().values())
-        else:
-            tensors = [p.detach() for p in params]
-        return float(sum(x.double().sum().item() for x in tensors))
+    with ctx:          # one tensor at a time: the checksum must not raise the peak the run measured
+        if hasattr(module, "full_sum"):
+            return module.full_sum()
+        return float(sum(tensor_sum64(p) for p in params))

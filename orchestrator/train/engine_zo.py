@@ -93,8 +93,8 @@ class ZOTrainEngine:
         return out, f"the zeroth-order {dtype} weights"
 
     def param_checksum(self) -> float:
-        self.trainer.flush()
-        return float(sum(v.double().sum().item() for v in self.trainer.full_state().values()))
+        """The float64 sum of every parameter element, one tensor at a time (no copy of the model)."""
+        return self.trainer.full_sum()
 
     def results(self) -> dict[str, Any]:
         return {"zo_transfer": type(getattr(self.trainer, "transfer", None)).__name__,

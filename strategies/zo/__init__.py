@@ -59,6 +59,12 @@ class MeZOTrainer:
     def flush(self) -> None:
         self.opt.flush()
 
+    def full_sum(self) -> float:
+        """The float64 sum of every parameter element, one tensor at a time (same as :meth:`ZO2.full_sum`)."""
+        from meshpilot.strategies.checksum import tensor_sum64
+        self.flush()
+        return float(sum(tensor_sum64(p) for p in self.model.parameters()))
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter by name on the host (same interface as :meth:`ZO2.full_state`)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}

@@ -359,6 +359,23 @@ class ZO2:
             torch.cuda.synchronize(self.device)
         return full
 
+    def full_sum(self) -> float:
+        """The float64 sum of every parameter element after a flush, without a copy of the model:
+        resident parameters in place, each block's parameters while the block is in its device slot
+        (collective with sliced upload, like :meth:`block_flats`)."""
+        from meshpilot.strategies.checksum import tensor_sum64
+        self.flush()
+        in_blocks = {id(e.param) for es in self.entries for e in es}
+        total = sum(tensor_sum64(p) for p in self.model.parameters() if id(p) not in in_blocks)
+        sums: list[float] = []
+
+        def work(i: int) -> None:
+            flat = self.slots[i % len(self.slots)]
+            sums.append(sum(tensor_sum64(flat[e.offset: e.offset + e.numel]) for e in self.entries[i]))
+
+        self._run_blocks(work, write_back=False)
+        return float(total + sum(sums))
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter by name (resident ones and blocks', on the host), current after a flush."""
         in_blocks = {id(e.param) for es in self.entries for e in es}
