@@ -41,7 +41,48 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
             "results/2026-11-29-s2-h200x2/edge13b/mb1_noac", "results/2026-11-29-s2-h200x2/edge13b/mb8_ac",
-            "results/2026-11-29-s2-h200x2/hf7b_z3/zero3_random"]
+            "results/2026-11-29-s2-h200x2/hf7b_z3/zero3_random",
+            "results/2026-11-30-h200x2/host2/zo2_opt13b"]
+# not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
+# runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
+# same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)
+LOOP_RUNS = [("results/2026-11-30-h200x2/overlap/overlap_choice.json", "lean0", ["plan.comm_overlap=false"]),
+             ("results/2026-11-30-h200x2/overlap/overlap_choice.json", "overlap0", ["plan.comm_overlap=true"]),
+             ("results/2026-11-30-h200x2/autotune/autotuner_vs_plan.json", "meshpilot", None)]
+JOB = "configs/h200x2_check.yaml"
+
+
+def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:
+    """Held-out rows of :data:`LOOP_RUNS`: the NVML peak its benchmark sampled against the prediction for
+    the job's overrides and the run's plan (the autotuner comparison: the plan meshpilot chose)."""
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.sim.error_bands import regime_of
+    from meshpilot.orchestrator.sim.simulator import simulate
+    rows, used = [], []
+    for path, name, plan_sets in LOOP_RUNS:
+        f = HERE / path
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        run = next((r for r in d.get("runs", []) if r.get("name") == name and r.get("status") == "ok"), None)
+        peaks = ((run or {}).get("nvml") or {}).get("nvml_peak_all_gib") or []
+        if not peaks:
+            continue
+        sets = list(d["job"]["overrides"])
+        if plan_sets is None:                          # the plan meshpilot chose: its plan section, key by key
+            pc = d["meshpilot"]["chosen"]["plan_config"]
+            zo = pc.pop("zo")
+            sets += [f"plan.{k}={v}" for k, v in pc.items()] + [f"plan.zo.{k}={v}" for k, v in zo.items()]
+        else:
+            sets += plan_sets
+        job = load_job(str(HERE / JOB), sets)
+        plan = resolve_plan(job)
+        e = simulate(job, plan)
+        rows.append(dict(name=f"{f.parent.name}/{name}", regime=regime_of(plan, job.cluster.gpus_per_node),
+                         status="ok", measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=path))
+        used.append(str(f))
+    return rows, used
 
 
 def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
@@ -93,6 +134,8 @@ def main() -> int:
     from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 
     rows, used = measured_rows()
+    more, more_used = loop_rows()
+    rows, used = rows + more, used + more_used
     print(f"{'run':34s} {'regime':18s} {'measured':>9s} {'predicted':>9s} {'under %':>8s}")
     for r in sorted(rows, key=lambda r: (REGIMES.index(r["regime"]), r["name"])):
         under = 100.0 * (r["measured_gib"] - r["predicted_gib"]) / r["predicted_gib"]
