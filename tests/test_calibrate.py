@@ -222,6 +222,10 @@ def test_recorded_gpu_runs_calibrate(tmp_path, capsys):
     res = calibrate([load_run(d) for d in dirs], load_run(dirs[0]).job.cluster)
     q = _quantities(res)
     assert q["cpu_adam_rank_gparams_per_s"].fitted and q["cpu_adam_rank_gparams_per_s"].runs == 1
+    # the ZeRO-3 run is slower than its model for reasons outside the bandwidth (its host-bound hooks); a fit
+    # that blames the links (x 0.06: 18 GB/s over NVLink) is refused and the rest refitted without it
+    bw = q["*_busbw_gbs (all four, one factor)"]
+    assert not bw.fitted and "non-physical" in bw.note and q["matmul_tflops"].fitted
     after = [abs(r.after["step_time_s"] / r.measured["step_time_s"] - 1) for r in res.rows]
     before = [abs(r.before["step_time_s"] / r.measured["step_time_s"] - 1) for r in res.rows]
     assert sum(after) < sum(before)

@@ -161,9 +161,12 @@ def test_probe_rate_is_the_rate_of_its_shape_class(runs, tmp_path):
     res = calibrate(loaded, loaded[0].job.cluster, probes=probes)
     assert res.cluster.calibration.matmul_tflops_by_shape == {"h4096_t8192": pytest.approx(550.0)}
     assert _quantities(res)["matmul_tflops_by_shape.h4096_t8192"].note == "mean of 2 probe(s)"
-    # a probe class that the runs cover is refit from them (the fit starts from the probe)
+    # a probe class that the runs cover is refit from them (the fit starts from the probe); the bus bandwidth
+    # is given (as a collectives probe would), since two runs of one class cannot separate it from the rate
     loaded = [load_run(runs[i]) for i in (3, 4)]                            # b1, b2: class h4096_t8192
-    res = calibrate(loaded, loaded[0].job.cluster, probes=probes[:1])
+    bw = CalibrationConfig(allreduce_busbw_gbs=TRUE_BUSBW, allgather_busbw_gbs=TRUE_BUSBW,
+                           reducescatter_busbw_gbs=TRUE_BUSBW, alltoall_busbw_gbs=TRUE_BUSBW)
+    res = calibrate(loaded, dataclasses.replace(loaded[0].job.cluster, calibration=bw), probes=probes[:1])
     assert res.cluster.calibration.matmul_tflops_by_shape["h4096_t8192"] == pytest.approx(RATES["h4096_t8192"],
                                                                                           rel=1e-6)
     bad = tmp_path / "bad.json"

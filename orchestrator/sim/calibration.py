@@ -45,7 +45,9 @@ Two things live here, both pure numpy (no torch):
    affine f the first iteration is the exact solution. A quantity that changes no prediction
    (no run depends on it: no offload run for A, one rank for beta) keeps its old value, and so
    does one that cannot be told apart from the others with these runs (the Jacobian's columns
-   are dependent) or whose fit is not positive; the output says which.
+   are dependent) or whose fit is not physical (not positive; a matmul rate above the card's
+   datasheet; a bandwidth factor outside :data:`BUSBW_FACTOR_RANGE`), in which case the others are
+   fitted again without it; the output says which.
    Memory: the fixed device memory per rank d (``calibration.device_fixed_gib``: CUDA context
    and whatever the mechanism model misses, the allocator's unmodelled reserve included) is the
    least-squares constant of the residuals r_i = measured peak_i - model_i (the model with d = 0;
@@ -675,27 +677,65 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig, c: Simulator
         active.remove(weakest)
         notes[weakest] = "cannot be told apart from " + ", ".join(_label(n) for n in active) + " with these runs " \
                          "(add runs that differ in its share of the step); kept"
-    xa = np.array([x0[n] for n in active])
-    for _ in range(20):
-        if not active:
+    def gauss_newton(active: Sequence[str]) -> np.ndarray:
+        xa = np.array([x0[n] for n in active])
+        for _ in range(20):
+            if not active:
+                break
+            ya, fa, _ = f(xa, active)
+            Ja = _jacobian(lambda xx: f(xx, active)[1], xa, fa)
+            w = 1.0 / ya
+            dx = np.linalg.lstsq(Ja * w[:, None], (ya - fa) * w, rcond=None)[0]
+            xa = xa + dx
+            if np.all(np.abs(dx) <= 1e-13 * np.abs(xa)):
+                break
+        return xa
+
+    # a quantity the fit drives out of its physical range (module docstring) is kept at its old value and
+    # the others are fitted again without it: the runs attribute to it time that belongs elsewhere
+    xa = gauss_newton(active)
+    while active:
+        bad = [(n, float(v)) for n, v in zip(active, xa) if not _plausible(n, float(v), runs[0].job, c)]
+        if not bad:
             break
-        ya, fa, _ = f(xa, active)
-        Ja = _jacobian(lambda xx: f(xx, active)[1], xa, fa)
-        w = 1.0 / ya
-        dx = np.linalg.lstsq(Ja * w[:, None], (ya - fa) * w, rcond=None)[0]
-        xa = xa + dx
-        if np.all(np.abs(dx) <= 1e-13 * np.abs(xa)):
-            break
-    good = [n for n, v in zip(active, xa) if v > 0 and np.isfinite(v)]
-    for n, v in zip(active, xa):
-        if n not in good:
-            notes[n] = f"the fit gave a non-physical value ({'inf' if v == 0 else 1.0 / v:.4g}); kept"
+        # one at a time, the bandwidth first (the usual sink of misattributed time), then refit the rest
+        n, v = next((b for b in bad if b[0] == "busbw"), bad[0])
+        notes[n] = f"the fit gave a non-physical value ({_shown(n, v, base_bw)}); kept"
+        active = [m for m in active if m != n]
+        xa = gauss_newton(active)
+    good = list(active)
     out = _apply(cal, np.array([xa[active.index(n)] for n in good]), good, base_bw)
     for n in names:
         new = _value(out, n)
         q.append(FittedQuantity(_label(n), olds[n], float(new) if n in good else olds[n], informing[n], n in good,
                                 notes.get(n, ""), run_ids=[runs[i].run_id for i in informed_by[n]]))
     return out, q
+
+
+BUSBW_FACTOR_RANGE = (0.1, 1.25)
+"""The fitted common factor on the bus bandwidths must lie in this range of the cluster's own values
+(the link's nominal rate, or its last calibration): above, collectives would outrun the link; far below,
+the runs are blaming communication for time spent elsewhere (e.g. ZeRO-3's host-bound hooks)."""
+
+
+def _plausible(name: str, x: float, job: JobConfig, c: SimulatorConstants) -> bool:
+    """Whether the fitted ``1 / value`` ``x`` of ``name`` is physical: positive and finite; a matmul rate
+    at most the card's datasheet rate; the bandwidth factor within :data:`BUSBW_FACTOR_RANGE`."""
+    if not (x > 0 and np.isfinite(x)):
+        return False
+    if name == "matmul_tflops" or _class_of(name) is not None:
+        return 1.0 / x <= _effective(CalibrationConfig(), job, c)["matmul_tflops"] / c.matmul_efficiency * 1.0001
+    if name == "busbw":
+        return BUSBW_FACTOR_RANGE[0] <= 1.0 / x <= BUSBW_FACTOR_RANGE[1]
+    return True
+
+
+def _shown(name: str, x: float, base_bw: Mapping[str, float]) -> str:
+    if not (x > 0 and np.isfinite(x)):
+        return "inf" if x == 0 else f"{1.0 / x:.4g}"
+    if name == "busbw":
+        return f"bus bandwidth x {1.0 / x:.3g}, e.g. {base_bw['all_reduce'] / x:.4g} GB/s all-reduce"
+    return f"{1.0 / x:.4g}"
 
 
 def _label(name: str) -> str:

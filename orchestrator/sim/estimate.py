@@ -154,11 +154,10 @@ class SimulatorConstants:
     First principles 0.9; fitted 0.9963."""
     # --- overlap ------------------------------------------------------------------------
     overlap_comm_fraction: float = 0.7
-    """Fraction of the compute time that hides communication when DeepSpeed's overlap_comm is on
-    (reductions behind the last micro-batch's backward; at stage 3 also the parameter all-gathers
-    behind forward, recompute and half the backward). Whether it is on comes from the config. The H200 fit
-    kept 0.7 (as overlap_comm_stage3); those runs (benchmarks/measure_deepspeed.py) used DeepSpeed's defaults,
-    overlap on at stage 3."""
+    """Fraction of the backward's GPU time that hides the gradient reductions when DeepSpeed's
+    overlap_comm puts them on a side stream (stage-3 all-gathers are counted exposed in both settings:
+    step_time.py). Whether it is on comes from the config. The H200 fit kept 0.7; those runs
+    (benchmarks/measure_deepspeed.py) used DeepSpeed's defaults, overlap on at stage 3."""
     zo2_overlap: float = 0.8
     """Fraction of ZO2's block uploads hidden behind compute (it prefetches the next block)."""
     # --- zeroth order ---------------------------------------------------------------------

@@ -44,13 +44,17 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   * with overlap_comm on they run on a side stream beside the backward of every micro-batch
     (stage 1: of the last one): hidden by that idle time plus ``overlap_comm_fraction`` of the
     backward's GPU time;
-  * stage-3 all-gathers are asynchronous NCCL collectives (``_dist_allgather_fn``, async_op=True):
-    they run on the process group's own stream whatever overlap_comm says, and the coordinator
-    prefetches the next ``stage3_prefetch_bucket_size`` elements of the recorded trace, so the
-    compute stream waits only for what has not arrived. With prefetching (bucket > 0) they hide
-    behind ``overlap_comm_fraction`` of forward + recompute + half the backward in both settings;
-    overlap_comm changes only the stream they are launched from. Without prefetching every module
-    waits for its own gather: exposed.
+  * stage-3 all-gathers are asynchronous NCCL collectives (``_dist_allgather_fn``, async_op=True)
+    on the process group's own stream whatever overlap_comm says (it changes only the stream they
+    are launched from), so the setting does not change them. They are counted exposed: the
+    coordinator (``partitioned_param_coordinator.fetch_sub_module``) waits for each module's
+    gather before the module runs and issues the prefetch of the following ones from the same
+    host hook, and a ZeRO-3 step is host-bound on those hooks (the fetch/release time above), so
+    the GPU has little queued compute to hide them behind. Measured: llama-2-13b ZeRO-3 on 2 x
+    H200, overlap_comm on and off 0.7% apart and both 18% slower than predicted with the gathers
+    exposed (30% with them hidden behind the compute); on the held-out ZeRO-3 runs under DeepSpeed's
+    defaults, counting them exposed moves the step-time errors from -14.1/-5.1/-1.1% (7B dp=4, 7B
+    dp=2, 3B) to -6.8/+2.7/+4.1% (benchmarks/results/2026-11-30-h200x2/README.md).
   So on a host-bound ZeRO-3 step the reduce-scatters fill idle GPU time with overlap_comm off too,
   and overlap_comm buys little (llama-2-13b, 2 x H200, measured 0.7% faster).
 - expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
@@ -125,12 +129,13 @@ def _shape_factor_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstan
 
 
 def dp_communication(ds: DeepSpeedSettings, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
-                     gather_cover, fraction: float):
+                     fraction: float):
     """(exposed data-parallel reductions + stage-2 parameter all-gather, exposed stage-3 all-gathers) per step.
 
     Per micro-batch: ``gpu_b`` the backward's GPU time, ``stretch`` its host-bound stretch, ``z3_host`` the
-    ZeRO-3 fetch/release host time of all passes; per step: ``gather_cover`` the compute that prefetched
-    all-gathers hide behind; ``fraction`` is ``overlap_comm_fraction``. See the module docstring."""
+    ZeRO-3 fetch/release host time of all passes; ``fraction`` is ``overlap_comm_fraction``. Stage-3
+    all-gathers (forward, backward and recompute of every micro-batch) are exposed in both settings.
+    See the module docstring."""
     idle_bwd = gpu_b * (stretch - 1.0) + np.where(st == 3, z3_host / (2.0 + ac), 0.0)   # GPU waits for the host
     side = ds.overlap_comm & (st >= 1)
     hidden = idle_bwd + np.where(side, fraction * gpu_b, 0.0)
@@ -138,7 +143,6 @@ def dp_communication(ds: DeepSpeedSettings, st, ga, ac, gpu_b, stretch, z3_host,
     stage1 = np.where(side, np.maximum(grad_ar - hidden, 0.0), grad_ar)   # the last micro-batch, or after it
     dp_exposed = np.select([st == 0, st == 1, st == 2], [grad_ar, stage1, per_mb + param_ag], per_mb)
     gathers = ga * (2.0 + ac) * param_ag
-    gathers = np.where(ds.prefetch_bucket_size > 0, np.maximum(gathers - fraction * gather_cover, 0.0), gathers)
     return dp_exposed, np.where(st == 3, gathers, 0.0)
 
 
@@ -199,7 +203,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     grad_rs = coll("reduce_scatter", w * pn, w * pe)
     param_ag = coll("all_gather", w * pn, w * pe)
     dp_exposed, gathers = dp_communication(ds, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
-                                           forward + recompute + 0.5 * backward, c.overlap_comm_fraction)
+                                           c.overlap_comm_fraction)
     gathers = np.where(st == 3, gathers + z3_host_step, 0.0)
     # expert parallel
     a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,
