@@ -205,13 +205,18 @@ def test_memory_usage_threshold_is_the_host_fit_limit():
     assert err.value.key == "cluster.memory_usage_threshold"
 
 
-def test_embedded_ray_takes_the_jobs_memory_usage_threshold():
+def test_embedded_ray_takes_the_jobs_memory_usage_threshold(monkeypatch):
     """The simulator's host limit and the memory monitor's are one number: an embedded Ray is started
     with the job's cluster.memory_usage_threshold as its raylet system config (read back from the node
     Ray started, the config it hands to the raylet)."""
-    from ray._private import worker
+    from ray._private import ray_constants, worker
 
+    from meshpilot.launch import ray_cluster
     from meshpilot.launch.ray_cluster import connect_ray
+    # connect_ray makes this process's Ray loopback-only (an environment variable its children inherit, and
+    # a module constant): both are put back after the test, or later multi-node Ray tests would inherit them
+    monkeypatch.setenv(ray_cluster.LOOPBACK_ENV, "1")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     s = connect_ray(None, accelerator="cpu", workers_per_node=1, memory_usage_threshold=0.77)
     try:
         assert worker._global_node._config["memory_usage_threshold"] == 0.77
