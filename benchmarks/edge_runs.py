@@ -21,21 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import metadata, write_json  # noqa: E402
-from hf_startup import make_checkpoint_in_subprocess, run_one  # noqa: E402
+from hf_startup import checkpoint_args, ensure_checkpoint, run_one  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-2-13b")
-    ap.add_argument("--ckpt", type=Path, required=True)
-    ap.add_argument("--job", default="benchmarks/configs/h200x2_check.yaml")
-    ap.add_argument("--out", type=Path, required=True)
+    checkpoint_args(ap, "llama-2-13b")
     ap.add_argument("--variant", action="append", required=True, help="NAME:KEY=VALUE KEY=VALUE ...")
     ap.add_argument("--set", nargs="*", default=[])
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    if not (a.ckpt / "config.json").exists():
-        print(f"checkpoint written in {make_checkpoint_in_subprocess(a.model, a.ckpt):.1f} s", flush=True)
+    ensure_checkpoint(a)
     base = [*a.set, f"model={a.ckpt}", "train.steps=3", "train.global_batch=16", "train.seq_len=2048",
             "train.checkpoint_final=false", "plan.tp=1", "plan.dp=2", "plan.zero_stage=3"]
     rows = []

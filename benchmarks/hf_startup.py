@@ -62,6 +62,25 @@ def make_checkpoint_in_subprocess(preset: str, out: Path) -> float:
     return float(p.stdout.strip().splitlines()[-1])
 
 
+def checkpoint_args(ap: argparse.ArgumentParser, model: str) -> None:
+    """The arguments of the benchmarks that run from a Hugging Face checkpoint of a preset."""
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--ckpt", type=Path, required=True, help="where the HF checkpoint is written (or reused)")
+    ap.add_argument("--job", default="benchmarks/configs/h200x2_check.yaml")
+    ap.add_argument("--out", type=Path, required=True)
+
+
+def ensure_checkpoint(a: argparse.Namespace) -> float | None:
+    """Create ``a.out``; write ``a.model``'s checkpoint to ``a.ckpt`` unless one is there (seconds taken,
+    None when it was reused)."""
+    a.out.mkdir(parents=True, exist_ok=True)
+    if (a.ckpt / "config.json").exists():
+        return None
+    made = make_checkpoint_in_subprocess(a.model, a.ckpt)
+    print(f"checkpoint written in {made:.1f} s to {a.ckpt}", flush=True)
+    return made
+
+
 def warm(path: Path) -> float:
     """Read every file once (page cache warm); returns the bytes read in GB."""
     n = 0
@@ -91,18 +110,11 @@ def run_one(job: str, sets: list[str], plan: list[str], init: list[str], run_dir
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-2-7b")
-    ap.add_argument("--ckpt", type=Path, required=True, help="where the HF checkpoint is written (or reused)")
-    ap.add_argument("--job", default="benchmarks/configs/h200x2_check.yaml")
-    ap.add_argument("--out", type=Path, required=True)
+    checkpoint_args(ap, "llama-2-7b")
     ap.add_argument("--plans", nargs="+", default=list(PLANS))
     ap.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE overrides")
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    made = None
-    if not (a.ckpt / "config.json").exists():
-        made = make_checkpoint_in_subprocess(a.model, a.ckpt)
-        print(f"checkpoint written in {made:.1f} s to {a.ckpt}", flush=True)
+    made = ensure_checkpoint(a)
     gb = warm(a.ckpt)
     print(f"page cache warmed: {gb:.1f} GB", flush=True)
     sets = [*a.set, "train.steps=2", "train.global_batch=2", "train.seq_len=2048", "train.checkpoint_final=false"]

@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,47 +93,27 @@ def predict(overrides: list[str]) -> dict:
 
 # --- the node's memory, sampled from outside the run ---------------------------------------------
 
-def meminfo_gib() -> dict[str, float]:
-    """MemTotal and MemAvailable of this node (GiB); {} where /proc/meminfo cannot be read."""
-    try:
-        info = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("MemTotal", "MemAvailable"):
-                    info[k] = int(v.split()[0]) * 1024 / GIB
-        return info
-    except (OSError, ValueError, IndexError):
-        return {}
+def node_sampler():
+    """The peak of the node's MemTotal - MemAvailable over a run, every 50 ms: the sampler and the
+    reading a training rank uses (:mod:`meshpilot.orchestrator.train.memory_peaks`)."""
+    from meshpilot.orchestrator.train.memory_peaks import PeakSampler, node_used_bytes
+    return PeakSampler(node_used_bytes, interval_s=0.05, name="node-used-sampler").start()
 
 
-def node_used_gib() -> float | None:
-    info = meminfo_gib()
-    return info["MemTotal"] - info["MemAvailable"] if "MemTotal" in info and "MemAvailable" in info else None
+def node_rise(sampler) -> dict:
+    """Stop ``sampler``; its value at the start, its peak and the rise between them (GiB)."""
+    peak = sampler.stop()
+    start = sampler.first.get(sampler.PRIMARY)
+    gib = (lambda b: None if b is None else b / GIB)
+    return dict(node_used_before_gib=gib(start), node_used_peak_gib=gib(peak),
+                node_used_rise_gib=None if peak is None or start is None else (peak - start) / GIB)
 
 
-class NodeSampler:
-    """The peak of the node's MemTotal - MemAvailable over a run (a daemon thread, every 50 ms)."""
-
-    def __init__(self) -> None:
-        self.start_gib = node_used_gib()
-        self.peak_gib = self.start_gib
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._halt.wait(0.05):
-            v = node_used_gib()
-            if v is not None and (self.peak_gib is None or v > self.peak_gib):
-                self.peak_gib = v
-
-    def stop(self) -> dict:
-        self._halt.set()
-        self._thread.join()
-        rise = None if self.peak_gib is None or self.start_gib is None else self.peak_gib - self.start_gib
-        return dict(node_used_before_gib=self.start_gib, node_used_peak_gib=self.peak_gib,
-                    node_used_rise_gib=rise)
+def host_total_gib() -> float:
+    """This node's MemTotal (GiB), 0 where /proc/meminfo cannot be read."""
+    from meshpilot.orchestrator.train.memory_peaks import node_memory_bytes
+    m = node_memory_bytes()
+    return 0.0 if m is None else m[0] / GIB
 
 
 # --- one case --------------------------------------------------------------------------------------
@@ -143,7 +122,7 @@ def run_case(overrides: list[str], force: bool, run_dir: Path, timeout_s: float)
     cmd = [sys.executable, "-m", "meshpilot.orchestrator.cli", "run", JOB, *overrides,
            "--run-dir", str(run_dir), "--no-progress", "--max-restarts", "0", *(["--force"] if force else [])]
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-    node = NodeSampler()
+    node = node_sampler()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -153,7 +132,7 @@ def run_case(overrides: list[str], force: bool, run_dir: Path, timeout_s: float)
         rc = 124
     wall = time.perf_counter() - t0
     log.close()
-    return dict(rc=rc, wall_s=round(wall, 1), command=" ".join(cmd), **node.stop())
+    return dict(rc=rc, wall_s=round(wall, 1), command=" ".join(cmd), **node_rise(node))
 
 
 def measured(run_dir: Path) -> dict:
@@ -201,7 +180,7 @@ def main() -> int:
         ap.error(f"unknown case(s) {sorted(unknown)}; choose among {[c.name for c in CASES]}")
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    host_gib = a.host_gib or (DRY_RUN_HOST_GIB if a.dry_run else round(meminfo_gib().get("MemTotal", 0.0), 1))
+    host_gib = a.host_gib or (DRY_RUN_HOST_GIB if a.dry_run else round(host_total_gib(), 1))
     if not host_gib:
         ap.error("cannot read MemTotal from /proc/meminfo: give --host-gib")
     built = None

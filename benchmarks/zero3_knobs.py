@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import metadata, write_json  # noqa: E402
-from hf_startup import make_checkpoint_in_subprocess, run_one, warm  # noqa: E402
+from hf_startup import checkpoint_args, ensure_checkpoint, run_one, warm  # noqa: E402
 
 Z = "train.deepspeed_extra.zero_optimization"
 VARIANTS = {
@@ -64,19 +64,14 @@ PLAN = ["plan.tp=1", "plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=1", "pl
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-2-13b")
-    ap.add_argument("--ckpt", type=Path, required=True)
-    ap.add_argument("--job", default="benchmarks/configs/h200x2_check.yaml")
-    ap.add_argument("--out", type=Path, required=True)
+    checkpoint_args(ap, "llama-2-13b")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--plan", nargs="+", default=PLAN, help="the plan's overrides (default: the 13B ZeRO-3 one)")
     ap.add_argument("--set", nargs="*", default=[])
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    if not (a.ckpt / "config.json").exists():
-        print(f"checkpoint written in {make_checkpoint_in_subprocess(a.model, a.ckpt):.1f} s", flush=True)
+    ensure_checkpoint(a)
     warm(a.ckpt)
     sets = [*a.set, f"model={a.ckpt}", f"train.steps={a.steps}", f"train.global_batch={a.global_batch}",
             "train.seq_len=2048", "train.checkpoint_final=false", *a.plan]

@@ -239,6 +239,16 @@ class Transformer(nn.Module):
         return gather_from_tp_region(self.local_logits(x), self.tp_group)[..., : self.cfg.vocab]
 
     # --- reassembly ------------------------------------------------------------------------
+    def _tp_full(self, p: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (``p`` or its gradient) whole along ``p``'s tensor-parallel dimension: all-gathered over the
+        tp group (collective) and without the vocabulary padding; ``t`` itself for a replicated ``p``."""
+        dim = getattr(p, "meshpilot_tp_dim", None)
+        if dim is None:
+            return t
+        if group_size(self.tp_group) > 1:
+            t = all_gather_no_grad(t, dim, self.tp_group)
+        return t.narrow(dim, 0, p.meshpilot_full_size)
+
     def full_state_dict(self, *, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or its gradient; zeros where none) as the full unsharded tensor.
 
@@ -248,12 +258,8 @@ class Transformer(nn.Module):
         out: dict[str, torch.Tensor] = {}
         expert_named: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
-            t = p.detach() if not grads else (p.grad.detach() if p.grad is not None else torch.zeros_like(p))
-            dim = getattr(p, "meshpilot_tp_dim", None)
-            if dim is not None and group_size(self.tp_group) > 1:
-                t = all_gather_no_grad(t, dim, self.tp_group).narrow(dim, 0, p.meshpilot_full_size)
-            elif dim is not None:
-                t = t.narrow(dim, 0, p.meshpilot_full_size)
+            t = self._tp_full(p, p.detach() if not grads else
+                              (p.grad.detach() if p.grad is not None else torch.zeros_like(p)))
             if getattr(p, "meshpilot_expert", False) and group_size(self.ep_group) > 1:
                 ep_dim = getattr(p, "meshpilot_ep_dim", None)
                 if ep_dim is None:
@@ -278,12 +284,7 @@ class Transformer(nn.Module):
         from .checksum import tensor_sum64
         dense = expert = 0.0
         for p in self.parameters():
-            t = p.detach()
-            dim = getattr(p, "meshpilot_tp_dim", None)
-            if dim is not None and group_size(self.tp_group) > 1:
-                t = all_gather_no_grad(t, dim, self.tp_group)
-            if dim is not None:
-                t = t.narrow(dim, 0, p.meshpilot_full_size)
+            t = self._tp_full(p, p.detach())
             if getattr(p, "meshpilot_expert", False):
                 expert += tensor_sum64(t)
             else:

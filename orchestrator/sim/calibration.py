@@ -464,9 +464,14 @@ def with_calibration(job: JobConfig, cal: CalibrationConfig) -> JobConfig:
 def _effective(cal: CalibrationConfig, job: JobConfig, c: SimulatorConstants) -> dict[str, Any]:
     """The rates the simulator uses for ``job`` under ``cal`` (where ``cal`` leaves a field unset)."""
     cl = job.cluster
-    ds = cl.gpu.bf16_tflops if str(job.train.precision) == "bf16" else cl.gpu.fp16_tflops
     bw = {op: float(getattr(cal, f) or cl.intra_node_bandwidth_gbs) for op, f in BUSBW_FIELDS.items()}
-    return dict(matmul_tflops=float(cal.matmul_tflops or ds * c.matmul_efficiency), busbw=bw)
+    return dict(matmul_tflops=float(cal.matmul_tflops or _datasheet_tflops(job) * c.matmul_efficiency), busbw=bw)
+
+
+def _datasheet_tflops(job: JobConfig) -> float:
+    """The card's 16-bit datasheet rate for the job's precision (TFLOP/s)."""
+    gpu = job.cluster.gpu
+    return float(gpu.bf16_tflops if str(job.train.precision) == "bf16" else gpu.fp16_tflops)
 
 
 def _observations(run: RecordedRun, pred: dict[str, Any]) -> list[tuple[str, float, float]]:
@@ -695,7 +700,7 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig, c: Simulator
     # the others are fitted again without it: the runs attribute to it time that belongs elsewhere
     xa = gauss_newton(active)
     while active:
-        bad = [(n, float(v)) for n, v in zip(active, xa) if not _plausible(n, float(v), runs[0].job, c)]
+        bad = [(n, float(v)) for n, v in zip(active, xa) if not _plausible(n, float(v), runs[0].job)]
         if not bad:
             break
         # one at a time, the bandwidth first (the usual sink of misattributed time), then refit the rest
@@ -718,13 +723,13 @@ BUSBW_FACTOR_RANGE = (0.1, 1.25)
 the runs are blaming communication for time spent elsewhere (e.g. ZeRO-3's host-bound hooks)."""
 
 
-def _plausible(name: str, x: float, job: JobConfig, c: SimulatorConstants) -> bool:
+def _plausible(name: str, x: float, job: JobConfig) -> bool:
     """Whether the fitted ``1 / value`` ``x`` of ``name`` is physical: positive and finite; a matmul rate
     at most the card's datasheet rate; the bandwidth factor within :data:`BUSBW_FACTOR_RANGE`."""
     if not (x > 0 and np.isfinite(x)):
         return False
     if name == "matmul_tflops" or _class_of(name) is not None:
-        return 1.0 / x <= _effective(CalibrationConfig(), job, c)["matmul_tflops"] / c.matmul_efficiency * 1.0001
+        return 1.0 / x <= _datasheet_tflops(job) * 1.0001
     if name == "busbw":
         return BUSBW_FACTOR_RANGE[0] <= 1.0 / x <= BUSBW_FACTOR_RANGE[1]
     return True

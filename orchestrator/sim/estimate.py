@@ -173,7 +173,8 @@ class SimulatorConstants:
     cpu_process_gib: float = 3.0
     """Host memory of one training process before offload (torch, CUDA, DeepSpeed, data loader)."""
     cpu_pinned_buffer_gib: float = 1.0
-    """Pinned staging buffers per offloading rank."""
+    """Not read: the host model counts the pinned buffers themselves (memory.host_memory_terms). Kept so
+    that the constant files committed under benchmarks/results/2026-11-27-* still load."""
 
     def replace(self, **kw: Any) -> "SimulatorConstants":
         return dataclasses.replace(self, **kw)

@@ -366,7 +366,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # (w x the largest parameter, on the GPU, for the life of the engine), through which
     # async_accumulate_grad_in_cpu_via_gpu adds each accumulated gradient to the new one
     off12 = off_o & (st >= 1) & (st <= 2) & ~is_zo
-    grads = grads + np.where(off12, w * largest_tensor(job.model, a.tp), 0.0)
+    n_max = largest_tensor(job.model, a.tp)
+    grads = grads + np.where(off12, w * n_max, 0.0)
     temporary = np.maximum(working, step_tmp - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
     # communicators a rank joins: the world's, tp, ep (ep and expert-data-parallel), pertp, and the engine's
@@ -388,7 +389,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     fixed = cal.device_fixed_gib if cal.device_fixed_gib is not None else (
         c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib)
     # the engine's construction, before the first step (engine_build_terms): a peak of its own at stages 1-2
-    build_alloc, build_reserved = engine_build_terms(job, a, pr, ps, w, on_gpu)
+    build_alloc, build_reserved = engine_build_terms(a, pr, ps, n_max, w, on_gpu)
     # (blocks cached by the build belong to the compute stream's pool: the side streams' pools come on top)
     reserved_run = allocated * (1.0 + c.fragmentation) + load_hole
     build_excess = np.maximum(build_reserved - reserved_run, 0.0)
@@ -397,7 +398,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # host memory per node: every rank of the node holds its offloaded share (pinned buffers rounded up to
     # powers of two, per-parameter accumulation buffers, ZO2 block stores: host_memory_terms); ZO2 ranks of
     # one node upload in slices, each keeping 1/n of every block's store
-    host = host_memory_terms(mt, job, a, ds, ps, pr, w, K)
+    host = host_memory_terms(mt, job, a, ds, ps, pr, n_max, w, K)
     per_rank_cpu = host["offload"]
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
@@ -419,8 +420,9 @@ def largest_tensor(m: ModelConfig, tp) -> np.ndarray:
     return np.maximum(np.max(n[s]) / np.asarray(tp, dtype=float), np.max(n[~s], initial=0.0))
 
 
-def engine_build_terms(job: JobConfig, a: PlanArrays, pr, ps, w: float, on_gpu: bool):
+def engine_build_terms(a: PlanArrays, pr, ps, n_max, w: float, on_gpu: bool):
     """(allocated, reserved) bytes per rank while DeepSpeed builds a ZeRO 1-2 engine on a GPU; 0 elsewhere.
+    ``n_max``: elements of the largest parameter tensor on a rank (:func:`largest_tensor`).
 
     DeepSpeedZeroOptimizer.__init__ (runtime/zero/stage_1_and_2.py, DeepSpeed 0.19.8), per parameter
     group: ``flatten_dense_tensors_aligned`` copies the group's parameters into one new flat buffer while
@@ -443,7 +445,7 @@ def engine_build_terms(job: JobConfig, a: PlanArrays, pr, ps, w: float, on_gpu: 
     build = (st >= 1) & (st <= 2) & ~a.zeroth_order & on_gpu
     master = np.where(a.offloads_optimizer | (not mixed), 0.0, 4.0 * ps)
     alloc = np.where(build, np.maximum(2.0 * w * pr, w * pr + w * ps + master), 0.0)
-    clone = np.where(ps > largest_tensor(job.model, a.tp), w * ps, 0.0)
+    clone = np.where(ps > n_max, w * ps, 0.0)
     reserved = np.where(build, 2.0 * w * pr + clone + master, 0.0)
     return alloc, reserved
 
@@ -507,11 +509,12 @@ def pinned_tensor_bytes(m: ModelConfig, w: float, tp, ep, split, *, pinned: bool
     return out[np.ravel(inverse)].reshape(tp.shape)
 
 
-def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeedSettings, ps, pr,
+def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeedSettings, ps, pr, n_max,
                       w: float, K: float) -> dict[str, np.ndarray]:
     """Host bytes per rank that the worker allocates beyond its process (``offload``: what stays for
     the run; ``build``: the zeroth-order model built on the host). Pinned blocks are rounded up to a
-    power of two (:func:`pow2_ceil`) on GPU clusters; a CPU cluster pins nothing.
+    power of two (:func:`pow2_ceil`) on GPU clusters; a CPU cluster pins nothing. ``n_max``: elements of
+    the largest parameter tensor on a rank (:func:`largest_tensor`).
 
     Optimizer offload, ZeRO 1/2 (DeepSpeed 0.19 stage_1_and_2.py, pin_memory on, mixed precision):
     the fp32 master partition ``pin(4 P_s)``, its 16-bit copy-back buffer ``pin(w P_s)``
@@ -543,8 +546,6 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     states = K - (4.0 if mixed else 0.0)                     # moments (and momentum) beyond the fp32 master
     st, off_o, off_p, is_zo = a.zero, a.offloads_optimizer & ~a.zeroth_order, a.offloads_params & ~a.zeroth_order, \
         a.zeroth_order
-    n, _, s, _ = parameter_tensors(m)
-    n_max = np.maximum(np.max(n[s]) / a.tp, np.max(n[~s], initial=0.0))         # the largest tensor on a rank
     need = off_o & (st < 3) & (a.grad_accum > 1)                                 # only where it is used
     accum = np.zeros(a.n)
     if need.any():
