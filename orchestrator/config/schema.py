@@ -311,6 +311,13 @@ class TrainConfig:
     export: ExportFormat = ExportFormat.NONE  # hf: write a Hugging Face model directory after the last step
     export_dir: Optional[str] = None        # default: RUN_DIR/export
     export_dtype: Precision = Precision.FP32  # fp32: DeepSpeed's fp32 master weights where it keeps them
+    # PyTorch's caching allocator in expandable-segments mode (one growing virtual segment per stream,
+    # PYTORCH_ALLOC_CONF expandable_segments:True) instead of its default (one cudaMalloc segment per
+    # request that no cached block fits); set by the worker before its first CUDA allocation, unless the
+    # environment names expandable_segments. The simulator's reserve model is that of the default mode:
+    # measured with expandable segments the reserve was 0.2-18.6 GiB on 8 runs, not lower, and the
+    # predictions miss by up to 21% there (benchmarks/results/2026-11-30-s2-h200x2).
+    expandable_segments: bool = False
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)

@@ -35,6 +35,7 @@ from meshpilot.orchestrator.config.schema import JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.train.checkpoint import CheckpointManager, find_checkpoint, read_meta
+from meshpilot.orchestrator.train.cuda_allocator import configure_allocator
 from meshpilot.orchestrator.train.data import resolve_job_source
 from meshpilot.orchestrator.train.engine import ModelFactory, RunContext, StartupPhases, StepHook
 from meshpilot.orchestrator.train.engine_deepspeed import build_deepspeed_engine
@@ -168,6 +169,8 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     # DeepSpeed reads these from the environment (Slurm/MPI launches set other names)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
+    if not on_cpu:                                  # before the first CUDA allocation (the process group's)
+        configure_allocator(job.train.expandable_segments)
     owns_pg = _init_distributed(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
                                 on_cpu=on_cpu, timeout_s=dist_timeout_s, local_rank=local_rank)
     ctx = RunContext(job=job, plan=plan, rank=rank, world_size=world_size, device=_device(on_cpu, local_rank),
