@@ -99,12 +99,22 @@ def test_korthikanti_table_hand_computed():
 def test_gpt2_layer_count_close_to_korthikanti_without_scores():
     job = _job(model="gpt2-xl", global_batch=4, seq_len=1024)
     m = job.model
+    m.implementation = "hf"                               # transformers' layers: trained with dropout
     acts = layer_activation_bytes(m)
     ours = acts.replicated + acts.attention + acts.mlp
     s, h, a = 1024, m.hidden, m.heads
     paper_no_scores = korthikanti_layer_bytes(s, 1, h, a, mode="none") / s - 5 * a * s / h * h
     assert acts.replicated == 10 * h                      # Korthikanti's replicated 10sbh
     assert ours == pytest.approx(paper_no_scores, rel=0.1)  # 36h + 4a vs 34h
+    m.implementation = "builtin"                          # no dropout masks
+    assert layer_activation_bytes(m).replicated == 8 * h
+
+
+def test_opt_relu_mlp_saves_one_tensor():
+    """opt's ReLU output is what its backward needs and what fc2 saves: 2f, where gpt2's GELU saves 4f."""
+    opt = _job(model="opt-125m", global_batch=2, seq_len=64).model
+    gpt2 = _job(model="gpt2", global_batch=2, seq_len=64).model
+    assert layer_activation_bytes(opt).mlp == 2 * opt.ffn and layer_activation_bytes(gpt2).mlp == 4 * gpt2.ffn
 
 
 def test_llama_layer_hand_count():
@@ -335,10 +345,12 @@ def test_zero12_engine_build_peak_by_hand():
     the clone of the rank's partition (w P_s, before its fp32 master goes to the host) gets a segment of its own:
     reserved 2 w P_r + w P_s. Built-in llama-2-7b, ZeRO-2 + optimizer offload, dp=2 (measured on 2 x H200:
     allocated 25.10 GiB, reserved 31.97, NVML 34.62; benchmarks/results/2026-11-30-h200x2/host2/z2off_7b_mb2)."""
-    job = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "plan=auto", "train.global_batch=16"])
+    job = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "plan=auto", "train.global_batch=16",
+                          "train.expandable_segments=false"])         # the measured run: torch's default mode
     P = 6_738_415_616
     assert param_counts(job.model).total == P
-    m = _mem(job, Plan(dp=2, zero_stage=2, offload_optimizer="cpu", micro_batch=2, activation_checkpointing="full"))
+    z2off = Plan(dp=2, zero_stage=2, offload_optimizer="cpu", micro_batch=2, activation_checkpointing="full")
+    m = _mem(job, z2off)
     assert m["allocated"] == pytest.approx(4.0 * P)                          # 26,953,662,464 B = 25.10 GiB
     assert m["reserved"] == pytest.approx(4.0 * P + 2.0 * P / 2)             # 33,692,078,080 B = 31.38 GiB
     run = m["weights"] + m["gradients"] + m["optimizer_states"] + m["activations"] + m["temporary"] \
@@ -354,10 +366,42 @@ def test_zero12_engine_build_peak_by_hand():
     # a partition smaller than the largest parameter (dp=64: 105.3e6 < 131.1e6 elements of the embedding) fits
     # in that parameter's freed block: reserved 2 w P_r only
     big = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.nodes=16", "plan=auto",
-                          "train.global_batch=64"])
+                          "train.global_batch=64", "train.expandable_segments=false"])
     m64 = _mem(big, Plan(dp=64, zero_stage=2, offload_optimizer="cpu", micro_batch=1, activation_checkpointing="full"))
     assert P / 64 < 32000 * 4096
     assert m64["reserved"] == pytest.approx(4.0 * P)
     # ZeRO-3 (zero.Init partitions each parameter as it is built) and zeroth order: no such build
     m3 = _mem(job, Plan(dp=2, zero_stage=3, offload_optimizer="cpu", micro_batch=2, activation_checkpointing="full"))
     assert m3["allocated"] < 4.0 * P / 2
+
+
+def test_allocator_phases_by_hand():
+    """Built-in llama-2-7b, dp=2, ZeRO-2, micro-batch 1 x 8, no checkpointing (bf16 AdamW). The step holds the
+    flat 16-bit gradient partition and its fp32 copy at once: 6 P_s, which sets the allocated peak
+    (measured 75.40 GiB, max_allocated rising by 18.8 GiB in the step; 2026-11-30-s2-h200x2/trace_std). The
+    activation phase's per-tensor blocks do not serve those flat buffers: reserved = (static + 6 P_s +
+    activation phase) x (1 + fragmentation) (measured 88.46 GiB). With checkpointing the activation phase is
+    small and the reserve shrinks by the activations it no longer saves."""
+    from meshpilot.orchestrator.sim.memory import activation_terms, model_terms
+    job = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                          "train.global_batch=16"])
+    P = 6_738_415_616
+    Ps = P / 2
+    plan = Plan(dp=2, zero_stage=2, micro_batch=1, grad_accum=8, activation_checkpointing="none")
+    arr = PlanArrays.from_plans([plan], 2)
+    acts, working = (float(x[0]) for x in activation_terms(model_terms(job.model), 2048, arr, C))
+    static = 2 * P + 2 * Ps + 12 * Ps + 2 * 2e8              # weights, gradient partition, states, reduce bucket
+    step = 6 * Ps
+    assert step > acts + working                             # the step is the allocated peak here
+    m = _mem(job, plan)
+    assert m["allocated"] == pytest.approx(static + step, rel=1e-9)
+    assert m["reserved"] == pytest.approx((static + step + acts + working) * (1 + C.fragmentation), rel=1e-9)
+    assert 75.0 < m["allocated"] / 2**30 < 76.5 and 88.0 < m["reserved"] / 2**30 < 90.0
+    ckpt = _mem(job, Plan(dp=2, zero_stage=2, micro_batch=1, grad_accum=8, activation_checkpointing="full"))
+    a2, w2 = (float(x[0]) for x in activation_terms(model_terms(job.model), 2048,
+                                                     PlanArrays.from_plans([Plan(dp=2, zero_stage=2, micro_batch=1,
+                                                                                 grad_accum=8,
+                                                                                 activation_checkpointing="full")], 2),
+                                                     C))
+    assert ckpt["reserved"] == pytest.approx((static + step + a2 + w2) * (1 + C.fragmentation), rel=1e-9)
+    assert m["reserved"] - ckpt["reserved"] == pytest.approx((acts + working - a2 - w2) * (1 + C.fragmentation))

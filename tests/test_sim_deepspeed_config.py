@@ -44,7 +44,8 @@ def test_settings_are_those_of_the_built_config_for_every_planned_plan():
 def test_reduce_bucket_from_deepspeed_extra_moves_memory_by_its_bytes():
     """Stage 2 keeps one bf16 staging buffer of reduce_bucket_size elements: 2e8 -> 1e8 frees 2 x 1e8 bytes
     of communication buffers, and the peak drops by that times (1 + fragmentation)."""
-    base = simulate(_job(), Z2)
+    job = _job()
+    base = simulate(job, Z2)
     small = simulate(_job("train.deepspeed_extra.zero_optimization.reduce_bucket_size=100000000"), Z2)
     freed = 2 * (dsc.DEFAULT_BUCKET - 1e8)
     assert dsc.DEFAULT_BUCKET == 2e8

@@ -57,16 +57,17 @@ class SimulatorConstants:
     zero3_engine_groups: float = 1.0
     """The same at ZeRO-3: 2.35-2.45 GiB on Hugging Face Llama = 1.82 + 0.28 + 1 x 0.28; 2.56 on the
     built-in model's runs through `meshpilot run` (1B-13B), 0.18 GiB more than this predicts."""
-    fragmentation: float = 0.0546
-    """Caching-allocator reserve above the allocated peak, as a fraction of it (reserved/allocated - 1).
-    First principles 0.06; fitted 0.0546 on the calibration half with the fixed costs measured
-    (cuda_context_gib, nccl_*; before: 0.1133 with them fitted too). The built-in model's runs, not in
-    the fit, measured 0.013-0.087 at 7B-13B (benchmarks/results/2026-11-29-s2-h200x2)."""
-    model_load_fragmentation: float = 1.2036
+    fragmentation: float = 0.0155
+    """Caching-allocator reserve beyond the phase model of sim/memory.py (the activation and step phases'
+    blocks reserved side by side), as a fraction of it. Fitted 0.0155 with model_load_fragmentation on the
+    calibration half of the 2026-11-27 sets (benchmarks/accuracy_report.py --fit-metrics
+    fragmentation,model_load_fragmentation, from 0.0546 and 1.2036, the values of the model without
+    phases; benchmarks/results/2026-11-30-s2-h200x2/accuracy_report_phases.txt)."""
+    model_load_fragmentation: float = 1.1017
     """Allocator blocks left reserved after DeepSpeed copies a loaded transformers model (w·P_r bytes
     per rank) into its flat buffers, as a fraction of w·P_r (``model.implementation: hf`` only; see
-    sim/memory.py). Not used for zeroth-order plans. First principles 0.5; fitted 1.2036 on the
-    calibration half (reserved - allocated 12-19 GiB at 6.7B, bf16 model 12.6 GiB)."""
+    sim/memory.py). Not used for zeroth-order plans. First principles 0.5; fitted with fragmentation
+    (above; reserved - allocated 12-19 GiB at 6.7B, bf16 model 12.6 GiB)."""
     # --- DeepSpeed internals (not configurable) --------------------------------------------
     stage0_allreduce_bucket: float = 5e8
     """Elements per flattened all-reduce buffer of the engine's plain data-parallel path (stage 0):

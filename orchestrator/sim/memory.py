@@ -16,7 +16,8 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
   the engine's backward (w·min(P_r, bucket)) is freed before the step;
 - stage 1/2 (DeepSpeedZeroOptimizer): w·P_r weights, gradients w·P_r (stage 1) or w·P_s
   (stage 2), K·P_s states, one ``reduce_bucket_size`` staging buffer (torch.empty, model dtype, even
-  for tiny models), a 4·P_s fp32 gradient partition at the step; with optimizer offload no gradient
+  for tiny models), at the step the gradient partition flattened into one w·P_s buffer and its fp32 copy
+  (4·P_s) at once; with optimizer offload no gradient
   partition on the GPU but ``temp_grad_buffer_for_gpu_offload`` (w x the largest parameter);
 - stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
   max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, and at the step
@@ -46,9 +47,25 @@ With it off all of this runs on the compute stream and shares its pool. Measured
 overlap_comm, +4.94 GiB with DeepSpeed's defaults (bucket 5e8); this model gives +2.24 and +3.38
 (benchmarks/results/2026-11-29-s2-h200x2/z3knobs, tests/test_comm_overlap.py).
 
-Peak (what NVML reports) = max((static + max(activation phase, step phase)) x (1 + fragmentation)
-+ model_load_fragmentation x w·P_r, the engine build's reserve at stages 1-2) + side-stream pools + CUDA
-context + NCCL buffers. The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__
+The caching allocator's reserve, by phase. Allocated = static + max(activation phase, step phase), static
+being the weights, gradients, optimizer states and buckets; the activation phase the saved activations
+and the backward's working set, the step phase its temporaries (stages 1-2: the flat 16-bit gradient
+partition and its fp32 copy; stage 3: one sub-group's fp32 gradients; stage 0: the per-tensor fp32
+copies and their concatenation). In PyTorch's default allocator mode a freed block serves a later
+request only where that request fits inside it: the activation phase frees many per-tensor blocks, the
+step asks for a few flat buffers of P_s elements, so neither phase reuses the other's blocks and both
+stay reserved. Reserved = (static + step phase + max(activation phase, load hole)) x (1 + fragmentation),
+and at least allocated + load hole (the loaded model's per-parameter blocks serve the activations, not
+the flat buffers). Measured (built-in llama-2-7b dp=2 ZeRO-2, mb 1 x 8, no checkpointing, 2 x H200,
+benchmarks/results/2026-11-30-s2-h200x2/trace_std): reserved rises by the two Adam moments (2 x 4 P_s) at
+the first step while the 6 P_s of the step's temporaries come from blocks the model build left, and
+stays at 88.46 GiB against 75.40 allocated; this model gives 88.9 and 75.7. ``fragmentation`` is the
+rest, fitted with ``model_load_fragmentation`` on the calibration half of the 2026-11-27 sets (0.0155,
+1.1017). With ``train.expandable_segments`` (free neighbours merge) the phases can share and the
+reserve measured 0.2-18.6 GiB on 8 runs, with no rule found: the model stays that of the default mode.
+
+Peak (what NVML reports) = max(reserved, the engine build's reserve at stages 1-2) + side-stream pools +
+CUDA context + NCCL buffers. The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__
 holds the parameters and their flat copy at once (2 w·P_r allocated) and clones the rank's partition
 (w·P_s) into a segment of its own; with optimizer offload, where the run itself is small, that is the
 peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97 reserved). ``calibration.device_fixed_gib`` (a
@@ -143,17 +160,23 @@ def layer_activation_bytes(m: ModelConfig) -> LayerActivations:
     (repeat_kv copies them to h each), the SDPA output (2h each) and the o_proj input (2h), plus the
     fp32 log-sum-exp per head (4a): 10h + 4a. SwiGLU saves gate output g, silu(g), up output u and
     silu(g)*u (2f each): 8f. MoE adds fp32 router logits (4E).
-    gpt2/opt: LayerNorm inputs and outputs (2h each, two norms: 8h) and two 1-byte dropout masks
-    (2h) are replicated (Korthikanti's 10h); attention saves the fused qkv (6h), SDPA output (2h),
-    c_proj input (2h) and the log-sum-exp (4a): 10h + 4a; the GELU MLP saves fc output and GELU
-    output (2f each): 4f. (Korthikanti's 34h + 5as^2/h counts 24h inside the tensor-parallel
-    region; without the s^2 terms our gpt2 count is 10h + 10h + 16h = 36h for f = 4h.)
+    gpt2/opt: LayerNorm inputs and outputs (2h each, two norms: 8h) are replicated, and with
+    transformers' layers (``model.implementation: hf``, which train with dropout) two 1-byte dropout
+    masks (2h: Korthikanti's 10h); the built-in layers have no dropout. Attention saves q, k, v (6h),
+    the SDPA output (2h), the output projection's input (2h) and the log-sum-exp (4a): 10h + 4a; gpt2's
+    GELU MLP saves fc output and GELU output (2f each): 4f; opt's ReLU saves its output, which is also
+    fc2's input: 2f. (Korthikanti's 34h + 5as^2/h counts 24h inside the tensor-parallel region; without
+    the s^2 terms the hf gpt2 count is 10h + 10h + 16h = 36h for f = 4h.) Measured, built-in opt-2.7b dp=2
+    ZeRO-1 mb 4 without checkpointing: allocated 46.0 GiB, 53.8 predicted with 10h and 4f
+    (benchmarks/results/2026-11-30-s2-h200x2/alloc3).
     In an MoE layer each token routed to an expert (top_k x capacity_factor per token) saves that
     expert's ``mlp`` bytes plus the dispatch and combine buffers (2h each); see :func:`activation_terms`.
     """
     h, a, f = m.hidden, m.heads, m.ffn
     if m.arch in (Arch.GPT2, Arch.OPT):
-        return LayerActivations(replicated=10.0 * h, attention=10.0 * h + 4.0 * a, mlp=4.0 * f)
+        masks = 2.0 * h if m.implementation == Implementation.HF else 0.0
+        return LayerActivations(replicated=8.0 * h + masks, attention=10.0 * h + 4.0 * a,
+                                mlp=(2.0 if m.arch == Arch.OPT else 4.0) * f)
     return LayerActivations(replicated=12.0 * h, attention=10.0 * h + 4.0 * a, mlp=8.0 * f,
                             router=4.0 * m.num_experts)
 
@@ -350,8 +373,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
     # stage 3 steps its partition one sub-group at a time (stage3.py step: _prepare_sub_group flattens
     # that sub-group's gradients to fp32, steps, releases): sub_group_size elements, not P_s
+    # stages 1-2 (stage_1_and_2.py step): ``flatten(averaged_gradients)`` copies the gradient partition into one
+    # 16-bit buffer, ``.to(fp32)`` makes its fp32 copy while it is alive: (w + 4) P_s at once (measured: built-in
+    # llama-2-7b dp=2 ZeRO-2, max_allocated rises by 18.8 GiB = 6 P_s in the step; 2026-11-30-s2 trace_std)
     step_tmp = np.select([st == 0, off_o, st == 3], [stage0_tmp, 0.0, fp32_grads * np.minimum(ps, ds.sub_group_size)],
-                         fp32_grads * ps)
+                         (w + fp32_grads) * ps if mixed else w * ps)
     acts, working = activation_terms(mt, job.train.seq_len, a, c)
     # zeroth order: weights only (MeZO: all on the GPU; ZO2: embeddings/head + a window of blocks)
     zo_weights = np.where(a.zo2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
@@ -391,10 +417,17 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # the engine's construction, before the first step (engine_build_terms): a peak of its own at stages 1-2
     build_alloc, build_reserved = engine_build_terms(a, pr, ps, n_max, w, on_gpu)
     # (blocks cached by the build belong to the compute stream's pool: the side streams' pools come on top)
-    reserved_run = allocated * (1.0 + c.fragmentation) + load_hole
+    frag = c.fragmentation
+    # the caching allocator keeps every block it was given; a block serves a later request only where that fits
+    # inside it, so the big flat buffers of the step (the fp32 gradient partition and its 16-bit flat copy, a
+    # stage-3 sub-group) cannot reuse the per-tensor blocks the forward and backward freed, nor those the loaded
+    # model left: those phases' blocks stay reserved beside each other (module docstring)
+    static = weights + grads + opt + bucket
+    small = np.maximum(acts + working, load_hole)
+    reserved_run = np.maximum(allocated + load_hole, static + step_tmp + small) * (1.0 + frag)
     build_excess = np.maximum(build_reserved - reserved_run, 0.0)
     reserved = reserved_run + build_excess + stream_pools
-    framework = fixed * 2**30 + c.fragmentation * allocated + load_hole + build_excess
+    framework = fixed * 2**30 + (reserved_run - allocated) + build_excess
     # host memory per node: every rank of the node holds its offloaded share (pinned buffers rounded up to
     # powers of two, per-parameter accumulation buffers, ZO2 block stores: host_memory_terms); ZO2 ranks of
     # one node upload in slices, each keeping 1/n of every block's store
