@@ -155,7 +155,7 @@ def train_bench_cases(data: dict[str, Any], source: str, cluster_profile: str | 
         world = int(r["world"])
         plan = {"dp": world, "tp": 1, "micro_batch": int(r["global_batch"]) // world, **r["plan"]}
         train = {"seq_len": int(r["seq_len"]), "global_batch": int(r["global_batch"]), "precision": "bf16",
-                 "steps": 10, "data": "synthetic"}
+                 "steps": 10, "data": "synthetic", "expandable_segments": bool(r.get("expandable_segments", False))}
         job = job_from_dict({"model": r["model"], "cluster": cluster, "train": train, "plan": plan},
                             [f"cluster.gpus_per_node={world}"])
         nvml = [m.get("nvml_used") for x in rows for m in (x.get("memory") or []) if m and m.get("nvml_used")]

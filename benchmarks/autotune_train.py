@@ -61,6 +61,60 @@ from pathlib import Path
 from typing import Any
 
 
+class MemoryTrace:
+    """A DeepSpeed engine seen through its three training calls: after each forward, backward and ``step``
+    (synchronised) it records torch's allocated and reserved bytes and their peaks so far; ``segments``
+    summarises the caching allocator's segments (per stream: reserved, allocated, the largest free block).
+    Every other attribute is the engine's."""
+
+    def __init__(self, engine: Any, device: Any):
+        self._engine, self._device = engine, device
+        self.record: dict[str, list] = {"calls": [], "segments": []}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def _mark(self, phase: str) -> None:
+        import torch
+        torch.cuda.synchronize(self._device)
+        g = 2.0**30
+        self.record["calls"].append(dict(
+            phase=phase, allocated_gib=torch.cuda.memory_allocated(self._device) / g,
+            reserved_gib=torch.cuda.memory_reserved(self._device) / g,
+            max_allocated_gib=torch.cuda.max_memory_allocated(self._device) / g,
+            max_reserved_gib=torch.cuda.max_memory_reserved(self._device) / g))
+
+    def __call__(self, *a: Any, **k: Any) -> Any:
+        out = self._engine(*a, **k)
+        self._mark("forward")
+        return out
+
+    def backward(self, *a: Any, **k: Any) -> Any:
+        out = self._engine.backward(*a, **k)
+        self._mark("backward")
+        return out
+
+    def step(self, *a: Any, **k: Any) -> Any:
+        out = self._engine.step(*a, **k)
+        self._mark("step")
+        return out
+
+    def segments(self, when: str) -> None:
+        import torch
+        g = 2.0**30
+        by_stream: dict[str, dict[str, float]] = {}
+        for seg in torch.cuda.memory_snapshot():
+            d = by_stream.setdefault(str(seg.get("stream")), dict(segments=0, reserved_gib=0.0, allocated_gib=0.0,
+                                                                   largest_free_gib=0.0, expandable=0))
+            d["segments"] += 1
+            d["expandable"] += int(bool(seg.get("is_expandable")))
+            d["reserved_gib"] += seg["total_size"] / g
+            d["allocated_gib"] += seg["allocated_size"] / g
+            free = [b["size"] for b in seg.get("blocks", []) if b.get("state") == "inactive"]
+            d["largest_free_gib"] = max(d["largest_free_gib"], max(free, default=0) / g)
+        self.record["segments"].append(dict(when=when, streams=by_stream))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--job", default=None, help="meshpilot job file (its model and train sections are used)")
@@ -69,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed steps after the warm-up")
     p.add_argument("--result", default=None, help="rank 0 writes the result JSON here")
     p.add_argument("--local_rank", type=int, default=-1, help="set by DeepSpeed's launcher")
+    p.add_argument("--trace-memory", default=None, metavar="FILE",
+                   help="rank 0 writes torch's allocated/reserved bytes after every forward, backward and "
+                        "optimizer call, and the caching allocator's segments after the first and last step, here")
     # --deepspeed, --deepspeed_config: DeepSpeed's own arguments, read by deepspeed.initialize(args=...)
     import deepspeed
     deepspeed.add_config_arguments(p)
@@ -161,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     data = ShardedBatches(source,
                           BatchLayout(global_batch=batch, micro_batch=mb, grad_accum=gas, dp=world, dp_rank=rank),
                           seed=job.train.seed)
-    trainer = DeepSpeedTrainEngine(engine, plan, types.SimpleNamespace(dp_rank=rank), device=device, world_size=world)
+    tracer = MemoryTrace(engine, device) if args.trace_memory and device.type == "cuda" else None
+    trainer = DeepSpeedTrainEngine(tracer or engine, plan, types.SimpleNamespace(dp_rank=rank), device=device,
+                                   world_size=world)
 
     total = args.warmup + args.steps
     cap = autotuning_steps(cfg)
@@ -177,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.sync()
         times.append(time.perf_counter() - ts)
         losses.append(out.loss)
+        if tracer is not None and step in (0, total - 1):
+            tracer.segments(f"after step {step}")
         if rank == 0:
             print(f"step {step} loss {out.loss:.6f} time {times[-1]:.3f} s", flush=True)
 
@@ -193,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                   model_build_s=round(built_s, 3), init_s=round(init_s, 3), memory=mem,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   deepspeed_config=cfg)
+    if rank == 0 and tracer is not None:
+        Path(args.trace_memory).write_text(json.dumps(tracer.record, indent=1))
     if rank == 0 and args.result:
         Path(args.result).write_text(json.dumps(result, indent=1, default=str))
     dist.barrier()

@@ -42,12 +42,17 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
             "results/2026-11-29-s2-h200x2/edge13b/mb1_noac", "results/2026-11-29-s2-h200x2/edge13b/mb8_ac",
             "results/2026-11-29-s2-h200x2/hf7b_z3/zero3_random",
-            "results/2026-11-30-h200x2/host2/zo2_opt13b"]
+            "results/2026-11-30-h200x2/host2/zo2_opt13b",
+            # 2026-11-30-s2: the runs in torch's default allocator mode (the expandable-segments runs beside them are
+            # not the mode the model describes); not alloc/z2_7b_lean_std, the twin of trace_std, which the allocator
+            # phases of sim/memory.py were read from, nor alloc3/z1_opt27b_mb4_std, which led to opt's ReLU count
+            "results/2026-11-30-s2-h200x2/alloc/z2_7b_overlap_std", "results/2026-11-30-s2-h200x2/alloc3/z1_7b_mb4_std",
+            "results/2026-11-30-s2-h200x2/alloc3/tp2_7b_std", "results/2026-11-30-s2-h200x2/alloc3/ep2_moe_std"]
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
 # runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
 # same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)
-LOOP_RUNS = [("results/2026-11-30-h200x2/overlap/overlap_choice.json", "lean0", ["plan.comm_overlap=false"]),
-             ("results/2026-11-30-h200x2/overlap/overlap_choice.json", "overlap0", ["plan.comm_overlap=true"]),
+# (not overlap/lean0: the same DeepSpeed config and loop as the trace the allocator phases were read from)
+LOOP_RUNS = [("results/2026-11-30-h200x2/overlap/overlap_choice.json", "overlap0", ["plan.comm_overlap=true"]),
              ("results/2026-11-30-h200x2/autotune/autotuner_vs_plan.json", "meshpilot", None)]
 JOB = "configs/h200x2_check.yaml"
 

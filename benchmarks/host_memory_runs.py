@@ -158,6 +158,13 @@ def measured(run_dir: Path) -> dict:
                 step_time_s=(pvm.get("step_time_s") or {}).get("measured"))
 
 
+def outcome(rc: int, failure_kind: str | None = None) -> str:
+    """A run's end in words from `meshpilot run`'s exit status (4: out of memory, 124: this script's time limit)."""
+    if rc == 4:
+        return f"out of memory ({failure_kind})" if failure_kind else "out of memory"
+    return "ran" if rc == 0 else "timed out" if rc == 124 else f"exit {rc}"
+
+
 def fmt(x, spec="{:.1f}") -> str:
     return "-" if x is None else spec.format(x)
 
@@ -207,9 +214,7 @@ def main() -> int:
             run_dir = a.out / c.name
             row.update(run_case(overrides, not pred["fits"], run_dir, min(c.timeout_s, left)))
             row["measured"] = measured(run_dir)
-            m = row["measured"]
-            row["outcome"] = ("ran" if row["rc"] == 0 else "timed out" if row["rc"] == 124 else
-                              f"out of memory ({m['failure_kind']})" if row["rc"] == 4 else f"exit {row['rc']}")
+            row["outcome"] = outcome(row["rc"], row["measured"]["failure_kind"])
             time.sleep(a.settle_s)
         rows.append(row)
         m = row.get("measured") or {}

@@ -207,7 +207,9 @@ def _row(job, cfg: BenchConfig, times: list[float], memory: list[Any], world: in
             "plan": cfg.plan, "world": world, "seq_len": job.train.seq_len, "global_batch": job.train.global_batch,
             "step_time_s": step, "step_time_min_s": min(measured), "step_times_s": times,
             "tokens_per_s": tokens / step,
-            "mfu": mfu(job, tokens / step, world, zeroth_order=False), "final_loss": loss, "memory": memory}
+            "mfu": mfu(job, tokens / step, world, zeroth_order=False), "final_loss": loss, "memory": memory,
+            # the caching allocator's mode: the worker sets the job's (meshpilot), the direct loop leaves torch's
+            "expandable_segments": job.train.expandable_segments if mode == "meshpilot" else False}
 
 
 # --- driver ----------------------------------------------------------------------------------------
