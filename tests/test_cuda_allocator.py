@@ -53,3 +53,14 @@ def test_segments_are_expandable_on_gpu(monkeypatch):
     finally:
         ca.configure_allocator(False)
         torch.cuda.empty_cache()
+
+
+def test_simulator_says_its_reserve_model_is_the_default_modes():
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.sim.simulator import simulate
+    sets = ["model=llama-1b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan.dp=2", "plan.zero_stage=2"]
+    default = simulate(load_job(None, sets))
+    exp = simulate(load_job(None, [*sets, "train.expandable_segments=true"]))
+    assert not any("expandable" in n for n in default.notes)
+    assert any(n.startswith("train.expandable_segments") for n in exp.notes)
+    assert exp.peak_memory_gib == default.peak_memory_gib        # one reserve model for both modes
