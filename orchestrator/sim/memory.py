@@ -57,9 +57,11 @@ step asks for a few flat buffers of P_s elements, so neither phase reuses the ot
 stay reserved. Reserved = (static + step phase + max(activation phase, load hole)) x (1 + fragmentation),
 and at least allocated + load hole (the loaded model's per-parameter blocks serve the activations, not
 the flat buffers). Measured (built-in llama-2-7b dp=2 ZeRO-2, mb 1 x 8, no checkpointing, 2 x H200,
-benchmarks/results/2026-11-30-s2-h200x2/trace_std): reserved rises by the two Adam moments (2 x 4 P_s) at
-the first step while the 6 P_s of the step's temporaries come from blocks the model build left, and
-stays at 88.46 GiB against 75.40 allocated; this model gives 88.9 and 75.7. ``fragmentation`` is the
+benchmarks/results/2026-11-30-s2-h200x2/trace_std): the engine build leaves 31.6 GiB of free blocks, which
+serve the activations and the step's 6 P_s in turn; reserved rises by the two Adam moments (2 x 4 P_s, new
+segments) at the first step and stays at 88.46 GiB against 75.40 allocated; this model, which counts the two
+phases side by side, gives 88.9 and 75.7. Where the activation phase is large (micro-batch 4, no
+checkpointing) part of the step fits in its blocks and the model is 4-9% high (2026-11-30-s2 alloc3). ``fragmentation`` is the
 rest, fitted with ``model_load_fragmentation`` on the calibration half of the 2026-11-27 sets (0.0155,
 1.1017). With ``train.expandable_segments`` (free neighbours merge) the phases can share and the
 reserve measured 0.2-18.6 GiB on 8 runs, with no rule found: the model stays that of the default mode.
