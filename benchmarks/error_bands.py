@@ -47,7 +47,10 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # not the mode the model describes); not alloc/z2_7b_lean_std, the twin of trace_std, which the allocator
             # phases of sim/memory.py were read from, nor alloc3/z1_opt27b_mb4_std, which led to opt's ReLU count
             "results/2026-11-30-s2-h200x2/alloc/z2_7b_overlap_std", "results/2026-11-30-s2-h200x2/alloc3/z1_7b_mb4_std",
-            "results/2026-11-30-s2-h200x2/alloc3/tp2_7b_std", "results/2026-11-30-s2-h200x2/alloc3/ep2_moe_std"]
+            "results/2026-11-30-s2-h200x2/alloc3/tp2_7b_std", "results/2026-11-30-s2-h200x2/alloc3/ep2_moe_std",
+            # plan: auto's choice for llama-2-13b and the plans it passed over (benchmarks/plan_choice_runs.py)
+            *(f"results/2026-11-30-s2-h200x2/choice/{n}" for n in ("auto", "z3_mb8x1_ckpt", "z3_mb2x4_ckpt",
+                                                                    "z3_tp2_mb8x2_sp"))]
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
 # runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
 # same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)
@@ -94,9 +97,7 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
     """Held-out rows: name, regime, measured and predicted peak (GiB), status, source."""
     from accuracy_report import load_cases, split
 
-    from meshpilot.orchestrator.config.loader import load_job
-    from meshpilot.orchestrator.plan import text
-    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.sim.calibration import load_run
     from meshpilot.orchestrator.sim.error_bands import regime_of
     from meshpilot.orchestrator.sim.simulator import simulate
 
@@ -116,9 +117,8 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
         run = HERE / d
         if not (run / "summary.json").exists():
             continue
-        s = json.loads((run / "summary.json").read_text())
-        job = load_job(str(run / "job.yaml"), text.parse(s["plan"]), recorded=True)
-        plan = resolve_plan(job)
+        rec = load_run(run)                  # the plan that ran (plan: auto's choice, a fallback)
+        s, job, plan = rec.summary, rec.job, rec.plan
         peaks = [v.get("nvml") for v in (s.get("memory_peaks_gib") or {}).values() if v.get("nvml")]
         if not peaks:
             continue

@@ -1,0 +1,104 @@
+"""`plan: auto`'s choice against the plans it passed over, all measured through `meshpilot run` in one call.
+
+Issue #15's last target: the chosen plan's measured throughput within 5% of the best measured plan of the
+same job, on a model the simulator was not calibrated on. One job (default: llama-2-13b full fine-tune, seq
+2048, global batch 16, bf16 AdamW, 2 x H200, built-in model, random weights); the runs: ``plan=auto`` (the
+controller plans, then trains what it chose) and each alternative plan of ``ALTERNATIVES`` (``--force``
+where the simulator says it does not fit or fits only without its error band). Per run: the plan that ran,
+the prediction (step time, peak, fits, risky), the measured median step time (the first step left out),
+tokens/s and NVML peak. The summary gives the chosen plan's tokens/s over the best measured.
+
+    python benchmarks/plan_choice_runs.py --out $R/choice --budget-s 560
+    python benchmarks/plan_choice_runs.py --out /tmp/c --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from allocator_runs import measured  # noqa: E402
+from harness import metadata, write_json  # noqa: E402
+from host_memory_runs import CLUSTER, JOB, fmt, host_total_gib, outcome, run_case  # noqa: E402
+
+BASE = ["model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "train.seq_len=2048",
+        "train.steps=4", "train.checkpoint_final=false", "train.checkpoint_every=0", "train.eval_every=0"]
+ALTERNATIVES = {
+    # the plans the planner ranks near its choice, and the one a user would try first on 2 x 141 GB
+    "z3_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
+    "z3_mb2x4_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=2", "plan.activation_checkpointing=full"],
+    "z3_tp2_mb8x2_sp": ["plan.dp=1", "plan.tp=2", "plan.zero_stage=3", "plan.micro_batch=8",
+                        "plan.activation_checkpointing=full", "plan.sequence_parallel=true"],
+}
+TIMEOUT_S = 150.0
+
+
+def prediction(overrides: list[str]) -> dict:
+    """The simulator's view of the plan ``overrides`` name (``plan=auto``: the planner's choice)."""
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.sim.planner import search
+    from meshpilot.orchestrator.sim.simulator import simulate
+    job = load_job(JOB, overrides)
+    plan = search(job).best if job.plan.auto else None
+    e = simulate(job, plan) if plan is not None else simulate(job)
+    return dict(plan=e.plan, plan_config=e.plan_config, step_time_s=e.step_time_s, tokens_per_s=e.tokens_per_s,
+                peak_gpu_gib=e.peak_memory_gib, fits=e.fits, fits_with_margin=e.fits_with_margin, notes=e.notes)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget-s", type=float, default=560.0)
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    host_gib = 256.0 if a.dry_run else round(host_total_gib(), 1) or 256.0
+    base = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE]
+    runs = [("auto", ["plan=auto"])] + [(k, v) for k, v in ALTERNATIVES.items()]
+    t0 = time.monotonic()
+    rows, skipped = [], []
+    for name, plan_sets in runs:
+        overrides = [*base, *plan_sets]
+        pred = prediction(overrides)
+        row = dict(name=name, overrides=overrides, predicted=pred)
+        left = a.budget_s - (time.monotonic() - t0)
+        if a.dry_run:
+            row["outcome"] = "dry run"
+        elif left < 60.0:
+            skipped.append(name)
+            continue
+        else:
+            force = name != "auto" and not pred["fits_with_margin"]
+            row.update(run_case(overrides, force, a.out / name, min(TIMEOUT_S, left)), forced=force)
+            row["measured"] = measured(a.out / name)
+            row["outcome"] = outcome(row["rc"])
+            st = row["measured"].get("step_time_s")
+            row["measured"]["tokens_per_s"] = 16 * 2048 / st if st else None
+        rows.append(row)
+        m = row.get("measured") or {}
+        print(f"{name:16s} {pred['plan']:34s} {row['outcome']:14s} predicted {pred['step_time_s']:.3f} s "
+              f"{pred['peak_gpu_gib']:.1f} GiB{'' if pred['fits_with_margin'] else ' (no margin)'}; measured "
+              f"{fmt(m.get('step_time_s'), '{:.3f}')} s, {fmt(m.get('tokens_per_s'), '{:,.0f}')} tokens/s, "
+              f"{fmt(m.get('nvml_peak_gib'))} GiB", flush=True)
+    ran = [r for r in rows if (r.get("measured") or {}).get("tokens_per_s")]
+    summary = None
+    if ran:
+        best = max(ran, key=lambda r: r["measured"]["tokens_per_s"])
+        auto = next((r for r in ran if r["name"] == "auto"), None)
+        summary = dict(best=best["name"], best_tokens_per_s=best["measured"]["tokens_per_s"],
+                       chosen_tokens_per_s=auto["measured"]["tokens_per_s"] if auto else None,
+                       ratio=(auto["measured"]["tokens_per_s"] / best["measured"]["tokens_per_s"]) if auto else None)
+        print(f"\nbest measured: {best['name']} ({best['measured']['tokens_per_s']:,.0f} tokens/s); plan: auto's choice "
+              f"at {fmt(summary['ratio'], '{:.3f}')}x of it")
+    if skipped:
+        print(f"skipped (budget): {', '.join(skipped)}")
+    write_json(a.out / "plan_choice_runs.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
+                                                     rows=rows, skipped=skipped, summary=summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
