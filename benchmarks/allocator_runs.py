@@ -2,15 +2,15 @@
 
 Issue #15 item 1: on the built-in model without activation checkpointing the NVML peak sat 17-28% above
 the prediction, the allocated peak within 8% of it: the rest was PyTorch's caching allocator keeping
-13-20 GiB reserved above the live tensors (benchmarks/results/2026-11-30-h200x2). The worker now puts the
-allocator in the mode ``train.expandable_segments`` names (default true); this set measures what that mode
-does to the reserve, the peak and the step time, against torch's default mode in the same call, and gives
-the simulator's ``fragmentation_expandable`` its calibration and held-out rows.
+13-20 GiB reserved above the live tensors (benchmarks/results/2026-11-30-h200x2). The worker puts the
+allocator in the mode ``train.expandable_segments`` names (default false, torch's own); this set measures
+what expandable segments do to the reserve, the peak and the step time, against torch's default mode in
+the same call, and gives the simulator's allocator model held-out rows in the default mode.
 
 Cases are `meshpilot run`s (built-in model, random weights, a few steps; ``--force`` where the simulator
 says a plan does not fit). ``part`` says which half a case belongs to: ``calibration`` (models up to
-2.7B: the runs a fraction may be fitted on) or ``held-out`` (7B and 13B: at least twice the size,
-never fitted on). Per case: predicted and measured NVML peak, torch's allocated and reserved peaks (the
+2.7B, where a fraction may be fitted; none was: the expandable-segments reserve followed no rule) or
+``held-out`` (7B and 13B: at least twice the size, never fitted on). Per case: predicted and measured NVML peak, torch's allocated and reserved peaks (the
 reserve is their difference), and the median step time beside its prediction.
 
     python benchmarks/allocator_runs.py --out $R/alloc --budget-s 540
@@ -20,7 +20,6 @@ reserve is their difference), and the median step time beside its prediction.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -29,14 +28,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import metadata, write_json  # noqa: E402
-from host_memory_runs import CLUSTER, fmt, host_total_gib, outcome, predict, run_case  # noqa: E402
+from host_memory_runs import CLUSTER, fmt, host_total_gib, predict, run_within_budget  # noqa: E402
 
 BASE = ["train.steps=4", "train.seq_len=2048", "train.checkpoint_final=false", "train.checkpoint_every=0",
         "train.eval_every=0", "cluster.gpus_per_node=2", "train.global_batch=16"]
 EXP, STD = "train.expandable_segments=true", "train.expandable_segments=false"
 Z2_7B = ("model=llama-2-7b", "plan.dp=2", "plan.zero_stage=2", "plan.micro_batch=1",
          "plan.activation_checkpointing=none")
-
+# plans measured in both modes (each once with EXP, once with STD)
+Z1_7B_MB4 = ("model=llama-2-7b", "plan.dp=2", "plan.zero_stage=1", "plan.micro_batch=4",
+             "plan.activation_checkpointing=none", "plan.comm_overlap=true")
+TP2_7B = ("model=llama-2-7b", "plan.dp=1", "plan.tp=2", "plan.zero_stage=0", "plan.micro_batch=4",
+          "plan.activation_checkpointing=none")
+EP2_MOE = ("model=mixtral-8x7b", "model.layers=4", "plan.dp=2", "plan.ep=2", "plan.zero_stage=1",
+           "plan.micro_batch=4", "plan.activation_checkpointing=none")
+Z1_OPT27B = ("model=opt-2.7b", "plan.dp=2", "plan.zero_stage=1", "plan.micro_batch=4",
+             "plan.activation_checkpointing=none", "plan.comm_overlap=true")
 
 @dataclass(frozen=True)
 class Case:
@@ -55,47 +62,21 @@ CASES = (
     # calibration: small models, no checkpointing (the activations' mix of sizes is what fragments)
     Case("z2_1b_mb8_exp", "calibration", ("model=llama-1b", "plan.dp=2", "plan.zero_stage=2", "plan.micro_batch=8",
                                          "plan.activation_checkpointing=none", EXP), 80),
-    Case("z1_opt27b_mb4_exp", "calibration", ("model=opt-2.7b", "plan.dp=2", "plan.zero_stage=1",
-                                              "plan.micro_batch=4", "plan.activation_checkpointing=none",
-                                              "plan.comm_overlap=true", EXP), 90),
+    Case("z1_opt27b_mb4_exp", "calibration", (*Z1_OPT27B, EXP), 90),
     # held out, further regimes
-    Case("z1_7b_mb4_exp", "held-out", ("model=llama-2-7b", "plan.dp=2", "plan.zero_stage=1", "plan.micro_batch=4",
-                                       "plan.activation_checkpointing=none", "plan.comm_overlap=true", EXP), 110),
-    Case("tp2_7b_exp", "held-out", ("model=llama-2-7b", "plan.dp=1", "plan.tp=2", "plan.zero_stage=0",
-                                    "plan.micro_batch=4", "plan.activation_checkpointing=none", EXP), 110),
-    Case("ep2_moe_exp", "held-out", ("model=mixtral-8x7b", "model.layers=4", "plan.dp=2", "plan.ep=2",
-                                     "plan.zero_stage=1", "plan.micro_batch=4", "plan.activation_checkpointing=none",
-                                     EXP), 110),
+    Case("z1_7b_mb4_exp", "held-out", (*Z1_7B_MB4, EXP), 110),
+    Case("tp2_7b_exp", "held-out", (*TP2_7B, EXP), 110),
+    Case("ep2_moe_exp", "held-out", (*EP2_MOE, EXP), 110),
     Case("z3_13b_exp", "held-out", ("model=llama-2-13b", "plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=1",
                                     "plan.activation_checkpointing=full", EXP), 150),
     # the same regimes in torch's default mode, after the allocator phases were added to the simulator
-    Case("z1_7b_mb4_std", "held-out", ("model=llama-2-7b", "plan.dp=2", "plan.zero_stage=1", "plan.micro_batch=4",
-                                       "plan.activation_checkpointing=none", "plan.comm_overlap=true", STD), 110),
-    Case("tp2_7b_std", "held-out", ("model=llama-2-7b", "plan.dp=1", "plan.tp=2", "plan.zero_stage=0",
-                                    "plan.micro_batch=4", "plan.activation_checkpointing=none", STD), 110),
-    Case("ep2_moe_std", "held-out", ("model=mixtral-8x7b", "model.layers=4", "plan.dp=2", "plan.ep=2",
-                                     "plan.zero_stage=1", "plan.micro_batch=4", "plan.activation_checkpointing=none",
-                                     STD), 110),
+    Case("z1_7b_mb4_std", "held-out", (*Z1_7B_MB4, STD), 110),
+    Case("tp2_7b_std", "held-out", (*TP2_7B, STD), 110),
+    Case("ep2_moe_std", "held-out", (*EP2_MOE, STD), 110),
     Case("z2_7b_mb8_std", "held-out", ("model=llama-2-7b", "plan.dp=2", "plan.zero_stage=2", "plan.micro_batch=8",
                                        "plan.activation_checkpointing=none", STD), 110),
-    Case("z1_opt27b_mb4_std", "held-out", ("model=opt-2.7b", "plan.dp=2", "plan.zero_stage=1",
-                                           "plan.micro_batch=4", "plan.activation_checkpointing=none",
-                                           "plan.comm_overlap=true", STD), 90),
+    Case("z1_opt27b_mb4_std", "held-out", (*Z1_OPT27B, STD), 90),
 )
-
-
-def measured(run_dir: Path) -> dict:
-    """NVML, allocated and reserved peaks (largest over ranks), the median step time and the run's status."""
-    s_path = run_dir / "summary.json"
-    s = json.loads(s_path.read_text()) if s_path.exists() else {}
-    peaks = (s.get("memory_peaks_gib") or {}).values()
-    top = (lambda k: max((v.get(k) or 0 for v in peaks), default=0) or None)
-    pvm = s.get("predicted_vs_measured") or {}
-    st = pvm.get("step_time_s") or {}
-    return dict(status=s.get("status"), out_of_memory=s.get("out_of_memory"), nvml_peak_gib=top("nvml"),
-                allocated_gib=top("allocated"), reserved_gib=top("reserved"),
-                step_time_s=st.get("measured"), step_time_predicted_s=st.get("predicted"),
-                memory_vs_prediction=pvm.get("memory_gib"))
 
 
 def main() -> int:
@@ -118,17 +99,13 @@ def main() -> int:
         overrides = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE, *c.overrides]
         pred = predict(overrides)
         row = dict(case=c.name, part=c.part, overrides=overrides, predicted=pred, forced=not pred["fits"])
-        left = a.budget_s - (time.monotonic() - t_start)
-        if a.dry_run:
-            row["outcome"] = "dry run"
-        elif left < min(c.timeout_s, 60.0):
+        ran = run_within_budget(overrides, not pred["fits"], a.out / c.name, c.timeout_s,
+                                a.budget_s - (time.monotonic() - t_start), a.dry_run)
+        if ran is None:
             skipped.append(c.name)
             continue
-        else:
-            run_dir = a.out / c.name
-            row.update(run_case(overrides, not pred["fits"], run_dir, min(c.timeout_s, left)))
-            row["measured"] = measured(run_dir)
-            row["outcome"] = outcome(row["rc"])
+        row.update(ran)
+        if not a.dry_run:
             time.sleep(a.settle_s)
         rows.append(row)
         m = row.get("measured") or {}

@@ -145,17 +145,35 @@ def measured(run_dir: Path) -> dict:
     kind = (oom[0].get("failure") if oom else None) or (failures[0].split(":")[0] if failures else None)
     results = s.get("results") or []
     peaks = s.get("memory_peaks_gib") or {}
+    top = (lambda k: max((v.get(k) or 0 for v in peaks.values()), default=0) or None)   # largest over ranks
     pvm = s.get("predicted_vs_measured") or {}
     nodes = {k: v.get("host_peak_gib") for k, v in (pvm.get("per_node") or {}).items()}
+    step = pvm.get("step_time_s") or {}
     return dict(status=s.get("status"), out_of_memory=s.get("out_of_memory"), failure_kind=kind,
                 failures=failures[:2], oom_events=oom[:2],
-                nvml_peak_gib=max((v.get("nvml") or 0 for v in peaks.values()), default=None) or None,
+                nvml_peak_gib=top("nvml"), allocated_gib=top("allocated"), reserved_gib=top("reserved"),
                 host_rss_gib={r: v.get("host_rss") for r, v in peaks.items()},
                 host_anon_shmem_gib={r.get("rank", i): (r.get("host_memory_gib") or {}).get("host")
                                      for i, r in enumerate(results)},
                 host_memory_gib={r.get("rank", i): r.get("host_memory_gib") for i, r in enumerate(results)},
                 host_node=nodes, host_node_source={k: v.get("source") for k, v in (pvm.get("per_node") or {}).items()},
-                step_time_s=(pvm.get("step_time_s") or {}).get("measured"))
+                step_time_s=step.get("measured"), step_time_predicted_s=step.get("predicted"),
+                memory_vs_prediction=pvm.get("memory_gib"))
+
+
+def run_within_budget(overrides: list[str], force: bool, run_dir: Path, timeout_s: float, left_s: float,
+                      dry_run: bool) -> dict | None:
+    """One case of a set bounded by a wall-time budget: None when less than min(timeout_s, 60 s) of the budget
+    is left (skip it), ``{"outcome": "dry run"}`` in a dry run, else :func:`run_case`'s fields, ``measured``
+    and ``outcome``."""
+    if dry_run:
+        return {"outcome": "dry run"}
+    if left_s < min(timeout_s, 60.0):
+        return None
+    row = run_case(overrides, force, run_dir, min(timeout_s, left_s))
+    row["measured"] = measured(run_dir)
+    row["outcome"] = outcome(row["rc"], row["measured"]["failure_kind"])
+    return row
 
 
 def outcome(rc: int, failure_kind: str | None = None) -> str:
@@ -200,21 +218,18 @@ def main() -> int:
         overrides = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE, *c.overrides, *a.set]
         pred = predict(overrides)
         row = dict(case=c.name, note=c.note, overrides=overrides, predicted=pred, forced=not pred["fits"])
-        left = a.budget_s - (time.monotonic() - t_start)
-        if a.dry_run:
-            run_dir = a.out / c.name
-            row.update(outcome="dry run", command=" ".join([sys.executable, "-m", "meshpilot.orchestrator.cli", "run",
-                                                            JOB, *overrides, "--run-dir", str(run_dir), "--no-progress",
-                                                            "--max-restarts", "0", *(["--force"] if not pred["fits"]
-                                                                                     else [])]))
-        elif left < min(c.timeout_s, 60.0):
+        run_dir = a.out / c.name
+        ran = run_within_budget(overrides, not pred["fits"], run_dir, c.timeout_s,
+                                a.budget_s - (time.monotonic() - t_start), a.dry_run)
+        if ran is None:
             skipped.append(c.name)
             continue
+        row.update(ran)
+        if a.dry_run:
+            row["command"] = " ".join([sys.executable, "-m", "meshpilot.orchestrator.cli", "run", JOB, *overrides,
+                                       "--run-dir", str(run_dir), "--no-progress", "--max-restarts", "0",
+                                       *(["--force"] if not pred["fits"] else [])])
         else:
-            run_dir = a.out / c.name
-            row.update(run_case(overrides, not pred["fits"], run_dir, min(c.timeout_s, left)))
-            row["measured"] = measured(run_dir)
-            row["outcome"] = outcome(row["rc"], row["measured"]["failure_kind"])
             time.sleep(a.settle_s)
         rows.append(row)
         m = row.get("measured") or {}

@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from allocator_runs import measured  # noqa: E402
 from harness import metadata, write_json  # noqa: E402
-from host_memory_runs import CLUSTER, JOB, fmt, host_total_gib, outcome, run_case  # noqa: E402
+from host_memory_runs import CLUSTER, JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
 
-BASE = ["model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "train.seq_len=2048",
-        "train.steps=4", "train.checkpoint_final=false", "train.checkpoint_every=0", "train.eval_every=0"]
+GLOBAL_BATCH, SEQ_LEN = 16, 2048
+BASE = ["model=llama-2-13b", "cluster.gpus_per_node=2", f"train.global_batch={GLOBAL_BATCH}",
+        f"train.seq_len={SEQ_LEN}", "train.steps=4", "train.checkpoint_final=false", "train.checkpoint_every=0", "train.eval_every=0"]
 ALTERNATIVES = {
     # the plans the planner ranks near its choice, and the one a user would try first on 2 x 141 GB
     "z3_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
@@ -42,8 +42,7 @@ def prediction(overrides: list[str]) -> dict:
     from meshpilot.orchestrator.sim.planner import search
     from meshpilot.orchestrator.sim.simulator import simulate
     job = load_job(JOB, overrides)
-    plan = search(job).best if job.plan.auto else None
-    e = simulate(job, plan) if plan is not None else simulate(job)
+    e = simulate(job, search(job).best if job.plan.auto else None)
     return dict(plan=e.plan, plan_config=e.plan_config, step_time_s=e.step_time_s, tokens_per_s=e.tokens_per_s,
                 peak_gpu_gib=e.peak_memory_gib, fits=e.fits, fits_with_margin=e.fits_with_margin, notes=e.notes)
 
@@ -64,19 +63,16 @@ def main() -> int:
         overrides = [*base, *plan_sets]
         pred = prediction(overrides)
         row = dict(name=name, overrides=overrides, predicted=pred)
-        left = a.budget_s - (time.monotonic() - t0)
-        if a.dry_run:
-            row["outcome"] = "dry run"
-        elif left < 60.0:
+        force = name != "auto" and not pred["fits_with_margin"]
+        ran = run_within_budget(overrides, force, a.out / name, TIMEOUT_S, a.budget_s - (time.monotonic() - t0),
+                                a.dry_run)
+        if ran is None:
             skipped.append(name)
             continue
-        else:
-            force = name != "auto" and not pred["fits_with_margin"]
-            row.update(run_case(overrides, force, a.out / name, min(TIMEOUT_S, left)), forced=force)
-            row["measured"] = measured(a.out / name)
-            row["outcome"] = outcome(row["rc"])
+        row.update(ran, forced=force)
+        if "measured" in row:
             st = row["measured"].get("step_time_s")
-            row["measured"]["tokens_per_s"] = 16 * 2048 / st if st else None
+            row["measured"]["tokens_per_s"] = GLOBAL_BATCH * SEQ_LEN / st if st else None
         rows.append(row)
         m = row.get("measured") or {}
         print(f"{name:16s} {pred['plan']:34s} {row['outcome']:14s} predicted {pred['step_time_s']:.3f} s "

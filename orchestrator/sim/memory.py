@@ -419,14 +419,13 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # the engine's construction, before the first step (engine_build_terms): a peak of its own at stages 1-2
     build_alloc, build_reserved = engine_build_terms(a, pr, ps, n_max, w, on_gpu)
     # (blocks cached by the build belong to the compute stream's pool: the side streams' pools come on top)
-    frag = c.fragmentation
     # the caching allocator keeps every block it was given; a block serves a later request only where that fits
     # inside it, so the big flat buffers of the step (the fp32 gradient partition and its 16-bit flat copy, a
     # stage-3 sub-group) cannot reuse the per-tensor blocks the forward and backward freed, nor those the loaded
     # model left: those phases' blocks stay reserved beside each other (module docstring)
     static = weights + grads + opt + bucket
     small = np.maximum(acts + working, load_hole)
-    reserved_run = np.maximum(allocated + load_hole, static + step_tmp + small) * (1.0 + frag)
+    reserved_run = np.maximum(allocated + load_hole, static + step_tmp + small) * (1.0 + c.fragmentation)
     build_excess = np.maximum(build_reserved - reserved_run, 0.0)
     reserved = reserved_run + build_excess + stream_pools
     framework = fixed * 2**30 + (reserved_run - allocated) + build_excess
