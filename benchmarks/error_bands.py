@@ -157,6 +157,10 @@ def main() -> int:
         b = bands.of(reg)
         print(f"{reg:18s} {b.runs:4d} {b.band:6.1%} {b.mape_pct if b.mape_pct is not None else float('nan'):7.1f}  "
               f"{'measured' if b.measured else 'too few runs: largest measured band'}")
+    runs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows if r["source"] in RUN_DIRS]
+    if runs:
+        print(f"\n`meshpilot run` directories of the built-in model (RUN_DIRS): {len(runs)} runs, peak MAPE "
+              f"{100.0 * sum(runs) / len(runs):.1f}%, largest {100.0 * max(runs):.1f}%")
     if a.write:
         out = HERE.parent / "orchestrator" / "sim" / BANDS_FILE
         out.write_text(json.dumps(bands.to_dict(), indent=1) + "\n")
