@@ -121,16 +121,22 @@ class SimulatorConstants:
     loss_bytes_per_logit: float = 24.0
     """HBM bytes per token per vocabulary entry of the fp32 loss (upcast of the bf16 logits 2+4, log-softmax 4+4,
     its backward 4+4 and the bf16 logit gradient 2), memory bound; half counted in forward, half in backward."""
-    zero3_fetch_s: float = 3.0e-4
-    """ZeRO-3 host time per fetched (partitioned, numel > 1e5) parameter tensor per pass (forward, backward and
-    recompute): fetch_sub_module's all_gather_coalesced launch, in-flight registry, event record/wait and
-    release (re-partition), from deepspeed/runtime/zero/partitioned_param_coordinator.py; in backward also the
-    gradient's ipg-bucket/reduce-scatter bookkeeping. A priori: a CPU/gloo probe of DeepSpeed 0.19.8 with a tiny
-    HF Llama (4 vs 20 layers, stage 2 vs 3) measured ~0.25 (forward) and ~0.15 (backward) x the stage-2 host
-    time of a layer's forward per fetched tensor; times a ~1 ms layer forward on a Hopper host."""
+    zero3_fetch_s: float = 1.2e-3
+    """ZeRO-3 host time per fetched (partitioned) parameter tensor per pass (forward, backward and recompute):
+    fetch_sub_module's all_gather_coalesced launch, in-flight registry, the wait on the prefetched gather's event
+    and the release (re-partition), deepspeed/runtime/zero/partitioned_param_coordinator.py; in backward also the
+    gradient's ipg-bucket/reduce-scatter bookkeeping. With the pass's all-gathers it sets the floor under which a
+    pass cannot run however little it computes (step_time.zero3_pass_excess). Fitted with zero3_pass_overlap on
+    the built-in model at 1.1-2.1B parameters (58-226 fetched tensors; micro-batch 1 x 8 and 8 x 1, 2 x H200),
+    validated on 6.7B and 13B: benchmarks/zero3_time_fit.py, benchmarks/results/2026-11-30-s3-h200x2. The a-priori
+    value (a CPU/gloo probe of DeepSpeed 0.19.8 with a tiny HF Llama) was 3e-4."""
     zero3_module_hook_s: float = 1.0e-4
     """ZeRO-3 host time per nn.Module per pass: the pre/post forward hooks of parameter_offload.py (trace
     bookkeeping, wrapping outputs in the backward-hook autograd functions) and their backward counterparts."""
+    zero3_pass_overlap: float = 1.0
+    """Fraction of the shorter of a ZeRO-3 pass's compute and its fetch floor (host time + all-gathers) that the
+    longer hides (step_time.zero3_pass_excess): 1 is a pass taking max(compute, floor). Fitted with zero3_fetch_s
+    (grid 0-1; the fit set's best is the bound, 1.0)."""
     zero3_step_tensor_s: float = 3.5e-4
     """ZeRO-3 host time per fetched tensor in the optimizer step (stage3.py step: _partition_all_parameters,
     unflattening the updated 16-bit partition back into every parameter, zero_grad, secondary-tensor

@@ -21,11 +21,20 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
 - ZeRO-3 (DeepSpeed's partitioned_param_coordinator / parameter_offload): per pass (forward,
   backward, recompute) every partitioned tensor (more elements than the config's persistence
   threshold, :func:`meshpilot.orchestrator.sim.memory.fetched_tensors`) is fetched
-  and released (``zero3_fetch_s``) and every nn.Module runs its hooks (``zero3_module_hook_s``);
-  the compute stream waits for each module's gather, so this host time adds to the micro-batch
-  (reported under zero3_gathers with the exposed gather communication); the stage-3 step adds
+  and released (``zero3_fetch_s``) and every nn.Module runs its hooks (``zero3_module_hook_s``).
+  That host time and the pass's all-gathers make a floor F; the host waits in each module's
+  pre-forward hook for the gather it prefetched before it launches the module's kernels, so a pass
+  with less compute C than F leaves the GPU idle between modules and one with more hides F under
+  its compute: a pass takes max(C, F) + (1 - ``zero3_pass_overlap``) min(C, F)
+  (:func:`zero3_pass_excess`, the excess over C reported under zero3_gathers); the stage-3 step adds
   ``zero3_step_tensor_s`` per partitioned tensor. Tensor and module counts come from the Hugging
-  Face module structure (:func:`meshpilot.orchestrator.sim.memory.module_structure`).
+  Face module structure (:func:`meshpilot.orchestrator.sim.memory.module_structure`). Measured
+  (built-in llama, 2 x H200, benchmarks/results/2026-11-30-s3-h200x2): the forward of one
+  micro-batch of 2,048 tokens takes 0.075 s with 58 fetched tensors (1.9B), 0.127 s with 114
+  (1.1B), 0.27-0.34 s with 226 (2.1B and 6.7B): the floor follows the tensors more than the bytes,
+  while 8 x 2,048 tokens run at their compute. ``zero3_fetch_s`` (1.2 ms) and the overlap (1.0) were
+  fitted on the 1.1-2.1B runs; on 6.7B and 13B runs the step-time MAPE is 3.5% (13 runs; it was
+  17-27% with the fetch time added to the compute: benchmarks/zero3_time_fit.py).
 - tensor parallel (Megatron): 2 all-reduces of b s h values in forward and 2 in backward per
   layer (+2 with recomputation), inside the tp group, on the critical path (sequence parallelism
   replaces each by a reduce-scatter + all-gather of the same volume).
@@ -46,15 +55,11 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
     backward's GPU time;
   * stage-3 all-gathers are asynchronous NCCL collectives (``_dist_allgather_fn``, async_op=True)
     on the process group's own stream whatever overlap_comm says (it changes only the stream they
-    are launched from), so the setting does not change them. They are counted exposed: the
-    coordinator (``partitioned_param_coordinator.fetch_sub_module``) waits for each module's
-    gather before the module runs and issues the prefetch of the following ones from the same
-    host hook, and a ZeRO-3 step is host-bound on those hooks (the fetch/release time above), so
-    the GPU has little queued compute to hide them behind. Measured: llama-2-13b ZeRO-3 on 2 x
-    H200, overlap_comm on and off 0.7% apart and both 18% slower than predicted with the gathers
-    exposed (30% with them hidden behind the compute); on the held-out ZeRO-3 runs under DeepSpeed's
-    defaults, counting them exposed moves the step-time errors from -14.1/-5.1/-1.1% (7B dp=4, 7B
-    dp=2, 3B) to -6.8/+2.7/+4.1% (benchmarks/results/2026-11-30-h200x2/README.md).
+    are launched from), so the setting does not change them. They are part of each pass's fetch
+    floor (the ZeRO-3 item above): the coordinator (``partitioned_param_coordinator.fetch_sub_module``)
+    waits for each module's gather before the module runs and issues the prefetch of the following
+    ones from the same host hook. Measured: llama-2-13b ZeRO-3 on 2 x H200, overlap_comm on and off
+    0.7% apart (benchmarks/results/2026-11-30-h200x2/README.md).
   So on a host-bound ZeRO-3 step the reduce-scatters fill idle GPU time with overlap_comm off too,
   and overlap_comm buys little (llama-2-13b, 2 x H200, measured 0.7% faster).
 - expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
@@ -130,20 +135,29 @@ def _shape_factor_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstan
 
 def dp_communication(ds: DeepSpeedSettings, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
                      fraction: float):
-    """(exposed data-parallel reductions + stage-2 parameter all-gather, exposed stage-3 all-gathers) per step.
+    """Exposed data-parallel reductions (+ the stage-2 parameter all-gather) per step.
 
     Per micro-batch: ``gpu_b`` the backward's GPU time, ``stretch`` its host-bound stretch, ``z3_host`` the
-    ZeRO-3 fetch/release host time of all passes; ``fraction`` is ``overlap_comm_fraction``. Stage-3
-    all-gathers (forward, backward and recompute of every micro-batch) are exposed in both settings.
-    See the module docstring."""
+    ZeRO-3 fetch/release host time of all passes; ``fraction`` is ``overlap_comm_fraction``. The stage-3
+    all-gathers are not here: they belong to each pass's fetch floor (:func:`zero3_pass_excess`). See the
+    module docstring."""
     idle_bwd = gpu_b * (stretch - 1.0) + np.where(st == 3, z3_host / (2.0 + ac), 0.0)   # GPU waits for the host
     side = ds.overlap_comm & (st >= 1)
     hidden = idle_bwd + np.where(side, fraction * gpu_b, 0.0)
     per_mb = ga * np.maximum(grad_rs - hidden, 0.0)                  # stages 2-3: every micro-batch
     stage1 = np.where(side, np.maximum(grad_ar - hidden, 0.0), grad_ar)   # the last micro-batch, or after it
-    dp_exposed = np.select([st == 0, st == 1, st == 2], [grad_ar, stage1, per_mb + param_ag], per_mb)
-    gathers = ga * (2.0 + ac) * param_ag
-    return dp_exposed, np.where(st == 3, gathers, 0.0)
+    return np.select([st == 0, st == 1, st == 2], [grad_ar, stage1, per_mb + param_ag], per_mb)
+
+
+def zero3_pass_excess(compute, floor, overlap: float):
+    """Seconds a ZeRO-3 pass takes beyond its ``compute``: the pass takes max(compute, floor) + (1 - overlap) x
+    min(compute, floor), ``floor`` being the coordinator's fetch/release host time and the pass's all-gathers.
+
+    The host issues each module's gather and its kernels from the module's pre-forward hook, after waiting for the
+    gather it prefetched: where the floor is longer the GPU idles between modules (a host-bound pass), where the
+    compute is longer the gathers and hooks run under it; ``overlap`` (``zero3_pass_overlap``) is the fraction of
+    the shorter of the two that the other hides."""
+    return np.maximum(compute, floor) + (1.0 - overlap) * np.minimum(compute, floor) - compute
 
 
 def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
@@ -177,15 +191,13 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     fetched = fetch_dense + fetch_experts / a.ep
     z3_host = np.where(st == 3, (2.0 + ac) * (fetched * c.zero3_fetch_s
                                               + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s), 0.0)
-    # the model's host time overlaps the GPU (asynchronous launches); ZeRO-3's does not: the compute stream waits
-    # for every fetched module's all-gather, which the host launches only when it reaches that module, and the
-    # coordinator synchronises on in-flight fetch events, so the fetch/release host time adds to the micro-batch
+    # the model's host time overlaps the GPU (asynchronous launches) and stretches the compute where it is longer;
+    # ZeRO-3's fetch/release time and its gathers set a floor per pass instead (zero3_pass_excess, below)
     excess = np.maximum(host_model - gpu_mb, 0.0)          # host-bound time beyond the GPU's work
     stretch = 1.0 + excess / gpu_mb                        # stretches the compute phases
     forward = ga * gpu_f * stretch
     backward = ga * gpu_b * stretch
     recompute = ga * gpu_r * stretch
-    z3_host_step = ga * z3_host
     # one forward without autograd (zeroth order): max(GPU, host) of the forward alone
     fwd_one = np.maximum(gpu_fwd + loss_half, host_fwd)
     # tensor parallel
@@ -202,9 +214,15 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     grad_ar = coll("all_reduce", w * pn, w * pe)
     grad_rs = coll("reduce_scatter", w * pn, w * pe)
     param_ag = coll("all_gather", w * pn, w * pe)
-    dp_exposed, gathers = dp_communication(ds, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
-                                           c.overlap_comm_fraction)
-    gathers = np.where(st == 3, gathers + z3_host_step, 0.0)
+    dp_exposed = dp_communication(ds, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
+                                  c.overlap_comm_fraction)
+    # ZeRO-3 per pass: the coordinator's floor (fetch/release host time + the pass's all-gathers) against the pass's
+    # compute (:func:`zero3_pass_excess`): forward, backward and recompute each
+    floor = z3_host / (2.0 + ac) + param_ag
+    excess = (zero3_pass_excess(gpu_f * stretch, floor, c.zero3_pass_overlap)
+              + zero3_pass_excess(gpu_b * stretch, floor, c.zero3_pass_overlap)
+              + ac * zero3_pass_excess(gpu_fwd * stretch, floor, c.zero3_pass_overlap))
+    gathers = np.where(st == 3, ga * excess, 0.0)
     # expert parallel
     a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,
                           a.ep_span[0], a.ep_span[1], a.ep_span[2], rates)
