@@ -50,7 +50,14 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             "results/2026-11-30-s2-h200x2/alloc3/tp2_7b_std", "results/2026-11-30-s2-h200x2/alloc3/ep2_moe_std",
             # plan: auto's choice for llama-2-13b and the plans it passed over (benchmarks/plan_choice_runs.py)
             *(f"results/2026-11-30-s2-h200x2/choice/{n}" for n in ("auto", "z3_mb8x1_ckpt", "z3_mb2x4_ckpt",
-                                                                    "z3_tp2_mb8x2_sp"))]
+                                                                    "z3_tp2_mb8x2_sp")),
+            # 2026-11-30-s3: the ZeRO-3 step-time set (benchmarks/zero3_time_runs.py; its fit set fitted time constants
+            # only, so for memory every run is held out) and the runs of other shapes made after that fit
+            *(f"results/2026-11-30-s3-h200x2/z3time/{n}" for n in ("1b_mb1", "1b_mb8", "1b32l_mb1", "1b32l_mb8",
+                                                                    "7b8l_mb1", "7b8l_mb8", "7b_mb1", "7b_mb2_ckpt",
+                                                                    "7b_mb8_ckpt")),
+            *(f"results/2026-11-30-s3-h200x2/z3new/{n}" for n in ("l3_8b_mb1", "l3_8b_mb4_ckpt", "opt67_mb1",
+                                                                   "opt67_mb8_ckpt"))]
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
 # runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
 # same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)
@@ -124,7 +131,8 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
             continue
         e = simulate(job, plan)
         rows.append(dict(name=run.name, regime=regime_of(plan, job.cluster.gpus_per_node), status=s.get("status"),
-                         measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=d))
+                         measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=d,
+                         measured_step_s=rec.measured.get("step_time_s"), predicted_step_s=e.step_time_s))
         used.append(str(run))
     return rows, used
 
@@ -161,6 +169,14 @@ def main() -> int:
     if runs:
         print(f"\n`meshpilot run` directories of the built-in model (RUN_DIRS): {len(runs)} runs, peak MAPE "
               f"{100.0 * sum(runs) / len(runs):.1f}%, largest {100.0 * max(runs):.1f}%")
+    # their step times too, except the ZeRO-3 step-time fit set (zero3_time_fit.FIT), which is not held out for time
+    from zero3_time_fit import FIT
+    steps = [(r["predicted_step_s"] - r["measured_step_s"]) / r["measured_step_s"] for r in rows
+             if r["source"] in RUN_DIRS and r["source"] not in FIT and r.get("measured_step_s")]
+    if steps:
+        worst = max(steps, key=abs)
+        print(f"their step times (not the ZeRO-3 time fit set): {len(steps)} runs, MAPE "
+              f"{100.0 * sum(map(abs, steps)) / len(steps):.1f}%, largest {100.0 * worst:+.1f}%")
     if a.write:
         out = HERE.parent / "orchestrator" / "sim" / BANDS_FILE
         out.write_text(json.dumps(bands.to_dict(), indent=1) + "\n")

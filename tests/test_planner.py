@@ -63,6 +63,7 @@ def test_zeroth_order_enumeration():
 
 
 def test_search_ranks_and_agrees_with_simulate():
+    from meshpilot.orchestrator.sim.error_bands import load_error_bands
     job = _job("model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16")
     res = search(job, top=5)
     assert res.best is not None and len(res.top) == 5
@@ -72,7 +73,9 @@ def test_search_ranks_and_agrees_with_simulate():
     margin_idx = np.flatnonzero(res.scores.fits_margin & res.scores.fits)
     assert res.top[0].tokens_per_s == pytest.approx(res.scores.tokens_per_s[margin_idx].max())
     for e in res.top:
-        assert e.fits and e.peak_memory_gib * (1 + e.memory_band) <= 79.6 * 0.95
+        assert e.fits and e.peak_memory_gib + e.memory_margin_gib <= 79.6 * 0.95
+        assert e.memory_margin_gib == pytest.approx(min(e.memory_band * e.peak_memory_gib,
+                                                        load_error_bands().of(e.regime).band_gib))
     again = simulate(job, res.best, headroom=0.05)
     assert again.step_time_s == pytest.approx(res.top[0].step_time_s)
     assert again.peak_memory_gib == pytest.approx(res.top[0].peak_memory_gib)
@@ -158,7 +161,7 @@ def test_plan_description_round_trip():
 
 
 def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_risky():
-    """The band rule by hand: a plan is risky when peak <= cap < peak x (1 + band). With bands
+    """The band rule by hand: a plan is risky when peak <= cap < peak + min(band x peak, band GiB). With bands
     of 0 nothing is risky and the ranking is the plain one; with the shipped bands every risky
     plan ranks after every plan with margin, and auto picks the fastest plan with margin."""
     from meshpilot.orchestrator.sim.error_bands import REGIMES, bands_from_rows, load_error_bands, regime_codes
@@ -167,9 +170,11 @@ def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_r
                "train.seq_len=2048")
     res = search(job, top=3)
     s, cap = res.scores, 79.6 * 0.95
-    band = load_error_bands().band_array(res.arrays)
+    bands = load_error_bands()
+    band = bands.band_array(res.arrays)
+    band_gib = bands.band_gib_of(regime_codes(res.arrays))
     assert np.array_equal(s.band, band)
-    expect_risky = (s.peak_gib <= cap) & (s.peak_gib * (1 + band) > cap) & s.fits_cpu
+    expect_risky = (s.peak_gib <= cap) & (s.peak_gib + np.minimum(band * s.peak_gib, band_gib) > cap) & s.fits_cpu
     assert np.array_equal(s.risky, expect_risky & s.fits) and s.risky.any()
     # an overlap_comm row no faster than its lean twin is not ranked (planner.dominated_overlap)
     from meshpilot.orchestrator.sim.planner import dominated_overlap
@@ -188,3 +193,19 @@ def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_r
     zero = bands_from_rows([(r, 1.0, 1.0) for r in REGIMES for _ in range(2)])
     flat = evaluate(job, res.arrays, headroom=0.05, bands=zero)
     assert not flat.risky.any() and np.array_equal(flat.fits_margin & flat.fits, flat.fits)
+
+
+def test_band_in_gib_and_relative_by_hand():
+    """Two held-out ZeRO-3 rows: 20 GiB measured at 16 predicted (+25%, +4 GiB) and 125 at 124 (+0.8%, +1 GiB):
+    the band is 25% or 4 GiB, whichever is less (a 100 GiB plan gets 4 GiB, a 10 GiB plan 2.5); a regime with
+    one row takes the largest of each over the measured regimes."""
+    from meshpilot.orchestrator.sim.error_bands import bands_from_rows
+    b = bands_from_rows([("zero3", 20.0, 16.0), ("zero3", 125.0, 124.0), ("dense", 9.0, 10.0), ("dense", 10.5, 10.0),
+                         ("tensor_parallel", 50.0, 40.0)])
+    z = b.of("zero3")
+    assert (z.band, z.band_gib, z.runs, z.measured) == (pytest.approx(0.25), pytest.approx(4.0), 2, True)
+    assert z.margin_gib(100.0) == pytest.approx(4.0) and z.margin_gib(10.0) == pytest.approx(2.5)
+    d = b.of("dense")
+    assert (d.band, d.band_gib) == (pytest.approx(0.05), pytest.approx(0.5))
+    tp = b.of("tensor_parallel")
+    assert not tp.measured and (tp.band, tp.band_gib) == (pytest.approx(0.25), pytest.approx(4.0))

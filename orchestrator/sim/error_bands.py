@@ -5,16 +5,21 @@ under ``benchmarks/results/``) is scored against the current simulator by
 ``benchmarks/error_bands.py``, on the held-out rows only (those never used to fit a constant),
 and the result is stored beside this module as ``error_bands.json``. For each regime:
 
-    band = max(0, max over held-out runs of (measured peak - predicted peak) / predicted peak)
+    band     = max(0, max over held-out runs of (measured peak - predicted peak) / predicted peak)
+    band_gib = max(0, max over held-out runs of (measured peak - predicted peak))
 
-the largest relative under-prediction of GPU memory seen in that regime (0 when every run
-peaked at or below its prediction). A regime with fewer than :data:`MIN_RUNS` held-out runs has
-no evidence of its own and gets the largest band of any measured regime.
+the largest under-prediction of GPU memory seen in that regime, relative and in GiB (0 when every
+run peaked at or below its prediction). A regime with fewer than :data:`MIN_RUNS` held-out runs has
+no evidence of its own and gets the largest of each over the measured regimes.
 
 A plan *fits* when its predicted peak is within the card (and the node's host memory); it
-fits *with margin* when ``peak x (1 + band)`` is too. A plan that fits without margin is
-*risky*: ``plan: auto`` prefers plans that fit with margin and says which margin it used.
-The host-memory check applies the same band (host peaks have no measured set of their own yet).
+fits *with margin* when ``peak + min(band x peak, band_gib)`` is too: no held-out run of the
+regime exceeded its prediction by more than either. The two differ where the error does not
+grow with the peak: the ZeRO-3 runs of 2026-11-30-s3 were 2.5-5.7 GiB under at peaks from 16 to
+124 GiB, 26% of the smallest, so a relative band alone would ask 32 GiB of a 124 GiB plan.
+A plan that fits without margin is *risky*: ``plan: auto`` prefers plans that fit with margin
+and says which margin it used. The host-memory check applies the relative band (host peaks have
+no measured set of their own yet).
 
 Regimes, most specific first (a plan belongs to the first that matches): zeroth order,
 parameter offload, optimizer offload, ZeRO-3, expert parallel, tensor parallel, dense (ZeRO 0-2,
@@ -58,15 +63,21 @@ def regime_of(plan: Plan, gpus_per_node: int = 8) -> str:
 class RegimeBand:
     regime: str
     runs: int                       # held-out runs with a measured peak
-    band: float                     # fraction added to a predicted peak for "fits with margin"
-    measured: bool                  # False: fewer than MIN_RUNS runs, the band is the largest measured one
+    band: float                     # the largest relative under-prediction (fraction of the predicted peak)
+    measured: bool                  # False: fewer than MIN_RUNS runs, the bands are the largest measured ones
     mape_pct: float | None = None   # peak-memory MAPE of those runs
+    band_gib: float = 0.0           # the largest under-prediction in GiB
+
+    def margin_gib(self, peak_gib: float) -> float:
+        """GiB added to a predicted peak of ``peak_gib`` for "fits with margin" (module docstring)."""
+        return min(self.band * peak_gib, self.band_gib)
 
     def why(self) -> str:
+        both = f"+{self.band:.0%} or +{self.band_gib:.1f} GiB, whichever is less"
         if not self.measured:
-            return (f"{self.regime.replace('_', ' ')}: {self.runs} held-out run(s), too few: the largest band of "
-                    f"any measured regime, +{self.band:.0%}")
-        return (f"{self.regime.replace('_', ' ')}: +{self.band:.0%}, the largest under-prediction of GPU memory "
+            return (f"{self.regime.replace('_', ' ')}: {self.runs} held-out run(s), too few: the largest bands of "
+                    f"any measured regime, {both}")
+        return (f"{self.regime.replace('_', ' ')}: {both}, the largest under-predictions of GPU memory "
                 f"over {self.runs} held-out runs")
 
 
@@ -82,29 +93,38 @@ class ErrorBands:
         """The memory band of every regime code of ``codes`` (from :func:`regime_codes`)."""
         return np.array([self.bands[r].band for r in REGIMES])[codes]
 
+    def band_gib_of(self, codes: np.ndarray) -> np.ndarray:
+        """The memory band in GiB of every regime code of ``codes``."""
+        return np.array([self.bands[r].band_gib for r in REGIMES])[codes]
+
     def band_array(self, arrays: PlanArrays) -> np.ndarray:
         """The memory band of every plan of ``arrays``."""
         return self.band_of(regime_codes(arrays))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "regimes": {r: dict(runs=b.runs, band=b.band, measured=b.measured,
-                                                           mape_pct=b.mape_pct) for r, b in self.bands.items()}}
+        return {"source": self.source, "regimes": {r: dict(runs=b.runs, band=b.band, band_gib=b.band_gib,
+                                                           measured=b.measured, mape_pct=b.mape_pct)
+                                                    for r, b in self.bands.items()}}
 
 
 def bands_from_rows(rows: list[tuple[str, float, float]], source: dict[str, Any] | None = None) -> ErrorBands:
     """Bands from held-out rows ``(regime, measured_peak_gib, predicted_peak_gib)`` (see the module docstring)."""
     by: dict[str, list[float]] = {r: [] for r in REGIMES}
+    by_gib: dict[str, list[float]] = {r: [] for r in REGIMES}
     for regime, measured, predicted in rows:
         if regime not in by:
             raise ValueError(f"unknown regime {regime!r}; one of {REGIMES}")
         by[regime].append((measured - predicted) / predicted)
+        by_gib[regime].append(measured - predicted)
     measured_bands = {r: max(0.0, max(errs)) for r, errs in by.items() if len(errs) >= MIN_RUNS}
-    fallback = max(measured_bands.values(), default=0.0)
+    measured_gib = {r: max(0.0, max(by_gib[r])) for r in measured_bands}
+    fallback, fallback_gib = max(measured_bands.values(), default=0.0), max(measured_gib.values(), default=0.0)
     bands = {}
     for r, errs in by.items():
         mape = 100.0 * float(np.mean(np.abs(errs) / (1.0 + np.asarray(errs)))) if errs else None
         ok = r in measured_bands
-        bands[r] = RegimeBand(r, len(errs), measured_bands[r] if ok else fallback, ok, mape)
+        bands[r] = RegimeBand(r, len(errs), measured_bands[r] if ok else fallback, ok, mape,
+                              measured_gib[r] if ok else fallback_gib)
     return ErrorBands(bands, dict(source or {}))
 
 
@@ -113,8 +133,8 @@ def load_error_bands(data: dict[str, Any] | None = None) -> ErrorBands:
     if data is None:
         data = json.loads(resources.files(__package__).joinpath(BANDS_FILE).read_text(encoding="utf-8"))
     regimes = data["regimes"]
-    bands = {r: RegimeBand(r, int(v["runs"]), float(v["band"]), bool(v["measured"]), v.get("mape_pct"))
-             for r, v in regimes.items()}
+    bands = {r: RegimeBand(r, int(v["runs"]), float(v["band"]), bool(v["measured"]), v.get("mape_pct"),
+                           float(v["band_gib"])) for r, v in regimes.items()}
     missing = [r for r in REGIMES if r not in bands]
     if missing:
         raise ValueError(f"{BANDS_FILE} lacks regimes {missing}")

@@ -206,7 +206,8 @@ class Estimate:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     regime: str = ""                  # the plan's regime of the measured error bands (sim/error_bands.py)
-    memory_band: float = 0.0          # that regime's band: the measured peak has reached peak x (1 + band)
+    memory_band: float = 0.0          # that regime's relative band: measured peaks have reached peak x (1 + band)
+    memory_margin_gib: float = 0.0    # GiB the margin adds to this peak: min(band x peak, the regime's band in GiB)
     fits_with_margin: bool = True     # fits even with the band added (GPU and host)
 
     def to_dict(self) -> dict[str, Any]:

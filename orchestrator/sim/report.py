@@ -30,8 +30,8 @@ def estimate_tables(est: Estimate, title: str | None = None) -> list[Table]:
     head.add_row("fits", fits)
     head.add_row("peak memory per GPU", f"{est.peak_memory_gib:.2f} GiB of {est.gpu_memory_gib:.1f}")
     if est.regime:
-        head.add_row("measured error band", f"+{est.memory_band:.0%} ({est.regime.replace('_', ' ')}): up to "
-                                            f"{est.peak_memory_gib * (1 + est.memory_band):.2f} GiB")
+        head.add_row("measured error band", f"+{est.memory_margin_gib:.2f} GiB ({est.regime.replace('_', ' ')}): up to "
+                                            f"{est.peak_memory_gib + est.memory_margin_gib:.2f} GiB")
     head.add_row("host memory per node", f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.0f} usable")
     head.add_row("step time", f"{est.step_time_s:.4g} s")
     head.add_row("tokens/s", f"{est.tokens_per_s:,.0f}")
@@ -63,7 +63,8 @@ def top_table(result) -> Table:
         t.add_row(str(i), e.plan, str(e.world_size), f"{e.peak_memory_gib:.1f}", f"{e.cpu_memory_gib_per_node:.1f}",
                   f"{e.step_time_s:.3g}",
                   f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
-                  f"+{e.memory_band:.0%}" if e.fits_with_margin else f"[yellow]risky (+{e.memory_band:.0%})[/]")
+                  f"+{e.memory_margin_gib:.1f} GiB" if e.fits_with_margin
+                  else f"[yellow]risky (+{e.memory_margin_gib:.1f} GiB)[/]")
     return t
 
 

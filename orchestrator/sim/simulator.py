@@ -41,8 +41,9 @@ class Scores:
     fits_gpu: np.ndarray
     fits_cpu: np.ndarray
     regime: np.ndarray                # each plan's regime, an index into error_bands.REGIMES
-    band: np.ndarray                  # measured error band of that regime (:mod:`.error_bands`)
-    fits_margin: np.ndarray           # GPU and host peaks fit even when raised by the band
+    band: np.ndarray                  # measured relative error band of that regime (:mod:`.error_bands`)
+    margin_gib: np.ndarray            # GiB added to the GPU peak for "fits with margin": min(band x peak, band GiB)
+    fits_margin: np.ndarray           # GPU and host peaks fit even when raised by the margin
 
     @property
     def fits(self) -> np.ndarray:
@@ -82,11 +83,14 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     # the host's usable memory: Ray's memory monitor kills a worker above memory_usage_threshold x the node's memory
     gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), host_usable_gib(cl) * (1.0 - headroom)
     regime = regime_codes(arrays)
-    band = (bands or load_error_bands()).band_of(regime)
+    eb = bands or load_error_bands()
+    band = eb.band_of(regime)
+    margin_gib = np.minimum(band * peak_gib, eb.band_gib_of(regime))      # error_bands: the lesser of the two
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
                   fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, regime=regime, band=band,
-                  fits_margin=(peak_gib * (1.0 + band) <= gpu_cap) & (cpu_gib * (1.0 + band) <= cpu_cap))
+                  margin_gib=margin_gib,
+                  fits_margin=(peak_gib + margin_gib <= gpu_cap) & (cpu_gib * (1.0 + band) <= cpu_cap))
 
 
 def suggestions(plan: Plan, job: JobConfig, *, fitting_only: bool = False, max_changes: int = 3) -> list[str]:
@@ -180,12 +184,12 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                        f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's memory_usage_threshold); "
                        "lower the offload (plan.offload_params=none), accumulate fewer micro-batches (a larger plan.micro_batch) "
                        "or use more nodes")
-    band = float(scores.band[i])
+    band, margin = float(scores.band[i]), float(scores.margin_gib[i])
     regime = REGIMES[int(scores.regime[i])]
     notes = []
     if bool(scores.risky[i]):
-        notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}, "
-                     f"+{band:.0%}: up to {peak * (1 + band):.1f} GiB per GPU, {cpu * (1 + band):.1f} GiB host)")
+        notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}: "
+                     f"up to {peak + margin:.1f} GiB per GPU, {cpu * (1 + band):.1f} GiB host)")
     if job.train.expandable_segments and cl.accelerator == Accelerator.GPU:
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
@@ -196,7 +200,8 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                     cpu_memory_available_gib=host_usable_gib(cl), step_time_s=float(scores.step_time_s[i]),
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
                     memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes,
-                    regime=regime, memory_band=band, fits_with_margin=bool(scores.fits_margin[i]))
+                    regime=regime, memory_band=band, memory_margin_gib=margin,
+                    fits_with_margin=bool(scores.fits_margin[i]))
 
 
 def simulate(job: JobConfig, plan: Plan | None = None, *, constants: SimulatorConstants | None = None,
