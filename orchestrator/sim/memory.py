@@ -17,7 +17,8 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
 - stage 1/2 (DeepSpeedZeroOptimizer): w·P_r weights, gradients w·P_r (stage 1) or w·P_s
   (stage 2), K·P_s states, one ``reduce_bucket_size`` staging buffer (torch.empty, model dtype, even
   for tiny models), at the step the gradient partition flattened into one w·P_s buffer and its fp32 copy
-  (4·P_s) at once; with optimizer offload no gradient
+  (4·P_s) at once (stage 1 first drops the gradients of the parameters outside its partition,
+  w·(P_r - P_s): ``free_grad_in_param_list(params_not_in_partition)``); with optimizer offload no gradient
   partition on the GPU but ``temp_grad_buffer_for_gpu_offload`` (w x the largest parameter);
 - stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
   max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, and at the step
@@ -81,7 +82,9 @@ The second allocator term is the hole the model leaves behind when it is transfo
 class (``model.implementation: hf``): the model is loaded as separate per-parameter 16-bit
 tensors (w·P_r), then DeepSpeed copies them into its own flat buffers and frees the originals;
 the caching allocator keeps those blocks reserved, and later tensors of other sizes reuse them
-only in part. Measured reserved - allocated on the H200 runs of Hugging Face Llama grows with
+only in part; the per-tensor gradients of stages 0-1 (autograd's, of the parameters' own shapes) do fit
+them, block for block, so there the gradients and the hole are one phase. Measured reserved - allocated
+on the H200 runs of Hugging Face Llama grows with
 the model, not with the activations (0.8-2.2 GiB at 0.37B, 12-19 GiB at 6.7B at any
 micro-batch), which a fraction of the allocated peak alone cannot follow. The built-in model
 leaves no such hole (it is built layer by layer where it runs): measured 1.0-2.1 GiB at 7B
@@ -396,7 +399,10 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     off12 = off_o & (st >= 1) & (st <= 2) & ~is_zo
     n_max = largest_tensor(job.model, a.tp)
     grads = grads + np.where(off12, w * n_max, 0.0)
-    temporary = np.maximum(working, step_tmp - acts)
+    # stage 1 (stage_1_and_2.py step): ``free_grad_in_param_list(params_not_in_partition)`` drops the gradients of
+    # the parameters outside the rank's partition before the flatten, so the step's temporaries replace w (P_r - P_s)
+    freed_at_step = np.where((st == 1) & ~off_o & ~is_zo, w * (pr - ps), 0.0)
+    temporary = np.maximum(working, step_tmp - freed_at_step - acts)
     allocated = weights + grads + opt + bucket + acts + temporary
     # communicators a rank joins: the world's, tp, ep (ep and expert-data-parallel), pertp, and the engine's
     # own beyond the world's (DeepSpeed: 2 at ZeRO 0-2, 1 at ZeRO-3, read off the measured NVML - reserved:
@@ -423,8 +429,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # inside it, so the big flat buffers of the step (the fp32 gradient partition and its 16-bit flat copy, a
     # stage-3 sub-group) cannot reuse the per-tensor blocks the forward and backward freed, nor those the loaded
     # model left: those phases' blocks stay reserved beside each other (module docstring)
-    static = weights + grads + opt + bucket
-    small = np.maximum(acts + working, load_hole)
+    # per-tensor gradients (stages 0-1: autograd's tensors of the parameters' shapes) fit the blocks the loaded
+    # model's parameters left, block for block: they belong to the per-tensor phase, not beside the hole
+    pertensor_grads = np.where((st <= 1) & ~is_zo & ~off_o, grads, 0.0)
+    static = weights + grads + opt + bucket - pertensor_grads
+    small = np.maximum(acts + working + pertensor_grads, load_hole)
     reserved_run = np.maximum(allocated + load_hole, static + step_tmp + small) * (1.0 + c.fragmentation)
     build_excess = np.maximum(build_reserved - reserved_run, 0.0)
     reserved = reserved_run + build_excess + stream_pools
