@@ -65,7 +65,8 @@ def test_matmul_mix_flops_are_three_times_a_layer_forward():
 
 def test_calibration_keys_are_calibration_config_fields():
     r = ProbeReport(device_name="x", date="d", settings=ProbeSettings())
-    fitted_from_runs = {"cpu_adam_rank_gparams_per_s", "device_fixed_gib", "host_process_gib"}   # meshpilot calibrate
+    fitted_from_runs = {"cpu_adam_rank_gparams_per_s", "device_fixed_gib", "host_process_gib",   # meshpilot calibrate
+                        "zero3_fetch_ms"}
     fitted_from_runs |= {"matmul_tflops_by_shape"}    # calibrate's read_probe: the mix's rate at the settings' shape
     assert set(r.calibration()) == {f.name for f in dataclasses.fields(CalibrationConfig)} - fitted_from_runs
 

@@ -30,13 +30,15 @@ Two things live here, both pure numpy (no torch):
      and of the cluster's calibration section).
 
 2. :func:`calibrate`: a refit of the calibratable quantities from runs (``meshpilot calibrate``).
-   Time: the unknowns are x = (1/R, 1/beta, 1/A) with R the achieved matrix rate
+   Time: the unknowns are x = (1/R, 1/beta, 1/A, z) with R the achieved matrix rate
    (``calibration.matmul_tflops``), beta a common factor on the four intra-node bus bandwidths
-   (``calibration.*_busbw_gbs``, each kept in its ratio to the others) and A the CPU Adam rate
-   of an offloading rank (``calibration.cpu_adam_rank_gparams_per_s``). Each run gives one
+   (``calibration.*_busbw_gbs``, each kept in its ratio to the others), A the CPU Adam rate
+   of an offloading rank (``calibration.cpu_adam_rank_gparams_per_s``) and z ZeRO-3's host time per
+   fetched tensor per pass (``calibration.zero3_fetch_ms``: the host CPU's part of a host-bound pass,
+   informed by ZeRO-3 runs whose passes sit on that floor; at most :data:`ZERO3_FETCH_MS_MAX`). Each run gives one
    observation per measured quantity: its forward + backward time and its optimizer time when the
    phases were measured, its median step time otherwise; the simulator's prediction f_i(x) is
-   affine in each of the three inverses wherever the step is GPU-bound and communication is not
+   affine in each of the unknowns wherever the step is GPU-bound and communication is not
    hidden behind compute (the max() of the host-bound and overlap terms is the only
    non-linearity). The fit minimises the relative squared error
    ``sum_i ((y_i - f_i(x)) / y_i)^2`` by Gauss-Newton: with the Jacobian J (finite differences of
@@ -108,7 +110,9 @@ BUSBW_FIELDS = {"all_reduce": "allreduce_busbw_gbs", "all_gather": "allgather_bu
 COMPUTE_COMM_KEYS = ("forward", "backward", "recompute", "tp_communication", "dp_reduction_exposed",
                      "zero3_gathers", "expert_alltoall")
 OPTIMIZER_KEYS = ("optimizer_step", "cpu_optimizer", "offload_transfers")
-TIME_PARAMS = ("matmul_tflops", "busbw", "cpu_adam_rank_gparams_per_s")
+TIME_PARAMS = ("matmul_tflops", "busbw", "cpu_adam_rank_gparams_per_s", "zero3_fetch_ms")
+DIRECT = ("zero3_fetch_ms",)
+"""Time quantities fitted as themselves (the prediction is affine in a host time); the others as inverses of rates."""
 BY_SHAPE = "matmul_tflops_by_shape"
 """The calibration field of the per-class matmul rates; a class's quantity is named ``BY_SHAPE.<class>``."""
 _SENSITIVITY = 1e-6      # relative change of a prediction below which a run does not inform a quantity
@@ -554,7 +558,7 @@ def _value(cal: CalibrationConfig, name: str) -> Optional[float]:
     if cls is not None:
         return cal.matmul_tflops_by_shape.get(cls)
     return {"matmul_tflops": cal.matmul_tflops, "busbw": cal.allreduce_busbw_gbs,
-            "cpu_adam_rank_gparams_per_s": cal.cpu_adam_rank_gparams_per_s}[name]
+            "cpu_adam_rank_gparams_per_s": cal.cpu_adam_rank_gparams_per_s, "zero3_fetch_ms": cal.zero3_fetch_ms}[name]
 
 
 def _fit_times_by_shape(fit: Sequence[RecordedRun], held: Sequence[RecordedRun], cal: CalibrationConfig,
@@ -569,10 +573,13 @@ def _fit_times_by_shape(fit: Sequence[RecordedRun], held: Sequence[RecordedRun],
         if r.shape_class not in classes:
             held_only.setdefault(r.shape_class, []).append(r.run_id)
     old_by_shape = dict(cal.matmul_tflops_by_shape)
-    # first fit: the single rate x shape factor, from every fit run (no class rate in the way)
-    single, q_single = _fit_times(fit, copy_calibration(cal, matmul_tflops_by_shape={}), c)
-    single.matmul_tflops_by_shape = dict(old_by_shape)
     per_class = len(classes) > 1 or any(k in old_by_shape for k in classes)
+    # first fit: the single rate x shape factor, from every fit run (no class rate in the way); ZeRO-3's host time
+    # waits for the per-class fit where there is one (with one rate for all classes it would take up their
+    # differences)
+    single, q_single = _fit_times(fit, copy_calibration(cal, matmul_tflops_by_shape={}), c,
+                                  skip=DIRECT if per_class else ())
+    single.matmul_tflops_by_shape = dict(old_by_shape)
     out_q = list(q_single)
     out = single
     if fit and per_class:
@@ -588,6 +595,8 @@ def _fit_times_by_shape(fit: Sequence[RecordedRun], held: Sequence[RecordedRun],
                 if not q.fitted:
                     q.note = (q.note.removesuffix("; kept") + f"; {_fallback(cls, old_by_shape)} (fit runs in it: "
                               f"{', '.join(classes[cls])})")
+                out_q.append(q)
+            elif q.name in DIRECT:             # ZeRO-3's host time: the per-class fit's word (the single fit skipped it)
                 out_q.append(q)
             elif q.fitted:                     # the per-class fit's bandwidth and CPU Adam factors win
                 q.old = by_name[q.name].old
@@ -624,6 +633,8 @@ def _apply(cal: CalibrationConfig, x: np.ndarray, active: Sequence[str], base_bw
                 setattr(out, f, base_bw[op] / val)
         elif _class_of(name) is not None:
             out.matmul_tflops_by_shape[_class_of(name)] = 1.0 / val
+        elif name == "zero3_fetch_ms":
+            out.zero3_fetch_ms = val
         else:
             out.cpu_adam_rank_gparams_per_s = 1.0 / val
     return out
@@ -637,18 +648,19 @@ def _class_rate(runs: Sequence[RecordedRun], cls: str, cal: CalibrationConfig, c
 
 
 def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig, c: SimulatorConstants,
-               classes: Sequence[str] = ()) -> tuple[CalibrationConfig, list[FittedQuantity]]:
-    """Gauss-Newton on the relative time errors in x = (1/R, 1/beta, 1/A) (module docstring); with
-    ``classes``, one 1/R_c per shape class in place of 1/R."""
+               classes: Sequence[str] = (), skip: Sequence[str] = ()) -> tuple[CalibrationConfig, list[FittedQuantity]]:
+    """Gauss-Newton on the relative time errors in x = (1/R, 1/beta, 1/A, z) (module docstring); with
+    ``classes``, one 1/R_c per shape class in place of 1/R; ``skip``: quantities left out (not reported)."""
     q: list[FittedQuantity] = []
     rate_names = [_class_name(k) for k in classes] if classes else ["matmul_tflops"]
-    names = rate_names + list(TIME_PARAMS[1:])
+    names = rate_names + [n for n in TIME_PARAMS[1:] if n not in skip]
     if not runs:
         return cal, [FittedQuantity(_label(n), None, None, 0, False, "no runs in the fit set") for n in names]
     eff = _effective(cal, runs[0].job, c)
     base_bw = eff["busbw"]
     adam0 = cal.cpu_adam_rank_gparams_per_s or _model_adam_rate(runs, c)
-    x0 = {"matmul_tflops": 1.0 / eff["matmul_tflops"], "busbw": 1.0, "cpu_adam_rank_gparams_per_s": 1.0 / adam0}
+    x0 = {"matmul_tflops": 1.0 / eff["matmul_tflops"], "busbw": 1.0, "cpu_adam_rank_gparams_per_s": 1.0 / adam0,
+          "zero3_fetch_ms": cal.zero3_fetch_ms or c.zero3_fetch_s * 1e3}
     x0.update({_class_name(k): 1.0 / _class_rate(runs, k, cal, c) for k in classes})
     olds = {n: _value(cal, n) for n in names}
 
@@ -666,7 +678,7 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig, c: Simulator
     y, f0, owner = f(x, names)
     if not len(y):
         return cal, [FittedQuantity(_label(n), olds[n], olds[n], 0, False, "no run has a step time") for n in names]
-    J = _jacobian(lambda xx: f(xx, names)[1], x, f0)
+    J = _jacobian(lambda xx: f(xx, names)[1], x, f0, _steps(names))
     rel = np.abs(J * x[None, :]) / y[:, None]                   # relative change of each prediction per unit change
     informed_by = {n: sorted({owner[i] for i in np.nonzero(rel[:, j] > _SENSITIVITY)[0]}) for j, n in enumerate(names)}
     informing = {n: len(v) for n, v in informed_by.items()}
@@ -688,7 +700,7 @@ def _fit_times(runs: Sequence[RecordedRun], cal: CalibrationConfig, c: Simulator
             if not active:
                 break
             ya, fa, _ = f(xa, active)
-            Ja = _jacobian(lambda xx: f(xx, active)[1], xa, fa)
+            Ja = _jacobian(lambda xx: f(xx, active)[1], xa, fa, _steps(active))
             w = 1.0 / ya
             dx = np.linalg.lstsq(Ja * w[:, None], (ya - fa) * w, rcond=None)[0]
             xa = xa + dx
@@ -723,6 +735,11 @@ BUSBW_FACTOR_RANGE = (0.1, 1.25)
 the runs are blaming communication for time spent elsewhere (e.g. ZeRO-3's host-bound hooks)."""
 
 
+ZERO3_FETCH_MS_MAX = 20.0
+"""A fitted ZeRO-3 host time per fetched tensor above this (ms) is refused: 1.2 ms was measured on H200 hosts
+(benchmarks/results/2026-11-30-s3-h200x2); more than 16x that is time the runs lose elsewhere."""
+
+
 def _plausible(name: str, x: float, job: JobConfig) -> bool:
     """Whether the fitted ``1 / value`` ``x`` of ``name`` is physical: positive and finite; a matmul rate
     at most the card's datasheet rate; the bandwidth factor within :data:`BUSBW_FACTOR_RANGE`."""
@@ -732,10 +749,14 @@ def _plausible(name: str, x: float, job: JobConfig) -> bool:
         return 1.0 / x <= _datasheet_tflops(job) * 1.0001
     if name == "busbw":
         return BUSBW_FACTOR_RANGE[0] <= 1.0 / x <= BUSBW_FACTOR_RANGE[1]
+    if name == "zero3_fetch_ms":
+        return x <= ZERO3_FETCH_MS_MAX
     return True
 
 
 def _shown(name: str, x: float, base_bw: Mapping[str, float]) -> str:
+    if name in DIRECT:
+        return f"{x:.4g}"
     if not (x > 0 and np.isfinite(x)):
         return "inf" if x == 0 else f"{1.0 / x:.4g}"
     if name == "busbw":
@@ -752,7 +773,8 @@ def _why_none(name: str) -> str:
         return "every run in this shape class is host-bound or fp32"
     return {"matmul_tflops": "every run is host-bound or fp32",
             "busbw": "no run communicates over intra-node links",
-            "cpu_adam_rank_gparams_per_s": "no run offloads the optimizer"}[name]
+            "cpu_adam_rank_gparams_per_s": "no run offloads the optimizer",
+            "zero3_fetch_ms": "no ZeRO-3 run is host-bound on its fetches"}[name]
 
 
 def _model_adam_rate(runs: Sequence[RecordedRun], c: SimulatorConstants) -> float:
@@ -764,11 +786,19 @@ def _model_adam_rate(runs: Sequence[RecordedRun], c: SimulatorConstants) -> floa
     return float(min(rank, node / max(1, min(runs[0].plan.world_size, cl.gpus_per_node))))
 
 
-def _jacobian(fn, x: np.ndarray, f0: np.ndarray) -> np.ndarray:
-    """Forward differences with steps of 25% of each (positive) unknown: exact where fn is affine."""
+def _steps(names: Sequence[str]) -> np.ndarray:
+    """Relative difference steps: 25% for the inverse rates; 1% for ZeRO-3's host time, whose runs switch between
+    host-bound and compute-bound passes at a max(): a run whose passes are compute-bound must not be counted as
+    informing it because a large step crossed that boundary."""
+    return np.array([0.01 if n in DIRECT else 0.25 for n in names])
+
+
+def _jacobian(fn, x: np.ndarray, f0: np.ndarray, steps: np.ndarray | None = None) -> np.ndarray:
+    """Forward differences with steps of ``steps`` (default 25%) of each (positive) unknown: exact where fn is
+    affine."""
     J = np.zeros((len(f0), len(x)))
     for j in range(len(x)):
-        h = 0.25 * x[j]
+        h = (0.25 if steps is None else float(steps[j])) * x[j]
         xx = x.copy()
         xx[j] += h
         J[:, j] = (fn(xx) - f0) / h

@@ -34,7 +34,10 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   (1.1B), 0.27-0.34 s with 226 (2.1B and 6.7B): the floor follows the tensors more than the bytes,
   while 8 x 2,048 tokens run at their compute. ``zero3_fetch_s`` (1.2 ms) and the overlap (1.0) were
   fitted on the 1.1-2.1B runs; on 6.7B and 13B runs the step-time MAPE is 3.5% (13 runs; it was
-  17-27% with the fetch time added to the compute: benchmarks/zero3_time_fit.py).
+  17-27% with the fetch time added to the compute: benchmarks/zero3_time_fit.py). The floor is the host
+  CPU's: the same 7B plan's host-bound passes ran 1.46x faster on another H200 host, so
+  ``calibration.zero3_fetch_ms`` (fitted by ``meshpilot calibrate`` from a cluster's ZeRO-3 runs) replaces
+  the constant where set.
 - tensor parallel (Megatron): 2 all-reduces of b s h values in forward and 2 in backward per
   layer (+2 with recomputation), inside the tp group, on the critical path (sequence parallelism
   replaces each by a reduce-scatter + all-gather of the same volume).
@@ -189,7 +192,9 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # ZeRO-3: fetch/release of every partitioned tensor and the hooks of every module, per pass (fwd, bwd, recompute)
     fetch_dense, fetch_experts = fetched_tensors(job.model, ds.persistence_threshold)
     fetched = fetch_dense + fetch_experts / a.ep
-    z3_host = np.where(st == 3, (2.0 + ac) * (fetched * c.zero3_fetch_s
+    # the host CPU's cost per fetched tensor: fitted per cluster by `meshpilot calibrate` where ZeRO-3 runs were recorded
+    fetch_s = cl.calibration.zero3_fetch_ms * 1e-3 if cl.calibration.zero3_fetch_ms else c.zero3_fetch_s
+    z3_host = np.where(st == 3, (2.0 + ac) * (fetched * fetch_s
                                               + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s), 0.0)
     # the model's host time overlaps the GPU (asynchronous launches) and stretches the compute where it is longer;
     # ZeRO-3's fetch/release time and its gathers set a floor per pass instead (zero3_pass_excess, below)
