@@ -52,12 +52,15 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             *(f"results/2026-11-30-s2-h200x2/choice/{n}" for n in ("auto", "z3_mb8x1_ckpt", "z3_mb2x4_ckpt",
                                                                     "z3_tp2_mb8x2_sp")),
             # 2026-11-30-s3: the ZeRO-3 step-time set (benchmarks/zero3_time_runs.py; its fit set fitted time constants
-            # only, so for memory every run is held out) and the runs of other shapes made after that fit
-            *(f"results/2026-11-30-s3-h200x2/z3time/{n}" for n in ("1b_mb1", "1b_mb8", "1b32l_mb1", "1b32l_mb8",
+            # only, so for memory it is held out) and the runs of other shapes made after that fit; not z3time/1b_mb1,
+            # the twin of trace/tr1b, from which the kept parameters of sim/memory.py were read
+            *(f"results/2026-11-30-s3-h200x2/z3time/{n}" for n in ("1b_mb8", "1b32l_mb1", "1b32l_mb8",
                                                                     "7b8l_mb1", "7b8l_mb8", "7b_mb1", "7b_mb2_ckpt",
                                                                     "7b_mb8_ckpt")),
             *(f"results/2026-11-30-s3-h200x2/z3new/{n}" for n in ("l3_8b_mb1", "l3_8b_mb4_ckpt", "opt67_mb1",
-                                                                   "opt67_mb8_ckpt"))]
+                                                                   "opt67_mb8_ckpt")),
+            # plan: auto's llama-2-13b choice after those changes, and two plans it passed over (plan_choice_runs.py)
+            *(f"results/2026-11-30-s3-h200x2/choice2/{n}" for n in ("auto", "z3_mb4x2_ckpt", "z3_tp2_mb8x2_sp"))]
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
 # runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
 # same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)

@@ -30,6 +30,8 @@ ALTERNATIVES = {
     # the plans the planner ranks near its choice, and the one a user would try first on 2 x 141 GB
     "z3_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
     "z3_mb2x4_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=2", "plan.activation_checkpointing=full"],
+    # plan: auto's choice before the ZeRO-3 pass model and the bands in GiB (2026-11-30-s2 choice/auto)
+    "z3_mb4x2_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=full"],
     "z3_tp2_mb8x2_sp": ["plan.dp=1", "plan.tp=2", "plan.zero_stage=3", "plan.micro_batch=8",
                         "plan.activation_checkpointing=full", "plan.sequence_parallel=true"],
 }
@@ -52,11 +54,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=560.0)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--runs", nargs="*", default=None, help=f"names among auto, {', '.join(ALTERNATIVES)} (default all)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     host_gib = 256.0 if a.dry_run else round(host_total_gib(), 1) or 256.0
     base = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE]
-    runs = [("auto", ["plan=auto"])] + [(k, v) for k, v in ALTERNATIVES.items()]
+    runs = [(k, v) for k, v in [("auto", ["plan=auto"]), *ALTERNATIVES.items()] if a.runs is None or k in a.runs]
     t0 = time.monotonic()
     rows, skipped = [], []
     for name, plan_sets in runs:

@@ -372,7 +372,7 @@ def test_zero12_engine_build_peak_by_hand():
     assert m64["reserved"] == pytest.approx(4.0 * P)
     # ZeRO-3 (zero.Init partitions each parameter as it is built) and zeroth order: no such build
     m3 = _mem(job, Plan(dp=2, zero_stage=3, offload_optimizer="cpu", micro_batch=2, activation_checkpointing="full"))
-    assert m3["allocated"] < 4.0 * P / 2
+    assert m3["allocated"] < 0.6 * 4.0 * P                    # far below a stage 1-2 build's 2 w P_r
 
 
 def test_allocator_phases_by_hand():

@@ -16,7 +16,8 @@ A plan *fits* when its predicted peak is within the card (and the node's host me
 fits *with margin* when ``peak + min(band x peak, band_gib)`` is too: no held-out run of the
 regime exceeded its prediction by more than either. The two differ where the error does not
 grow with the peak: the ZeRO-3 runs of 2026-11-30-s3 were 2.5-5.7 GiB under at peaks from 16 to
-124 GiB, 26% of the smallest, so a relative band alone would ask 32 GiB of a 124 GiB plan.
+124 GiB (before the kept parameters were modelled), 26% of the smallest, so a relative band alone
+would have asked 32 GiB of a 124 GiB plan.
 A plan that fits without margin is *risky*: ``plan: auto`` prefers plans that fit with margin
 and says which margin it used. The host-memory check applies the relative band (host peaks have
 no measured set of their own yet).

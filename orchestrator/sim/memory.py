@@ -43,9 +43,12 @@ step's fp32 sub-group, the activations):
   they are used again within ``stage3_max_reuse_distance`` elements of the trace (at the turn from
   forward to backward, the last layers of the forward), min(P_r - window, reuse distance) elements.
   With one data-parallel rank nothing is gathered.
-With it off all of this runs on the compute stream and shares its pool. Measured on 2 x H200
-(llama-2-13b ZeRO-3 dp=2, mb 1x8, checkpointing, bucket 2e8): +3.45 GiB NVML peak with
-overlap_comm, +4.94 GiB with DeepSpeed's defaults (bucket 5e8); this model gives +2.24 and +3.38
+With it off all of this runs on the compute stream and shares its pool: the kept parameters are then
+part of the activation phase (allocated from the end of the forward until the backward reaches them;
+:func:`kept_parameters`, read off an allocator trace of a 1B model). Measured on 2 x H200 (llama-2-13b
+ZeRO-3 dp=2, mb 1x8, checkpointing, bucket 2e8): 110.7 GiB NVML peak without overlap_comm (109.9
+predicted), +3.45 GiB with it, +4.94 GiB with DeepSpeed's defaults (bucket 5e8); this model gives
++0.34 and +1.47: the side-stream pools hold about 3 GiB more than it explains
 (benchmarks/results/2026-11-29-s2-h200x2/z3knobs, tests/test_comm_overlap.py).
 
 The caching allocator's reserve, by phase. Allocated = static + max(activation phase, step phase), static
@@ -349,10 +352,19 @@ def overlap_comm_terms(mt: ModelTerms, a: PlanArrays, ds: DeepSpeedSettings, w: 
     on = ds.overlap_comm & (st >= 1)
     B = w * ds.reduce_bucket_size
     bucket = np.where(st >= 1, B, 0.0) * (1.0 + (on & (st <= 2)))
-    pr = rank_params(mt, a.tp, a.ep, a.dp)[0]
-    kept = np.where(a.dp > 1, np.minimum(ds.max_reuse_distance, np.maximum(pr - live, 0.0)), 0.0)
-    pools = np.where(on, B + np.where(st == 3, w * kept, 0.0), 0.0)
+    pools = np.where(on, B + np.where(st == 3, w * kept_parameters(mt, a, ds, live), 0.0), 0.0)
     return bucket, pools
+
+
+def kept_parameters(mt: ModelTerms, a: PlanArrays, ds: DeepSpeedSettings, live):
+    """Elements of the ZeRO-3 parameters still gathered at the turn from forward to backward: DeepSpeed does not
+    release a parameter used again within ``stage3_max_reuse_distance`` elements of the trace, and at the turn the
+    last layers of the forward are the first of the backward: min(P_r - live, reuse distance), 0 at dp = 1 (nothing
+    is gathered). Measured (built-in llama-1b, 954M parameters, ZeRO-3 dp=2, reuse distance 1e9, mb 1: allocated
+    at the end of the forward 4.93 GiB above the static, 1.78 GiB of it = 2 x 954M, the rest the activations;
+    benchmarks/results/2026-11-30-s3-h200x2/trace)."""
+    pr = rank_params(mt, a.tp, a.ep, a.dp)[0]
+    return np.where((a.dp > 1) & (a.zero == 3), np.minimum(ds.max_reuse_distance, np.maximum(pr - live, 0.0)), 0.0)
 
 
 def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
@@ -384,6 +396,9 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     step_tmp = np.select([st == 0, off_o, st == 3], [stage0_tmp, 0.0, fp32_grads * np.minimum(ps, ds.sub_group_size)],
                          (w + fp32_grads) * ps if mixed else w * ps)
     acts, working = activation_terms(mt, job.train.seq_len, a, c)
+    # ZeRO-3: the parameters kept gathered from the forward into the backward live with the activations; with
+    # overlap_comm they sit in the all-gather stream's pool instead (overlap_comm_terms)
+    acts = acts + np.where(ds.overlap_comm, 0.0, w * kept_parameters(mt, a, ds, live))
     # zeroth order: weights only (MeZO: all on the GPU; ZO2: embeddings/head + a window of blocks)
     zo_weights = np.where(a.zo2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
     is_zo = a.zeroth_order
