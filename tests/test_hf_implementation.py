@@ -116,5 +116,42 @@ def test_simulator_adds_the_loaded_model_hole_for_hf_only():
     assert hole > acts + working and step >= acts + working
     want = (hole - acts - working) * (1 + C.fragmentation) / 2**30
     assert hf.peak_memory_gib - builtin.peak_memory_gib == pytest.approx(want, rel=1e-9)
+    # the hf loss keeps 2 bytes per logit fewer in the activation phase (hf_logits_saved_bytes); the peak
+    # (hole-bound here) and the allocated peak (the step's) do not move
+    less = (C.logits_saved_bytes - C.hf_logits_saved_bytes) * 2 * 2048 * job.model.vocab / 2**30
+    assert builtin.memory_breakdown_gib["activations"] - hf.memory_breakdown_gib["activations"] \
+        == pytest.approx(less, rel=1e-9)
     assert hf.memory_breakdown_gib["framework_overhead"] - builtin.memory_breakdown_gib["framework_overhead"] \
         == pytest.approx(want, rel=1e-9)
+
+
+def test_the_hf_loss_saves_only_the_fp32_log_softmax():
+    """strategies/hf_adapter.py's loss (``cross_entropy(logits.float())``, as transformers' own): of the tensors
+    autograd keeps for the backward, those of the logits' size are the fp32 log-softmax output alone, 4 bytes per
+    token and vocabulary entry (hf_logits_saved_bytes); the built-in loss keeps its fp32 softmax, also 4, and
+    forms 14 bytes per logit at its forward's peak (logits_saved_bytes + logits_backward_bytes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.strategies.hf_adapter import CausalLMLoss
+    C = SimulatorConstants()
+    T, V = 256, 4096
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=T, use_cache=False)
+    torch.manual_seed(0)
+    model = CausalLMLoss(LlamaForCausalLM(cfg).to(torch.bfloat16)).train()
+    ids = torch.randint(0, V, (1, T))
+    saved: dict[int, tuple[int, torch.dtype]] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, ids)
+    big = [(n, dt) for n, dt in saved.values() if n >= T * V]        # logit-sized storages
+    assert big == [(4 * T * V, torch.float32)]
+    assert sum(n for n, _ in big) / (T * V) == C.hf_logits_saved_bytes
+    loss.backward()
+    assert C.hf_logits_saved_bytes + C.logits_backward_bytes == 12.0
+    assert C.logits_saved_bytes + C.logits_backward_bytes == 14.0

@@ -422,7 +422,7 @@ def test_stage1_step_frees_the_gradients_outside_the_partition_and_loaded_model_
     Ps = P / 4
     plan = Plan(dp=4, zero_stage=1, micro_batch=1, grad_accum=1, activation_checkpointing="full")
     acts, working = (float(x[0]) for x in activation_terms(model_terms(job.model), 2048,
-                                                            PlanArrays.from_plans([plan], 4), C))
+                                                            PlanArrays.from_plans([plan], 4), C, hf=True))
     g = 2 * P                                                # per-tensor 16-bit gradients
     flat = 2 * P + 12 * Ps + 2 * 5e8                         # weights, states, reduce bucket
     step = 6 * Ps - 2 * (P - Ps)                             # beyond the partition's gradients, which stay

@@ -74,8 +74,15 @@ class SimulatorConstants:
     DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py), not a config key."""
     # --- activations ----------------------------------------------------------------------
     logits_saved_bytes: float = 6.0
-    """Bytes per token per vocabulary entry alive at the end of forward: bf16 logits (2) and the fp32
-    log-softmax output saved by the loss (4)."""
+    """The built-in model's loss (strategies/tensor_parallel.py, _VocabParallelCE), bytes per token per
+    vocabulary entry counted with the saved activations: it saves the fp32 softmax (4) and, with
+    ``logits_backward_bytes``, its activation phase holds 14 = the forward's peak at the exp (bf16 logits 2, their
+    fp32 copy 4, z - max 4, exp 4)."""
+    hf_logits_saved_bytes: float = 4.0
+    """The same for ``model.implementation: hf`` (transformers' causal-LM loss and strategies/hf_adapter.py, both
+    ``cross_entropy(logits.float())`` with only the loss kept): the fp32 log-softmax output (4) is all that stays
+    saved, and the backward adds the gradient of that output and the input gradient (fp32, 4 + 4): a peak of 12
+    (tests/test_hf_implementation.py counts the saved tensors)."""
     logits_backward_bytes: float = 8.0
     """Extra bytes per token per vocabulary entry during the loss backward: the fp32 softmax gradient and
     its input-gradient copy."""

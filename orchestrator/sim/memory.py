@@ -315,10 +315,11 @@ def rank_params(mt: ModelTerms, tp, ep, dp):
     return pr, ps, pn, pe
 
 
-def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorConstants):
+def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorConstants, *, hf: bool = False):
     """(saved activations at the end of forward, transient working set) in bytes per rank.
 
-    ``a`` is the plan arrays object (fields micro_batch, tp, sp, ac, zo); ``c`` the constants.
+    ``a`` is the plan arrays object (fields micro_batch, tp, sp, ac, zo); ``c`` the constants; ``hf``: the model
+    is transformers' class (``model.implementation: hf``), whose loss keeps fewer bytes per logit.
     """
     tokens = a.micro_batch * float(seq_len)
     tp = a.tp
@@ -331,7 +332,8 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     full_layers = mt.dense_layers * dense_full + mt.moe_layers * moe_full
     one_layer = np.maximum(dense_full if mt.dense_layers else 0.0, moe_full if mt.moe_layers else 0.0)
     ckpt_layers = mt.layers * 2.0 * h / spdiv + one_layer        # layer inputs + one layer recomputed
-    head = 6.0 * h / spdiv + c.logits_saved_bytes * mt.vocab / tp  # final norm + logits/log-softmax
+    logits_saved = c.hf_logits_saved_bytes if hf else c.logits_saved_bytes
+    head = 6.0 * h / spdiv + logits_saved * mt.vocab / tp       # final norm + logits/log-softmax
     saved = tokens * (np.where(a.checkpoints_activations, ckpt_layers, full_layers) + head)
     working = tokens * (c.working_set_factor * 2.0 * (h + f * max(routed, 1.0)) / tp
                         + c.logits_backward_bytes * mt.vocab / tp)
@@ -395,7 +397,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # llama-2-7b dp=2 ZeRO-2, max_allocated rises by 18.8 GiB = 6 P_s in the step; 2026-11-30-s2 trace_std)
     step_tmp = np.select([st == 0, off_o, st == 3], [stage0_tmp, 0.0, fp32_grads * np.minimum(ps, ds.sub_group_size)],
                          (w + fp32_grads) * ps if mixed else w * ps)
-    acts, working = activation_terms(mt, job.train.seq_len, a, c)
+    hf = job.model.implementation == Implementation.HF
+    acts, working = activation_terms(mt, job.train.seq_len, a, c, hf=hf)
     # ZeRO-3: the parameters kept gathered from the forward into the backward live with the activations; with
     # overlap_comm they sit in the all-gather stream's pool instead (overlap_comm_terms)
     acts = acts + np.where(ds.overlap_comm, 0.0, w * kept_parameters(mt, a, ds, live))
@@ -431,7 +434,6 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # model is created layer by layer where it runs (measured reserve above allocated on 2 x H200: 1.0-2.1
     # GiB at 7B tp=2, 4.9 GiB at 7B and 13B ZeRO-3, where the loaded-model term would add 11.8 and 22.8 GiB;
     # benchmarks/results/2026-11-29-s2-h200x2)
-    hf = job.model.implementation == Implementation.HF
     load_hole = np.where(is_zo | (not on_gpu) | (not hf), 0.0, c.model_load_fragmentation * w * pr)
     cal = job.cluster.calibration
     # calibration.device_fixed_gib: fitted by `meshpilot calibrate`, the per-rank fixed cost as measured
