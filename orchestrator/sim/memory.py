@@ -22,7 +22,8 @@ those of the config the worker runs (:mod:`.deepspeed_settings`):
   partition on the GPU but ``temp_grad_buffer_for_gpu_offload`` (w x the largest parameter);
 - stage 3: w·P_s weights plus the gathered window (largest module + prefetch bucket, capped by
   max_live_parameters), w·P_s gradient partition, K·P_s states, the staging buffer, and at the step
-  the fp32 gradient of one optimizer sub-group at a time (4·min(P_s, sub_group_size));
+  one optimizer sub-group's gradients at a time, flattened to 16 bits and copied to fp32 while both
+  live ((w + 4)·min(P_s, sub_group_size): ``_prepare_fp32_grad_for_sub_group``);
 - offload_optimizer=cpu / offload_params=cpu: the optimizer states, fp32 gradients and (parameter
   offload) the w·P_s weight partition move to host memory, in pinned blocks that torch rounds up to
   powers of two, plus per-parameter accumulation buffers: :func:`host_memory_terms`.
@@ -54,7 +55,7 @@ predicted), +3.45 GiB with it, +4.94 GiB with DeepSpeed's defaults (bucket 5e8);
 The caching allocator's reserve, by phase. Allocated = static + max(activation phase, step phase), static
 being the weights, gradients, optimizer states and buckets; the activation phase the saved activations
 and the backward's working set, the step phase its temporaries (stages 1-2: the flat 16-bit gradient
-partition and its fp32 copy; stage 3: one sub-group's fp32 gradients; stage 0: the per-tensor fp32
+partition and its fp32 copy; stage 3: one sub-group's, likewise; stage 0: the per-tensor fp32
 copies and their concatenation). In PyTorch's default allocator mode a freed block serves a later
 request only where that request fits inside it: the activation phase frees many per-tensor blocks, the
 step asks for a few flat buffers of P_s elements, so neither phase reuses the other's blocks and both
@@ -390,12 +391,14 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     bucket, stream_pools = overlap_comm_terms(mt, a, ds, w, live)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
-    # stage 3 steps its partition one sub-group at a time (stage3.py step: _prepare_sub_group flattens
-    # that sub-group's gradients to fp32, steps, releases): sub_group_size elements, not P_s
+    # stage 3 steps its partition one sub-group at a time (stage3.py _prepare_fp32_grad_for_sub_group:
+    # ``flatten(averaged_gradients).to(fp32)``, both alive, then steps and releases): (w + 4) x sub_group_size
+    # elements at most, not P_s (measured: built-in llama-1b ZeRO-3 dp=2, reserved rises 6.23 GiB at the first
+    # step = the moments 8 P_s + 6 P_s; 2026-11-30-s3-h200x2/trace/tr1b)
     # stages 1-2 (stage_1_and_2.py step): ``flatten(averaged_gradients)`` copies the gradient partition into one
     # 16-bit buffer, ``.to(fp32)`` makes its fp32 copy while it is alive: (w + 4) P_s at once (measured: built-in
     # llama-2-7b dp=2 ZeRO-2, max_allocated rises by 18.8 GiB = 6 P_s in the step; 2026-11-30-s2 trace_std)
-    step_tmp = np.select([st == 0, off_o, st == 3], [stage0_tmp, 0.0, fp32_grads * np.minimum(ps, ds.sub_group_size)],
+    step_tmp = np.select([st == 0, off_o, st == 3], [stage0_tmp, 0.0, (w + fp32_grads) * np.minimum(ps, ds.sub_group_size)],
                          (w + fp32_grads) * ps if mixed else w * ps)
     hf = job.model.implementation == Implementation.HF
     acts, working = activation_terms(mt, job.train.seq_len, a, c, hf=hf)
