@@ -60,6 +60,12 @@ def regime_of(plan: Plan, gpus_per_node: int = 8) -> str:
     return REGIMES[int(regime_codes(PlanArrays.from_plans([plan], gpus_per_node))[0])]
 
 
+def margin_gib(band, band_gib, peak_gib):
+    """GiB added to a predicted peak for "fits with margin": the lesser of ``band`` x peak and ``band_gib`` (module
+    docstring). Scalars or arrays."""
+    return np.minimum(band * peak_gib, band_gib)
+
+
 @dataclass(frozen=True)
 class RegimeBand:
     regime: str
@@ -70,8 +76,8 @@ class RegimeBand:
     band_gib: float = 0.0           # the largest under-prediction in GiB
 
     def margin_gib(self, peak_gib: float) -> float:
-        """GiB added to a predicted peak of ``peak_gib`` for "fits with margin" (module docstring)."""
-        return min(self.band * peak_gib, self.band_gib)
+        """GiB added to a predicted peak of ``peak_gib`` for "fits with margin" (:func:`margin_gib`)."""
+        return float(margin_gib(self.band, self.band_gib, peak_gib))
 
     def why(self) -> str:
         both = f"+{self.band:.0%} or +{self.band_gib:.1f} GiB, whichever is less"
@@ -91,12 +97,16 @@ class ErrorBands:
         return self.bands[regime]
 
     def band_of(self, codes: np.ndarray) -> np.ndarray:
-        """The memory band of every regime code of ``codes`` (from :func:`regime_codes`)."""
+        """The relative memory band of every regime code of ``codes`` (from :func:`regime_codes`)."""
         return np.array([self.bands[r].band for r in REGIMES])[codes]
 
     def band_gib_of(self, codes: np.ndarray) -> np.ndarray:
         """The memory band in GiB of every regime code of ``codes``."""
         return np.array([self.bands[r].band_gib for r in REGIMES])[codes]
+
+    def margin_gib_of(self, codes: np.ndarray, peak_gib: np.ndarray) -> np.ndarray:
+        """The margin in GiB of every plan, from its regime code and predicted peak (:func:`margin_gib`)."""
+        return margin_gib(self.band_of(codes), self.band_gib_of(codes), peak_gib)
 
     def band_array(self, arrays: PlanArrays) -> np.ndarray:
         """The memory band of every plan of ``arrays``."""

@@ -345,17 +345,17 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     return np.where(zo, 0.0, saved), np.where(zo, zo_working, working)
 
 
-def overlap_comm_terms(mt: ModelTerms, a: PlanArrays, ds: DeepSpeedSettings, w: float, live):
+def overlap_comm_terms(a: PlanArrays, ds: DeepSpeedSettings, w: float, kept):
     """(reduction buckets allocated, side-stream pools reserved) in bytes per rank (module docstring).
 
-    ``live``: the stage-3 gathered window (elements) already counted with the weights.
-    Buckets: w·B at stages 1-3, 2·w·B at stages 1-2 with overlap_comm. Pools, with overlap_comm:
-    w·B at stages 1-2; w·B + w·min(P_r - live, reuse distance) at stage 3 (the second term 0 at dp = 1)."""
+    ``kept``: the stage-3 parameters kept gathered into the backward (elements, :func:`kept_parameters`; 0 at
+    other stages). Buckets: w·B at stages 1-3, 2·w·B at stages 1-2 with overlap_comm. Pools, with overlap_comm:
+    w·B at stages 1-2; w·B + w·kept at stage 3."""
     st = a.zero
     on = ds.overlap_comm & (st >= 1)
     B = w * ds.reduce_bucket_size
     bucket = np.where(st >= 1, B, 0.0) * (1.0 + (on & (st <= 2)))
-    pools = np.where(on, B + np.where(st == 3, w * kept_parameters(mt, a, ds, live), 0.0), 0.0)
+    pools = np.where(on, B + w * kept, 0.0)
     return bucket, pools
 
 
@@ -388,7 +388,10 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * offloaded_window)
     grads = np.select([st <= 1, off_o], [w * pr, 0.0], w * ps)
     opt = np.where(off_o, 0.0, K * np.where(st == 0, pr, ps))
-    bucket, stream_pools = overlap_comm_terms(mt, a, ds, w, live)
+    # ZeRO-3's parameters kept gathered into the backward: in the all-gather stream's pool with overlap_comm,
+    # with the activations (the compute stream) without it
+    kept = kept_parameters(mt, a, ds, live)
+    bucket, stream_pools = overlap_comm_terms(a, ds, w, kept)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
     # stage 3 steps its partition one sub-group at a time (stage3.py _prepare_fp32_grad_for_sub_group:
@@ -402,9 +405,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
                          (w + fp32_grads) * ps if mixed else w * ps)
     hf = job.model.implementation == Implementation.HF
     acts, working = activation_terms(mt, job.train.seq_len, a, c, hf=hf)
-    # ZeRO-3: the parameters kept gathered from the forward into the backward live with the activations; with
-    # overlap_comm they sit in the all-gather stream's pool instead (overlap_comm_terms)
-    acts = acts + np.where(ds.overlap_comm, 0.0, w * kept_parameters(mt, a, ds, live))
+    acts = acts + np.where(ds.overlap_comm, 0.0, w * kept)
     # zeroth order: weights only (MeZO: all on the GPU; ZO2: embeddings/head + a window of blocks)
     zo_weights = np.where(a.zo2, w * (mt.resident_zo2 + c.zo2_window_blocks * mt.layer_max), w * mt.total)
     is_zo = a.zeroth_order

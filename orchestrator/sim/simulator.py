@@ -85,7 +85,7 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     regime = regime_codes(arrays)
     eb = bands or load_error_bands()
     band = eb.band_of(regime)
-    margin_gib = np.minimum(band * peak_gib, eb.band_gib_of(regime))      # error_bands: the lesser of the two
+    margin_gib = eb.margin_gib_of(regime, peak_gib)
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
                   fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, regime=regime, band=band,

@@ -136,15 +136,15 @@ def _shape_factor_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstan
     return np.minimum(peak * shape, datasheet * 1e12)
 
 
-def dp_communication(ds: DeepSpeedSettings, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
+def dp_communication(ds: DeepSpeedSettings, st, ga, gpu_b, stretch, z3_pass_host, grad_ar, grad_rs, param_ag,
                      fraction: float):
     """Exposed data-parallel reductions (+ the stage-2 parameter all-gather) per step.
 
-    Per micro-batch: ``gpu_b`` the backward's GPU time, ``stretch`` its host-bound stretch, ``z3_host`` the
-    ZeRO-3 fetch/release host time of all passes; ``fraction`` is ``overlap_comm_fraction``. The stage-3
+    Per micro-batch: ``gpu_b`` the backward's GPU time, ``stretch`` its host-bound stretch, ``z3_pass_host`` the
+    ZeRO-3 fetch/release host time of one pass; ``fraction`` is ``overlap_comm_fraction``. The stage-3
     all-gathers are not here: they belong to each pass's fetch floor (:func:`zero3_pass_excess`). See the
     module docstring."""
-    idle_bwd = gpu_b * (stretch - 1.0) + np.where(st == 3, z3_host / (2.0 + ac), 0.0)   # GPU waits for the host
+    idle_bwd = gpu_b * (stretch - 1.0) + z3_pass_host                 # GPU waits for the host
     side = ds.overlap_comm & (st >= 1)
     hidden = idle_bwd + np.where(side, fraction * gpu_b, 0.0)
     per_mb = ga * np.maximum(grad_rs - hidden, 0.0)                  # stages 2-3: every micro-batch
@@ -194,8 +194,8 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     fetched = fetch_dense + fetch_experts / a.ep
     # the host CPU's cost per fetched tensor: fitted per cluster by `meshpilot calibrate` where ZeRO-3 runs were recorded
     fetch_s = cl.calibration.zero3_fetch_ms * 1e-3 if cl.calibration.zero3_fetch_ms else c.zero3_fetch_s
-    z3_host = np.where(st == 3, (2.0 + ac) * (fetched * fetch_s
-                                              + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s), 0.0)
+    z3_pass_host = np.where(st == 3, fetched * fetch_s
+                            + (mt.modules + mt.expert_modules / a.ep) * c.zero3_module_hook_s, 0.0)
     # the model's host time overlaps the GPU (asynchronous launches) and stretches the compute where it is longer;
     # ZeRO-3's fetch/release time and its gathers set a floor per pass instead (zero3_pass_excess, below)
     excess = np.maximum(host_model - gpu_mb, 0.0)          # host-bound time beyond the GPU's work
@@ -219,15 +219,15 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     grad_ar = coll("all_reduce", w * pn, w * pe)
     grad_rs = coll("reduce_scatter", w * pn, w * pe)
     param_ag = coll("all_gather", w * pn, w * pe)
-    dp_exposed = dp_communication(ds, st, ga, ac, gpu_b, stretch, z3_host, grad_ar, grad_rs, param_ag,
+    dp_exposed = dp_communication(ds, st, ga, gpu_b, stretch, z3_pass_host, grad_ar, grad_rs, param_ag,
                                   c.overlap_comm_fraction)
     # ZeRO-3 per pass: the coordinator's floor (fetch/release host time + the pass's all-gathers) against the pass's
     # compute (:func:`zero3_pass_excess`): forward, backward and recompute each
-    floor = z3_host / (2.0 + ac) + param_ag
-    excess = (zero3_pass_excess(gpu_f * stretch, floor, c.zero3_pass_overlap)
-              + zero3_pass_excess(gpu_b * stretch, floor, c.zero3_pass_overlap)
-              + ac * zero3_pass_excess(gpu_fwd * stretch, floor, c.zero3_pass_overlap))
-    gathers = np.where(st == 3, ga * excess, 0.0)
+    floor = z3_pass_host + param_ag
+    z3_excess = (zero3_pass_excess(gpu_f * stretch, floor, c.zero3_pass_overlap)
+                 + zero3_pass_excess(gpu_b * stretch, floor, c.zero3_pass_overlap)
+                 + ac * zero3_pass_excess(gpu_fwd * stretch, floor, c.zero3_pass_overlap))
+    gathers = np.where(st == 3, ga * z3_excess, 0.0)
     # expert parallel
     a2a = collective_time("all_to_all", tokens * mt.top_k * mt.capacity_factor * mt.hidden * w / tp,
                           a.ep_span[0], a.ep_span[1], a.ep_span[2], rates)
