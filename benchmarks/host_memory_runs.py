@@ -158,7 +158,9 @@ def measured(run_dir: Path) -> dict:
                 host_memory_gib={r.get("rank", i): r.get("host_memory_gib") for i, r in enumerate(results)},
                 host_node=nodes, host_node_source={k: v.get("source") for k, v in (pvm.get("per_node") or {}).items()},
                 step_time_s=step.get("measured"), step_time_predicted_s=step.get("predicted"),
-                memory_vs_prediction=pvm.get("memory_gib"))
+                memory_vs_prediction=pvm.get("memory_gib"),
+                # rank 0's per-step forward / backward / optimizer medians (the workers' PhaseTimer)
+                phases_s=next((r.get("phases_s") for r in results if r.get("rank") == 0), None))
 
 
 def run_within_budget(overrides: list[str], force: bool, run_dir: Path, timeout_s: float, left_s: float,

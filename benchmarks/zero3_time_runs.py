@@ -23,7 +23,6 @@ random weights, seq 2048, global batch 16, bf16 AdamW, ZeRO-3 dp=2 on 2 x H200.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -65,16 +64,6 @@ def prediction(overrides: list[str]) -> dict:
                 peak_gpu_gib=e.peak_memory_gib, fits=e.fits)
 
 
-def phases(run_dir: Path) -> dict | None:
-    """Rank 0's per-step forward / backward / optimizer seconds (medians the worker recorded), None if absent."""
-    p = run_dir / "summary.json"
-    if not p.exists():
-        return None
-    results = json.loads(p.read_text()).get("results") or []
-    r0 = next((r for r in results if r.get("rank") == 0), None)
-    return (r0 or {}).get("phases_s")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -96,11 +85,11 @@ def main() -> int:
         if ran is None:
             skipped.append(name)
             continue
-        row.update(ran, phases_s=phases(a.out / name))
+        row.update(ran)
         rows.append(row)
         m = row.get("measured") or {}
         print(f"{name:12s} {part:8s} {pred['plan']:34s} {row['outcome']:10s} predicted {pred['step_time_s']:.3f} s; "
-              f"measured {fmt(m.get('step_time_s'), '{:.3f}')} s, phases {row['phases_s']}", flush=True)
+              f"measured {fmt(m.get('step_time_s'), '{:.3f}')} s, phases {m.get('phases_s')}", flush=True)
     if skipped:
         print(f"skipped (budget): {', '.join(skipped)}")
     write_json(a.out / "zero3_time_runs.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
