@@ -793,12 +793,12 @@ def _steps(names: Sequence[str]) -> np.ndarray:
     return np.array([0.01 if n in DIRECT else 0.25 for n in names])
 
 
-def _jacobian(fn, x: np.ndarray, f0: np.ndarray, steps: np.ndarray | None = None) -> np.ndarray:
-    """Forward differences with steps of ``steps`` (default 25%) of each (positive) unknown: exact where fn is
-    affine."""
+def _jacobian(fn, x: np.ndarray, f0: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Forward differences with steps of ``steps`` (relative, :func:`_steps`) of each (positive) unknown: exact
+    where fn is affine."""
     J = np.zeros((len(f0), len(x)))
     for j in range(len(x)):
-        h = (0.25 if steps is None else float(steps[j])) * x[j]
+        h = float(steps[j]) * x[j]
         xx = x.copy()
         xx[j] += h
         J[:, j] = (fn(xx) - f0) / h
