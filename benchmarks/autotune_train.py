@@ -84,6 +84,21 @@ class MemoryTrace:
             max_allocated_gib=torch.cuda.max_memory_allocated(self._device) / g,
             max_reserved_gib=torch.cuda.max_memory_reserved(self._device) / g))
 
+    def watch_loss(self, model: Any) -> None:
+        """Split the backward at the end of the loss's: a backward pre-hook on the built-in model's ``final_norm``
+        (it runs once the head and loss have given the gradient of the last hidden state) records a
+        "loss backward" mark and resets torch's peak statistics, so the "backward" mark's peak is the layers'
+        (with checkpointing, the recompute) alone. The run's own peak statistics then cover only that part."""
+        import torch
+        norm = getattr(model, "final_norm", None)
+        if norm is None:
+            return
+
+        def done(*_: Any) -> None:
+            self._mark("loss backward")
+            torch.cuda.reset_peak_memory_stats(self._device)
+        norm.register_full_backward_pre_hook(done)
+
     def __call__(self, *a: Any, **k: Any) -> Any:
         out = self._engine(*a, **k)
         self._mark("forward")
@@ -126,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-memory", default=None, metavar="FILE",
                    help="rank 0 writes torch's allocated/reserved bytes after every forward, backward and "
                         "optimizer call, and the caching allocator's segments after the first and last step, here")
+    p.add_argument("--trace-loss-phase", action="store_true",
+                   help="with --trace-memory: also mark the end of the loss's backward and reset the peak there "
+                        "(MemoryTrace.watch_loss); the result's peaks then cover only the layers' backward")
+    p.add_argument("--checkpointing", action="store_true", help="full activation checkpointing of every block")
     # --deepspeed, --deepspeed_config: DeepSpeed's own arguments, read by deepspeed.initialize(args=...)
     import deepspeed
     deepspeed.add_config_arguments(p)
@@ -196,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     stage = zero_stage(cfg)
-    plan = Plan(dp=world, zero_stage=stage)          # tp = 1, no offload, no checkpointing
+    # tp = 1, no offload; checkpointing only with --checkpointing (the job's plan section is not read)
+    plan = Plan(dp=world, zero_stage=stage, activation_checkpointing="full" if args.checkpointing else "none")
     t0 = time.perf_counter()
     if stage == 3:
         import torch._dynamo  # noqa: F401  before zero.Init (strategies/zero.py says why)
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                           BatchLayout(global_batch=batch, micro_batch=mb, grad_accum=gas, dp=world, dp_rank=rank),
                           seed=job.train.seed)
     tracer = MemoryTrace(engine, device) if args.trace_memory and device.type == "cuda" else None
+    if tracer is not None and args.trace_loss_phase:
+        tracer.watch_loss(model)
     trainer = DeepSpeedTrainEngine(tracer or engine, plan, types.SimpleNamespace(dp_rank=rank), device=device,
                                    world_size=world)
 
