@@ -99,6 +99,22 @@ class MemoryTrace:
             torch.cuda.reset_peak_memory_stats(self._device)
         norm.register_full_backward_pre_hook(done)
 
+    def watch_blocks(self, model: Any, steps: int = 1) -> None:
+        """A mark after each block's forward (a forward hook on every ``model.blocks[i]``) for the first ``steps``
+        forwards: how allocated memory grows layer by layer (activations, and any parameters kept gathered)."""
+        blocks = list(getattr(model, "blocks", []))
+        seen = {"forwards": 0}
+
+        def after(i: int):
+            def hook(*_: Any) -> None:
+                if seen["forwards"] < steps:
+                    self._mark(f"block {i} forward")
+                if i == len(blocks) - 1:
+                    seen["forwards"] += 1
+            return hook
+        for i, b in enumerate(blocks):
+            b.register_forward_hook(after(i))
+
     def __call__(self, *a: Any, **k: Any) -> Any:
         out = self._engine(*a, **k)
         self._mark("forward")
@@ -144,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-loss-phase", action="store_true",
                    help="with --trace-memory: also mark the end of the loss's backward and reset the peak there "
                         "(MemoryTrace.watch_loss); the result's peaks then cover only the layers' backward")
+    p.add_argument("--trace-blocks", type=int, default=0, metavar="N",
+                   help="with --trace-memory: a mark after every block's forward in the first N micro-batches")
     p.add_argument("--checkpointing", action="store_true", help="full activation checkpointing of every block")
     # --deepspeed, --deepspeed_config: DeepSpeed's own arguments, read by deepspeed.initialize(args=...)
     import deepspeed
@@ -241,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     tracer = MemoryTrace(engine, device) if args.trace_memory and device.type == "cuda" else None
     if tracer is not None and args.trace_loss_phase:
         tracer.watch_loss(model)
+    if tracer is not None and args.trace_blocks:
+        tracer.watch_blocks(model, steps=args.trace_blocks)
     trainer = DeepSpeedTrainEngine(tracer or engine, plan, types.SimpleNamespace(dp_rank=rank), device=device,
                                    world_size=world)
 
