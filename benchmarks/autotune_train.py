@@ -100,20 +100,22 @@ class MemoryTrace:
         norm.register_full_backward_pre_hook(done)
 
     def watch_blocks(self, model: Any, steps: int = 1) -> None:
-        """A mark after each block's forward (a forward hook on every ``model.blocks[i]``) for the first ``steps``
-        forwards: how allocated memory grows layer by layer (activations, and any parameters kept gathered)."""
+        """A mark after each block's forward and after each block's backward (hooks on every ``model.blocks[i]``)
+        for the first ``steps`` micro-batches: how allocated memory grows layer by layer in the forward
+        (activations, parameters kept gathered) and how the backward trades activations for gradients."""
         blocks = list(getattr(model, "blocks", []))
-        seen = {"forwards": 0}
+        seen = {"forward": 0, "backward": 0}
 
-        def after(i: int):
+        def after(i: int, kind: str, last: int):
             def hook(*_: Any) -> None:
-                if seen["forwards"] < steps:
-                    self._mark(f"block {i} forward")
-                if i == len(blocks) - 1:
-                    seen["forwards"] += 1
+                if seen[kind] < steps:
+                    self._mark(f"block {i} {kind}")
+                if i == last:
+                    seen[kind] += 1
             return hook
         for i, b in enumerate(blocks):
-            b.register_forward_hook(after(i))
+            b.register_forward_hook(after(i, "forward", len(blocks) - 1))
+            b.register_full_backward_hook(after(i, "backward", 0))
 
     def __call__(self, *a: Any, **k: Any) -> Any:
         out = self._engine(*a, **k)
@@ -161,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --trace-memory: also mark the end of the loss's backward and reset the peak there "
                         "(MemoryTrace.watch_loss); the result's peaks then cover only the layers' backward")
     p.add_argument("--trace-blocks", type=int, default=0, metavar="N",
-                   help="with --trace-memory: a mark after every block's forward in the first N micro-batches")
+                   help="with --trace-memory: a mark after every block's forward and backward in the first N "
+                        "micro-batches")
     p.add_argument("--checkpointing", action="store_true", help="full activation checkpointing of every block")
     # --deepspeed, --deepspeed_config: DeepSpeed's own arguments, read by deepspeed.initialize(args=...)
     import deepspeed
