@@ -75,7 +75,7 @@ def measure(name: str, mb: int, seq: int, iters: int) -> dict:
     src = weight_source(cfg, 0)
     try:
         block = Block(cfg, 0, weights=src, tp_group=None, ep_group=None, sequence_parallel=False,
-                      dtype=torch.bfloat16, device=dev).to(torch.bfloat16)   # DeepSpeed's engine casts it so
+                      dtype=torch.bfloat16, device=dev).to(dev, torch.bfloat16)   # as the engine moves and casts it
     finally:
         src.close()
     x = torch.randn(mb, seq, cfg.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
