@@ -132,7 +132,31 @@ def test_activation_totals_and_logits():
     expected = tokens * (L * layer + 6 * h + C.logits_saved_bytes * V)
     assert m["activations"] == pytest.approx(expected)
     ck = _mem(job, Plan(dp=1, micro_batch=2, grad_accum=2, activation_checkpointing="full"))
-    assert ck["activations"] == pytest.approx(tokens * (L * 2 * h + layer + 6 * h + C.logits_saved_bytes * V))
+    head = 6 * h + C.logits_saved_bytes * V
+    assert ck["activations"] == pytest.approx(tokens * (L * 2 * h + head))
+
+
+@pytest.mark.parametrize("model,mb", [("tiny-llama", 2), ("llama-2-7b", 1), ("llama-2-7b", 8), ("llama-3-8b", 4)])
+def test_checkpointed_activation_phase_is_the_larger_of_loss_and_recompute(model, mb):
+    """With checkpointing the loss's backward ends before the last block is recomputed: the phase's peak is the
+    layer inputs + max(head + loss backward, one layer + its working set), not their sum."""
+    from meshpilot.orchestrator.sim.memory import activation_terms
+    job = _job(model=model, global_batch=mb, seq_len=2048)
+    m, mt = job.model, model_terms(job.model)
+    h, f, V, L, tokens = m.hidden, m.ffn, m.vocab, m.layers, mb * 2048
+    acts = layer_activation_bytes(m)
+    one_layer = acts.replicated + acts.attention + acts.mlp
+    head = 6 * h + C.logits_saved_bytes * V
+    loss_phase = head + C.logits_backward_bytes * V
+    layer_phase = one_layer + C.working_set_factor * 2 * (h + f)
+    arr = PlanArrays.from_plans([Plan(dp=1, micro_batch=mb, activation_checkpointing="full")], 1)
+    saved, working = activation_terms(mt, 2048, arr, C)
+    assert saved[0] == pytest.approx(tokens * (L * 2 * h + head))
+    assert saved[0] + working[0] == pytest.approx(tokens * (L * 2 * h + max(loss_phase, layer_phase)))
+    # without checkpointing both are counted: every layer's tensors are alive through the loss's backward
+    arr = PlanArrays.from_plans([Plan(dp=1, micro_batch=mb)], 1)
+    saved, working = activation_terms(mt, 2048, arr, C)
+    assert saved[0] + working[0] == pytest.approx(tokens * (L * one_layer + loss_phase + C.working_set_factor * 2 * (h + f)))
 
 
 def _all_plans(job, world_max):

@@ -317,7 +317,19 @@ def rank_params(mt: ModelTerms, tp, ep, dp):
 
 
 def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorConstants, *, hf: bool = False):
-    """(saved activations at the end of forward, transient working set) in bytes per rank.
+    """(saved activations at the end of forward, transient working set) in bytes per rank; their sum is the
+    activation phase's peak.
+
+    Without checkpointing every layer's saved tensors are alive when the loss's backward starts, and the backward
+    of the last layer follows while most of them still are: saved = all layers + the head's, working = one layer's
+    working set + the loss backward's. With full checkpointing the two happen one after the other: the loss's
+    backward (the head's saved tensors and its gradients) ends before the last block is recomputed, so the
+    phase's peak is the layer inputs + max(head + loss backward, one layer recomputed + its working set):
+    saved = layer inputs + head, working = max(loss backward, one layer + its working set - head). Measured
+    (built-in llama-2-7b with 8 layers, ZeRO-3 dp=2, mb 8, checkpointing; benchmarks/autotune_train.py
+    --trace-loss-phase, benchmarks/results/2026-11-30-s4-h200x2/trace): allocated peaks 10.33 GiB above the
+    static at the loss and 6.43 in the layers' backward; this model puts the peak at 24.93 GiB against 24.79
+    measured, the sum of both phases at 28.57.
 
     ``a`` is the plan arrays object (fields micro_batch, tp, sp, ac, zo); ``c`` the constants; ``hf``: the model
     is transformers' class (``model.implementation: hf``), whose loss keeps fewer bytes per logit.
@@ -332,12 +344,14 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     moe_full = L.replicated / spdiv + L.attention / tp + routed * (L.mlp / tp + 4.0 * h) + L.router
     full_layers = mt.dense_layers * dense_full + mt.moe_layers * moe_full
     one_layer = np.maximum(dense_full if mt.dense_layers else 0.0, moe_full if mt.moe_layers else 0.0)
-    ckpt_layers = mt.layers * 2.0 * h / spdiv + one_layer        # layer inputs + one layer recomputed
     logits_saved = c.hf_logits_saved_bytes if hf else c.logits_saved_bytes
     head = 6.0 * h / spdiv + logits_saved * mt.vocab / tp       # final norm + logits/log-softmax
-    saved = tokens * (np.where(a.checkpoints_activations, ckpt_layers, full_layers) + head)
-    working = tokens * (c.working_set_factor * 2.0 * (h + f * max(routed, 1.0)) / tp
-                        + c.logits_backward_bytes * mt.vocab / tp)
+    layer_working = c.working_set_factor * 2.0 * (h + f * max(routed, 1.0)) / tp
+    logits_backward = c.logits_backward_bytes * mt.vocab / tp
+    ac = a.checkpoints_activations
+    saved = tokens * (np.where(ac, mt.layers * 2.0 * h / spdiv, full_layers) + head)
+    working = tokens * np.where(ac, np.maximum(logits_backward, one_layer + layer_working - head),
+                                layer_working + logits_backward)
     # zeroth order: inference, nothing saved; one layer's tensors and one chunk of the forward-only loss
     # (at most forward_only_rows tokens' logits) live at once
     zo_working = tokens * one_layer + np.minimum(tokens, c.forward_only_rows) * c.logits_forward_only_bytes * mt.vocab
