@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 MEMORY_CONSTANTS = ("cuda_context_gib", "nccl_base_gib", "fragmentation", "model_load_fragmentation", "working_set_factor",
                     "logits_saved_bytes", "logits_backward_bytes", "logits_forward_only_bytes")
 TIME_CONSTANTS = ("matmul_efficiency", "layer_overhead_s", "grad_hook_s", "step_overhead_s", "step_tensor_s",
-                  "hbm_efficiency", "zero3_fetch_s", "zero3_module_hook_s", "zero3_step_tensor_s", "cpu_adam_gparams_per_core", "cpu_adam_node_gparams_per_core",
+                  "hbm_efficiency", "zero3_fetch_s", "zero3_module_hook_s", "zero3_step_tensor_s", "cpu_adam_gparams_per_core", "cpu_adam_node_gparams_per_s",
                   "pcie_efficiency", "overlap_comm_fraction")
 GRID = (0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.45, 2.0)
 OOM_PENALTY = 100.0          # percentage points per "predicted fits but OOMed" in the memory objective

@@ -283,7 +283,7 @@ def test_cpu_adam_is_thread_bound_until_the_node_is_memory_bound():
     threads = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node)
     assert threads == min(8, cl.cpu_cores // cl.gpus_per_node)
     rank = threads * C.cpu_adam_gparams_per_core * 1e9
-    node = cl.cpu_cores * C.cpu_adam_node_gparams_per_core * 1e9
+    node = C.cpu_adam_node_gparams_per_s * 1e9                # a property of the node's memory, not its cores
     assert node / 4 < rank < node / 2                      # the regimes the docstring names
     for dp in (1, 2, 4):
         e = simulate(job, Plan(dp=dp, zero_stage=2, offload_optimizer="cpu", micro_batch=4 // dp))

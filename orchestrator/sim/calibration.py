@@ -782,7 +782,7 @@ def _model_adam_rate(runs: Sequence[RecordedRun], c: SimulatorConstants) -> floa
     from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
     cl = runs[0].job.cluster
     rank = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node) * c.cpu_adam_gparams_per_core
-    node = cl.calibration.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_node_gparams_per_core
+    node = cl.calibration.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s
     return float(min(rank, node / max(1, min(runs[0].plan.world_size, cl.gpus_per_node))))
 
 

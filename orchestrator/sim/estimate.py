@@ -159,10 +159,14 @@ class SimulatorConstants:
     parameters per second. 4 x H200 host, 8 threads per rank, 2 ranks: 1.1 G params/s per rank
     (benchmarks/results/2026-11-27-s5-h200x4, llama-1b ZeRO-2 + optimizer offload, step minus the
     same plan's step without offload)."""
-    cpu_adam_node_gparams_per_core: float = 0.05
-    """The node's memory-bound CPUAdam ceiling over all its ranks, per core of the node (without a
-    probe calibration): ~30 host bytes per parameter, so 0.05 x 64 cores = 3.2 G params/s is ~96 GB/s.
-    Same source: 4 ranks of 8 threads ran 0.8 G params/s each."""
+    cpu_adam_node_gparams_per_s: float = 3.2
+    """The node's memory-bound CPUAdam ceiling over all its ranks (without a probe calibration), billions
+    of parameters per second: ~30 host bytes per parameter, so 3.2 G params/s is ~96 GB/s of host memory
+    traffic. Same source: 4 ranks of 8 threads ran 0.8 G params/s each on the 64-core host. A property of
+    the node's memory, not of its core count: it was 0.05 per core, which gave the 32-core 2 x H200 host
+    1.6 G params/s and its two ranks 0.8 each, where ZeRO-1 and ZeRO-2 offload ranks measured 1.2-1.4
+    (the thread bound, 8 x 0.14; benchmarks/results/2026-11-30-s4-h200x2, regime_runs and offfix: rows
+    that are therefore no longer independent checks of this rate)."""
     pcie_efficiency: float = 0.9963
     """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration).
     First principles 0.9; fitted 0.9963."""

@@ -67,8 +67,13 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   and overlap_comm buys little (llama-2-13b, 2 x H200, measured 0.7% faster).
 - expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
   b s k c h values (k = top_k, c = capacity factor) in the ep group.
-- offload: ZeRO-Offload moves w P_s gradient bytes to the host every micro-batch and w P_s
-  parameter bytes back per step over PCIe; parameter offload uploads w P_s per forward and
+- offload: ZeRO-Offload moves the gradient partition to the host and the updated 16-bit parameters
+  back over PCIe. At stages 1-2 (DeepSpeed 0.19 ``copy_grads_in_partition``) the partition goes down
+  in fp32 at the boundary (4 P_s) and, with accumulation, in 16 bits every micro-batch, coming back
+  to be added to the next (stage 2: down ga w P_s, up (ga - 1) w P_s; stage 1 accumulates on the GPU
+  and makes that round trip once); stage 3 moves w P_s down per micro-batch. Measured (llama-2-7b
+  ZeRO-2 + optimizer offload, 2 x 4 micro-batches, 2 x H200): the backward took 2.5 s beyond its
+  compute (benchmarks/results/2026-11-30-h200x2/host2). Parameter offload uploads w P_s per forward and
   backward pass; CPUAdam updates P_s parameters at min(threads x r_thread, R_node / ranks on the
   node): compute-bound on the rank's threads (``cluster.cpu_threads_per_rank``, by default what
   the Ray gang gives it: ``clusters.threads_per_rank``) until the node's ranks share its memory
@@ -237,14 +242,24 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     h2d = (cal.h2d_gbs or cl.pcie_bandwidth_gbs * c.pcie_efficiency) * 1e9
     d2h = (cal.d2h_gbs or cl.pcie_bandwidth_gbs * c.pcie_efficiency) * 1e9
     off_o, off_p = a.offloads_optimizer, a.offloads_params
-    offload = (np.where(off_o, ga * w * ps / d2h + w * ps / h2d, 0.0)
+    # optimizer offload at stages 1-2 (stage_1_and_2.py copy_grads_in_partition, DeepSpeed 0.19): with accumulation
+    # each micro-batch's gradient partition goes to the host in 16 bits and, after the first, comes back to be added
+    # to the next (async_accumulate_grad_in_cpu_via_gpu; at stage 1 once, at the boundary); at the boundary the
+    # partition is cast to fp32 on the GPU and copied down (async_inplace_copy_grad_to_fp32_buffer_from_gpu); the
+    # updated 16-bit parameters come back after the step. Stage 3: the 16-bit partition per micro-batch, the
+    # parameters back after the step.
+    acc = ga > 1
+    down = np.select([st == 2, st == 1], [np.where(acc, ga * w * ps, 0.0) + 4.0 * ps,
+                                          np.where(acc, w * ps, 0.0) + 4.0 * ps], ga * w * ps)
+    up = np.select([st == 2, st == 1], [ga * w * ps, np.where(acc, 2.0 * w * ps, w * ps)], w * ps)
+    offload = (np.where(off_o, down / d2h + up / h2d, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
     # DeepSpeed's CPU Adam on each offloading rank: compute-bound on the rank's OpenMP threads
     # (what `meshpilot run` gives it), unless the node's ranks together hit the host's memory
     # bandwidth (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy)
     ranks_per_node = np.minimum(a.world, cl.gpus_per_node)
     rank_adam = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * c.cpu_adam_gparams_per_core * 1e9
-    node_adam = (cal.cpu_adam_gparams_per_s or cl.cpu_cores * c.cpu_adam_node_gparams_per_core) * 1e9
+    node_adam = (cal.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s) * 1e9
     adam_rate = np.minimum(rank_adam, node_adam / ranks_per_node)
     if cal.cpu_adam_rank_gparams_per_s:        # fitted from training runs by `meshpilot calibrate`: replaces the model
         adam_rate = np.full_like(adam_rate, cal.cpu_adam_rank_gparams_per_s * 1e9, dtype=float)
