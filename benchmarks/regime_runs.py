@@ -42,6 +42,10 @@ CASES = [
      "ZeRO-3 with optimizer and parameter offload at micro-batch 1 x 2 (the HF row of 2026-11-27 was 71% over)"),
     ("z3offall_7b_mb10", [*DP2, "model=llama-2-7b", "train.global_batch=20", *OFFALL, "plan.micro_batch=10"], 130,
      "the same at the card's edge: no checkpointing, predicted 126 GiB of 140"),
+    ("z3offall_7b8l_mb34", [*DP2, "model=llama-2-7b", "model.layers=8", "model.name=llama-7b-8l",
+                            "train.global_batch=68", *OFFALL, "plan.micro_batch=34"], 170,
+     "parameter offload after the dtype fix at the card's edge: 8 of llama-2-7b's layers, no checkpointing, "
+     "predicted 134.2 GiB of 140 (fits with the parameter-offload margin)"),
     ("z3offopt_7b_mb4", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=3",
                          "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 120,
      "ZeRO-3 with optimizer offload only"),
