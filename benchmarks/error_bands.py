@@ -74,7 +74,8 @@ JOB = "configs/h200x2_check.yaml"
 # benchmarks/regime_runs.py: the regimes with the fewest runs, each predicted before it ran (all held out); runs that
 # ran out of GPU memory count as (the card, predicted) where predicted to fit and are left out where not
 REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
-               "results/2026-11-30-s4-h200x2/regimes2/regime_runs.json"]
+               "results/2026-11-30-s4-h200x2/regimes2/regime_runs.json",
+               "results/2026-11-30-s4-h200x2/regimes3/regime_runs.json"]
 # cases that ran a runtime since corrected, not scored (listed by the report): the parameter-offload runs were built in
 # fp32 under zero.Init, so every pass ran in fp32 (2026-11-30-s4-h200x2/trace; engine_deepspeed._default_model_factory)
 SUPERSEDED = {"z3offall_7b_mb1": "ran its passes in fp32 (parameter offload before the dtype fix)",
