@@ -262,3 +262,16 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     MetricsLogger(tmp_path / "r1", rank=1).write(StepRecord(1, 1.0, 1e-3, 1.0, 1.0, 0.0))
     assert not (tmp_path / "r1").exists()                                               # only rank 0 writes
+
+
+@pytest.mark.parametrize("stage,precision,dtype", [(3, "bf16", "bfloat16"), (3, "fp32", "float32"),
+                                                   (2, "bf16", "float32"), (0, "bf16", "float32")])
+def test_zero3_builds_the_model_in_the_training_dtype(stage, precision, dtype):
+    """Under ZeRO-3 DeepSpeed takes its 16-bit partitions' dtype from the parameters as built: a fp32 build made a
+    parameter-offload run's host copies fp32 and every pass fp32 (2026-11-30-s4-h200x2). Stages 0-2 build in fp32
+    and the engine casts."""
+    import torch
+    from meshpilot.orchestrator.train.engine_deepspeed import _default_model_factory
+    job = tiny_job({"dp": 1, "zero_stage": stage}, precision=precision)
+    model = _default_model_factory(job, resolve_plan(job), None)
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
