@@ -275,3 +275,9 @@ def test_zero3_builds_the_model_in_the_training_dtype(stage, precision, dtype):
     job = tiny_job({"dp": 1, "zero_stage": stage}, precision=precision)
     model = _default_model_factory(job, resolve_plan(job), None)
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    # transformers' model class (model.implementation: hf) follows the same rule
+    from meshpilot.orchestrator.train.engine_deepspeed import build_dtype
+    from meshpilot.strategies.hf_adapter import hf_model_factory
+    plan = resolve_plan(job)
+    hf = hf_model_factory(job, plan, None, dtype=build_dtype(job, plan))
+    assert {p.dtype for p in hf.parameters()} == {getattr(torch, dtype)}

@@ -17,6 +17,7 @@ loop's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -125,7 +126,8 @@ def build_deepspeed_engine(ctx: RunContext, model_factory: ModelFactory | None,
         (ctx.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1, default=str) + "\n")
     if model_factory is None and job.model.implementation == Implementation.HF:
         from meshpilot.strategies.hf_adapter import hf_model_factory
-        model_factory = hf_model_factory                # transformers' model class (model.implementation: hf)
+        # transformers' model class (model.implementation: hf), built in the dtype of build_dtype's rule
+        model_factory = functools.partial(hf_model_factory, dtype=build_dtype(job, plan))
         build_ctx = _build_device(device, plan)
     else:
         build_ctx = _build_device(device, plan) if model_factory is None else contextlib.nullcontext()
@@ -226,18 +228,22 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _default_model_factory(job: JobConfig, plan: Plan, groups: Any) -> nn.Module:
-    """The built-in transformer, built on the default device (the GPU for ZeRO 0-2, see
-    :func:`_build_device`; the CPU otherwise): in fp32 at ZeRO 0-2, where DeepSpeed casts and places
-    it; in the training dtype at ZeRO-3. There DeepSpeed takes the dtype of its 16-bit partitions from
-    the parameters as built (``DeepSpeedZeroOptimizer_Stage3.dtype``): with parameter offload it made
-    the host copies fp32, every gathered parameter was fp32 and the forward and backward ran in fp32
-    (measured: llama-2-7b with 8 layers, mb 4, ZeRO-3 + parameter offload on 2 x H200, saved
+def build_dtype(job: JobConfig, plan: Plan) -> torch.dtype:
+    """The dtype a model is built in: fp32 at ZeRO 0-2, where DeepSpeed casts and places it; the
+    training dtype at ZeRO-3. There DeepSpeed takes the dtype of its 16-bit partitions from the
+    parameters as built (``DeepSpeedZeroOptimizer_Stage3.dtype``): with parameter offload a fp32 build
+    made the host copies fp32, every gathered parameter was fp32 and the forward and backward ran in
+    fp32 (measured: llama-2-7b with 8 layers, mb 4, ZeRO-3 + parameter offload on 2 x H200, saved
     activations 1.9x those without offload and a 4.6 s step against 0.33 s;
     benchmarks/results/2026-11-30-s4-h200x2/trace)."""
+    return train_dtype(job.train.precision) if plan.zero_stage == 3 else torch.float32
+
+
+def _default_model_factory(job: JobConfig, plan: Plan, groups: Any) -> nn.Module:
+    """The built-in transformer, built on the default device (the GPU for ZeRO 0-2, see
+    :func:`_build_device`; the CPU otherwise) in :func:`build_dtype`."""
     from meshpilot.strategies.model import build_model
-    dtype = train_dtype(job.train.precision) if plan.zero_stage == 3 else torch.float32
-    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=dtype,
+    return build_model(job.model, plan, groups, seed=job.train.seed, dtype=build_dtype(job, plan),
                        device=torch.get_default_device())
 
 
