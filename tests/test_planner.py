@@ -174,7 +174,7 @@ def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_r
     band = bands.band_array(res.arrays)
     band_gib = bands.band_gib_of(regime_codes(res.arrays))
     assert np.array_equal(s.band, band)
-    expect_risky = (s.peak_gib <= cap) & (s.peak_gib + np.minimum(band * s.peak_gib, band_gib) > cap) & s.fits_cpu
+    expect_risky = (s.peak_gib <= cap) & (s.peak_gib + np.minimum(band * s.peak_gib, band_gib) >= cap) & s.fits_cpu
     assert np.array_equal(s.risky, expect_risky & s.fits) and s.risky.any()
     # an overlap_comm row no faster than its lean twin is not ranked (planner.dominated_overlap)
     from meshpilot.orchestrator.sim.planner import dominated_overlap
@@ -193,6 +193,27 @@ def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_r
     zero = bands_from_rows([(r, 1.0, 1.0) for r in REGIMES for _ in range(2)])
     flat = evaluate(job, res.arrays, headroom=0.05, bands=zero)
     assert not flat.risky.any() and np.array_equal(flat.fits_margin & flat.fits, flat.fits)
+
+
+def test_a_run_that_ran_out_of_memory_makes_its_plan_risky():
+    """A held-out run predicted to fit that ran out of memory is scored as measured at the card; the band it sets
+    reaches the card exactly from its own prediction, and the same plan must then be risky, not "fits with margin"
+    (benchmarks/results/2026-11-30-s4-h200x2/regimes2, the ep=2 Mixtral that failed at its second step)."""
+    from meshpilot.orchestrator.sim.error_bands import bands_from_rows
+    job = load_job("benchmarks/configs/h200x2_check.yaml",
+                   ["cluster.gpus_per_node=2", "plan.dp=2", "model=mixtral-8x7b", "model.layers=8",
+                    "model.name=mixtral-8l", "plan.ep=2", "plan.zero_stage=1", "train.global_batch=16",
+                    "plan.micro_batch=4", "plan.activation_checkpointing=full", "train.seq_len=2048"])
+    plan = resolve_plan(job)
+    e = simulate(job, plan)
+    assert e.fits and e.regime == "expert_parallel"
+    cap = job.cluster.gpu.memory_gib
+    bands = bands_from_rows([("expert_parallel", cap, e.peak_memory_gib), ("expert_parallel", 80.0, 82.0)])
+    from meshpilot.orchestrator.plan.codec import PlanArrays
+    from meshpilot.orchestrator.sim.simulator import evaluate
+    s = evaluate(job, PlanArrays.from_plans([plan], 2), bands=bands)
+    assert s.margin_gib[0] == pytest.approx(cap - e.peak_memory_gib)      # the lesser of the two reaches the card
+    assert s.fits[0] and not s.fits_margin[0] and s.risky[0]
 
 
 def test_band_in_gib_and_relative_by_hand():

@@ -13,8 +13,10 @@ run peaked at or below its prediction). A regime with fewer than :data:`MIN_RUNS
 no evidence of its own and gets the largest of each over the measured regimes.
 
 A plan *fits* when its predicted peak is within the card (and the node's host memory); it
-fits *with margin* when ``peak + min(band x peak, band_gib)`` is too: no held-out run of the
-regime exceeded its prediction by more than either. The two differ where the error does not
+fits *with margin* when ``peak + min(band x peak, band_gib)`` is strictly below the card: no held-out
+run of the regime exceeded its prediction by more than either. (A held-out run that ran out of memory
+although predicted to fit is scored as measured at the card; it needed more, so a margin that only
+reaches the card is one that run already failed.) The two differ where the error does not
 grow with the peak: the ZeRO-3 runs of 2026-11-30-s3 were 2.5-5.7 GiB under at peaks from 16 to
 124 GiB (before the kept parameters were modelled), 26% of the smallest, so a relative band alone
 would have asked 32 GiB of a 124 GiB plan.
