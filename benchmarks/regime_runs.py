@@ -2,11 +2,13 @@
 ep=2, MeZO, ZO2 and DistZO2.
 
 Issue #15's validation set asks for every regime, and the error bands of ``sim/error_bands.py`` give each regime
-with fewer than three held-out runs the largest band measured anywhere, for want of evidence. Every case here is
-held out: the simulator at hand predicts it (GPU peak, host per node, step time, fits) before it runs, and nothing
-is fitted to it. The set gives the model an honest chance to fail: two cases sit at the card's edge on either side
-(``z3offall_7b_mb10`` predicted to fit at 126 GiB of 140, ``tp2_13b_mb1`` predicted over it at 152 GiB and run
-with ``--force``).
+with fewer than ``MIN_RUNS`` (2) held-out runs the largest band measured anywhere, for want of evidence. Every case
+here is held out: the simulator at hand predicts it (GPU peak, host per node, step time, fits) before it runs, and
+nothing is fitted to it. The set gives the model an honest chance to fail: cases sit at the card's edge on either
+side (``z3offall_7b_mb10`` predicted to fit at 126 GiB of 140, out of memory while its passes ran in fp32 before
+the worker's dtype fix; ``z3offall_7b8l_mb34`` at 134 GiB, out of memory at its second step; ``tp2_13b_mb1``
+predicted over the card at 152 GiB and run with ``--force``).
+``benchmarks/error_bands.py`` scores the runs (results/2026-11-30-s4-h200x2).
 
 Per case: the prediction, the outcome (`meshpilot run`'s exit status, the failure kind) and what the run
 recorded (summary.json: NVML peak per rank, host memory per node, median step after the first, phases). Built-in
