@@ -38,9 +38,9 @@ class CausalLMLoss(nn.Module):
 
 def hf_model_factory(job: Any, plan: Any, groups: Any, *, dtype: Any = None) -> nn.Module:
     """transformers' ``AutoModelForCausalLM`` for ``job.model`` (``model.implementation: hf``), wrapped in
-    :class:`CausalLMLoss`: in fp32 without ZeRO-3 (the engine casts it), in ``dtype`` (default fp32) under
-    ZeRO-3, where DeepSpeed keeps the dtype its parameters were built in (the worker passes the training
-    dtype: orchestrator/train/engine_deepspeed.build_dtype).
+    :class:`CausalLMLoss`, built in ``dtype`` (default fp32; a checkpoint loaded without ZeRO-3 always in
+    fp32, which the engine casts). The worker passes orchestrator/train/engine_deepspeed.build_dtype: the
+    training dtype under ZeRO-3, where DeepSpeed keeps the dtype its parameters were built in, else fp32.
 
     Without ZeRO-3: ``from_pretrained(model.path)`` (transformers' own loading), or ``from_config``
     of the job's shape when there is no path. Under ZeRO-3 the engine's construction context is
@@ -56,8 +56,7 @@ def hf_model_factory(job: Any, plan: Any, groups: Any, *, dtype: Any = None) -> 
     if cfg.path and plan.zero_stage != 3:
         return CausalLMLoss(AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32))
     config = AutoConfig.for_model(**hf_config_dict(cfg))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if plan.zero_stage != 3 else
-                                             (dtype or torch.float32))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     if cfg.path:
         _load_partitioned(model, cfg.path)
     return CausalLMLoss(model)

@@ -161,11 +161,11 @@ class LayerActivations:
     router: float = 0.0
 
 
-def layer_backward_bytes(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorConstants):
-    """(one layer's saved tensors, its transient buffers in its backward) in bytes per rank: the largest layer's
-    activations (recomputed first where checkpointed) and ``working_set_factor`` x 2 (h + f x routed) / tp per token
-    (autograd's activation gradients, fp32 norm upcasts)."""
-    tokens = a.micro_batch * float(seq_len)
+def layer_bytes_per_token(mt: ModelTerms, a: PlanArrays, c: SimulatorConstants):
+    """Bytes per token on a rank: (a dense layer's saved tensors, an MoE layer's, the largest layer's, one layer's
+    transient buffers in its backward). An MoE layer saves its routed experts' ``mlp`` bytes (top_k x capacity_factor
+    per token) and the dispatch and combine buffers (2h each); the working set is ``working_set_factor`` x 2
+    (h + f x routed) / tp (autograd's activation gradients, fp32 norm upcasts)."""
     L, h = mt.acts, mt.hidden
     spdiv = np.where(a.sp, a.tp, 1)
     routed = mt.top_k * mt.capacity_factor
@@ -173,6 +173,14 @@ def layer_backward_bytes(mt: ModelTerms, seq_len: int, a: PlanArrays, c: Simulat
     moe = L.replicated / spdiv + L.attention / a.tp + routed * (L.mlp / a.tp + 4.0 * h) + L.router
     one_layer = np.maximum(dense if mt.dense_layers else 0.0, moe if mt.moe_layers else 0.0)
     working = c.working_set_factor * 2.0 * (h + mt.ffn * max(routed, 1.0)) / a.tp
+    return dense, moe, one_layer, working
+
+
+def layer_backward_bytes(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorConstants):
+    """(one layer's saved tensors, its transient buffers in its backward) in bytes per rank: the largest layer's
+    activations (recomputed first where checkpointed) and its working set (:func:`layer_bytes_per_token`)."""
+    tokens = a.micro_batch * float(seq_len)
+    _, _, one_layer, working = layer_bytes_per_token(mt, a, c)
     return tokens * one_layer, tokens * working
 
 
@@ -352,15 +360,11 @@ def activation_terms(mt: ModelTerms, seq_len: int, a: PlanArrays, c: SimulatorCo
     tokens = a.micro_batch * float(seq_len)
     tp = a.tp
     spdiv = np.where(a.sp, tp, 1)
-    L = mt.acts
     h = mt.hidden
-    dense_full = L.replicated / spdiv + (L.attention + L.mlp) / tp
-    routed = mt.top_k * mt.capacity_factor
-    moe_full = L.replicated / spdiv + L.attention / tp + routed * (L.mlp / tp + 4.0 * h) + L.router
+    dense_full, moe_full, one_layer, layer_working = layer_bytes_per_token(mt, a, c)
     full_layers = mt.dense_layers * dense_full + mt.moe_layers * moe_full
     logits_saved = c.hf_logits_saved_bytes if hf else c.logits_saved_bytes
     head = 6.0 * h / spdiv + logits_saved * mt.vocab / tp       # final norm + logits/log-softmax
-    one_layer, layer_working = (x / tokens for x in layer_backward_bytes(mt, seq_len, a, c))
     logits_backward = c.logits_backward_bytes * mt.vocab / tp
     ac = a.checkpoints_activations
     saved = tokens * (np.where(ac, mt.layers * 2.0 * h / spdiv, full_layers) + head)
@@ -460,11 +464,15 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # layer input and rises 0.38 GiB of gradients per block through the backward, and peaks in block 0's backward at
     # the gradients + its recomputed tensors + working set; 2026-11-30-s4-h200x2/trace/trz1off).
     # With accumulation the gradients of earlier micro-batches are alive through the next one's forward.
-    pt_all = np.where((st <= 1) & ~is_zo, w * pr, 0.0)
-    ga1 = (a.grad_accum == 1) & (pt_all > 0)
+    # per-tensor gradients (stages 0-1: autograd's tensors of the parameters' shapes; with optimizer offload too, its
+    # gradients go to the host from these tensors at the step; the engine's staging buffer beside them, w x the
+    # largest parameter, is static)
+    pertensor_grads = np.where((st <= 1) & ~is_zo, w * pr, 0.0)
+    activation_phase = acts + working
+    ga1 = (a.grad_accum == 1) & (pertensor_grads > 0)
     lw = sum(layer_backward_bytes(mt, job.train.seq_len, a, c))     # the first block's backward: its tensors + working
-    apart = np.maximum.reduce([acts + working, pt_all + lw, pt_all - freed_at_step + step_tmp])
-    saving = np.where(ga1, np.maximum(pt_all + acts + temporary - apart, 0.0), 0.0)
+    apart = np.maximum.reduce([activation_phase, pertensor_grads + lw, pertensor_grads - freed_at_step + step_tmp])
+    saving = np.where(ga1, np.maximum(pertensor_grads + acts + temporary - apart, 0.0), 0.0)
     act_cut = np.minimum(saving, acts)                   # the activations the backward freed by the peak
     acts, temporary = acts - act_cut, temporary - (saving - act_cut)
     allocated = weights + grads + opt + bucket + acts + temporary
@@ -492,16 +500,13 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # inside it, so the big flat buffers of the step (the fp32 gradient partition and its 16-bit flat copy, a
     # stage-3 sub-group) cannot reuse the per-tensor blocks the forward and backward freed, nor those the loaded
     # model left: those phases' blocks stay reserved beside each other (module docstring)
-    # per-tensor gradients (stages 0-1: autograd's tensors of the parameters' shapes) fit the blocks the loaded
-    # model's parameters left, block for block: they belong to the per-tensor phase, not beside the hole
-    # (with optimizer offload too: its gradients go to the host from these tensors at the step; the engine's
-    # staging buffer beside them, w x the largest parameter, is static)
-    pertensor_grads = pt_all
+    # the per-tensor gradients fit the blocks the loaded model's parameters left, block for block: they belong to the
+    # per-tensor phase, not beside the hole
     static = weights + grads + opt + bucket - pertensor_grads
     # (without accumulation the gradients take the activations' place in allocated memory, but their blocks, of the
     # parameters' shapes, stay reserved beside the activation phase's: measured reserved 33.92 GiB against 31.38
     # apart and 37.5 beside, built-in llama-2-7b ZeRO-1 + optimizer offload mb 8, 2026-11-30-s4-h200x2/regimes1)
-    small = np.maximum(acts + act_cut + working + pertensor_grads, load_hole)
+    small = np.maximum(activation_phase + pertensor_grads, load_hole)
     reserved_run = np.maximum(allocated + load_hole, static + step_tmp + small) * (1.0 + c.fragmentation)
     build_excess = np.maximum(build_reserved - reserved_run, 0.0)
     reserved = reserved_run + build_excess + stream_pools
