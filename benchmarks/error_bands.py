@@ -116,15 +116,15 @@ def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def metrics_log(run_dir: Path) -> tuple[float | None, float | None]:
-    """(largest NVML reading in GiB, median step after the first in s) from a run's metrics.jsonl: for a run whose
-    steps all ended but which was cut before it wrote its summary."""
+    """(largest NVML reading in GiB, median step in s as run summaries take it) from a run's metrics.jsonl: for a run
+    whose steps all ended but which was cut before it wrote its summary."""
+    from meshpilot.orchestrator.sim.calibration import median_step_time
     f = run_dir / "metrics.jsonl"
     if not f.exists():
         return None, None
     recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     nvml = [m.get("nvml_used") for r in recs for m in (r.get("memory") or []) if m and m.get("nvml_used")]
-    steps = sorted(r["step_time_s"] for r in recs[1:] if r.get("step_time_s"))
-    return (max(nvml) / 2**30 if nvml else None), (steps[len(steps) // 2] if steps else None)
+    return (max(nvml) / 2**30 if nvml else None), median_step_time([r.get("step_time_s") for r in recs])
 
 
 def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
