@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from meshpilot.orchestrator.config.loader import load_job
     from meshpilot.orchestrator.plan.plan import Plan
     from meshpilot.orchestrator.train.data import BatchLayout, ShardedBatches, resolve_source
-    from meshpilot.orchestrator.train.engine import train_dtype
-    from meshpilot.orchestrator.train.engine_deepspeed import DeepSpeedTrainEngine
+    from meshpilot.orchestrator.train.engine_deepspeed import DeepSpeedTrainEngine, build_dtype
     from meshpilot.orchestrator.train.metrics import memory_stats
     from meshpilot.orchestrator.train.schedule import lr_at
     import meshpilot.strategies.model as model_module   # before zero.Init (strategies/zero.py says why)
@@ -245,10 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         build: Any = deepspeed.zero.Init(config_dict_or_path=cfg)
     else:
         build = torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    # the worker's rule (engine_deepspeed._default_model_factory): the training dtype under zero.Init, fp32 otherwise
-    dtype = train_dtype(job.train.precision) if stage == 3 else torch.float32
-    with build:
-        model = model_module.build_model(job.model, plan, None, seed=job.train.seed, dtype=dtype,
+    with build:     # in the worker's dtype (the training dtype under zero.Init, fp32 otherwise)
+        model = model_module.build_model(job.model, plan, None, seed=job.train.seed, dtype=build_dtype(job, plan),
                                          device=torch.get_default_device())
     built_s = time.perf_counter() - t0
     params = param_groups(model, weight_decay=job.train.weight_decay, plan=plan)
