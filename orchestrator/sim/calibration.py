@@ -99,7 +99,7 @@ from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 from meshpilot.orchestrator.sim.estimate import GIB, SimulatorConstants
 from meshpilot.orchestrator.sim.simulator import evaluate
-from meshpilot.orchestrator.sim.step_time import achieved_rate
+from meshpilot.orchestrator.sim.step_time import achieved_rate, cpu_adam_rate
 
 MIN_RUNS_FOR_HOLDOUT = 4
 """A held-out split is made only with at least this many runs."""
@@ -778,12 +778,10 @@ def _why_none(name: str) -> str:
 
 
 def _model_adam_rate(runs: Sequence[RecordedRun], c: SimulatorConstants) -> float:
-    """The time model's CPU Adam rate of one rank (G params/s), a starting point only."""
-    from meshpilot.orchestrator.config.clusters import cpu_threads_per_gpu_rank
+    """The time model's CPU Adam rate of one rank (G params/s, :func:`.step_time.cpu_adam_rate`), a starting
+    point only."""
     cl = runs[0].job.cluster
-    rank = cpu_threads_per_gpu_rank(cl.cpu_cores, cl.gpus_per_node) * c.cpu_adam_gparams_per_core
-    node = cl.calibration.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s
-    return float(min(rank, node / max(1, min(runs[0].plan.world_size, cl.gpus_per_node))))
+    return float(cpu_adam_rate(cl, c, max(1, min(runs[0].plan.world_size, cl.gpus_per_node)))) / 1e9
 
 
 def _steps(names: Sequence[str]) -> np.ndarray:

@@ -95,7 +95,7 @@ import numpy as np
 from meshpilot.comm.cost_model import LinkRates, collective_time
 
 from meshpilot.orchestrator.config.clusters import threads_per_rank
-from meshpilot.orchestrator.config.schema import JobConfig, Precision, parse_shape_class
+from meshpilot.orchestrator.config.schema import ClusterConfig, JobConfig, Precision, parse_shape_class
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
 from meshpilot.orchestrator.sim.estimate import SimulatorConstants
@@ -139,6 +139,17 @@ def _shape_factor_rate(job: JobConfig, hidden_shard, tokens, c: SimulatorConstan
     # towards peak / (4096/(4096+x_half))^2; only the datasheet bounds it (a cap of the factor at 1 had kept
     # hidden 4096 at 4096 tokens' rate for every larger micro-batch while hidden 2048 got the token gain)
     return np.minimum(peak * shape, datasheet * 1e12)
+
+
+def cpu_adam_rate(cl: ClusterConfig, c: SimulatorConstants, ranks_per_node):
+    """DeepSpeed's CPU Adam on each offloading rank, parameters per second, before any fitted calibration:
+    compute-bound on the rank's OpenMP threads (``threads_per_rank``: what `meshpilot run` gives it, or
+    ``cluster.cpu_threads_per_rank``), unless the node's ranks together hit the host's memory bandwidth
+    (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy; a probed
+    ``calibration.cpu_adam_gparams_per_s`` replaces the constants' ceiling)."""
+    rank = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * c.cpu_adam_gparams_per_core * 1e9
+    node = (cl.calibration.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s) * 1e9
+    return np.minimum(rank, node / ranks_per_node)
 
 
 def dp_communication(ds: DeepSpeedSettings, st, ga, gpu_b, stretch, z3_pass_host, grad_ar, grad_rs, param_ag,
@@ -254,13 +265,7 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     up = np.select([st == 2, st == 1], [ga * w * ps, np.where(acc, 2.0 * w * ps, w * ps)], w * ps)
     offload = (np.where(off_o, down / d2h + up / h2d, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
-    # DeepSpeed's CPU Adam on each offloading rank: compute-bound on the rank's OpenMP threads
-    # (what `meshpilot run` gives it), unless the node's ranks together hit the host's memory
-    # bandwidth (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy)
-    ranks_per_node = np.minimum(a.world, cl.gpus_per_node)
-    rank_adam = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * c.cpu_adam_gparams_per_core * 1e9
-    node_adam = (cal.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s) * 1e9
-    adam_rate = np.minimum(rank_adam, node_adam / ranks_per_node)
+    adam_rate = cpu_adam_rate(cl, c, np.minimum(a.world, cl.gpus_per_node))
     if cal.cpu_adam_rank_gparams_per_s:        # fitted from training runs by `meshpilot calibrate`: replaces the model
         adam_rate = np.full_like(adam_rate, cal.cpu_adam_rank_gparams_per_s * 1e9, dtype=float)
     cpu_opt = np.where(off_o, ps / adam_rate, 0.0)
