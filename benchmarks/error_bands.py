@@ -179,7 +179,8 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
         if measured is None:
             continue
         rows.append(dict(name=c.name, regime=regime_of(c.plan, c.job.cluster.gpus_per_node), status=c.status,
-                         measured_gib=measured, predicted_gib=e.peak_memory_gib, source=Path(c.source).name))
+                         measured_gib=measured, predicted_gib=e.peak_memory_gib, source=Path(c.source).name,
+                         measured_step_s=c.step_s if c.has_step else None, predicted_step_s=e.step_time_s))
     used = list(paths)
     for d in RUN_DIRS:
         run = HERE / d
@@ -227,6 +228,12 @@ def main() -> int:
         b = bands.of(reg)
         print(f"{reg:18s} {b.runs:4d} {b.band:6.1%} {b.mape_pct if b.mape_pct is not None else float('nan'):7.1f}  "
               f"{'measured' if b.measured else 'too few runs: largest measured band'}")
+    hf = [r for r in rows if r["source"] in {Path(p).name for p in MEASUREMENTS} and r["status"] == "ok"]
+    if hf:
+        peak = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in hf]
+        st = [abs(r["predicted_step_s"] - r["measured_step_s"]) / r["measured_step_s"] for r in hf if r["measured_step_s"]]
+        print(f"\n2026-11-27 Hugging Face sets (MEASUREMENTS), held-out half: {len(peak)} runs, peak MAPE "
+              f"{100.0 * sum(peak) / len(peak):.1f}%; step MAPE {100.0 * sum(st) / max(len(st), 1):.1f}% over {len(st)}")
     runs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows if r["source"] in RUN_DIRS]
     if runs:
         print(f"\n`meshpilot run` directories of the built-in model (RUN_DIRS): {len(runs)} runs, peak MAPE "
