@@ -144,3 +144,41 @@ def test_step_time_terms_hand_computed():
     p_rank = (pc.total - repl) / 2 + repl
     assert e.time_breakdown_s["dp_reduction_exposed"] == pytest.approx(8e-6 + 2 * p_rank / 355e9, rel=1e-9)
     assert e.mfu == pytest.approx(16 * s * 3 * per_token_fwd / (e.step_time_s * 4 * 989.4e12), rel=1e-9)
+
+
+def test_element_wise_bytes_of_opt_layers_shorten_the_compute_hand_computed():
+    """opt's layers move fewer element-wise bytes than Llama layers of the same dimensions (LayerNorm and ReLU against
+    an fp32 RMSNorm, rotary embeddings and SwiGLU): the matrix rate, fitted on Llama, is credited the difference at the
+    memory-bound rate (sim/elementwise.py), on tensor-parallel shards except the norms and residual additions."""
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.sim.elementwise import elementwise_bytes, elementwise_bytes_vs_llama
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.flops import forward_flops, matmul_params
+    from meshpilot.orchestrator.sim.simulator import simulate
+
+    job = load_job(None, ["model=opt-6.7b", "cluster=h100-sxm-4", "plan=auto", "train.global_batch=16",
+                          "train.seq_len=2048", "cluster.calibration.matmul_tflops=700"])
+    m = job.model
+    L, h, f, s = 32, 4096, 16384, 2048
+    assert (m.layers, m.hidden, m.ffn) == (L, h, f)
+    # built-in opt layer: 2 LayerNorms (8h), 2 residual additions (12h), the attention output's copy (4h), ReLU (4f)
+    own = elementwise_bytes(m)
+    assert (own.replicated, own.sharded) == (L * 20 * h, L * (4 * h + 4 * f))
+    # Llama layer of these dimensions: 2 RMSNorms in fp32 (72h), residuals (12h), copy (4h), rotary on q and k
+    # (20h each: kv width = h), SwiGLU (10f)
+    d = elementwise_bytes_vs_llama(m)
+    assert (d.replicated, d.sharded) == (-L * 64 * h, -L * (40 * h + 6 * f))
+    llama = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "plan=auto"]).model
+    assert elementwise_bytes_vs_llama(llama).replicated == elementwise_bytes_vs_llama(llama).sharded == 0.0
+
+    c = SimulatorConstants(layer_overhead_s=0.0, step_overhead_s=0.0, loss_bytes_per_logit=24.0, hbm_efficiency=0.7,
+                           grad_hook_s=0.0, step_tensor_s=0.0)
+    e = simulate(job, Plan(dp=2, tp=2, zero_stage=0, micro_batch=4, grad_accum=2), constants=c)
+    tokens, hbm = 4 * s, 3350e9 * 0.7
+    shape = 0.9 * (8192 / 8448) / (4096 / 4352)          # as in test_step_time_terms_hand_computed
+    flops = tokens * forward_flops(matmul_params(m), L, s, h) / 2 / (700e12 * shape)
+    ew = tokens * (-L * 64 * h - L * (40 * h + 6 * f) / 2) / hbm   # replicated part not sharded (no SP)
+    loss = 0.5 * tokens * (m.vocab / 2) * 24 / hbm
+    assert flops + ew > 0 > ew
+    assert e.time_breakdown_s["forward"] == pytest.approx(2 * (flops + ew + loss), rel=1e-9)
+    assert e.time_breakdown_s["backward"] == pytest.approx(2 * (2 * (flops + ew) + loss), rel=1e-9)

@@ -109,6 +109,7 @@ from meshpilot.orchestrator.config.schema import (Accelerator, Arch, Implementat
                                                   Precision)
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.sim.deepspeed_settings import DeepSpeedSettings, deepspeed_settings
+from meshpilot.orchestrator.sim.elementwise import elementwise_bytes_vs_llama
 from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 from meshpilot.orchestrator.sim.flops import matmul_params
 
@@ -241,6 +242,10 @@ class ModelTerms:
     expert_param_tensors: float = 0.0   # parameter tensors of all experts
     modules: float = 0.0                # nn.Modules ZeRO-3 hooks (pre/post forward and backward) outside experts
     expert_modules: float = 0.0         # modules inside the experts
+    # forward bytes per token of all layers' element-wise kernels less those of Llama layers of the same dimensions
+    # (sim/elementwise.py): on the full hidden state, on tensor-parallel shards
+    elementwise_vs_llama_replicated: float = 0.0
+    elementwise_vs_llama_sharded: float = 0.0
 
 
 def module_structure(m: ModelConfig) -> dict[str, float]:
@@ -307,6 +312,7 @@ def model_terms(m: ModelConfig) -> ModelTerms:
     norm_per_layer = (4 * m.hidden) if m.arch in (Arch.GPT2, Arch.OPT) else 2 * m.hidden
     replicated = m.layers * norm_per_layer + pc.final_norm + pc.moe_layers * pc.router
     layer_max = max(pc.layer_dense if pc.dense_layers else 0, pc.layer_moe if pc.moe_layers else 0)
+    ew = elementwise_bytes_vs_llama(m)
     blocks = pc.dense_layers * pc.layer_dense + pc.moe_layers * pc.layer_moe
     return ModelTerms(
         total=float(pc.total), active=float(pc.active), replicated=float(replicated),
@@ -316,7 +322,8 @@ def model_terms(m: ModelConfig) -> ModelTerms:
         matmul_params=matmul_params(m),
         layers=m.layers, moe_layers=pc.moe_layers, dense_layers=pc.dense_layers, hidden=m.hidden, ffn=m.ffn,
         heads=m.heads, vocab=m.vocab, top_k=m.top_k if m.num_experts else 0,
-        capacity_factor=m.capacity_factor, acts=layer_activation_bytes(m), **module_structure(m))
+        capacity_factor=m.capacity_factor, acts=layer_activation_bytes(m), **module_structure(m),
+        elementwise_vs_llama_replicated=ew.replicated, elementwise_vs_llama_sharded=ew.sharded)
 
 
 def precision_bytes(job: JobConfig) -> tuple[float, float]:

@@ -5,7 +5,9 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   products per token (active experts only, LM head included, embedding lookup excluded) and
   4 L s h the attention score and value products; backward = 2 x forward; full recomputation
   adds one forward. GPU time = FLOPs / achieved rate, plus the memory-bound fp32 loss over the
-  b s V/t logits (``loss_bytes_per_logit``, half in forward, half in backward). The achieved rate is
+  b s V/t logits (``loss_bytes_per_logit``, half in forward, half in backward), plus (negative for opt and
+  gpt2) the memory-bound element-wise bytes by which the model's layers differ from the Llama layers the
+  rate was fitted on (:mod:`meshpilot.orchestrator.sim.elementwise`). The achieved rate is
   ``calibration.matmul_tflops`` or datasheet x ``matmul_efficiency``, scaled by a shape factor
   x/(x + x_half) for the per-shard hidden size and the tokens per micro-batch (normalised at
   hidden 4096 and 4096 tokens, where the efficiency constants are defined; above them the factor
@@ -196,9 +198,14 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     cl_hbm = cl.gpu.memory_bandwidth_gbs * 1e9 * c.hbm_efficiency
     ac = a.checkpoints_activations.astype(float)
     st = a.zero
-    # GPU time of one micro-batch: matrix products, plus the memory-bound fp32 loss over the logits
+    # GPU time of one micro-batch: matrix products (at a rate fitted on Llama layers, their element-wise kernels
+    # included), the memory-bound element-wise bytes by which the model's layers differ from Llama layers of the same
+    # dimensions (sim/elementwise.py; negative for opt and gpt2) and the memory-bound fp32 loss over the logits
     loss_half = 0.5 * tokens * (mt.vocab / tp) * c.loss_bytes_per_logit / cl_hbm
-    gpu_fwd = tokens * forward_flops(mt.matmul_params, mt.layers, job.train.seq_len, mt.hidden) / tp / rate
+    ew_bytes = (w / 2.0) * (mt.elementwise_vs_llama_replicated / np.where(a.sp, tp, 1)
+                            + mt.elementwise_vs_llama_sharded / tp)
+    gpu_fwd = (tokens * forward_flops(mt.matmul_params, mt.layers, job.train.seq_len, mt.hidden) / tp / rate
+               + tokens * ew_bytes / cl_hbm)
     gpu_f, gpu_b, gpu_r = gpu_fwd + loss_half, 2.0 * gpu_fwd + loss_half, ac * gpu_fwd
     gpu_mb = gpu_f + gpu_b + gpu_r
     # host time of one micro-batch (kernels launch asynchronously: a micro-batch takes max(GPU, host))
