@@ -66,8 +66,22 @@ CASES = [
     ("mezo_opt13b_mb16", [*ONE, "model=opt-13b", *ZO, "train.global_batch=16", "plan.zo.mode=mezo",
                           "plan.micro_batch=16"], 150, "MeZO on one GPU"),
     ("distzo2_opt13b", ["cluster.gpus_per_node=2", "plan.dp=1", "model=opt-13b", *ZO, "train.global_batch=8",
-                        "plan.zo.mode=zo2", "plan.zo.dp=2", "plan.micro_batch=4"], 200,
+                        "plan.zo.mode=zo2", "plan.zo.dp=2", "plan.micro_batch=4"], 320,
      "DistZO2: ZO2 on two ranks of one node (blocks uploaded in slices and all-gathered)"),
+    # 2026-11-30 (session 5): opt's compute after the element-wise change (sim/elementwise.py), the parameter-offload
+    # edge after the dtype fix, ZeRO-3 optimizer offload at other accumulation counts
+    ("z3_opt13b_mb4", [*DP2, "model=opt-13b", "train.global_batch=16", "plan.zero_stage=3", "plan.micro_batch=4", *AC],
+     150, "ZeRO-3 training of opt-13b (opt's element-wise kernels: LayerNorm, ReLU)"),
+    ("z1_opt27b_mb8", [*DP2, "model=opt-2.7b", "train.global_batch=16", "plan.zero_stage=1", "plan.micro_batch=8", *AC],
+     100, "ZeRO-1 training of opt-2.7b, compute bound"),
+    ("mezo_opt67_mb8", [*ONE, "model=opt-6.7b", *ZO, "train.global_batch=8", "plan.zo.mode=mezo",
+                        "plan.micro_batch=8"], 110, "MeZO on opt-6.7b, one GPU"),
+    ("z3offopt_7b_mb8", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=3",
+                         "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-3 with optimizer offload, one micro-batch per step"),
+    ("z3offopt_7b_mb2", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=3",
+                         "plan.offload_optimizer=cpu", "plan.micro_batch=2", *AC], 150,
+     "ZeRO-3 with optimizer offload, four micro-batches per step (the gradients' host round trips)"),
     ("zo2_opt30b", [*ONE, "model=opt-30b", *ZO, "train.global_batch=1", "plan.zo.mode=zo2", "plan.micro_batch=1"], 260,
      "ZO2 at 30B on one GPU (issue #15 names opt-30b)"),
 ]

@@ -182,3 +182,33 @@ def test_element_wise_bytes_of_opt_layers_shorten_the_compute_hand_computed():
     assert flops + ew > 0 > ew
     assert e.time_breakdown_s["forward"] == pytest.approx(2 * (flops + ew + loss), rel=1e-9)
     assert e.time_breakdown_s["backward"] == pytest.approx(2 * (2 * (flops + ew) + loss), rel=1e-9)
+
+
+def test_zero3_optimizer_offload_transfers_hand_computed():
+    """ZeRO-3 + optimizer offload (DeepSpeed 0.19 stage3.py): per micro-batch the 16-bit gradient partition goes down,
+    after the first its host sum comes up to be added on the GPU; at the boundary it comes up once more and goes down
+    in fp32; the updated parameters come back through a blocking copy cast on the host (host_cast_copy_gparams_per_s).
+    With parameter offload too, the 16-bit partition is on the host: no cast copy over PCIe."""
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.memory import model_terms, rank_params
+    from meshpilot.orchestrator.sim.simulator import simulate
+
+    job = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                          "train.global_batch=16", "train.seq_len=2048", "cluster.calibration.h2d_gbs=50",
+                          "cluster.calibration.d2h_gbs=40"])
+    c = SimulatorConstants(host_cast_copy_gparams_per_s=2.0)
+    mt = model_terms(job.model)
+    _, ps, _, _ = rank_params(mt, 1, 1, 2)
+    for ga in (1, 4):
+        e = simulate(job, Plan(dp=2, zero_stage=3, micro_batch=8 // ga, grad_accum=ga, offload_optimizer="cpu",
+                               activation_checkpointing="full"), constants=c)
+        down = ga * 2 * ps + 4 * ps                  # each micro-batch's bf16 partition, the fp32 one at the boundary
+        up = (ga - 1) * 2 * ps + 2 * ps              # the host sums brought back to add, the boundary's fetch
+        expect = down / 40e9 + up / 50e9 + ps / 2e9
+        assert e.time_breakdown_s["offload_transfers"] == pytest.approx(float(expect), rel=1e-9)
+    both = simulate(job, Plan(dp=2, zero_stage=3, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
+                              offload_params="cpu", activation_checkpointing="full"), constants=c)
+    uploads = (2 + 1) * 2 * ps / 50e9                # forward, backward and recompute each upload the partition
+    assert both.time_breakdown_s["offload_transfers"] == pytest.approx(
+        float((2 * ps + 4 * ps) / 40e9 + 2 * ps / 50e9 + uploads), rel=1e-9)

@@ -167,6 +167,12 @@ class SimulatorConstants:
     1.6 G params/s and its two ranks 0.8 each, where ZeRO-1 and ZeRO-2 offload ranks measured 1.2-1.4
     (the thread bound, 8 x 0.14; benchmarks/results/2026-11-30-s4-h200x2, regime_runs and offfix: rows
     that are therefore no longer independent checks of this rate)."""
+    host_cast_copy_gparams_per_s: float = 1.72
+    """Parameters per second, per rank, of a blocking copy from a pinned fp32 host tensor into a 16-bit GPU tensor
+    (how ZeRO-3 with optimizer offload puts the updated parameters back): PyTorch casts on the host into pageable
+    memory and copies that. Measured, 2 x H200 host, 8 threads per rank, 1 G elements: 1.86 G/s with one rank
+    copying, 1.72 with both at once, against 27 G/s (55 GB/s) for a pinned 16-bit copy
+    (benchmarks/offload_copy_probe.py, results/2026-11-30-s5-h200x2/copyprobe)."""
     pcie_efficiency: float = 0.9963
     """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration).
     First principles 0.9; fitted 0.9963."""
@@ -188,8 +194,11 @@ class SimulatorConstants:
     """Resident memory of a CPU (gloo) worker before its model and data: the torch and DeepSpeed
     runtime. Stands in for the CUDA context when cluster.accelerator is cpu; the quickstart's
     tiny-llama workers peaked at 0.40 GiB RSS (examples/quickstart.yaml, 2 CPU workers)."""
-    cpu_process_gib: float = 3.0
-    """Host memory of one training process before offload (torch, CUDA, DeepSpeed, data loader)."""
+    cpu_process_gib: float = 1.3
+    """Host memory of one training process beyond its offload buffers (torch, CUDA, NCCL, DeepSpeed, data loader).
+    Measured: host RSS peak less the w P_s defragmentation copy (sim/memory.py host_memory_terms) of three built-in
+    ZeRO-3 runs without offload on 2 x H200, 1.26, 1.29 and 1.29 GiB per rank (benchmarks/results/2026-11-30-s3-h200x2:
+    z3time/7b_mb1, z3new/l3_8b_mb1, choice2/auto). It was a first-principles 3.0."""
     cpu_pinned_buffer_gib: float = 1.0
     """Not read: the host model counts the pinned buffers themselves (memory.host_memory_terms). Kept so
     that the constant files committed under benchmarks/results/2026-11-27-* still load."""

@@ -522,7 +522,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # powers of two, per-parameter accumulation buffers, ZO2 block stores: host_memory_terms); ZO2 ranks of
     # one node upload in slices, each keeping 1/n of every block's store
     host = host_memory_terms(mt, job, a, ds, ps, pr, n_max, w, K)
-    per_rank_cpu = host["offload"]
+    per_rank_cpu = np.maximum(host["offload"], host["defrag"])
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
     zo_build = host["build"]
@@ -531,7 +531,7 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     cpu_node = ranks_per_node * (per_rank_cpu + zo_build + process * 2**30)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,
-                cpu_offload=ranks_per_node * per_rank_cpu, cpu_node=cpu_node,
+                cpu_offload=ranks_per_node * host["offload"], cpu_node=cpu_node,
                 peak=allocated + nccl + framework + stream_pools,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
                 allocated=np.maximum(allocated, build_alloc), reserved=reserved)
@@ -656,7 +656,11 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
     stash of every resident parameter (``sum_t pin(w n_t)``: embeddings, head, final norm); every
     zeroth-order rank first builds the whole model on the host (w P), still alive while ZO2 fills its
-    stores (``build``). The run's closing parameter checksum sums one tensor (ZO2: one block slot) at
+    stores (``build``). ZeRO-3 without parameter offload moves the 16-bit partitions into one flat GPU buffer
+    through a pageable host copy of them while the engine is built (zero/utils.py ``defragment``: ``w P_s``,
+    ``defrag``), freed before the optimizer allocates: the rank's host peak is the larger of the two. Measured
+    (built-in, 2 x H200, no offload): host RSS peaks of 7.5, 8.8 and 13.4 GiB per rank for llama-2-7b, llama-3-8b and
+    llama-2-13b at dp = 2, about w P_s + 1.3 GiB (benchmarks/results/2026-11-30-s3-h200x2). The run's closing parameter checksum sums one tensor (ZO2: one block slot) at
     a time and adds nothing here; it used to clone the model (ZO2Trainer.full_state: every block's
     flat copy and a clone of every parameter), which set the measured host peak of opt-13b ZO2 on one
     H200 (RssAnon + RssShmem 89.0 GiB against 40.5 of stores and stash, 2026-11-30).
@@ -694,4 +698,7 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     offload = (np.where(off_o, np.where(st == 3, stage3, stage12), 0.0) + np.where(off_p, param_off, 0.0)
                + np.where(a.zo2, stores + stash, 0.0))
     build = np.where(is_zo, w * mt.total, 0.0)
-    return dict(offload=offload, build=build)
+    # ZeRO-3 keeping its partitions on the GPU defragments them through the host while the engine is built
+    # (zero/utils.py defragment: a pageable w P_s copy, freed before the optimizer's buffers exist)
+    defrag = np.where((st == 3) & ~off_p & ~is_zo, w * ps, 0.0)
+    return dict(offload=offload, build=build, defrag=defrag)

@@ -73,7 +73,9 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   back over PCIe. At stages 1-2 (DeepSpeed 0.19 ``copy_grads_in_partition``) the partition goes down
   in fp32 at the boundary (4 P_s) and, with accumulation, in 16 bits every micro-batch, coming back
   to be added to the next (stage 2: down ga w P_s, up (ga - 1) w P_s; stage 1 accumulates on the GPU
-  and makes that round trip once); stage 3 moves w P_s down per micro-batch. Measured (llama-2-7b
+  and makes that round trip once); stage 3 moves w P_s down per micro-batch, after the first bringing the host's
+  sum up to be added on the GPU (up (ga - 1) w P_s), w P_s up and 4 P_s down at the boundary, and puts the
+  parameters back through a blocking copy cast on the host (``host_cast_copy_gparams_per_s``). Measured (llama-2-7b
   ZeRO-2 + optimizer offload, 2 x 4 micro-batches, 2 x H200): the backward took 2.5 s beyond its
   compute (benchmarks/results/2026-11-30-h200x2/host2). Parameter offload uploads w P_s per forward and
   backward pass; CPUAdam updates P_s parameters at min(threads x r_thread, R_node / ranks on the
@@ -264,13 +266,19 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # each micro-batch's gradient partition goes to the host in 16 bits and, after the first, comes back to be added
     # to the next (async_accumulate_grad_in_cpu_via_gpu; at stage 1 once, at the boundary); at the boundary the
     # partition is cast to fp32 on the GPU and copied down (async_inplace_copy_grad_to_fp32_buffer_from_gpu); the
-    # updated 16-bit parameters come back after the step. Stage 3: the 16-bit partition per micro-batch, the
-    # parameters back after the step.
+    # updated 16-bit parameters come back after the step, cast on the host into a pinned buffer.
+    # Stage 3 (stage3.py partition_grads, _finalize_offload_gradient_accumulation): each micro-batch's 16-bit
+    # partition goes down to a pinned host buffer and, after the first, comes up to be added on the GPU and goes down
+    # again; at the boundary it comes up once more (norm and fp32 cast on the GPU) and goes down in fp32; the updated
+    # fp32 partition comes back by a blocking copy into the 16-bit GPU partition
+    # (_reassign_or_swap_out_partitioned_parameters), which PyTorch casts on the host into pageable memory before it
+    # copies: ``host_cast_copy_gparams_per_s`` (with parameter offload the partition is on the host: no transfer).
     acc = ga > 1
     down = np.select([st == 2, st == 1], [np.where(acc, ga * w * ps, 0.0) + 4.0 * ps,
-                                          np.where(acc, w * ps, 0.0) + 4.0 * ps], ga * w * ps)
-    up = np.select([st == 2, st == 1], [ga * w * ps, np.where(acc, 2.0 * w * ps, w * ps)], w * ps)
-    offload = (np.where(off_o, down / d2h + up / h2d, 0.0)
+                                          np.where(acc, w * ps, 0.0) + 4.0 * ps], ga * w * ps + 4.0 * ps)
+    up = np.select([st == 2, st == 1], [ga * w * ps, np.where(acc, 2.0 * w * ps, w * ps)], ga * w * ps)
+    cast_copy = np.where((st == 3) & ~off_p, ps / (c.host_cast_copy_gparams_per_s * 1e9), 0.0)
+    offload = (np.where(off_o, down / d2h + up / h2d + cast_copy, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
     adam_rate = cpu_adam_rate(cl, c, np.minimum(a.world, cl.gpus_per_node))
     if cal.cpu_adam_rank_gparams_per_s:        # fitted from training runs by `meshpilot calibrate`: replaces the model
