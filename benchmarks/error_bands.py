@@ -76,7 +76,8 @@ JOB = "configs/h200x2_check.yaml"
 REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-11-30-s4-h200x2/regimes2/regime_runs.json",
                "results/2026-11-30-s4-h200x2/regimes3/regime_runs.json",
-               "results/2026-11-30-s5-h200x2/regimes4/regime_runs.json"]
+               "results/2026-11-30-s5-h200x2/regimes4/regime_runs.json",
+               "results/2026-11-30-s5-h200x2/regimes5/regime_runs.json"]
 # cases that ran a runtime since corrected, not scored (listed by the report): the parameter-offload runs were built in
 # fp32 under zero.Init, so every pass ran in fp32 (2026-11-30-s4-h200x2/trace; engine_deepspeed._default_model_factory)
 SUPERSEDED = {"regimes1:z3offall_7b_mb1": "ran its passes in fp32 (parameter offload before the dtype fix)",
