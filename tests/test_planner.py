@@ -230,3 +230,30 @@ def test_band_in_gib_and_relative_by_hand():
     assert (d.band, d.band_gib) == (pytest.approx(0.05), pytest.approx(0.5))
     tp = b.of("tensor_parallel")
     assert not tp.measured and (tp.band, tp.band_gib) == (pytest.approx(0.25), pytest.approx(4.0))
+
+
+def test_host_band_from_measured_host_peaks_by_hand():
+    """Host rows (measured, predicted) per node: 3.8 at 2.6 (+46%, +1.2 GiB) and 130 at 129 (+0.8%, +1 GiB): the host
+    band is 46% or 1.2 GiB, whichever is less; a plan whose host peak plus that margin passes the node's usable
+    memory is risky. Without host rows the host check takes the plan's relative GPU band."""
+    from meshpilot.orchestrator.plan.codec import PlanArrays
+    from meshpilot.orchestrator.sim.error_bands import bands_from_rows
+    from meshpilot.orchestrator.sim.simulator import evaluate
+    gpu_rows = [(r, 1.0, 1.0) for r in ("zero3", "optimizer_offload", "dense") for _ in range(2)]
+    b = bands_from_rows(gpu_rows, host_rows=[(3.8, 2.6), (130.0, 129.0)])
+    assert (b.host.runs, b.host.measured) == (2, True)
+    assert (b.host.band, b.host.band_gib) == (pytest.approx(1.2 / 2.6), pytest.approx(1.2))
+    codes = np.array([0, 0])
+    assert b.host_margin_gib_of(codes, np.array([1.0, 200.0])) == pytest.approx([1.2 / 2.6, 1.2])
+    # llama-2-7b ZeRO-2 + optimizer offload: the node's usable memory set just above its predicted host peak
+    ov = ["cluster.gpus_per_node=2", "plan.dp=2", "model=llama-2-7b", "plan.zero_stage=2", "plan.offload_optimizer=cpu",
+          "train.global_batch=16", "plan.micro_batch=8", "plan.activation_checkpointing=full", "train.seq_len=2048"]
+    job = load_job("benchmarks/configs/h200x2_check.yaml", ov)
+    host = simulate(job, resolve_plan(job)).cpu_memory_gib_per_node
+    usable = host + 0.6                                  # 0.6 GiB above the prediction, below its 1.2 GiB margin
+    tight = load_job("benchmarks/configs/h200x2_check.yaml",
+                     [*ov, f"cluster.cpu_memory_gib={usable / job.cluster.memory_usage_threshold}"])
+    s = evaluate(tight, PlanArrays.from_plans([resolve_plan(tight)], 2), bands=b)
+    assert s.fits[0] and s.risky[0] and s.host_margin_gib[0] == pytest.approx(1.2)
+    roomy = bands_from_rows(gpu_rows, host_rows=[(1.0, 1.0), (2.0, 2.0)])
+    assert not evaluate(tight, PlanArrays.from_plans([resolve_plan(tight)], 2), bands=roomy).risky[0]

@@ -21,8 +21,12 @@ grow with the peak: the ZeRO-3 runs of 2026-11-30-s3 were 2.5-5.7 GiB under at p
 124 GiB (before the kept parameters were modelled), 26% of the smallest, so a relative band alone
 would have asked 32 GiB of a 124 GiB plan.
 A plan that fits without margin is *risky*: ``plan: auto`` prefers plans that fit with margin
-and says which margin it used. The host-memory check applies the relative band (host peaks have
-no measured set of their own yet).
+and says which margin it used. Host memory has one band of its own (:class:`HostBand`), from the held-out runs that
+measured a node's host peak as Ray's memory monitor counts it, all regimes together (the host terms are the same
+buffers whatever the GPU regime): the largest under-prediction, relative and in GiB, and the margin is the lesser of
+the two, as for the GPU (the largest relative misses are of the process baseline on nodes using 3 GiB); with fewer
+than :data:`MIN_RUNS` such runs the host check falls back to the plan's relative GPU band. A plan fits with margin
+when its host peak plus that margin is within the node's usable memory too.
 
 Regimes, most specific first (a plan belongs to the first that matches): zeroth order,
 parameter offload, optimizer offload, ZeRO-3, expert parallel, tensor parallel, dense (ZeRO 0-2,
@@ -91,12 +95,32 @@ class RegimeBand:
 
 
 @dataclass(frozen=True)
+class HostBand:
+    runs: int = 0                   # held-out runs with a measured host peak per node
+    band: float = 0.0               # the largest relative under-prediction of those peaks
+    mape_pct: float | None = None
+    band_gib: float = 0.0           # the largest under-prediction in GiB
+
+    @property
+    def measured(self) -> bool:
+        return self.runs >= MIN_RUNS
+
+
+@dataclass(frozen=True)
 class ErrorBands:
     bands: dict[str, RegimeBand]
     source: dict[str, Any] = field(default_factory=dict)
+    host: HostBand = field(default_factory=HostBand)
 
     def of(self, regime: str) -> RegimeBand:
         return self.bands[regime]
+
+    def host_margin_gib_of(self, codes: np.ndarray, host_gib: np.ndarray) -> np.ndarray:
+        """GiB added to every plan's host peak per node for "fits with margin": min(band x host, band GiB) of the
+        measured host band, else the plan's relative GPU band x host."""
+        if self.host.measured:
+            return margin_gib(self.host.band, self.host.band_gib, host_gib)
+        return self.band_of(codes) * host_gib
 
     def band_of(self, codes: np.ndarray) -> np.ndarray:
         """The relative memory band of every regime code of ``codes`` (from :func:`regime_codes`)."""
@@ -117,11 +141,24 @@ class ErrorBands:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "regimes": {r: dict(runs=b.runs, band=b.band, band_gib=b.band_gib,
                                                            measured=b.measured, mape_pct=b.mape_pct)
-                                                    for r, b in self.bands.items()}}
+                                                    for r, b in self.bands.items()},
+                "host": dict(runs=self.host.runs, band=self.host.band, band_gib=self.host.band_gib,
+                             mape_pct=self.host.mape_pct)}
 
 
-def bands_from_rows(rows: list[tuple[str, float, float]], source: dict[str, Any] | None = None) -> ErrorBands:
-    """Bands from held-out rows ``(regime, measured_peak_gib, predicted_peak_gib)`` (see the module docstring)."""
+def host_band_from_rows(rows: list[tuple[float, float]]) -> HostBand:
+    """The host band from held-out ``(measured_node_gib, predicted_node_gib)`` rows (module docstring)."""
+    errs = [(m - p) / p for m, p in rows]
+    if not errs:
+        return HostBand()
+    mape = 100.0 * float(np.mean([abs(m - p) / m for m, p in rows]))
+    return HostBand(len(errs), max(0.0, max(errs)), mape, max(0.0, max(m - p for m, p in rows)))
+
+
+def bands_from_rows(rows: list[tuple[str, float, float]], source: dict[str, Any] | None = None,
+                    host_rows: list[tuple[float, float]] = ()) -> ErrorBands:
+    """Bands from held-out rows ``(regime, measured_peak_gib, predicted_peak_gib)`` and host rows ``(measured,
+    predicted)`` per node (see the module docstring)."""
     by: dict[str, list[float]] = {r: [] for r in REGIMES}
     by_gib: dict[str, list[float]] = {r: [] for r in REGIMES}
     for regime, measured, predicted in rows:
@@ -138,7 +175,7 @@ def bands_from_rows(rows: list[tuple[str, float, float]], source: dict[str, Any]
         ok = r in measured_bands
         bands[r] = RegimeBand(r, len(errs), measured_bands[r] if ok else fallback, ok, mape,
                               measured_gib[r] if ok else fallback_gib)
-    return ErrorBands(bands, dict(source or {}))
+    return ErrorBands(bands, dict(source or {}), host_band_from_rows(list(host_rows)))
 
 
 def load_error_bands(data: dict[str, Any] | None = None) -> ErrorBands:
@@ -151,4 +188,6 @@ def load_error_bands(data: dict[str, Any] | None = None) -> ErrorBands:
     missing = [r for r in REGIMES if r not in bands]
     if missing:
         raise ValueError(f"{BANDS_FILE} lacks regimes {missing}")
-    return ErrorBands(bands, data.get("source", {}))
+    h = data.get("host") or {}
+    host = HostBand(int(h.get("runs", 0)), float(h.get("band", 0.0)), h.get("mape_pct"), float(h.get("band_gib", 0.0)))
+    return ErrorBands(bands, data.get("source", {}), host)

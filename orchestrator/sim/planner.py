@@ -101,8 +101,11 @@ class SearchResult:
             return ""
         i = int(self.ranked[0])
         band = self.bands.of(REGIMES[int(self.scores.regime[i])])
+        host = self.bands.host
+        host_why = (f"; host: +{host.band:.0%} or +{host.band_gib:.1f} GiB per node, whichever is less, over "
+                    f"{host.runs} held-out runs" if host.measured else "")
         if bool(self.scores.fits_margin[i]):
-            return f"margin: {band.why()}; {self.risky} risky plan(s) ranked after those with margin"
+            return f"margin: {band.why()}{host_why}; {self.risky} risky plan(s) ranked after those with margin"
         return (f"margin: no plan fits with its measured error band; the best plan is risky ({band.why()}): "
                 "watch its first steps' memory, or give it more room (more GPUs, checkpointing, offload)")
 

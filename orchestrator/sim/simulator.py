@@ -44,6 +44,7 @@ class Scores:
     band: np.ndarray                  # measured relative error band of that regime (:mod:`.error_bands`)
     margin_gib: np.ndarray            # GiB added to the GPU peak for "fits with margin": min(band x peak, band GiB)
     fits_margin: np.ndarray           # GPU and host peaks fit even when raised by the margin
+    host_margin_gib: np.ndarray = None  # GiB added to the host peak for "fits with margin" (ErrorBands.host_margin_gib_of)
 
     @property
     def fits(self) -> np.ndarray:
@@ -86,13 +87,14 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     eb = bands or load_error_bands()
     band = eb.band_of(regime)
     margin_gib = eb.margin_gib_of(regime, peak_gib)
+    host_margin = eb.host_margin_gib_of(regime, cpu_gib)
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
                   fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, regime=regime, band=band,
-                  margin_gib=margin_gib,
+                  margin_gib=margin_gib, host_margin_gib=host_margin,
                   # strictly below the card: a held-out run that ran out of memory counts as measured at the card,
                   # so a margin that only reaches it is a margin its run already failed (sim/error_bands.py)
-                  fits_margin=(peak_gib + margin_gib < gpu_cap) & (cpu_gib * (1.0 + band) <= cpu_cap))
+                  fits_margin=(peak_gib + margin_gib < gpu_cap) & (cpu_gib + host_margin <= cpu_cap))
 
 
 def suggestions(plan: Plan, job: JobConfig, *, fitting_only: bool = False, max_changes: int = 3) -> list[str]:
@@ -191,7 +193,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     notes = []
     if bool(scores.risky[i]):
         notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}: "
-                     f"up to {peak + margin:.1f} GiB per GPU, {cpu * (1 + band):.1f} GiB host)")
+                     f"up to {peak + margin:.1f} GiB per GPU, {cpu + float(scores.host_margin_gib[i]):.1f} GiB host)")
     if job.train.expandable_segments and cl.accelerator == Accelerator.GPU:
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
