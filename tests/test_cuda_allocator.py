@@ -64,3 +64,23 @@ def test_simulator_says_its_reserve_model_is_the_default_modes():
     assert not any("expandable" in n for n in default.notes)
     assert any(n.startswith("train.expandable_segments") for n in exp.notes)
     assert exp.peak_memory_gib == default.peak_memory_gib        # one reserve model for both modes
+
+
+def test_max_split_size_is_applied_with_the_mode_unless_the_environment_names_it(monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    assert ca.configure_allocator(False, {}, max_split_size_mb=512) is False
+    assert calls == ["expandable_segments:False,max_split_size_mb:512"]
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        assert ca.configure_allocator(False, {"PYTORCH_ALLOC_CONF": "max_split_size_mb:256"}, max_split_size_mb=512) \
+            is False
+    assert calls == ["expandable_segments:False"] and "environment's value runs" in caplog.text
+
+
+def test_max_split_size_below_torchs_floor_is_a_config_error():
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.max_split_size_mb"):
+        load_job(None, ["model=tiny-llama", "cluster=dgx-h100", "train.max_split_size_mb=16"])
+    assert load_job(None, ["model=tiny-llama", "cluster=dgx-h100", "train.max_split_size_mb=512"]).train.max_split_size_mb == 512

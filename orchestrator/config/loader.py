@@ -359,6 +359,8 @@ def validate_job(job: C.JobConfig) -> None:
     _check_range("train.weight_decay", t.weight_decay, 0.0, 10.0)
     _check_range("train.seed", t.seed, 0, 2**32 - 1)
     _check_range("train.keep_checkpoints", t.keep_checkpoints, 1)
+    if t.max_split_size_mb is not None:
+        _check_range("train.max_split_size_mb", t.max_split_size_mb, 21)     # torch refuses 20 MB and less
     if not t.data:
         raise ConfigError("train.data", t.data, reason="must be synthetic, demo, the path of a token file or "
                           "of a dataset (.txt, .jsonl, .json, .parquet, or a folder of them)")

@@ -320,6 +320,11 @@ class TrainConfig:
     # measured with expandable segments the reserve was 0.2-18.6 GiB on 8 runs, not lower, and the
     # predictions miss by up to 21% there (benchmarks/results/2026-11-30-s2-h200x2).
     expandable_segments: bool = False
+    # The caching allocator's max_split_size_mb (PYTORCH_ALLOC_CONF): cached blocks larger than this are never split
+    # to serve smaller requests, so a segment freed whole (the optimizer step's flat fp32 copy) stays whole for the
+    # next step or can be returned to the driver; unset: torch's default (any block may be split). Set by the
+    # worker with expandable_segments, unless the environment names it.
+    max_split_size_mb: Optional[int] = None
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)

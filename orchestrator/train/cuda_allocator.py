@@ -42,24 +42,38 @@ def expandable_from_environment(environ: MutableMapping[str, str]) -> bool | Non
     return None
 
 
-def configure_allocator(expandable: bool, environ: MutableMapping[str, str] | None = None) -> bool:
-    """Put the caching allocator in the mode ``expandable`` names; returns the mode in force.
+def _named_in_environment(environ: MutableMapping[str, str], key: str) -> bool:
+    return any(item.partition(":")[0].strip() == key for item in (environment_setting(environ) or "").split(","))
 
-    The environment's ``expandable_segments`` wins where it is set (logged when it differs from the job).
-    Otherwise the setting is applied through torch's allocator-settings call, which takes effect for
-    segments created after it (all of them, when called before the first allocation)."""
+
+def configure_allocator(expandable: bool, environ: MutableMapping[str, str] | None = None,
+                        max_split_size_mb: int | None = None) -> bool:
+    """Put the caching allocator in the mode ``expandable`` names (and, where given, its ``max_split_size_mb``);
+    returns the mode in force.
+
+    The environment's ``expandable_segments`` (``max_split_size_mb``) wins where it is set (logged when it
+    differs from the job). Otherwise the setting is applied through torch's allocator-settings call, which takes
+    effect for segments created after it (all of them, when called before the first allocation)."""
     environ = os.environ if environ is None else environ
     from_env = expandable_from_environment(environ)
+    settings = []
     if from_env is not None:
         if from_env != expandable:
             log.warning("train.expandable_segments is %s but the environment sets expandable_segments:%s (%s); "
                         "the environment's value runs and the simulator's memory prediction assumed %s",
                         expandable, from_env, environment_setting(environ), expandable)
-        return from_env
-    setting = f"expandable_segments:{'True' if expandable else 'False'}"
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:                                   # torch < 2.9
-        setter = torch.cuda.memory._set_allocator_settings
-    setter(setting)
-    log.info("CUDA caching allocator: %s", setting)
-    return expandable
+    else:
+        settings.append(f"expandable_segments:{'True' if expandable else 'False'}")
+    if max_split_size_mb is not None:
+        if _named_in_environment(environ, "max_split_size_mb"):
+            log.warning("train.max_split_size_mb is %d but the environment sets %s; the environment's value runs",
+                        max_split_size_mb, environment_setting(environ))
+        else:
+            settings.append(f"max_split_size_mb:{int(max_split_size_mb)}")
+    if settings:
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        if setter is None:                               # torch < 2.9
+            setter = torch.cuda.memory._set_allocator_settings
+        setter(",".join(settings))
+        log.info("CUDA caching allocator: %s", ",".join(settings))
+    return expandable if from_env is None else from_env

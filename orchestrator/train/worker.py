@@ -170,7 +170,7 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
     if not on_cpu:                                  # before the first CUDA allocation (the process group's)
-        configure_allocator(job.train.expandable_segments)
+        configure_allocator(job.train.expandable_segments, max_split_size_mb=job.train.max_split_size_mb)
     owns_pg = _init_distributed(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
                                 on_cpu=on_cpu, timeout_s=dist_timeout_s, local_rank=local_rank)
     ctx = RunContext(job=job, plan=plan, rank=rank, world_size=world_size, device=_device(on_cpu, local_rank),
