@@ -82,6 +82,16 @@ CASES = [
     ("z3offopt_7b_mb2", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=3",
                          "plan.offload_optimizer=cpu", "plan.micro_batch=2", *AC], 150,
      "ZeRO-3 with optimizer offload, four micro-batches per step (the gradients' host round trips)"),
+    # tensor parallel (one held-out run before these) and ep=2 one micro-batch size below the case that ran out
+    ("tp2_l3_8b_mb2_sp", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-3-8b",
+                          "train.global_batch=8", "plan.zero_stage=0", "plan.micro_batch=2",
+                          "plan.sequence_parallel=true"], 120,
+     "tp=2 with sequence parallelism on llama-3-8b (grouped-query attention), no checkpointing"),
+    ("tp2_opt67_mb4", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=opt-6.7b", "train.global_batch=8",
+                       "plan.zero_stage=0", "plan.micro_batch=4"], 120, "tp=2 on opt-6.7b, no checkpointing"),
+    ("ep2_moe8l_mb2", [*DP2, "model=mixtral-8x7b", "model.layers=8", "model.name=mixtral-8l", "plan.ep=2",
+                       "plan.zero_stage=1", "train.global_batch=8", "plan.micro_batch=2", *AC], 120,
+     "ep=2 on the Mixtral of 8 layers at micro-batch 2, predicted to fit with margin (130.7 GiB)"),
     ("zo2_opt30b", [*ONE, "model=opt-30b", *ZO, "train.global_batch=1", "plan.zo.mode=zo2", "plan.micro_batch=1"], 260,
      "ZO2 at 30B on one GPU (issue #15 names opt-30b)"),
 ]
@@ -107,6 +117,7 @@ def main() -> int:
     ap.add_argument("--settle-s", type=float, default=3.0, help="pause between cases (the last run's memory returns)")
     ap.add_argument("--dry-run", action="store_true", help="predictions only; nothing is run")
     ap.add_argument("--no-precompile", action="store_true", help="do not build DeepSpeed's cpu_adam op first")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every case (e.g. an allocator setting)")
     a = ap.parse_args()
     unknown = set(a.cases or []) - {c[0] for c in CASES}
     if unknown:
@@ -122,7 +133,7 @@ def main() -> int:
     for name, case_sets, limit, note in CASES:
         if a.cases is not None and name not in a.cases:
             continue
-        overrides = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE, *case_sets]
+        overrides = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE, *case_sets, *a.extra]
         pred = prediction(overrides)
         row = dict(case=name, note=note, overrides=overrides, predicted=pred, forced=not pred["fits"])
         ran = run_within_budget(overrides, not pred["fits"], a.out / name, limit, a.budget_s - (time.monotonic() - t0),
