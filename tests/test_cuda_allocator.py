@@ -84,3 +84,14 @@ def test_max_split_size_below_torchs_floor_is_a_config_error():
     with pytest.raises(ConfigError, match="train.max_split_size_mb"):
         load_job(None, ["model=tiny-llama", "cluster=dgx-h100", "train.max_split_size_mb=16"])
     assert load_job(None, ["model=tiny-llama", "cluster=dgx-h100", "train.max_split_size_mb=512"]).train.max_split_size_mb == 512
+
+
+def test_simulator_notes_that_max_split_size_is_not_its_model():
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.sim.simulator import simulate
+    sets = ["model=llama-1b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan.dp=2", "plan.zero_stage=2"]
+    split = simulate(load_job(None, [*sets, "train.max_split_size_mb=512"]))
+    default = simulate(load_job(None, sets))
+    assert any(n.startswith("train.max_split_size_mb=512") for n in split.notes)
+    assert not any("max_split_size_mb" in n for n in default.notes)
+    assert split.peak_memory_gib == default.peak_memory_gib

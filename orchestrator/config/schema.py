@@ -323,7 +323,10 @@ class TrainConfig:
     # The caching allocator's max_split_size_mb (PYTORCH_ALLOC_CONF): cached blocks larger than this are never split
     # to serve smaller requests, so a segment freed whole (the optimizer step's flat fp32 copy) stays whole for the
     # next step or can be returned to the driver; unset: torch's default (any block may be split). Set by the
-    # worker with expandable_segments, unless the environment names it.
+    # worker with expandable_segments, unless the environment names it. Measured with 512 on 2 x H200: three plans
+    # that ran out of memory at their second step in the default mode ran (at the card, by releasing cached
+    # segments), and four plans away from the edge reserved 3-25 GiB more; the simulator models the default mode
+    # (benchmarks/results/2026-11-30-s5-h200x2).
     max_split_size_mb: Optional[int] = None
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.

@@ -198,6 +198,11 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
                      "(benchmarks/results/2026-11-30-s2-h200x2)")
+    if job.train.max_split_size_mb is not None and cl.accelerator == Accelerator.GPU:
+        notes.append(f"train.max_split_size_mb={job.train.max_split_size_mb}: the allocator's reserve is modelled for "
+                     "PyTorch's default mode; measured with 512, three plans that ran out of memory at their second "
+                     "step in the default mode ran (at the card, 0.4 s slower a step), and four others reserved "
+                     "3-25 GiB more than in the default mode (benchmarks/results/2026-11-30-s5-h200x2)")
     return Estimate(plan=text.describe(plan), plan_config=plan.to_config(), world_size=plan.world_size,
                     fits=bool(scores.fits_gpu[i] and scores.fits_cpu[i]), peak_memory_gib=peak,
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
