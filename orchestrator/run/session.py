@@ -38,6 +38,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -176,11 +177,32 @@ def oom_message(failure: Failure, job: JobConfig, plan: Plan, estimate: Optional
     except Exception as e:          # never lose the message for want of suggestions
         log.warning("no suggestions: %s", e)
         tips = []
+    split = fragmentation_tip(failure.message, job) if gpu else None
+    if split:
+        tips = [split, *tips]
     who = f" on rank {failure.rank}" if failure.rank is not None else ""
     return (f"out of memory ({failure.kind.value}){who} with plan {plan.describe()}: measured peak {measured}, "
             f"predicted peak {predicted}; not retried with the same plan. "
             + ("Suggestions: " + ", ".join(tips) if tips else "Suggestions: a larger cluster or a smaller batch")
             + f". Cause: {failure.message[:300]}")
+
+
+_CUDA_OOM = re.compile(r"Tried to allocate ([0-9.]+) GiB.*?([0-9.]+) GiB is reserved by PyTorch but unallocated", re.S)
+
+
+def fragmentation_tip(message: str, job: JobConfig) -> Optional[str]:
+    """``train.max_split_size_mb=512`` where PyTorch's out-of-memory message says the cache held at least half the
+    failed request in free blocks it could not use (the request found the cached memory in pieces) and the job sets
+    neither allocator option. Measured: three plans that failed so at their second step ran with it, at the card,
+    while plans away from the edge reserved more with it (benchmarks/results/2026-11-30-s5-h200x2)."""
+    m = _CUDA_OOM.search(message or "")
+    if m is None or job.train.max_split_size_mb is not None or job.train.expandable_segments:
+        return None
+    request, cached = float(m.group(1)), float(m.group(2))
+    if cached < 0.5 * request:
+        return None
+    return (f"train.max_split_size_mb=512 ({cached:.1f} GiB was cached in pieces too small for the "
+            f"{request:.1f} GiB request)")
 
 
 def observed_error(job: JobConfig, kind: FailureKind, predicted_gib: float, measured_gib: Optional[float]) -> float:
