@@ -165,7 +165,9 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
             rows.append(dict(name=r["case"], regime=regime_of(plan, job.cluster.gpus_per_node), status=r["outcome"],
                              measured_gib=peak, predicted_gib=e.peak_memory_gib, source=f"{path}:{r['case']}",
                              measured_step_s=step, predicted_step_s=e.step_time_s,
-                             fits_with_margin=bool(e.fits_with_margin), measured_host_gib=host.get("measured"),
+                             fits_with_margin=bool(e.fits_with_margin),
+                             fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
+                             measured_host_gib=host.get("measured"),
                              predicted_host_gib=e.cpu_memory_gib_per_node))
         used.append(str(f))
     return rows, used
@@ -275,7 +277,9 @@ def main() -> int:
     held = [r for r in regime if r.get("status") == "ran" or r.get("status") == "timed out"]
     if regime:
         errs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in held]
-        false_fits = [r["name"] + ("" if r["fits_with_margin"] else " (shown as risky: within its error band)")
+        false_fits = [r["name"] + (" (predicted to fit with margin before it ran" if r.get("fits_with_margin_then")
+                                   else " (risky when it ran") + ("; risky now)" if not r["fits_with_margin"] else
+                                                                  "; fits with margin now)")
                       for r in regime if r["status"].startswith("out of memory")]
         print(f"regime_runs (REGIME_RUNS): {len(held)} runs that ran, peak MAPE "
               f"{100.0 * sum(errs) / max(len(errs), 1):.1f}%; predicted to fit but out of memory: "

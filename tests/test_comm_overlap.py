@@ -192,7 +192,9 @@ def test_planner_takes_overlap_with_room_and_the_lean_setting_at_the_memory_edge
     lean, over = (simulate(res.job, res.best.replace(comm_overlap=v)) for v in (False, True))
     assert res.best.comm_overlap and res.top[0].plan.endswith(" overlap")
     assert over.step_time_s < lean.step_time_s and over.peak_memory_gib > lean.peak_memory_gib
-    need = [(e.peak_memory_gib + e.memory_margin_gib) / (1 - res.headroom) for e in (lean, over)]
+    # each needs its band above its peak and room beside it for the step's largest allocation
+    need = [(e.peak_memory_gib + max(e.memory_margin_gib, e.largest_request_gib)) / (1 - res.headroom)
+            for e in (lean, over)]
     edge = search(_job(*fixed, f"cluster.gpu.memory_gib={sum(need) / 2}"))
     assert edge.best == res.best.replace(comm_overlap=False)
     # a plan on which overlap_comm hides nothing (13B ZeRO-3 on NVLink, host bound): the lean one, for less memory

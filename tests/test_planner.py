@@ -161,9 +161,9 @@ def test_plan_description_round_trip():
 
 
 def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_risky():
-    """The band rule by hand: a plan is risky when peak <= cap < peak + min(band x peak, band GiB). With bands
-    of 0 nothing is risky and the ranking is the plain one; with the shipped bands every risky
-    plan ranks after every plan with margin, and auto picks the fastest plan with margin."""
+    """The band rule by hand: a plan is risky when peak <= cap < peak + min(band x peak, band GiB), or when the
+    step's largest single allocation is more than cap - peak. With bands of 0 only the second remains; with the
+    shipped bands every risky plan ranks after every plan with margin, and auto picks the fastest plan with margin."""
     from meshpilot.orchestrator.sim.error_bands import REGIMES, bands_from_rows, load_error_bands, regime_codes
     from meshpilot.orchestrator.sim.simulator import evaluate
     job = _job("model=llama-2-13b", "cluster=h100-sxm-4", "cluster.gpus_per_node=2", "train.global_batch=8",
@@ -174,7 +174,9 @@ def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_r
     band = bands.band_array(res.arrays)
     band_gib = bands.band_gib_of(regime_codes(res.arrays))
     assert np.array_equal(s.band, band)
-    expect_risky = (s.peak_gib <= cap) & (s.peak_gib + np.minimum(band * s.peak_gib, band_gib) >= cap) & s.fits_cpu
+    largest = s.memory["largest_request"] / 2**30
+    expect_risky = ((s.peak_gib <= cap) & ((s.peak_gib + np.minimum(band * s.peak_gib, band_gib) >= cap)
+                                           | (largest > cap - s.peak_gib)) & s.fits_cpu)
     assert np.array_equal(s.risky, expect_risky & s.fits) and s.risky.any()
     # an overlap_comm row no faster than its lean twin is not ranked (planner.dominated_overlap)
     from meshpilot.orchestrator.sim.planner import dominated_overlap
@@ -192,7 +194,7 @@ def test_plans_that_fit_only_without_the_measured_band_rank_last_and_are_named_r
     assert est.regime == REGIMES[int(regime_codes(res.arrays)[i])]
     zero = bands_from_rows([(r, 1.0, 1.0) for r in REGIMES for _ in range(2)])
     flat = evaluate(job, res.arrays, headroom=0.05, bands=zero)
-    assert not flat.risky.any() and np.array_equal(flat.fits_margin & flat.fits, flat.fits)
+    assert np.array_equal(flat.risky, flat.fits & (largest > cap - flat.peak_gib))
 
 
 def test_a_run_that_ran_out_of_memory_makes_its_plan_risky():
@@ -257,3 +259,34 @@ def test_host_band_from_measured_host_peaks_by_hand():
     assert s.fits[0] and s.risky[0] and s.host_margin_gib[0] == pytest.approx(1.2)
     roomy = bands_from_rows(gpu_rows, host_rows=[(1.0, 1.0), (2.0, 2.0)])
     assert not evaluate(tight, PlanArrays.from_plans([resolve_plan(tight)], 2), bands=roomy).risky[0]
+
+
+def test_largest_request_beside_the_peak_by_hand():
+    """The ep=2 Mixtral of 8 layers at ZeRO-1 (2026-11-30-s5 regimes6: ran its first step, failed at the second on a
+    21.00 GiB request with 18.65 GiB cached in pieces). DeepSpeed keeps the experts in their own parameter group,
+    not sharded by ZeRO at ep = dp = 2, so the step's fp32 copy of that group's gradients is 4 x 8 layers x 8 experts
+    x 3 x 4096 x 14336 / 2 bytes = 21.0 GiB: more than the card's room above the predicted peak, so the plan is
+    risky whatever its band."""
+    from meshpilot.orchestrator.plan.codec import PlanArrays
+    from meshpilot.orchestrator.sim.error_bands import REGIMES, bands_from_rows
+    from meshpilot.orchestrator.sim.simulator import evaluate
+    job = load_job("benchmarks/configs/h200x2_check.yaml",
+                   ["cluster.gpus_per_node=2", "plan.dp=2", "model=mixtral-8x7b", "model.layers=8",
+                    "model.name=mixtral-8l", "plan.ep=2", "plan.zero_stage=1", "train.global_batch=8",
+                    "plan.micro_batch=2", "plan.activation_checkpointing=full", "train.seq_len=2048"])
+    e = simulate(job, resolve_plan(job))
+    experts = 8 * 8 * 3 * 4096 * 14336 // 2
+    assert e.largest_request_gib == pytest.approx(4 * experts / 2**30, rel=1e-12)
+    assert e.fits and e.largest_request_gib > job.cluster.gpu.memory_gib - e.peak_memory_gib
+    assert not e.fits_with_margin and any(n.startswith("risky: its largest single allocation") for n in e.notes)
+    # bands of zero would not rescue it
+    zero = bands_from_rows([(r, 1.0, 1.0) for r in REGIMES for _ in range(2)])
+    assert evaluate(job, PlanArrays.from_plans([resolve_plan(job)], 2), bands=zero).risky[0]
+    # a 4-layer model of the same shapes has the room: its request (10.5 GiB) fits beside its peak
+    small = load_job("benchmarks/configs/h200x2_check.yaml",
+                     ["cluster.gpus_per_node=2", "plan.dp=2", "model=mixtral-8x7b", "model.layers=4",
+                      "model.name=mixtral-4l", "plan.ep=2", "plan.zero_stage=1", "train.global_batch=8",
+                      "plan.micro_batch=2", "plan.activation_checkpointing=full", "train.seq_len=2048"])
+    s = simulate(small, resolve_plan(small))
+    assert s.largest_request_gib == pytest.approx(e.largest_request_gib / 2, rel=1e-12)
+    assert s.largest_request_gib <= small.cluster.gpu.memory_gib - s.peak_memory_gib

@@ -228,7 +228,8 @@ class Estimate:
     regime: str = ""                  # the plan's regime of the measured error bands (sim/error_bands.py)
     memory_band: float = 0.0          # that regime's relative band: measured peaks have reached peak x (1 + band)
     memory_margin_gib: float = 0.0    # GiB the margin adds to this peak: min(band x peak, the regime's band in GiB)
-    fits_with_margin: bool = True     # fits even with the band added (GPU and host)
+    fits_with_margin: bool = True     # fits even with the band added (GPU and host) and room for the largest request
+    largest_request_gib: float = 0.0  # the step's largest single allocation (sim/memory.py largest_request)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -529,12 +529,33 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
     process = cal.host_process_gib if cal.host_process_gib is not None else c.cpu_process_gib
     cpu_node = ranks_per_node * (per_rank_cpu + zo_build + process * 2**30)
+    largest = largest_request(mt, job, a, ds, pn, pe, ps, pr)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,
+                largest_request=largest,
                 cpu_offload=ranks_per_node * host["offload"], cpu_node=cpu_node,
                 peak=allocated + nccl + framework + stream_pools,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
                 allocated=np.maximum(allocated, build_alloc), reserved=reserved)
+
+
+def largest_request(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeedSettings, pn, pe, ps, pr):
+    """Bytes of the largest single allocation a step makes, per rank: the loss's fp32 tensors over the micro-batch's
+    logits (4 b s V/t), or the optimizer step's fp32 flat gradient copy of its largest parameter group (ZeRO 1-2:
+    the dense partition P_n/dp or the expert one P_e/(dp/ep), DeepSpeed keeping them in separate groups; ZeRO 0:
+    the concatenation of all, 4 P_r; ZeRO-3: one sub-group, 4 min(P_s, sub_group_size); none on the GPU with
+    optimizer offload). From the second step on such a request is served by a cached block of its size or by new
+    memory: where the step before left the cache in pieces, it needs room beside the predicted peak (three plans
+    predicted within 10 GiB of the card ran a first step and failed at the second on 21.0 and 8.3 GiB requests,
+    2026-11-30-s4/s5 regime runs), so the simulator shows a plan as risky where this request is larger than the
+    card's room above its peak."""
+    st, off_o, is_zo = a.zero, a.offloads_optimizer, a.zeroth_order
+    tokens = a.micro_batch * float(job.train.seq_len)
+    logits = np.where(is_zo, 0.0, 4.0 * tokens * mt.vocab / a.tp)
+    groups = np.maximum(pn / a.dp, pe / np.maximum(a.dp / a.ep, 1))
+    flat = np.select([st == 0, st < 3], [4.0 * pr, 4.0 * groups], 4.0 * np.minimum(ps, ds.sub_group_size))
+    flat = np.where(off_o | is_zo, 0.0, flat)
+    return np.maximum(logits, flat)
 
 
 def largest_tensor(m: ModelConfig, tp) -> np.ndarray:
