@@ -20,6 +20,8 @@ reaches the card is one that run already failed.) The two differ where the error
 grow with the peak: the ZeRO-3 runs of 2026-11-30-s3 were 2.5-5.7 GiB under at peaks from 16 to
 124 GiB (before the kept parameters were modelled), 26% of the smallest, so a relative band alone
 would have asked 32 GiB of a 124 GiB plan.
+The simulator also asks room beside the peak for the step's largest single allocation
+(:func:`meshpilot.orchestrator.sim.memory.largest_request`): a plan without it does not fit with margin either.
 A plan that fits without margin is *risky*: ``plan: auto`` prefers plans that fit with margin
 and says which margin it used. Host memory has one band of its own (:class:`HostBand`), from the held-out runs that
 measured a node's host peak as Ray's memory monitor counts it, all regimes together (the host terms are the same

@@ -43,8 +43,8 @@ class Scores:
     regime: np.ndarray                # each plan's regime, an index into error_bands.REGIMES
     band: np.ndarray                  # measured relative error band of that regime (:mod:`.error_bands`)
     margin_gib: np.ndarray            # GiB added to the GPU peak for "fits with margin": min(band x peak, band GiB)
-    fits_margin: np.ndarray           # GPU and host peaks fit even when raised by the margin
-    host_margin_gib: np.ndarray = None  # GiB added to the host peak for "fits with margin" (ErrorBands.host_margin_gib_of)
+    fits_margin: np.ndarray           # GPU and host peaks fit raised by their margins, and the largest request has room
+    host_margin_gib: np.ndarray       # GiB added to the host peak for "fits with margin" (ErrorBands.host_margin_gib_of)
 
     @property
     def fits(self) -> np.ndarray:
