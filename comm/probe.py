@@ -12,7 +12,8 @@ What is measured (each part is skipped, with the reason recorded, when it cannot
   its three training forms: forward (T,k)@(k,n), input gradient (T,n)@(n,k) and weight
   gradient (k,T)@(T,n), 2*T*k*n FLOP each. The reported rate is total FLOP / total time
   of the mix (the rate of one layer's matmuls, forward and backward);
-- host copies: pinned host -> device and device -> host bandwidth of one large buffer;
+- host copies: pinned host -> device and device -> host bandwidth of one large buffer, and the blocking
+  fp32-host -> bf16-device copy (cast on the host) through which ZeRO-3 with optimizer offload returns parameters;
 - CPU Adam: DeepSpeed's DeepSpeedCPUAdam step throughput in parameters per second on
   this node (all cores, its OpenMP threads), after warm-up; the first construction
   compiles (or loads) the extension and its time is reported separately.
@@ -108,7 +109,7 @@ class MatmulSample:
 
 @dataclass(frozen=True)
 class CopySample:
-    direction: str       # "h2d" | "d2h"
+    direction: str       # "h2d" | "d2h" | "cast_h2d" (fp32 pinned host -> 16-bit device, blocking: bytes are the fp32 side)
     nbytes: int
     median_s: float
     gbs: float
@@ -159,6 +160,11 @@ class ProbeReport:
         vals = [c.gbs for c in self.copies if c.direction == direction]
         return max(vals) if vals else None
 
+    def cast_copy_gparams_per_s(self) -> float | None:
+        """Parameters per second of the blocking fp32-host -> 16-bit-device copy (4 bytes per parameter read)."""
+        gbs = self.copy_gbs("cast_h2d")
+        return None if gbs is None else gbs / 4.0
+
     def calibration(self) -> dict[str, Any]:
         """The ``cluster.calibration`` mapping (fields of CalibrationConfig); None = not measured."""
         def r(x: float | None, digits: int = 4) -> float | None:      # significant digits
@@ -174,6 +180,7 @@ class ProbeReport:
             collective_latency_us=r(self.latency_us()),
             h2d_gbs=r(self.copy_gbs("h2d")),
             d2h_gbs=r(self.copy_gbs("d2h")),
+            host_cast_copy_gparams_per_s=r(self.cast_copy_gparams_per_s()),
             cpu_adam_gparams_per_s=r(self.cpu_adam.gparams_per_s if self.cpu_adam else None),
         )
 
@@ -319,6 +326,13 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
         progress(f"copy {direction} {_fmt_bytes(n)} pinned")
         t = _time_device(fn, device, warmup=2, iters=settings.copy_iters)
         out.append(CopySample(direction=direction, nbytes=n, median_s=t, gbs=n / t / 1e9))
+    # ZeRO-3 with optimizer offload puts the updated parameters back so: a blocking copy of the pinned fp32 partition
+    # into the 16-bit GPU partition, which torch casts on the host into pageable memory first (sim/step_time.py)
+    fp32 = torch.empty(n // 4, dtype=torch.float32, pin_memory=True)
+    bf16 = torch.empty(n // 4, dtype=torch.bfloat16, device=device)
+    progress(f"copy fp32 host -> bf16 device {_fmt_bytes(n)}, blocking (cast on the host)")
+    t = _time_device(lambda: bf16.copy_(fp32), device, warmup=1, iters=settings.copy_iters)
+    out.append(CopySample(direction="cast_h2d", nbytes=4 * (n // 4), median_s=t, gbs=4 * (n // 4) / t / 1e9))
     return out
 
 

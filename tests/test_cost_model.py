@@ -207,6 +207,14 @@ def test_zero3_optimizer_offload_transfers_hand_computed():
         up = (ga - 1) * 2 * ps + 2 * ps              # the host sums brought back to add, the boundary's fetch
         expect = down / 40e9 + up / 50e9 + ps / 2e9
         assert e.time_breakdown_s["offload_transfers"] == pytest.approx(float(expect), rel=1e-9)
+    # a probed rate (cluster.calibration.host_cast_copy_gparams_per_s) replaces the constant
+    probed = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                             "train.global_batch=16", "train.seq_len=2048", "cluster.calibration.h2d_gbs=50",
+                             "cluster.calibration.d2h_gbs=40", "cluster.calibration.host_cast_copy_gparams_per_s=4"])
+    e = simulate(probed, Plan(dp=2, zero_stage=3, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
+                              activation_checkpointing="full"), constants=c)
+    assert e.time_breakdown_s["offload_transfers"] == pytest.approx(
+        float((2 * ps + 4 * ps) / 40e9 + 2 * ps / 50e9 + ps / 4e9), rel=1e-9)
     both = simulate(job, Plan(dp=2, zero_stage=3, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
                               offload_params="cpu", activation_checkpointing="full"), constants=c)
     uploads = (2 + 1) * 2 * ps / 50e9                # forward, backward and recompute each upload the partition

@@ -71,6 +71,16 @@ def test_calibration_keys_are_calibration_config_fields():
     assert set(r.calibration()) == {f.name for f in dataclasses.fields(CalibrationConfig)} - fitted_from_runs
 
 
+def test_cast_copy_rate_is_parameters_per_second_of_the_fp32_side():
+    """4 GB of fp32 in 1.0 s is 1 G parameters per second; pinned copies do not count."""
+    from meshpilot.comm.probe import CopySample
+    r = ProbeReport(device_name="x", date="d", settings=ProbeSettings(),
+                    copies=[CopySample("h2d", 10**9, 0.02, 50.0), CopySample("cast_h2d", 4 * 10**9, 1.0, 4.0)])
+    cal = r.calibration()
+    assert cal["host_cast_copy_gparams_per_s"] == pytest.approx(1.0) and cal["h2d_gbs"] == pytest.approx(50.0)
+    assert ProbeReport(device_name="x", date="d", settings=ProbeSettings()).cast_copy_gparams_per_s() is None
+
+
 # --- the CPU probe: real gloo processes --------------------------------------------------------
 
 SMALL = ProbeSettings(device="cpu", world=2, collective_sizes=(64 * KiB, 1024 * KiB), collective_warmup=1,

@@ -225,6 +225,8 @@ class CalibrationConfig:
     collective_latency_us: Optional[float] = None
     h2d_gbs: Optional[float] = None            # pinned host -> device
     d2h_gbs: Optional[float] = None            # device -> pinned host
+    host_cast_copy_gparams_per_s: Optional[float] = None  # blocking pinned fp32 host -> 16-bit device copy, G params/s
+    #                                                       (ZeRO-3 optimizer offload's way back; `meshpilot probe`)
     cpu_adam_gparams_per_s: Optional[float] = None  # DeepSpeed CPUAdam, billions of parameters per second per node
     # fitted from recorded runs by `meshpilot calibrate` (orchestrator/sim/calibration.py):
     cpu_adam_rank_gparams_per_s: Optional[float] = None  # CPUAdam of one offloading rank in training (replaces the

@@ -277,7 +277,8 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     down = np.select([st == 2, st == 1], [np.where(acc, ga * w * ps, 0.0) + 4.0 * ps,
                                           np.where(acc, w * ps, 0.0) + 4.0 * ps], ga * w * ps + 4.0 * ps)
     up = np.select([st == 2, st == 1], [ga * w * ps, np.where(acc, 2.0 * w * ps, w * ps)], ga * w * ps)
-    cast_copy = np.where((st == 3) & ~off_p, ps / (c.host_cast_copy_gparams_per_s * 1e9), 0.0)
+    cast_rate = (cal.host_cast_copy_gparams_per_s or c.host_cast_copy_gparams_per_s) * 1e9   # probed where set
+    cast_copy = np.where((st == 3) & ~off_p, ps / cast_rate, 0.0)
     offload = (np.where(off_o, down / d2h + up / h2d + cast_copy, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
     adam_rate = cpu_adam_rate(cl, c, np.minimum(a.world, cl.gpus_per_node))
