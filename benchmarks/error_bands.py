@@ -217,6 +217,12 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
     return rows, used
 
 
+def _then_and_now(row: dict[str, Any]) -> str:
+    """How a regime run was ranked when it ran (its recorded prediction) and how the simulator at hand ranks it."""
+    then = "predicted to fit with margin before it ran" if row.get("fits_with_margin_then") else "risky when it ran"
+    return f"{then}; {'fits with margin' if row['fits_with_margin'] else 'risky'} now"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="write orchestrator/sim/error_bands.json")
@@ -277,10 +283,7 @@ def main() -> int:
     held = [r for r in regime if r.get("status") == "ran" or r.get("status") == "timed out"]
     if regime:
         errs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in held]
-        false_fits = [r["name"] + (" (predicted to fit with margin before it ran" if r.get("fits_with_margin_then")
-                                   else " (risky when it ran") + ("; risky now)" if not r["fits_with_margin"] else
-                                                                  "; fits with margin now)")
-                      for r in regime if r["status"].startswith("out of memory")]
+        false_fits = [f"{r['name']} ({_then_and_now(r)})" for r in regime if r["status"].startswith("out of memory")]
         print(f"regime_runs (REGIME_RUNS): {len(held)} runs that ran, peak MAPE "
               f"{100.0 * sum(errs) / max(len(errs), 1):.1f}%; predicted to fit but out of memory: "
               f"{', '.join(false_fits) or 'none'}")

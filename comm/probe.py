@@ -328,11 +328,12 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
         out.append(CopySample(direction=direction, nbytes=n, median_s=t, gbs=n / t / 1e9))
     # ZeRO-3 with optimizer offload puts the updated parameters back so: a blocking copy of the pinned fp32 partition
     # into the 16-bit GPU partition, which torch casts on the host into pageable memory first (sim/step_time.py)
-    fp32 = torch.empty(n // 4, dtype=torch.float32, pin_memory=True)
-    bf16 = torch.empty(n // 4, dtype=torch.bfloat16, device=device)
-    progress(f"copy fp32 host -> bf16 device {_fmt_bytes(n)}, blocking (cast on the host)")
+    params = n // 4
+    fp32 = torch.empty(params, dtype=torch.float32, pin_memory=True)
+    bf16 = torch.empty(params, dtype=torch.bfloat16, device=device)
+    progress(f"copy fp32 host -> bf16 device {_fmt_bytes(4 * params)}, blocking (cast on the host)")
     t = _time_device(lambda: bf16.copy_(fp32), device, warmup=1, iters=settings.copy_iters)
-    out.append(CopySample(direction="cast_h2d", nbytes=4 * (n // 4), median_s=t, gbs=4 * (n // 4) / t / 1e9))
+    out.append(CopySample(direction="cast_h2d", nbytes=4 * params, median_s=t, gbs=4 * params / t / 1e9))
     return out
 
 

@@ -43,6 +43,10 @@ from meshpilot.orchestrator.config.models import param_counts
 from meshpilot.orchestrator.config.schema import Arch, Implementation, ModelConfig
 
 
+LLAMA_LIKE = (Arch.LLAMA, Arch.MIXTRAL)
+"""Architectures whose layers are Llama's (RMSNorm, rotary embeddings, SwiGLU; Mixtral's experts are SwiGLU too)."""
+
+
 @dataclass(frozen=True)
 class ElementwiseBytes:
     """Forward bytes per token of all layers' element-wise kernels: ``replicated`` on the full hidden state
@@ -55,7 +59,7 @@ def elementwise_bytes(m: ModelConfig) -> ElementwiseBytes:
     """Forward element-wise bytes per token of the model's layers (module docstring)."""
     h, f = float(m.hidden), float(m.ffn)
     kv = float((m.kv_heads or m.heads) * (m.hidden // m.heads))
-    llama_like = m.arch in (Arch.LLAMA, Arch.MIXTRAL)
+    llama_like = m.arch in LLAMA_LIKE
     residual = 12.0 * h
     norms = 72.0 * h if llama_like else 8.0 * h
     attention = 4.0 * h
@@ -77,8 +81,7 @@ def elementwise_bytes(m: ModelConfig) -> ElementwiseBytes:
 
 def elementwise_bytes_vs_llama(m: ModelConfig) -> ElementwiseBytes:
     """The model's element-wise bytes per token less those of Llama layers of its dimensions (module docstring)."""
-    own = elementwise_bytes(m)
-    if m.arch in (Arch.LLAMA, Arch.MIXTRAL):
+    if m.arch in LLAMA_LIKE:
         return ElementwiseBytes(replicated=0.0, sharded=0.0)
-    ref = elementwise_bytes(replace(m, arch=Arch.LLAMA))
+    own, ref = elementwise_bytes(m), elementwise_bytes(replace(m, arch=Arch.LLAMA))
     return ElementwiseBytes(replicated=own.replicated - ref.replicated, sharded=own.sharded - ref.sharded)

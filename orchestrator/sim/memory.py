@@ -681,8 +681,8 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     through a pageable host copy of them while the engine is built (zero/utils.py ``defragment``: ``w P_s``,
     ``defrag``), freed before the optimizer allocates: the rank's host peak is the larger of the two. Measured
     (built-in, 2 x H200, no offload): host RSS peaks of 7.5, 8.8 and 13.4 GiB per rank for llama-2-7b, llama-3-8b and
-    llama-2-13b at dp = 2, about w P_s + 1.3 GiB (benchmarks/results/2026-11-30-s3-h200x2). The run's closing parameter checksum sums one tensor (ZO2: one block slot) at
-    a time and adds nothing here; it used to clone the model (ZO2Trainer.full_state: every block's
+    llama-2-13b at dp = 2, about w P_s + 1.3 GiB (benchmarks/results/2026-11-30-s3-h200x2).
+    The run's closing parameter checksum sums one tensor (ZO2: one block slot) at a time and adds nothing here; it used to clone the model (ZO2Trainer.full_state: every block's
     flat copy and a clone of every parameter), which set the measured host peak of opt-13b ZO2 on one
     H200 (RssAnon + RssShmem 89.0 GiB against 40.5 of stores and stash, 2026-11-30).
     fp32 training (w = 4) keeps the same buffers with K - 0 states.

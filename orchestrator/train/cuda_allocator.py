@@ -32,18 +32,20 @@ def environment_setting(environ: MutableMapping[str, str]) -> str | None:
     return next((environ[n] for n in ENV_NAMES if environ.get(n)), None)
 
 
-def expandable_from_environment(environ: MutableMapping[str, str]) -> bool | None:
-    """True/False where the environment's settings name ``expandable_segments``, None where they do not."""
-    conf = environment_setting(environ) or ""
-    for item in conf.split(","):
+def environment_value(environ: MutableMapping[str, str], name: str) -> str | None:
+    """The value the environment's allocator settings give ``name`` (``key:value`` items, comma-separated), or None
+    where they do not name it."""
+    for item in (environment_setting(environ) or "").split(","):
         key, _, value = item.partition(":")
-        if key.strip() == "expandable_segments":
-            return value.strip().lower() == "true"
+        if key.strip() == name:
+            return value.strip()
     return None
 
 
-def _named_in_environment(environ: MutableMapping[str, str], key: str) -> bool:
-    return any(item.partition(":")[0].strip() == key for item in (environment_setting(environ) or "").split(","))
+def expandable_from_environment(environ: MutableMapping[str, str]) -> bool | None:
+    """True/False where the environment's settings name ``expandable_segments``, None where they do not."""
+    value = environment_value(environ, "expandable_segments")
+    return None if value is None else value.lower() == "true"
 
 
 def configure_allocator(expandable: bool, environ: MutableMapping[str, str] | None = None,
@@ -65,7 +67,7 @@ def configure_allocator(expandable: bool, environ: MutableMapping[str, str] | No
     else:
         settings.append(f"expandable_segments:{'True' if expandable else 'False'}")
     if max_split_size_mb is not None:
-        if _named_in_environment(environ, "max_split_size_mb"):
+        if environment_value(environ, "max_split_size_mb") is not None:
             log.warning("train.max_split_size_mb is %d but the environment sets %s; the environment's value runs",
                         max_split_size_mb, environment_setting(environ))
         else:
