@@ -167,6 +167,7 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
                              measured_step_s=step, predicted_step_s=e.step_time_s,
                              fits_with_margin=bool(e.fits_with_margin),
                              fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
+                             request_beyond_room=_request_beyond_room(job, e),
                              measured_host_gib=host.get("measured"),
                              predicted_host_gib=e.cpu_memory_gib_per_node))
         used.append(str(f))
@@ -212,9 +213,16 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
         rows.append(dict(name=run.name, regime=regime_of(plan, job.cluster.gpus_per_node), status=s.get("status"),
                          measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=d,
                          measured_step_s=rec.measured.get("step_time_s"), predicted_step_s=e.step_time_s,
-                         measured_host_gib=host, predicted_host_gib=e.cpu_memory_gib_per_node))
+                         measured_host_gib=host, predicted_host_gib=e.cpu_memory_gib_per_node,
+                         request_beyond_room=_request_beyond_room(job, e)))
         used.append(str(run))
     return rows, used
+
+
+def _request_beyond_room(job: Any, e: Any) -> bool:
+    """Whether the plan's largest single allocation is more than the card's room above its predicted peak (the
+    simulator's largest-request condition, sim/memory.py largest_request)."""
+    return e.largest_request_gib > job.cluster.gpu.memory_gib - e.peak_memory_gib
 
 
 def _then_and_now(row: dict[str, Any]) -> str:
@@ -287,6 +295,11 @@ def main() -> int:
         print(f"regime_runs (REGIME_RUNS): {len(held)} runs that ran, peak MAPE "
               f"{100.0 * sum(errs) / max(len(errs), 1):.1f}%; predicted to fit but out of memory: "
               f"{', '.join(false_fits) or 'none'}")
+        marked = [r for r in rows if r.get("request_beyond_room")]
+        print("largest single request beyond the card's room above the predicted peak: out of memory: "
+              + (", ".join(r["name"] for r in marked if r["status"].startswith("out of memory")) or "none")
+              + "; ran: " + (", ".join(r["name"] for r in marked if not r["status"].startswith("out of memory"))
+                             or "none"))
         st = [(r["predicted_step_s"] - r["measured_step_s"]) / r["measured_step_s"] for r in held if r.get("measured_step_s")]
         if st:
             print(f"their step times: {len(st)} runs, MAPE {100.0 * sum(map(abs, st)) / len(st):.1f}%, "
