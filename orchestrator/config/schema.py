@@ -330,6 +330,10 @@ class TrainConfig:
     # segments), and four plans away from the edge reserved 3-25 GiB more; the simulator models the default mode
     # (benchmarks/results/2026-11-30-s5-h200x2).
     max_split_size_mb: Optional[int] = None
+    # Record the CUDA caching allocator's history on every GPU rank (every allocation with the Python code that made
+    # it, which requests made new segments) and write a JSON summary to RUN_DIR/memory/rank<R>.json when the run ends,
+    # out of memory included (orchestrator/train/memory_history.py). For diagnosis: recording slows the step.
+    memory_history: bool = False
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)

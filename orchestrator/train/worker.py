@@ -41,6 +41,7 @@ from meshpilot.orchestrator.train.engine import ModelFactory, RunContext, Startu
 from meshpilot.orchestrator.train.engine_deepspeed import build_deepspeed_engine
 from meshpilot.orchestrator.train.engine_zo import build_zo_engine
 from meshpilot.orchestrator.train.loop import train
+from meshpilot.orchestrator.train import memory_history
 from meshpilot.orchestrator.train.memory_peaks import PeakSampler, host_memory_gib, memory_peaks_gib
 from meshpilot.orchestrator.train.metrics import PhaseTimer
 from meshpilot.orchestrator.train.preemption import StopRequest
@@ -158,8 +159,11 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     step_times: list[float] = []
     user_on_step = on_step
 
+    step_ends_us: list[float] = []
+
     def on_step(record: dict[str, Any]) -> None:        # noqa: F811 (wraps the caller's hook)
         step_times.append(float(record["step_time_s"]))
+        step_ends_us.append(memory_history.now_us())
         if user_on_step is not None:
             user_on_step(record)
     resume_from = preflight(job, plan, world_size=world_size, run_dir=run_dir, resume=resume, rank=rank)
@@ -178,6 +182,7 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
                      tensorboard=tensorboard, save_final=save_final)
     stop = StopRequest(rank, stop_event).install()
     sampler = PeakSampler.for_rank(ctx.device).start()     # NVML, this process's and the node's host memory
+    recording = job.train.memory_history and memory_history.start(ctx.device)
     try:
         phases = StartupPhases()
         build = build_zo_engine if plan.zeroth_order else build_deepspeed_engine
@@ -188,6 +193,8 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
         result["step_times_s"] = step_times
     finally:
         nvml_peak = sampler.stop()
+        if recording:
+            memory_history.write(ctx.device, run_dir, rank, step_ends_us)
         stop.uninstall()
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
