@@ -485,3 +485,31 @@ def test_stage1_step_frees_the_gradients_outside_the_partition_and_loaded_model_
     expect = max(flat + max(acts + working, g + layer + lw) + hole, flat + 6 * Ps + max(acts + working + g, hole))
     assert m["reserved"] == pytest.approx(expect * (1 + C.fragmentation), rel=1e-9)
     assert 45.0 < m["allocated"] / 2**30 < 49.0 and 57.0 < m["reserved"] / 2**30 < 62.0
+
+
+def test_stage0_tensor_parallel_masked_gradient_norm_by_hand():
+    """ZeRO-0 under tp=2 with bf16: DeepSpeed's fused 16-bit optimizer masks, on tensor-parallel ranks > 0, the
+    gradient norm of a parameter group that holds a matrix replicated over the tp ranks (opt's positional embedding):
+    zeros(P_g + 1) in fp32, its cumsum and a bool mask (9 P_g bytes) beside the flat fp32 gradients (4 P), after the
+    16-bit gradients are freed, so the step peaks at 13 P_r bytes of temporaries on that rank instead of 10 P_r (the
+    16-bit gradients, their per-tensor fp32 copies and the flat copy). Llama has no replicated matrix (its embedding
+    and head are vocabulary-sharded), nor does tp=1. Measured: opt-6.7b tp=2 mb 4 x 2, rank 1 allocated 83.88 GiB
+    against rank 0's 74.57 (2026-11-30-s6-h200x2/hist)."""
+    job = load_job(None, ["model=opt-6.7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                          "train.global_batch=8"])
+    plan = Plan(dp=1, tp=2, zero_stage=0, micro_batch=4, grad_accum=2, activation_checkpointing="none")
+    mt = model_terms(job.model)
+    assert mt.replicated_matrices == (2048 + 2) * 4096
+    pr = mt.sharded_dense / 2 + mt.replicated              # P_r at tp=2, no experts
+    m = _mem(job, plan)
+    static = 2 * pr + 4 * pr + 8 * pr                      # 16-bit weights, fp32 master, Adam moments
+    assert m["allocated"] == pytest.approx(static + 13 * pr, rel=1e-6)
+    assert 83.0 < m["allocated"] / 2**30 < 84.5            # measured 83.88 on rank 1
+    llama = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                            "train.global_batch=8"])
+    assert model_terms(llama.model).replicated_matrices == 0
+    lp = _mem(llama, plan)
+    lpr = model_terms(llama.model).sharded_dense / 2 + model_terms(llama.model).replicated
+    assert lp["allocated"] < (14 + 13) * lpr                # no masked norm: below static + 13 P_r
+    opt_tp1 = _mem(job, Plan(dp=1, tp=1, zero_stage=0, micro_batch=1, grad_accum=8, activation_checkpointing="full"))
+    assert opt_tp1["allocated"] < (14 + 13) * mt.total

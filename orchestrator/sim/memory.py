@@ -246,6 +246,7 @@ class ModelTerms:
     # (sim/elementwise.py): on the full hidden state, on tensor-parallel shards
     elementwise_vs_llama_replicated: float = 0.0
     elementwise_vs_llama_sharded: float = 0.0
+    replicated_matrices: float = 0.0   # elements of the 2-D tensors never tp-sharded (positional embedding, routers)
 
 
 def module_structure(m: ModelConfig) -> dict[str, float]:
@@ -314,8 +315,11 @@ def model_terms(m: ModelConfig) -> ModelTerms:
     layer_max = max(pc.layer_dense if pc.dense_layers else 0, pc.layer_moe if pc.moe_layers else 0)
     ew = elementwise_bytes_vs_llama(m)
     blocks = pc.dense_layers * pc.layer_dense + pc.moe_layers * pc.layer_moe
+    # learned positional embedding (gpt2/opt: max_positions rows, opt's 2 more) and the routers: 2-D, never tp-sharded
+    positions = (m.max_positions + (2 if m.arch == Arch.OPT else 0)) * m.hidden if m.arch in (Arch.GPT2, Arch.OPT) else 0
     return ModelTerms(
         total=float(pc.total), active=float(pc.active), replicated=float(replicated),
+        replicated_matrices=float(positions + pc.moe_layers * pc.router),
         sharded_dense=float(pc.total - pc.experts_total - replicated), experts_total=float(pc.experts_total),
         largest_module=float(max(layer_max, pc.embedding, pc.head)), layer_max=float(layer_max),
         blocks_total=float(blocks), resident_zo2=float(pc.embedding + pc.head + pc.final_norm),
@@ -433,6 +437,14 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     bucket, stream_pools = overlap_comm_terms(a, ds, w, kept)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
+    # stage 0 on a tensor-parallel rank > 0 (DeepSpeed's fused 16-bit optimizer, fused_optimizer.py step): a parameter
+    # group holding a matrix replicated over the tp ranks (gpt2/opt's positional embedding, an MoE router) gets its
+    # gradient norm masked (runtime/utils.py get_flattened_grad_norm): torch.zeros(P_g + 1) in fp32, its cumsum and a
+    # bool mask, 9 P_g bytes at once, beside the flat fp32 gradients (4 P) once the 16-bit ones are freed. The decay
+    # group is all but the 1-D tensors, so P_g ~ P_r. Traced: opt-6.7b tp=2 mb 4 x 2, rank 1 allocated 83.88 GiB
+    # against rank 0's 74.57 (+3 P_r), with two new 4 P_r segments (2026-11-30-s6-h200x2/hist/tp2_opt67_mb4)
+    masked = (st == 0) & (a.tp > 1) & mixed & (mt.replicated_matrices > 0)
+    stage0_tmp = np.where(masked, np.maximum(stage0_tmp, (4.0 + 9.0 - w) * pr), stage0_tmp)
     # stage 3 steps its partition one sub-group at a time (stage3.py _prepare_fp32_grad_for_sub_group:
     # ``flatten(averaged_gradients).to(fp32)``, both alive, then steps and releases): (w + 4) x sub_group_size
     # elements at most, not P_s (measured: built-in llama-1b ZeRO-3 dp=2, reserved rises 6.23 GiB at the first
