@@ -92,6 +92,22 @@ CASES = [
     ("ep2_moe8l_mb2", [*DP2, "model=mixtral-8x7b", "model.layers=8", "model.name=mixtral-8l", "plan.ep=2",
                        "plan.zero_stage=1", "train.global_batch=8", "plan.micro_batch=2", *AC], 120,
      "ep=2 on the Mixtral of 8 layers at micro-batch 2, predicted to fit with margin (130.7 GiB)"),
+    # the default-mode reserve of ZeRO 0-2 (2026-11-30 session 6): the same plans as allocator_runs' z2_7b_lean_std
+    # (reserve predicted within 1%) and z1_7b_mb4_std (8% over), for the allocator's history (train.memory_history)
+    ("z2_7b_mb1_lean", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=1",
+                        "plan.comm_overlap=false"], 110, "ZeRO-2 at micro-batch 1 x 8 without checkpointing"),
+    ("z1_7b_mb4_ov", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=1", "plan.micro_batch=4",
+                      "plan.comm_overlap=true"], 110, "ZeRO-1 at micro-batch 4 x 2 without checkpointing"),
+    ("tp2_7b_mb4", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-2-7b", "train.global_batch=16",
+                    "plan.zero_stage=0", "plan.micro_batch=4"], 110,
+     "tp=2 ZeRO-0 at micro-batch 4 x 4 without checkpointing (allocator_runs' tp2_7b_std: reserve 9% over)"),
+    # the largest-request rule (sim/memory.py largest_request) on runs made after it: each is predicted to fit within
+    # its regime's band and shown as risky only because its step's largest request exceeds the room above its peak
+    ("z2_l3_8b_mb8", [*DP2, "model=llama-3-8b", "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=8",
+                      *AC], 130, "ZeRO-2 llama-3-8b: 126.4 GiB predicted, its 15.0 GiB fp32 step copy beyond the room"),
+    ("ep2_moe8l_mb1", [*DP2, "model=mixtral-8x7b", "model.layers=8", "model.name=mixtral-8l", "plan.ep=2",
+                       "plan.zero_stage=1", "train.global_batch=8", "plan.micro_batch=1", *AC], 120,
+     "ep=2 Mixtral of 8 layers at micro-batch 1: 129.5 GiB predicted, its 21.0 GiB expert fp32 copy beyond the room"),
     ("zo2_opt30b", [*ONE, "model=opt-30b", *ZO, "train.global_batch=1", "plan.zo.mode=zo2", "plan.micro_batch=1"], 260,
      "ZO2 at 30B on one GPU (issue #15 names opt-30b)"),
 ]
