@@ -108,7 +108,27 @@ CASES = [
     ("ep2_moe8l_mb1", [*DP2, "model=mixtral-8x7b", "model.layers=8", "model.name=mixtral-8l", "plan.ep=2",
                        "plan.zero_stage=1", "train.global_batch=8", "plan.micro_batch=1", *AC], 120,
      "ep=2 Mixtral of 8 layers at micro-batch 1: 129.5 GiB predicted, its 21.0 GiB expert fp32 copy beyond the room"),
-    ("zo2_opt30b", [*ONE, "model=opt-30b", *ZO, "train.global_batch=1", "plan.zo.mode=zo2", "plan.micro_batch=1"], 260,
+    # 2026-11-30 session 6, after the masked gradient norm of ZeRO-0 under tp (sim/memory.py): tensor parallel on
+    # models with a replicated matrix (opt's positional embedding, Mixtral's routers) and at the card's edge, and the
+    # largest-request rule on plans it calls safe near the edge
+    ("tp2_opt67_mb8_ac", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=opt-6.7b", "train.global_batch=16", "plan.zero_stage=0",
+                          "plan.micro_batch=8", *AC], 100, "tp=2 on opt-6.7b with checkpointing (masked norm on rank 1)"),
+    ("tp2_moe4l_mb4", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=mixtral-8x7b", "model.layers=4", "model.name=mixtral-4l",
+                       "train.global_batch=16", "plan.zero_stage=0", "plan.micro_batch=4"], 100,
+     "tp=2 on a Mixtral of 4 layers (routers replicated: masked norm on rank 1), no checkpointing"),
+    ("tp2_7b_mb8", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=0", "plan.micro_batch=8"],
+     100, "tp=2 on llama-2-7b at micro-batch 8 without checkpointing: predicted 140.1 GiB, at the card"),
+    ("tp2_l3_8b_mb4_sp", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-3-8b", "train.global_batch=8", "plan.zero_stage=0",
+                          "plan.micro_batch=4", "plan.sequence_parallel=true"], 100,
+     "tp=2 + SP on llama-3-8b at micro-batch 4: its 15.0 GiB fp32 step copy beyond the room (risky)"),
+    ("z2_7b_mb4", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=4"], 100,
+     "ZeRO-2 llama-2-7b at micro-batch 4 x 2 without checkpointing: its 12.6 GiB step copy just within the room"),
+    ("ep2_moe7l_mb2", [*DP2, "model=mixtral-8x7b", "model.layers=7", "model.name=mixtral-7l", "plan.ep=2",
+                       "plan.zero_stage=1", "train.global_batch=8", "plan.micro_batch=2", *AC], 110,
+     "ep=2 on a Mixtral of 7 layers: its 18.4 GiB expert fp32 copy within the room (safe by the rule)"),
+    ("z1_l3_8b_mb6", [*DP2, "model=llama-3-8b", "train.global_batch=12", "plan.zero_stage=1", "plan.micro_batch=6",
+                      *AC], 110, "ZeRO-1 llama-3-8b: its 15.0 GiB fp32 step copy beyond the room (risky)"),
+    ("zo2_opt30b", [*ONE, "model=opt-30b", *ZO, "train.global_batch=1", "plan.zo.mode=zo2", "plan.micro_batch=1"], 440,
      "ZO2 at 30B on one GPU (issue #15 names opt-30b)"),
 ]
 

@@ -70,18 +70,18 @@ checkpointing) part of the step fits in its blocks and the model is 4-9% high (2
 rest, fitted with ``model_load_fragmentation`` on the calibration half of the 2026-11-27 sets (0.0155,
 1.1017). With ``train.expandable_segments`` (free neighbours merge) the phases can share and the
 reserve measured 0.2-18.6 GiB on 8 runs, with no rule found: the model stays that of the default mode.
-The allocator's history of seven ZeRO 0-2 plans (``train.memory_history``; 2026-11-30-s6-h200x2/allocator_history.txt)
-shows where the segments come from: every segment held from the second step on was made before the end of the first
-optimizer step, and the engine's build leaves free blocks that later phases reuse - the construction's fp32
+The allocator's history of six ZeRO 0-2 plans (``train.memory_history``; 2026-11-30-s6-h200x2/allocator_history.txt)
+shows where the segments come from: all but one of the segments held at the end (0.98 GiB, on one plan) were made by
+the end of the first optimizer step, and the engine's build leaves free blocks that later phases reuse - the construction's fp32
 per-parameter segments (all of them at stage 0; at stages 1-2 those still holding a cast 16-bit parameter when
 DeepSpeed empties the cache, about w P_r), the partition's clone (w P_s) and the flat fp32 gradient with which the
 optimizer initialises its states (4 P_s; stage 0: 4 P). The step's flat buffers come back to the clone and that block
-each step. Where the activation phase fits in what the build left, the phases share it in turn and reserved = static
-+ max(build's free blocks, activation phase, step) (measured: llama-3-8b tp=2 92.3 GiB against 89.8, opt-2.7b ZeRO-1
+each step. Where the phases share those blocks in turn, reserved = static + max(build's free blocks, activation
+phase, step) (measured: llama-3-8b tp=2 92.3 GiB against 89.8, opt-2.7b ZeRO-1
 38.6 against 38.5; this model gives 107.5 and 46.7); where it does not, which blocks the first step's tensors land in
 decides whether the step's flat buffers find theirs (llama-2-7b tp=2 at micro-batch 4: the 16-bit gradients sat in
 the 4 P block at the first step, so its flat copy took a new 4 P segment that stays cached: 98.1 GiB, against 80.1
-from sharing and 106.8 from this model). No closed rule follows that first step's packing across the seven, so the
+from sharing and 106.8 from this model). No closed rule follows that first step's packing across the six, so the
 phases stay counted side by side: 0-20% over on these plans, never under.
 
 Peak (what NVML reports) = max(reserved, the engine build's reserve at stages 1-2) + side-stream pools +
