@@ -80,7 +80,8 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-11-30-s5-h200x2/regimes5/regime_runs.json",
                "results/2026-11-30-s5-h200x2/regimes6/regime_runs.json",
                "results/2026-11-30-s6-h200x2/regimes7/regime_runs.json",
-               "results/2026-11-30-s6-h200x2/regimes8/regime_runs.json"]
+               "results/2026-11-30-s6-h200x2/regimes8/regime_runs.json",
+               "results/2026-11-30-s6-h200x2/regimes9/regime_runs.json"]
 # not scored for host memory: the runs whose host peaks set estimate.cpu_process_gib, and the ZO2 run whose host peak
 # was set by the closing checksum's copy of the model (changed in commit f8c9396; sim/memory.py host_memory_terms)
 HOST_NOT_HELD_OUT = {"results/2026-11-30-s3-h200x2/z3time/7b_mb1", "results/2026-11-30-s3-h200x2/z3new/l3_8b_mb1",
