@@ -1,14 +1,16 @@
 """`plan: auto`'s choice against the plans it passed over, all measured through `meshpilot run` in one call.
 
 Issue #15's last target: the chosen plan's measured throughput within 5% of the best measured plan of the
-same job, on a model the simulator was not calibrated on. One job (default: llama-2-13b full fine-tune, seq
-2048, global batch 16, bf16 AdamW, 2 x H200, built-in model, random weights); the runs: ``plan=auto`` (the
+same job, on a model the simulator was not calibrated on. One job (``--job``: llama-2-13b, the default, or
+llama-3-8b; full fine-tune, seq 2048, global batch 16, bf16 AdamW, 2 x H200, built-in model, random weights); the
+runs: ``plan=auto`` (the
 controller plans, then trains what it chose) and each alternative plan of ``ALTERNATIVES`` (``--force``
 where the simulator says it does not fit or fits only without its error band). Per run: the plan that ran,
 the prediction (step time, peak, fits, risky), the measured median step time (the first step left out),
 tokens/s and NVML peak. The summary gives the chosen plan's tokens/s over the best measured.
 
     python benchmarks/plan_choice_runs.py --out $R/choice --budget-s 560
+    python benchmarks/plan_choice_runs.py --out $R/choice8b --job llama-3-8b --timeout-s 90 --budget-s 240
     python benchmarks/plan_choice_runs.py --out /tmp/c --dry-run
 """
 from __future__ import annotations
@@ -24,16 +26,26 @@ from harness import metadata, write_json  # noqa: E402
 from host_memory_runs import CLUSTER, JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
 
 GLOBAL_BATCH, SEQ_LEN = 16, 2048
-BASE = ["model=llama-2-13b", "cluster.gpus_per_node=2", f"train.global_batch={GLOBAL_BATCH}",
-        f"train.seq_len={SEQ_LEN}", "train.steps=4", "train.checkpoint_final=false", "train.checkpoint_every=0", "train.eval_every=0"]
-ALTERNATIVES = {
-    # the plans the planner ranks near its choice, and the one a user would try first on 2 x 141 GB
-    "z3_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
-    "z3_mb2x4_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=2", "plan.activation_checkpointing=full"],
-    # plan: auto's choice before the ZeRO-3 pass model and the bands in GiB (2026-11-30-s2 choice/auto)
-    "z3_mb4x2_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=full"],
-    "z3_tp2_mb8x2_sp": ["plan.dp=1", "plan.tp=2", "plan.zero_stage=3", "plan.micro_batch=8",
-                        "plan.activation_checkpointing=full", "plan.sequence_parallel=true"],
+COMMON = ["cluster.gpus_per_node=2", f"train.global_batch={GLOBAL_BATCH}", f"train.seq_len={SEQ_LEN}", "train.steps=4",
+          "train.checkpoint_final=false", "train.checkpoint_every=0", "train.eval_every=0"]
+# per job (--job): the model and the alternatives to plan: auto's choice, the plans the planner ranks near it and
+# the one a user would try first on 2 x 141 GB
+JOBS = {
+    "llama-2-13b": (["model=llama-2-13b"], {
+        "z3_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
+        "z3_mb2x4_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=2", "plan.activation_checkpointing=full"],
+        # plan: auto's choice before the ZeRO-3 pass model and the bands in GiB (2026-11-30-s2 choice/auto)
+        "z3_mb4x2_ckpt": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=full"],
+        "z3_tp2_mb8x2_sp": ["plan.dp=1", "plan.tp=2", "plan.zero_stage=3", "plan.micro_batch=8",
+                            "plan.activation_checkpointing=full", "plan.sequence_parallel=true"],
+    }),
+    # 2026-11-30 session 6: a second job, llama-3-8b (planned ZeRO-2 at micro-batch 1 x 8 with overlap_comm)
+    "llama-3-8b": (["model=llama-3-8b"], {
+        "z1_mb1x8": ["plan.dp=2", "plan.zero_stage=1", "plan.micro_batch=1", "plan.activation_checkpointing=none"],
+        "tp2_z1_mb2x8_sp": ["plan.dp=1", "plan.tp=2", "plan.zero_stage=1", "plan.micro_batch=2",
+                            "plan.activation_checkpointing=none", "plan.sequence_parallel=true"],
+        "z2_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=2", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
+    }),
 }
 TIMEOUT_S = 150.0
 
@@ -54,12 +66,17 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=560.0)
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--runs", nargs="*", default=None, help=f"names among auto, {', '.join(ALTERNATIVES)} (default all)")
+    ap.add_argument("--job", choices=sorted(JOBS), default="llama-2-13b", help="the job (default llama-2-13b)")
+    ap.add_argument("--runs", nargs="*", default=None,
+                    help="names among auto and the job's alternatives (" + "; ".join(
+                        f"{k}: {', '.join(v[1])}" for k, v in JOBS.items()) + "; default all)")
+    ap.add_argument("--timeout-s", type=float, default=TIMEOUT_S, help=f"per run (default {TIMEOUT_S:.0f})")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     host_gib = 256.0 if a.dry_run else round(host_total_gib(), 1) or 256.0
-    base = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE]
-    runs = [(k, v) for k, v in [("auto", ["plan=auto"]), *ALTERNATIVES.items()] if a.runs is None or k in a.runs]
+    model_sets, alternatives = JOBS[a.job]
+    base = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *model_sets, *COMMON]
+    runs = [(k, v) for k, v in [("auto", ["plan=auto"]), *alternatives.items()] if a.runs is None or k in a.runs]
     t0 = time.monotonic()
     rows, skipped = [], []
     for name, plan_sets in runs:
@@ -67,7 +84,7 @@ def main() -> int:
         pred = prediction(overrides)
         row = dict(name=name, overrides=overrides, predicted=pred)
         force = name != "auto" and not pred["fits_with_margin"]
-        ran = run_within_budget(overrides, force, a.out / name, TIMEOUT_S, a.budget_s - (time.monotonic() - t0),
+        ran = run_within_budget(overrides, force, a.out / name, a.timeout_s, a.budget_s - (time.monotonic() - t0),
                                 a.dry_run)
         if ran is None:
             skipped.append(name)
