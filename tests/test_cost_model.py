@@ -220,3 +220,32 @@ def test_zero3_optimizer_offload_transfers_hand_computed():
     uploads = (2 + 1) * 2 * ps / 50e9                # forward, backward and recompute each upload the partition
     assert both.time_breakdown_s["offload_transfers"] == pytest.approx(
         float((2 * ps + 4 * ps) / 40e9 + 2 * ps / 50e9 + uploads), rel=1e-9)
+
+
+def test_zero12_gradient_copies_by_hand():
+    """ZeRO 1-2 without optimizer offload move the gradients through memory on their way to the reduction
+    (DeepSpeed 0.19 stage_1_and_2.py, contiguous_gradients): each gradient is copied into the reduce bucket (read and
+    write w P_r) and the rank's share into the partition buffer (w P_s both ways), every micro-batch at stage 2, once
+    a step at stage 1. With overlap_comm and a fraction that hides every reduction, that memory-bound time is what
+    stays exposed (stage 2 adds the parameter all-gather, the same for both accumulation counts)."""
+    from meshpilot.orchestrator.config.models import param_counts
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.simulator import simulate
+
+    job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "plan=auto", "train.global_batch=16",
+                          "train.seq_len=2048"])
+    c = SimulatorConstants(overlap_comm_fraction=1e6, hbm_efficiency=0.7)
+    P = param_counts(job.model).total
+    copies = 2 * 2 * (P + P / 2) / (3350e9 * 0.7)           # bf16, dp=2: P_r = P, P_s = P/2, at 3350 GB/s x 0.7
+    z1 = simulate(job, Plan(dp=2, zero_stage=1, micro_batch=1, grad_accum=8, comm_overlap=True), constants=c)
+    assert z1.time_breakdown_s["dp_reduction_exposed"] == pytest.approx(copies, rel=1e-9)
+    z2_8 = simulate(job, Plan(dp=2, zero_stage=2, micro_batch=1, grad_accum=8, comm_overlap=True), constants=c)
+    z2_4 = simulate(job, Plan(dp=2, zero_stage=2, micro_batch=2, grad_accum=4, comm_overlap=True), constants=c)
+    assert (z2_8.time_breakdown_s["dp_reduction_exposed"] - z2_4.time_breakdown_s["dp_reduction_exposed"]
+            == pytest.approx(4 * copies, rel=1e-9))
+    off = simulate(job, Plan(dp=2, zero_stage=2, micro_batch=1, grad_accum=8, comm_overlap=True,
+                             offload_optimizer="cpu"), constants=c)
+    # the offload path copies to the host instead (its transfers are offload time): the all-gather alone is left
+    assert off.time_breakdown_s["dp_reduction_exposed"] == pytest.approx(
+        z2_8.time_breakdown_s["dp_reduction_exposed"] - 8 * copies, rel=1e-9)

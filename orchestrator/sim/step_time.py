@@ -67,6 +67,13 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
     0.7% apart (benchmarks/results/2026-11-30-h200x2/README.md).
   So on a host-bound ZeRO-3 step the reduce-scatters fill idle GPU time with overlap_comm off too,
   and overlap_comm buys little (llama-2-13b, 2 x H200, measured 0.7% faster).
+  Stages 1-2 without optimizer offload also move the gradients through memory on their way to the
+  reduction (stage_1_and_2.py, contiguous_gradients: into the reduce bucket, then the rank's share
+  into the partition buffer), 2 w (P_r + P_s) bytes at the memory-bound rate, every micro-batch at
+  stage 2 and once a step at stage 1, counted exposed whatever the stream. No constant is fitted. It
+  was added after llama-3-8b's `plan: auto` (ZeRO-2, 1 x 8, overlap_comm; 1.997 s predicted) ran at
+  2.137 s against 1.881 for ZeRO-1 at the same micro-batch (2.023 predicted;
+  benchmarks/results/2026-11-30-s6-h200x2/choice8b), so those runs no longer test the choice.
 - expert parallel: 2 all-to-alls forward and 2 backward (+2 recompute) per MoE layer of
   b s k c h values (k = top_k, c = capacity factor) in the ep group.
 - offload: ZeRO-Offload moves the gradient partition to the host and the updated 16-bit parameters
@@ -246,6 +253,13 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     param_ag = coll("all_gather", w * pn, w * pe)
     dp_exposed = dp_communication(ds, st, ga, gpu_b, stretch, z3_pass_host, grad_ar, grad_rs, param_ag,
                                   c.overlap_comm_fraction)
+    # ZeRO 1-2 without optimizer offload move the gradients through memory on their way to the reduction
+    # (stage_1_and_2.py, contiguous_gradients): the hook copies each gradient into the reduce bucket (read and write
+    # w P_r) and copy_grads_in_partition the rank's share into the partition buffer (w P_s both ways); memory-bound,
+    # every micro-batch at stage 2, once a step at stage 1
+    grad_copies = 2.0 * w * (pr + ps) / cl_hbm
+    dp_exposed = dp_exposed + np.select([(st == 2) & ~a.offloads_optimizer, (st == 1) & ~a.offloads_optimizer],
+                                        [ga * grad_copies, grad_copies], 0.0)
     # ZeRO-3 per pass: the coordinator's floor (fetch/release host time + the pass's all-gathers) against the pass's
     # compute (:func:`zero3_pass_excess`): forward, backward and recompute each
     floor = z3_pass_host + param_ag
