@@ -290,3 +290,19 @@ def test_largest_request_beside_the_peak_by_hand():
     s = simulate(small, resolve_plan(small))
     assert s.largest_request_gib == pytest.approx(e.largest_request_gib / 2, rel=1e-12)
     assert s.largest_request_gib <= small.cluster.gpu.memory_gib - s.peak_memory_gib
+
+
+def test_dense_zero012_flat_copy_has_a_block_of_its_own():
+    """A dense model's ZeRO 0-2 step copies its gradients to fp32 into the block DeepSpeed's optimizer-state
+    initialisation left, of that exact size, each step (allocator histories, 2026-11-30-s6-h200x2): its largest
+    request that may find no block is the loss's fp32 logits, 4 b s V. llama-3-8b ZeRO-2 at micro-batch 8 (ran at
+    117.1 GiB, 126.4 predicted): 4 x 8 x 2048 x 128256 bytes, not its 15 GiB fp32 copy; ZeRO-3 keeps its sub-group."""
+    base = ["cluster.gpus_per_node=2", "plan.dp=2", "model=llama-3-8b", "train.global_batch=16",
+            "plan.micro_batch=8", "plan.activation_checkpointing=full", "train.seq_len=2048"]
+    z2 = load_job("benchmarks/configs/h200x2_check.yaml", [*base, "plan.zero_stage=2"])
+    e = simulate(z2, resolve_plan(z2))
+    assert e.largest_request_gib == pytest.approx(4 * 8 * 2048 * 128256 / 2**30, rel=1e-12)
+    assert not any(n.startswith("risky: its largest single allocation") for n in e.notes)
+    # ZeRO-3 at micro-batch 1: its fp32 sub-group copy (4 min(P_s, sub_group_size)) is larger than the logits
+    z3 = load_job("benchmarks/configs/h200x2_check.yaml", [*base, "plan.zero_stage=3", "plan.micro_batch=1"])
+    assert simulate(z3, resolve_plan(z3)).largest_request_gib > 4 * 1 * 2048 * 128256 / 2**30

@@ -565,21 +565,30 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
 
 
 def largest_request(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeedSettings, pn, pe, ps, pr):
-    """Bytes of the largest single allocation a step makes, per rank: the loss's fp32 tensors over the micro-batch's
-    logits (4 b s V/t), or the optimizer step's fp32 flat gradient copy of its largest parameter group (ZeRO 1-2:
-    the dense partition P_n/dp or the expert one P_e/(dp/ep), DeepSpeed keeping them in separate groups; ZeRO 0:
-    the concatenation of all, 4 P_r; ZeRO-3: one sub-group, 4 min(P_s, sub_group_size); none on the GPU with
-    optimizer offload). From the second step on such a request is served by a cached block of its size or by new
-    memory: where the step before left the cache in pieces, it needs room beside the predicted peak (three plans
-    predicted within 10 GiB of the card ran a first step and failed at the second on 21.0 and 8.3 GiB requests,
-    2026-11-30-s4/s5 regime runs), so the simulator shows a plan as risky where this request is larger than the
-    card's room above its peak."""
+    """Bytes of the largest single allocation a step makes that may find no block of its own, per rank: the loss's
+    fp32 tensors over the micro-batch's logits (4 b s V/t), or the optimizer step's fp32 flat gradient copy of its
+    largest parameter group (ZeRO 1-2: the dense partition P_n/dp or the expert one P_e/(dp/ep), DeepSpeed keeping
+    them in separate groups; ZeRO 0: the concatenation of all, 4 P_r; ZeRO-3: one sub-group, 4 min(P_s,
+    sub_group_size); none on the GPU with optimizer offload). From the second step on such a request is served by a
+    cached block of its size or by new memory: where the step before left the cache in pieces, it needs room beside
+    the predicted peak (three plans predicted within 10 GiB of the card ran a first step and failed at the second on
+    21.0 and 8.3 GiB requests, 2026-11-30-s4/s5 regime runs; a fourth, marked by this rule, on the 21.0 GiB request,
+    2026-11-30-s6), so the simulator shows a plan as risky where this request is larger than the card's room above
+    its peak.
+
+    At ZeRO 0-2 the flat copy counts only where the model has experts. With one large parameter group (a dense
+    model's: the no-decay group's norms and biases are a small fraction), the copy comes back each step to the block
+    of its exact size that DeepSpeed's optimizer-state initialisation left in the build (allocator histories of three
+    ZeRO 1-2 and three ZeRO-0 plans: ``stage_1_and_2.py:3118 <- :937``, ``fused_optimizer.py:286 <- :127``; the four
+    dense plans this rule had marked for that copy ran, 2026-11-30-s6). With experts DeepSpeed keeps a group of their
+    own, and one group's requests can take the blocks left for another's: the three plans that failed on the copy
+    were ep=2 Mixtrals."""
     st, off_o, is_zo = a.zero, a.offloads_optimizer, a.zeroth_order
     tokens = a.micro_batch * float(job.train.seq_len)
     logits = np.where(is_zo, 0.0, 4.0 * tokens * mt.vocab / a.tp)
     groups = np.maximum(pn / a.dp, pe / np.maximum(a.dp / a.ep, 1))
     flat = np.select([st == 0, st < 3], [4.0 * pr, 4.0 * groups], 4.0 * np.minimum(ps, ds.sub_group_size))
-    flat = np.where(off_o | is_zo, 0.0, flat)
+    flat = np.where(off_o | is_zo | ((st < 3) & (mt.experts_total == 0)), 0.0, flat)
     return np.maximum(logits, flat)
 
 
