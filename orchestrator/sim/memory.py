@@ -577,10 +577,12 @@ def largest_request(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeed
     its peak.
 
     At ZeRO 0-2 the flat copy counts only where the model has experts. With one large parameter group (a dense
-    model's: the no-decay group's norms and biases are a small fraction), the copy comes back each step to the block
-    of its exact size that DeepSpeed's optimizer-state initialisation left in the build (allocator histories of three
-    ZeRO 1-2 and three ZeRO-0 plans: ``stage_1_and_2.py:3118 <- :937``, ``fused_optimizer.py:286 <- :127``; the four
-    dense plans this rule had marked for that copy ran, 2026-11-30-s6). With experts DeepSpeed keeps a group of their
+    model's: the no-decay group's norms and biases are a small fraction), the copy comes back each step to a block of
+    its exact size cached by the end of the first step: in five of six traced plans the one DeepSpeed's
+    optimizer-state initialisation left in the build (``stage_1_and_2.py:3118 <- :937``, ``fused_optimizer.py:286 <-
+    :127``), in the sixth its own from the first step (allocator histories of three ZeRO 1-2 and three ZeRO-0 plans,
+    2026-11-30-s6-h200x2/allocator_history.txt; the four dense plans this rule had marked for that copy ran). With
+    experts DeepSpeed keeps a group of their
     own, and one group's requests can take the blocks left for another's: the three plans that failed on the copy
     were ep=2 Mixtrals."""
     st, off_o, is_zo = a.zero, a.offloads_optimizer, a.zeroth_order
