@@ -37,6 +37,7 @@ MEASUREMENTS = [
     "results/2026-11-27-h200x2/deepspeed_measurements_offload.json",
 ]
 # (not 2026-11-29-s2-h200x2/hf7b: its NVML readings include 28 GiB held by the benchmark's own process)
+CHOICE_8B = [f"results/2026-11-30-s6-h200x2/choice8b/{n}" for n in ("auto", "z1_mb1x8", "z2_mb8x1_ckpt")]
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
@@ -65,9 +66,9 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # memory unchanged since before it ran)
             "results/2026-11-30-s4-h200x2/offfix/run",
             # 2026-11-30-s6: llama-3-8b's plan: auto and two plans it passed over (plan_choice_runs.py --job llama-3-8b)
-            *(f"results/2026-11-30-s6-h200x2/choice8b/{n}" for n in ("auto", "z1_mb1x8", "z2_mb8x1_ckpt"))]
+            *CHOICE_8B]
 # not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py)
-STEP_NOT_HELD_OUT = {f"results/2026-11-30-s6-h200x2/choice8b/{n}" for n in ("auto", "z1_mb1x8", "z2_mb8x1_ckpt")}
+STEP_NOT_HELD_OUT = set(CHOICE_8B)
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
 # runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
 # same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)
@@ -177,7 +178,7 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
                              measured_step_s=step, predicted_step_s=e.step_time_s,
                              fits_with_margin=bool(e.fits_with_margin),
                              fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
-                             request_beyond_room=_request_beyond_room(job, e),
+                             request_beyond_room=not e.largest_request_has_room,
                              measured_host_gib=host.get("measured"),
                              predicted_host_gib=e.cpu_memory_gib_per_node))
         used.append(str(f))
@@ -224,15 +225,9 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str]]:
                          measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=d,
                          measured_step_s=rec.measured.get("step_time_s"), predicted_step_s=e.step_time_s,
                          measured_host_gib=host, predicted_host_gib=e.cpu_memory_gib_per_node,
-                         request_beyond_room=_request_beyond_room(job, e)))
+                         request_beyond_room=not e.largest_request_has_room))
         used.append(str(run))
     return rows, used
-
-
-def _request_beyond_room(job: Any, e: Any) -> bool:
-    """Whether the plan's largest single allocation is more than the card's room above its predicted peak (the
-    simulator's largest-request condition, sim/memory.py largest_request)."""
-    return e.largest_request_gib > job.cluster.gpu.memory_gib - e.peak_memory_gib
 
 
 def _then_and_now(row: dict[str, Any]) -> str:

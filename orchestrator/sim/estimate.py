@@ -230,6 +230,7 @@ class Estimate:
     memory_margin_gib: float = 0.0    # GiB the margin adds to this peak: min(band x peak, the regime's band in GiB)
     fits_with_margin: bool = True     # fits even with the band added (GPU and host) and room for the largest request
     largest_request_gib: float = 0.0  # the step's largest single allocation (sim/memory.py largest_request)
+    largest_request_has_room: bool = True   # it fits in the card's room above the predicted peak
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

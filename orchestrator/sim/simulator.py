@@ -45,6 +45,7 @@ class Scores:
     margin_gib: np.ndarray            # GiB added to the GPU peak for "fits with margin": min(band x peak, band GiB)
     fits_margin: np.ndarray           # GPU and host peaks fit raised by their margins, and the largest request has room
     host_margin_gib: np.ndarray       # GiB added to the host peak for "fits with margin" (ErrorBands.host_margin_gib_of)
+    request_room: np.ndarray          # the step's largest single allocation fits in the card's room above the peak
 
     @property
     def fits(self) -> np.ndarray:
@@ -90,15 +91,14 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     host_margin = eb.host_margin_gib_of(regime, cpu_gib)
     # the step's largest single allocation needs room beside the peak once the cache may be in pieces
     # (memory.largest_request)
-    largest_gib = mem["largest_request"] / GIB
+    request_room = mem["largest_request"] / GIB <= gpu_cap - peak_gib
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
                   fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, regime=regime, band=band,
-                  margin_gib=margin_gib, host_margin_gib=host_margin,
+                  margin_gib=margin_gib, host_margin_gib=host_margin, request_room=request_room,
                   # strictly below the card: a held-out run that ran out of memory counts as measured at the card,
                   # so a margin that only reaches it is a margin its run already failed (sim/error_bands.py)
-                  fits_margin=(peak_gib + margin_gib < gpu_cap) & (cpu_gib + host_margin <= cpu_cap)
-                  & (largest_gib <= gpu_cap - peak_gib))
+                  fits_margin=(peak_gib + margin_gib < gpu_cap) & (cpu_gib + host_margin <= cpu_cap) & request_room)
 
 
 def suggestions(plan: Plan, job: JobConfig, *, fitting_only: bool = False, max_changes: int = 3) -> list[str]:
@@ -196,10 +196,11 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     regime = REGIMES[int(scores.regime[i])]
     notes = []
     largest = float(scores.memory["largest_request"][i]) / GIB
-    room = cl.gpu.memory_gib * (1.0 - headroom) - peak
-    if bool(scores.risky[i]) and largest > room:
+    has_room = bool(scores.request_room[i])
+    if bool(scores.risky[i]) and not has_room:
+        room = max(avail - peak, 0.0)
         notes.append(f"risky: its largest single allocation ({largest:.1f} GiB, the optimizer step's fp32 gradient "
-                     f"copy or the loss's fp32 logits) is more than the {max(room, 0.0):.1f} GiB the card has above its "
+                     f"copy or the loss's fp32 logits) is more than the {room:.1f} GiB the card has above its "
                      "predicted peak; from the second step the allocator may find its cache in pieces (plans like "
                      "this ran a first step and failed at the second; train.max_split_size_mb=512 let them run)")
     elif bool(scores.risky[i]):
@@ -221,7 +222,8 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
                     memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes,
                     regime=regime, memory_band=band, memory_margin_gib=margin,
-                    fits_with_margin=bool(scores.fits_margin[i]), largest_request_gib=largest)
+                    fits_with_margin=bool(scores.fits_margin[i]), largest_request_gib=largest,
+                    largest_request_has_room=has_room)
 
 
 def simulate(job: JobConfig, plan: Plan | None = None, *, constants: SimulatorConstants | None = None,
