@@ -39,6 +39,16 @@ def mape(pairs: list[tuple[float, float]]) -> float | None:
     return 100.0 * sum(abs(p - m) / m for m, p in pairs) / len(pairs) if pairs else None
 
 
+def scores(rows: list[dict]) -> dict[str, float | None]:
+    """Step and peak MAPE of ``rows`` with the defaults and with the refitted calibration."""
+    steps = [r for r in rows if r["measured_step_s"]]
+    peaks = [r for r in rows if r["measured_gib"]]
+    return dict(step_mape_default=mape([(r["measured_step_s"], r["default_step_s"]) for r in steps]),
+                step_mape_calibrated=mape([(r["measured_step_s"], r["calibrated_step_s"]) for r in steps]),
+                peak_mape_default=mape([(r["measured_gib"], r["default_gib"]) for r in peaks]),
+                peak_mape_calibrated=mape([(r["measured_gib"], r["calibrated_gib"]) for r in peaks]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json-out", type=Path, default=None)
@@ -49,6 +59,7 @@ def main() -> int:
     cases, _ = load_cases([str(HERE / p) for p in MEASUREMENTS if (HERE / p).exists()])
     cal_half, hold = split(cases)
     out = {}
+
     def host(c) -> str:                  # the machine a set ran on: its results folder (2026-11-27-h200x4, -h200x2)
         return Path(c.source).parent.name
 
@@ -78,23 +89,12 @@ def main() -> int:
             print(f"  {r['name']:34s} {ms if ms is not None else float('nan'):9.3f} {r['default_step_s']:8.3f} "
                   f"{r['calibrated_step_s']:8.3f} {r['measured_gib']:8.2f} {r['default_gib']:8.2f} "
                   f"{r['calibrated_gib']:8.2f}")
-        steps = [r for r in rows if r["measured_step_s"]]
-        summary = dict(
-            step_mape_default=mape([(r["measured_step_s"], r["default_step_s"]) for r in steps]),
-            step_mape_calibrated=mape([(r["measured_step_s"], r["calibrated_step_s"]) for r in steps]),
-            peak_mape_default=mape([(r["measured_gib"], r["default_gib"]) for r in rows if r["measured_gib"]]),
-            peak_mape_calibrated=mape([(r["measured_gib"], r["calibrated_gib"]) for r in rows if r["measured_gib"]]))
+        summary = scores(rows)
         print("  held-out MAPE: step {step_mape_default:.1f}% default, {step_mape_calibrated:.1f}% calibrated; "
               "peak {peak_mape_default:.1f}% default, {peak_mape_calibrated:.1f}% calibrated".format(**summary))
         out[str(shape)] = dict(fit_runs=[r.run_id for r in fit], fitted=fitted, rows=rows, summary=summary)
     every = [r for v in out.values() for r in v["rows"]]
-    steps = [r for r in every if r["measured_step_s"]]
-    total = dict(runs=len(every),
-                 step_mape_default=mape([(r["measured_step_s"], r["default_step_s"]) for r in steps]),
-                 step_mape_calibrated=mape([(r["measured_step_s"], r["calibrated_step_s"]) for r in steps]),
-                 peak_mape_default=mape([(r["measured_gib"], r["default_gib"]) for r in every if r["measured_gib"]]),
-                 peak_mape_calibrated=mape([(r["measured_gib"], r["calibrated_gib"]) for r in every
-                                            if r["measured_gib"]]))
+    total = dict(runs=len(every), **scores(every))
     print("\nheld-out half, every shape: {runs} runs; step MAPE {step_mape_default:.1f}% with the defaults, "
           "{step_mape_calibrated:.1f}% calibrated from the calibration half; peak MAPE {peak_mape_default:.1f}% and "
           "{peak_mape_calibrated:.1f}%".format(**total))

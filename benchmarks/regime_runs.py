@@ -35,6 +35,7 @@ BASE = ["train.seq_len=2048", "train.steps=4", "train.checkpoint_final=false", "
         "train.eval_every=0"]
 DP2 = ["cluster.gpus_per_node=2", "plan.dp=2"]
 ONE = ["cluster.gpus_per_node=1", "plan.dp=1"]
+TP2 = ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2"]
 OFFALL = ["plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu"]
 AC = ["plan.activation_checkpointing=full"]
 ZO = ["train.optimizer=zo-sgd", "train.steps=6"]   # steps of a second or less: 6, so that the median skips warm-up
@@ -57,7 +58,7 @@ CASES = [
     ("z2off_7b_mb16", [*DP2, "model=llama-2-7b", "train.global_batch=32", "plan.zero_stage=2",
                        "plan.offload_optimizer=cpu", "plan.micro_batch=16", *AC], 130,
      "ZeRO-2 with optimizer offload at a large micro-batch (CPU Adam behind more compute)"),
-    ("tp2_13b_mb1", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-2-13b", "train.global_batch=8",
+    ("tp2_13b_mb1", [*TP2, "model=llama-2-13b", "train.global_batch=8",
                      "plan.micro_batch=1", *AC], 120,
      "tp=2 at 13B, predicted over the card (152 GiB): forced, it should run out of memory"),
     ("ep2_moe8l_mb4", [*DP2, "model=mixtral-8x7b", "model.layers=8", "model.name=mixtral-8l", "plan.ep=2",
@@ -83,11 +84,11 @@ CASES = [
                          "plan.offload_optimizer=cpu", "plan.micro_batch=2", *AC], 150,
      "ZeRO-3 with optimizer offload, four micro-batches per step (the gradients' host round trips)"),
     # tensor parallel (one held-out run before these) and ep=2 one micro-batch size below the case that ran out
-    ("tp2_l3_8b_mb2_sp", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-3-8b",
+    ("tp2_l3_8b_mb2_sp", [*TP2, "model=llama-3-8b",
                           "train.global_batch=8", "plan.zero_stage=0", "plan.micro_batch=2",
                           "plan.sequence_parallel=true"], 120,
      "tp=2 with sequence parallelism on llama-3-8b (grouped-query attention), no checkpointing"),
-    ("tp2_opt67_mb4", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=opt-6.7b", "train.global_batch=8",
+    ("tp2_opt67_mb4", [*TP2, "model=opt-6.7b", "train.global_batch=8",
                        "plan.zero_stage=0", "plan.micro_batch=4"], 120, "tp=2 on opt-6.7b, no checkpointing"),
     ("ep2_moe8l_mb2", [*DP2, "model=mixtral-8x7b", "model.layers=8", "model.name=mixtral-8l", "plan.ep=2",
                        "plan.zero_stage=1", "train.global_batch=8", "plan.micro_batch=2", *AC], 120,
@@ -98,7 +99,7 @@ CASES = [
                         "plan.comm_overlap=false"], 110, "ZeRO-2 at micro-batch 1 x 8 without checkpointing"),
     ("z1_7b_mb4_ov", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=1", "plan.micro_batch=4",
                       "plan.comm_overlap=true"], 110, "ZeRO-1 at micro-batch 4 x 2 without checkpointing"),
-    ("tp2_7b_mb4", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-2-7b", "train.global_batch=16",
+    ("tp2_7b_mb4", [*TP2, "model=llama-2-7b", "train.global_batch=16",
                     "plan.zero_stage=0", "plan.micro_batch=4"], 110,
      "tp=2 ZeRO-0 at micro-batch 4 x 4 without checkpointing (allocator_runs' tp2_7b_std: reserve 9% over)"),
     # the largest-request rule (sim/memory.py largest_request) on runs made after it: each is predicted to fit within
@@ -111,14 +112,14 @@ CASES = [
     # 2026-11-30 session 6, after the masked gradient norm of ZeRO-0 under tp (sim/memory.py): tensor parallel on
     # models with a replicated matrix (opt's positional embedding, Mixtral's routers) and at the card's edge, and the
     # largest-request rule on plans it calls safe near the edge
-    ("tp2_opt67_mb8_ac", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=opt-6.7b", "train.global_batch=16", "plan.zero_stage=0",
+    ("tp2_opt67_mb8_ac", [*TP2, "model=opt-6.7b", "train.global_batch=16", "plan.zero_stage=0",
                           "plan.micro_batch=8", *AC], 100, "tp=2 on opt-6.7b with checkpointing (masked norm on rank 1)"),
-    ("tp2_moe4l_mb4", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=mixtral-8x7b", "model.layers=4", "model.name=mixtral-4l",
+    ("tp2_moe4l_mb4", [*TP2, "model=mixtral-8x7b", "model.layers=4", "model.name=mixtral-4l",
                        "train.global_batch=16", "plan.zero_stage=0", "plan.micro_batch=4"], 100,
      "tp=2 on a Mixtral of 4 layers (routers replicated: masked norm on rank 1), no checkpointing"),
-    ("tp2_7b_mb8", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=0", "plan.micro_batch=8"],
+    ("tp2_7b_mb8", [*TP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=0", "plan.micro_batch=8"],
      100, "tp=2 on llama-2-7b at micro-batch 8 without checkpointing: predicted 140.1 GiB, at the card"),
-    ("tp2_l3_8b_mb4_sp", ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2", "model=llama-3-8b", "train.global_batch=8", "plan.zero_stage=0",
+    ("tp2_l3_8b_mb4_sp", [*TP2, "model=llama-3-8b", "train.global_batch=8", "plan.zero_stage=0",
                           "plan.micro_batch=4", "plan.sequence_parallel=true"], 100,
      "tp=2 + SP on llama-3-8b at micro-batch 4: its 15.0 GiB fp32 step copy beyond the room (risky)"),
     ("z2_7b_mb4", [*DP2, "model=llama-2-7b", "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=4"], 100,
