@@ -194,7 +194,10 @@ def run_worker(job: JobConfig, plan: Plan, *, rank: int, world_size: int, local_
     finally:
         nvml_peak = sampler.stop()
         if recording:
-            memory_history.write(ctx.device, run_dir, rank, step_ends_us)
+            try:            # a diagnosis must not replace the run's own error (this is the finally of a failed run too)
+                memory_history.write(ctx.device, run_dir, rank, step_ends_us)
+            except Exception as e:      # noqa: BLE001
+                log.warning("rank %d: allocator history not written: %s", rank, e)
         stop.uninstall()
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
