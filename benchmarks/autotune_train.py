@@ -304,11 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and args.result:
         Path(args.result).write_text(json.dumps(result, indent=1, default=str))
     dist.barrier()
-    # as the worker does: a process group left to the interpreter's exit can take a rank down with it
-    # ("terminate called without an active exception", seen once in CI on rank 1 after its last step)
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meshpilot.orchestrator.train.process_exit import exit_process
+    exit_process(main())     # not sys.exit: a gloo thread can abort the rank during finalization (process_exit.py)

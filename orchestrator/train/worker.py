@@ -285,4 +285,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meshpilot.orchestrator.train.process_exit import exit_process
+    exit_process(main())     # not sys.exit: process_exit.py says why
