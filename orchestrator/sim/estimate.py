@@ -194,11 +194,20 @@ class SimulatorConstants:
     """Resident memory of a CPU (gloo) worker before its model and data: the torch and DeepSpeed
     runtime. Stands in for the CUDA context when cluster.accelerator is cpu; the quickstart's
     tiny-llama workers peaked at 0.40 GiB RSS (examples/quickstart.yaml, 2 CPU workers)."""
-    cpu_process_gib: float = 1.3
-    """Host memory of one training process beyond its offload buffers (torch, CUDA, NCCL, DeepSpeed, data loader).
-    Measured: host RSS peak less the w P_s defragmentation copy (sim/memory.py host_memory_terms) of three built-in
-    ZeRO-3 runs without offload on 2 x H200, 1.26, 1.29 and 1.29 GiB per rank (benchmarks/results/2026-11-30-s3-h200x2:
-    z3time/7b_mb1, z3new/l3_8b_mb1, choice2/auto). It was a first-principles 3.0."""
+    cpu_process_gib: float = 1.40
+    """Host memory of one training process while it trains, beyond its offload buffers (torch, CUDA, NCCL, DeepSpeed,
+    data loader), as the node counts it (MemTotal - MemAvailable: anonymous and shared pages; RSS adds some 0.5 GiB of
+    file-backed pages, mostly shared libraries, which the kernel can drop and Ray's memory monitor does not count).
+    Measured: 2.79 GiB on the node for the two ranks of built-in llama-3-8b ZeRO-1 on 2 x H200
+    (benchmarks/results/2026-11-30-s6-h200x2/choice8b/z1_mb1x8, a run that built no DeepSpeed op; the first run on a
+    fresh node also compiles fused_adam, whose compiler held about 1 GiB more on the node). It was 1.3, measured as
+    RSS less the ZeRO-3 defragmentation copy, which counts the file-backed pages and the wrong moment (below)."""
+    cpu_after_build_gib: float = 0.75
+    """Host memory a training process allocates after ZeRO-3's engine build has freed its defragmentation copy
+    (``w P_s``, sim/memory.py host_memory_terms): the copy's moment holds the process baseline less this. Measured:
+    built-in llama-2-7b ZeRO-3 on 2 x H200 (benchmarks/results/2026-11-30-s3-h200x2/z3time/7b_mb1, no op build)
+    peaked at 13.85 GiB on the node, 6.92 per rank: the 6.28 GiB copy + 0.65, against the 1.40 of cpu_process_gib.
+    What the 0.75 GiB is made of (NCCL's host state, the engine's and the data loader's) is not itemised."""
     cpu_pinned_buffer_gib: float = 1.0
     """Not read: the host model counts the pinned buffers themselves (memory.host_memory_terms). Kept so
     that the constant files committed under benchmarks/results/2026-11-27-* still load."""

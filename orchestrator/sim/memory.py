@@ -92,7 +92,9 @@ peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97 reserved). ``calibrat
 per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the rest of this model)
 replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
 ``cpu_process_gib`` in the host memory of every rank of a node. Host memory per node = ranks on the node x
-(process + offloaded buffers + a zeroth-order model built on the host), compared by the simulator with
+(process + max(offloaded buffers, ZeRO-3's defragmentation copy - what the process allocates after it) + a
+zeroth-order model built on the host), in the node's used memory (MemTotal - MemAvailable: anonymous and shared
+pages, not the file-backed pages RSS also counts), compared by the simulator with
 ``cluster.memory_usage_threshold`` x ``cluster.cpu_memory_gib`` (where Ray's memory monitor kills).
 
 The second allocator term is the hole the model leaves behind when it is transformers' model
@@ -547,7 +549,9 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # powers of two, per-parameter accumulation buffers, ZO2 block stores: host_memory_terms); ZO2 ranks of
     # one node upload in slices, each keeping 1/n of every block's store
     host = host_memory_terms(mt, job, a, ds, ps, pr, n_max, w, K)
-    per_rank_cpu = np.maximum(host["offload"], host["defrag"])
+    # the ZeRO-3 defragmentation copy is freed before the process allocates the rest of its steady host memory
+    # (c.cpu_after_build_gib): the process's peak is the larger of the two moments, both on its process baseline
+    per_rank_cpu = np.maximum(host["offload"], host["defrag"] - c.cpu_after_build_gib * 2**30)
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
     zo_build = host["build"]
@@ -715,9 +719,9 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     zeroth-order rank first builds the whole model on the host (w P), still alive while ZO2 fills its
     stores (``build``). ZeRO-3 without parameter offload moves the 16-bit partitions into one flat GPU buffer
     through a pageable host copy of them while the engine is built (zero/utils.py ``defragment``: ``w P_s``,
-    ``defrag``), freed before the optimizer allocates: the rank's host peak is the larger of the two. Measured
-    (built-in, 2 x H200, no offload): host RSS peaks of 7.5, 8.8 and 13.4 GiB per rank for llama-2-7b, llama-3-8b and
-    llama-2-13b at dp = 2, about w P_s + 1.3 GiB (benchmarks/results/2026-11-30-s3-h200x2).
+    ``defrag``), freed before the optimizer allocates: the rank's host peak is the larger of the two. The copy is
+    freed before the process holds all of its steady host memory, so the caller counts ``defrag`` less
+    ``SimulatorConstants.cpu_after_build_gib`` on the process baseline (the constants say where both were measured).
     The run's closing parameter checksum sums one tensor (ZO2: one block slot) at a time and adds nothing here; it used to clone the model (ZO2Trainer.full_state: every block's
     flat copy and a clone of every parameter), which set the measured host peak of opt-13b ZO2 on one
     H200 (RssAnon + RssShmem 89.0 GiB against 40.5 of stores and stash, 2026-11-30).
