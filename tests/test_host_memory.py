@@ -4,6 +4,7 @@ against values computed by hand from the model's tensor shapes."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,14 @@ def test_embedded_ray_takes_the_jobs_memory_usage_threshold(monkeypatch):
         assert worker._global_node._config["memory_usage_threshold"] == 0.77
     finally:
         s.close()
+
+
+def test_cpu_workers_hold_their_modelled_peak_in_the_host_memory():
+    """CPU workers (gloo) keep the model, its states and their runtime in the host's memory: the node holds two
+    workers' modelled peaks (the device row, RSS-like), not two GPU processes' baselines (1.4 GiB each) beside them.
+    The quickstart's two tiny-llama workers measured 0.38-0.65 GiB on this node's count (2026-11-30-s7-cpu README)."""
+    e = simulate(load_job(str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"),
+                          ["model=tiny-llama"]))
+    assert e.peak_memory_gib < 1.0
+    assert e.cpu_memory_gib_per_node == pytest.approx(2 * e.peak_memory_gib, rel=1e-12)
+    assert e.memory_breakdown_gib["cpu_offload"] == 0.0

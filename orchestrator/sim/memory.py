@@ -557,13 +557,17 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     zo_build = host["build"]
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
     process = cal.host_process_gib if cal.host_process_gib is not None else c.cpu_process_gib
-    cpu_node = ranks_per_node * (per_rank_cpu + zo_build + process * 2**30)
+    peak = allocated + nccl + framework + stream_pools
+    # CPU workers (gloo) hold their "device" memory in the host's: the node holds each worker's modelled peak
+    # (its runtime included), not a GPU process's baseline beside it
+    cpu_node = (ranks_per_node * (per_rank_cpu + zo_build + process * 2**30) if on_gpu
+                else ranks_per_node * peak)
     largest = largest_request(mt, job, a, ds, pn, pe, ps, pr)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,
                 largest_request=largest,
                 cpu_offload=ranks_per_node * host["offload"], cpu_node=cpu_node,
-                peak=allocated + nccl + framework + stream_pools,
+                peak=peak,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
                 allocated=np.maximum(allocated, build_alloc), reserved=reserved)
 
