@@ -87,6 +87,9 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-11-30-s6-h200x2/regimes7/regime_runs.json",
                "results/2026-11-30-s6-h200x2/regimes8/regime_runs.json",
                "results/2026-11-30-s6-h200x2/regimes9/regime_runs.json"]
+# host memory at its edge (benchmarks/host_memory_runs.py): scored for fits and outcomes only (fit_outcomes)
+HOST_EDGE_RUNS = ["results/2026-11-30-h200x2/host/host_memory_runs.json",
+                  "results/2026-11-30-h200x2/host2/host_memory_runs.json"]
 # not scored for host memory: the runs whose host peaks set estimate.cpu_process_gib and cpu_after_build_gib (z1_mb1x8
 # and 7b_mb1; l3_8b_mb1 and choice2/auto set the constant's earlier value), and the ZO2 run whose host peak was set by
 # the closing checksum's copy of the model (changed in commit f8c9396; sim/memory.py host_memory_terms)
@@ -153,6 +156,35 @@ def built_an_op(run_dir: Path) -> bool:
     the 2 x H200 host, read off these rows: the node's peak less the workers' own), which no plan term models."""
     logs = [run_dir / "logs" / "rank0.log", run_dir / "controller.log", run_dir.with_suffix(".log")]
     return any(f.exists() and "building DeepSpeed op" in f.read_text(errors="replace") for f in logs)
+
+
+def fit_outcomes() -> dict[str, list[str]]:
+    """Every case of :data:`REGIME_RUNS` and :data:`HOST_EDGE_RUNS` that ended (ran, or ran out of GPU or host
+    memory; not those cut at the time limit), by what the simulator at hand says of its plan (fits or not) and what
+    happened (a risky plan fits, without the margin of its regime's band or room for its largest request): the
+    issue's first target is that no plan said to fit runs out of memory and none said not to fit runs."""
+    from meshpilot.orchestrator.config.loader import load_job
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.sim.simulator import simulate
+    out: dict[str, list[str]] = {f"{a}, {b}": [] for a in ("fits with margin", "risky", "does not fit")
+                                 for b in ("ran", "out of memory")}
+    for path in [*REGIME_RUNS, *HOST_EDGE_RUNS]:
+        f = HERE / path
+        if not f.exists():
+            continue
+        for r in json.loads(f.read_text())["rows"]:
+            if f"{f.parent.name}:{r['case']}" in SUPERSEDED:
+                continue
+            oom = r["outcome"].startswith("out of memory")
+            if not oom and r["outcome"] != "ran":
+                continue
+            job = load_job(str(HERE / JOB), r["overrides"])
+            e = simulate(job, resolve_plan(job))
+            kind = r["outcome"].split("(")[-1].rstrip(")") if oom else ""
+            said = "fits with margin" if e.fits_with_margin else "risky" if e.fits else "does not fit"
+            out[f"{said}, {'out of memory' if oom else 'ran'}"].append(
+                f"{r['case']}{f' ({kind})' if kind else ''}")
+    return out
 
 
 def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
@@ -326,6 +358,10 @@ def main() -> int:
         if st:
             print(f"their step times: {len(st)} runs, MAPE {100.0 * sum(map(abs, st)) / len(st):.1f}%, "
                   f"largest {100.0 * max(st, key=abs):+.1f}%")
+    outcomes = fit_outcomes()
+    print("\nfits (simulator at hand) against what happened, regime and host-edge runs that ended:")
+    for k, v in outcomes.items():
+        print(f"  {k:28s} {len(v):3d}  {', '.join(v)}")
     if a.write:
         out = HERE.parent / "orchestrator" / "sim" / BANDS_FILE
         out.write_text(json.dumps(bands.to_dict(), indent=1) + "\n")
