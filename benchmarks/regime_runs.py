@@ -131,6 +131,17 @@ CASES = [
                       *AC], 110, "ZeRO-1 llama-3-8b: its 15.0 GiB fp32 step copy beyond the room (risky)"),
     ("zo2_opt30b", [*ONE, "model=opt-30b", *ZO, "train.global_batch=1", "plan.zo.mode=zo2", "plan.micro_batch=1"], 440,
      "ZO2 at 30B on one GPU (issue #15 names opt-30b)"),
+    # 2026-11-30 session 7 (no device time; predictions recorded before any run, results/2026-11-30-s7-cpu): the
+    # sharpened largest-request rule at the edge on dense plans, a plan predicted over the card (forced), and the
+    # host baseline of one process (cpu_process_gib, now in the node's count)
+    ("z1_l3_8b_mb2", [*DP2, "model=llama-3-8b", "train.global_batch=16", "plan.zero_stage=1", "plan.micro_batch=2"],
+     110, "ZeRO-1 llama-3-8b at micro-batch 2 x 4 without checkpointing: 134.5 GiB predicted, fits with margin"),
+    ("z2_l3_8b_mb2", [*DP2, "model=llama-3-8b", "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=2"],
+     110, "ZeRO-2 llama-3-8b at micro-batch 2 x 4 without checkpointing: 126.9 GiB predicted"),
+    ("z2_opt67_mb8", [*DP2, "model=opt-6.7b", "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=8"], 110,
+     "ZeRO-2 opt-6.7b at micro-batch 8 without checkpointing: 144.0 GiB predicted, over the card (forced)"),
+    ("z0_opt27b_one_mb8", [*ONE, "model=opt-2.7b", "train.global_batch=8", "plan.zero_stage=0", "plan.micro_batch=8",
+                           *AC], 100, "one rank on one GPU: the host baseline of a single process (1.4 GiB)"),
 ]
 
 
