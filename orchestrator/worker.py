@@ -2,9 +2,8 @@
 
 Kept at this path because launchers and users start it by this name.
 """
-import sys
-
 from meshpilot.orchestrator.train.worker import main, run_worker  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meshpilot.orchestrator.train.process_exit import exit_process
+    exit_process(main())     # not sys.exit: a gloo thread can abort the rank during finalization (process_exit.py)
