@@ -265,3 +265,24 @@ def test_cpu_workers_hold_their_modelled_peak_in_the_host_memory():
     assert e.peak_memory_gib < 1.0
     assert e.cpu_memory_gib_per_node == pytest.approx(2 * e.peak_memory_gib, rel=1e-12)
     assert e.memory_breakdown_gib["cpu_offload"] == 0.0
+    # what a CPU worker offloads stays in the same host memory: the node holds it beside the workers' peaks
+    off = simulate(load_job(str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"),
+                            ["model=tiny-llama", "plan.zero_stage=2", "plan.offload_optimizer=cpu"]))
+    assert off.memory_breakdown_gib["cpu_offload"] > 0
+    assert off.cpu_memory_gib_per_node == pytest.approx(
+        2 * off.peak_memory_gib + off.memory_breakdown_gib["cpu_offload"], rel=1e-12)
+
+
+def test_cpu_workers_too_big_for_the_host_are_not_told_to_offload():
+    """llama-2-7b on the quickstart's two CPU workers: refused for the host as well as the device, and neither
+    reason suggests offloading to the CPU (it frees nothing where the device is the host)."""
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.sim.simulator import suggestions
+    job = load_job(str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"),
+                   ["model=llama-2-7b", "cluster.cpu_memory_gib=100", "cluster.gpu.memory_gib=120"])
+    e = simulate(job)
+    assert not e.fits and len(e.reasons) == 1              # the device (120 GiB) holds it, the host (95) does not
+    assert "GiB of host memory per node, 95.0 usable" in e.reasons[0]
+    assert "model memory is the host's" in e.reasons[0] and "offload" not in e.reasons[0]
+    tips = suggestions(resolve_plan(job), job)
+    assert tips and not any("offload" in t or "zo2" in t for t in tips)

@@ -291,5 +291,6 @@ def test_bad_config_is_refused_before_ray_starts(tmp_path, override, needle):
     rc, out = _finish(p, timeout=120)
     assert rc == 2, out
     assert needle in out and "meshpilot: error:" in out
-    assert "Ray" not in out and not (tmp_path / "bad").exists()   # nothing was started or created
+    # nothing was started or created (the error may name Ray's memory threshold, so look for what starting it prints)
+    assert "starting Ray" not in out and "Started a local Ray" not in out and not (tmp_path / "bad").exists()
     assert time.time() - t0 < 60

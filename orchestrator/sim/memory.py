@@ -559,9 +559,10 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     process = cal.host_process_gib if cal.host_process_gib is not None else c.cpu_process_gib
     peak = allocated + nccl + framework + stream_pools
     # CPU workers (gloo) hold their "device" memory in the host's: the node holds each worker's modelled peak
-    # (its runtime included), not a GPU process's baseline beside it
+    # (its runtime included) and what it moved off that "device" (offload buffers, ZO2 stores), not a GPU process's
+    # baseline beside them; a zeroth-order model built on the host is the device copy itself
     cpu_node = (ranks_per_node * (per_rank_cpu + zo_build + process * 2**30) if on_gpu
-                else ranks_per_node * peak)
+                else ranks_per_node * (peak + host["offload"]))
     largest = largest_request(mt, job, a, ds, pn, pe, ps, pr)
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,

@@ -110,17 +110,19 @@ def suggestions(plan: Plan, job: JobConfig, *, fitting_only: bool = False, max_c
     [] when none does."""
     out = []
     adamw = job.train.optimizer == Optimizer.ADAMW
+    # CPU workers keep their "device" tensors in host memory: offloading to the host frees nothing there
+    on_gpu = job.cluster.accelerator == Accelerator.GPU
     if plan.zeroth_order:
-        if not plan.zo2:
+        if not plan.zo2 and on_gpu:
             out.append("plan.zo.mode=zo2")
     else:
         if plan.zero_stage < 3 and plan.dp > 1:
             out.append("plan.zero_stage=3")
-        if not plan.offloads_optimizer and plan.zero_stage >= 1 and adamw:
+        if not plan.offloads_optimizer and plan.zero_stage >= 1 and adamw and on_gpu:
             out.append("plan.offload_optimizer=cpu")
-        elif not plan.offloads_optimizer and adamw:
+        elif not plan.offloads_optimizer and adamw and on_gpu:
             out.append("plan.zero_stage=2 plan.offload_optimizer=cpu")
-        if plan.zero_stage == 3 and not plan.offloads_params:
+        if plan.zero_stage == 3 and not plan.offloads_params and on_gpu:
             out.append("plan.offload_params=cpu")
         if not plan.checkpoints_activations:
             out.append("plan.activation_checkpointing=full")
@@ -188,10 +190,17 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                        + (f" (with {headroom:.0%} headroom)" if headroom else "")
                        + ("; try " + " or ".join(tips[:3]) if tips else ""))
     if not scores.fits_cpu[i]:
+        if cl.accelerator == Accelerator.GPU:
+            fix = ("lower the offload (plan.offload_params=none), accumulate fewer micro-batches (a larger "
+                   "plan.micro_batch) or use more nodes")
+        else:           # CPU workers: the model's memory is the host's (sim/memory.py); the same changes lower both
+            tips = [] if not scores.fits_gpu[i] else suggestions(plan, job)[:3]
+            fix = ("the CPU workers' model memory is the host's: "
+                   + (f"try {' or '.join(tips)}, or " if tips else "the changes above lower it too, or ")
+                   + "use more nodes")
         reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {host_usable_gib(cl) * (1 - headroom):.1f} "
                        f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's memory_usage_threshold); "
-                       "lower the offload (plan.offload_params=none), accumulate fewer micro-batches (a larger plan.micro_batch) "
-                       "or use more nodes")
+                       + fix)
     band, margin = float(scores.band[i]), float(scores.margin_gib[i])
     regime = REGIMES[int(scores.regime[i])]
     notes = []
