@@ -13,7 +13,10 @@ report the job failed. This was read off a core dump of the 2-rank ZeRO-2 CPU ru
 ``destroy_process_group`` does not prevent it: DeepSpeed still holds its groups, so their threads
 live until finalization.
 
-``exit_process`` flushes what finalization would have flushed (stdio, logging handlers) and ends
+``exit_process`` does what finalization would have done that matters here: it flushes stdio and
+the logging handlers and, where mpi4py initialised MPI (a worker under mpirun without
+MASTER_ADDR, train/worker.py ``env_rank_info``), finalizes it as mpi4py's exit hook would (Open
+MPI's launcher fails a job one of whose processes exits without ``MPI_Finalize``). Then it ends
 the process with ``os._exit``. Call it only after everything the run writes is written and closed.
 """
 from __future__ import annotations
@@ -24,11 +27,15 @@ import sys
 
 
 def exit_process(code: int) -> None:
-    """Flush stdout, stderr and logging, then ``os._exit(code)`` (no atexit handlers, no finalization)."""
+    """Flush stdout, stderr and logging, finalize MPI if mpi4py initialised it, then ``os._exit(code)`` (no other
+    atexit handler, no interpreter finalization)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):       # a closed or broken pipe: nothing left to flush to
             pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     os._exit(code)
