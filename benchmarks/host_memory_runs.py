@@ -75,6 +75,14 @@ CASES = (
                         "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu",
                         "plan.micro_batch=1", "plan.activation_checkpointing=full"), 150,
          "ZeRO-3 + optimizer and parameter offload: predicted over the host"),
+    # 2026-11-30 session 7 (predicted before it runs, results/2026-11-30-s7-cpu/preregistered): z3opt_13b ran out of
+    # host memory at 237.6 GiB on the node; with sub-groups of 5e8 elements its transient fp32 gradient buffer halves
+    # and the host model puts it 3 GiB under the 239.2 GiB Ray allows on the 251.8 GiB machine, with margin
+    Case("z3opt_13b_sg5e8", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                             "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=1",
+                             "plan.activation_checkpointing=full",
+                             "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 200,
+         "ZeRO-3 + optimizer offload at the host's edge, on the side predicted to fit (236.1 of 239.2 GiB)"),
 )
 
 
