@@ -22,7 +22,7 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -169,38 +169,25 @@ def fit_outcomes() -> dict[str, list[str]]:
     memory; not those cut at the time limit), by what the simulator at hand says of its plan (fits or not) and what
     happened (a risky plan fits, without the margin of its regime's band or room for its largest request): the
     issue's first target is that no plan said to fit runs out of memory and none said not to fit runs."""
-    from meshpilot.orchestrator.config.loader import load_job
-    from meshpilot.orchestrator.plan.plan import resolve_plan
-    from meshpilot.orchestrator.sim.simulator import simulate
     out: dict[str, list[str]] = {f"{a}, {b}": [] for a in ("fits with margin", "risky", "does not fit")
                                  for b in ("ran", "out of memory")}
-    for path in [*REGIME_RUNS, *HOST_EDGE_RUNS]:
-        f = HERE / path
-        if not f.exists():
+    for _, r, _, _, e in simulated_cases([*REGIME_RUNS, *HOST_EDGE_RUNS]):
+        oom = r["outcome"].startswith("out of memory")
+        if not oom and r["outcome"] != "ran":
             continue
-        for r in json.loads(f.read_text())["rows"]:
-            if f"{f.parent.name}:{r['case']}" in SUPERSEDED:
-                continue
-            oom = r["outcome"].startswith("out of memory")
-            if not oom and r["outcome"] != "ran":
-                continue
-            job = load_job(str(HERE / JOB), r["overrides"])
-            e = simulate(job, resolve_plan(job))
-            kind = r["outcome"].split("(")[-1].rstrip(")") if oom else ""
-            said = "fits with margin" if e.fits_with_margin else "risky" if e.fits else "does not fit"
-            out[f"{said}, {'out of memory' if oom else 'ran'}"].append(
-                f"{r['case']}{f' ({kind})' if kind else ''}")
+        kind = r["outcome"].split("(")[-1].rstrip(")") if oom else ""
+        said = "fits with margin" if e.fits_with_margin else "risky" if e.fits else "does not fit"
+        out[f"{said}, {'out of memory' if oom else 'ran'}"].append(f"{r['case']}{f' ({kind})' if kind else ''}")
     return out
 
 
-def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
-    """Held-out rows of :data:`REGIME_RUNS`, predicted by the simulator at hand for each case's overrides."""
+def simulated_cases(paths: list[str]) -> Iterator[tuple[Path, dict[str, Any], Any, Any, Any]]:
+    """(results file, row, job, plan, the simulator's estimate at hand) of every case in the ``regime_runs.py`` /
+    ``host_memory_runs.py`` result files ``paths`` that exist, less the :data:`SUPERSEDED` ones."""
     from meshpilot.orchestrator.config.loader import load_job
     from meshpilot.orchestrator.plan.plan import resolve_plan
-    from meshpilot.orchestrator.sim.error_bands import regime_of
     from meshpilot.orchestrator.sim.simulator import simulate
-    rows, used = [], []
-    for path in REGIME_RUNS:
+    for path in paths:
         f = HERE / path
         if not f.exists():
             continue
@@ -209,29 +196,36 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
                 continue
             job = load_job(str(HERE / JOB), r["overrides"])
             plan = resolve_plan(job)
-            e = simulate(job, plan)
-            m = r.get("measured") or {}
-            peak, step = m.get("nvml_peak_gib"), m.get("step_time_s")
-            if r["outcome"] == "timed out":              # cut at the limit: what its steps logged, if all ended
-                peak, step = metrics_log(f.parent / r["case"])
-            elif r["outcome"].startswith("out of memory"):
-                if not e.fits:
-                    continue                              # predicted not to fit, and it did not: no peak to score
-                peak, step = job.cluster.gpu.memory_gib, None
-            if peak is None:
-                continue
-            host = next(iter((m.get("host_node") or {}).values()), None) or {}
-            rows.append(dict(name=r["case"], regime=regime_of(plan, job.cluster.gpus_per_node), status=r["outcome"],
-                             measured_gib=peak, predicted_gib=e.peak_memory_gib, source=f"{path}:{r['case']}",
-                             measured_step_s=step, predicted_step_s=e.step_time_s,
-                             fits_with_margin=bool(e.fits_with_margin),
-                             fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
-                             request_beyond_room=not e.largest_request_has_room,
-                             measured_host_gib=host.get("measured"),
-                             predicted_host_gib=e.cpu_memory_gib_per_node,
-                             op_built_in_run=built_an_op(f.parent / r["case"])))
-        used.append(str(f))
-    return rows, used
+            yield f, r, job, plan, simulate(job, plan)
+
+
+def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
+    """Held-out rows of :data:`REGIME_RUNS`, predicted by the simulator at hand for each case's overrides."""
+    from meshpilot.orchestrator.sim.error_bands import regime_of
+    rows = []
+    for f, r, job, plan, e in simulated_cases(REGIME_RUNS):
+        m = r.get("measured") or {}
+        peak, step = m.get("nvml_peak_gib"), m.get("step_time_s")
+        if r["outcome"] == "timed out":              # cut at the limit: what its steps logged, if all ended
+            peak, step = metrics_log(f.parent / r["case"])
+        elif r["outcome"].startswith("out of memory"):
+            if not e.fits:
+                continue                              # predicted not to fit, and it did not: no peak to score
+            peak, step = job.cluster.gpu.memory_gib, None
+        if peak is None:
+            continue
+        host = next(iter((m.get("host_node") or {}).values()), None) or {}
+        rows.append(dict(name=r["case"], regime=regime_of(plan, job.cluster.gpus_per_node), status=r["outcome"],
+                         measured_gib=peak, predicted_gib=e.peak_memory_gib,
+                         source=f"{f.relative_to(HERE)}:{r['case']}",
+                         measured_step_s=step, predicted_step_s=e.step_time_s,
+                         fits_with_margin=bool(e.fits_with_margin),
+                         fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
+                         request_beyond_room=not e.largest_request_has_room,
+                         measured_host_gib=host.get("measured"),
+                         predicted_host_gib=e.cpu_memory_gib_per_node,
+                         op_built_in_run=built_an_op(f.parent / r["case"])))
+    return rows, [str(HERE / p) for p in REGIME_RUNS if (HERE / p).exists()]
 
 
 def measured_rows() -> tuple[list[dict[str, Any]], list[str], list[str]]:
