@@ -83,6 +83,21 @@ CASES = (
                              "plan.activation_checkpointing=full",
                              "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 200,
          "ZeRO-3 + optimizer offload at the host's edge, on the side predicted to fit (236.1 of 239.2 GiB)"),
+    # 2026-11-30 session 8: z3opt_13b_sg5e8 ran its first step and ran out of host memory in the second, as z3opt_13b
+    # had. The 7B ZeRO-3 + optimizer-offload runs' peak RSS rose 1.20 GiB per rank from the first step to the second.
+    # Mechanism under test (benchmarks/host_copy_probe.py): DeepSpeedCPUAdam creates its moments in the first step,
+    # and each sub-group's fp32 -> GPU bf16 copy converts on the host (w x sub-group bytes), so the first step's peak
+    # holds the last sub-group's temporary and the second the largest one's: +2 x (1e9 - 0.369e9) bytes = 1.17 GiB
+    # per rank at sub-groups of 1e9 (llama-2-7b, 3.369e9 elements per rank), +2 x (5e8 - 3.69e8) = 0.24 GiB at 5e8
+    Case("z3offopt_7b_sg1e9", ("model=llama-2-7b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                               "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=8",
+                               "plan.activation_checkpointing=full"), 130,
+         "ZeRO-3 + optimizer offload, sub-groups of 1e9: the second step's host peak over the first's"),
+    Case("z3offopt_7b_sg5e8", ("model=llama-2-7b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
+                               "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=8",
+                               "plan.activation_checkpointing=full",
+                               "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 130,
+         "the same with sub-groups of 5e8"),
 )
 
 
