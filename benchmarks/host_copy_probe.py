@@ -13,7 +13,7 @@ largest one's. This probe measures, in one process on one GPU:
 - ``pin``: the rise of RssAnon + RssShmem for ``torch.zeros(n).pin_memory()`` at sizes below and above a power of
   two (the host allocator's rounding, which ``sim/memory.py host_memory_terms`` assumes);
 - ``page_tables``: /proc/meminfo PageTables and MemTotal - MemAvailable against the RSS of a touched 8 GiB pageable
-  block and of an 8 GiB pinned one (what the node's used memory counts beside the processes' own pages).
+  block and of pinned ones of 8, 2 and 16 GiB (what the node's used memory counts beside the processes' own pages).
 
     python benchmarks/host_copy_probe.py --out $R/copyprobe
 """
@@ -109,7 +109,7 @@ def page_tables(torch, gib: int) -> dict:
     and for a pinned one of ``gib`` GiB each (what the node's used memory counts beside the pages themselves)."""
     import numpy as np
     out = {}
-    for kind in ("pageable", "pinned"):
+    for kind, gib in (("pageable", gib), ("pinned", gib), ("pinned_2", 2), ("pinned_16", 16)):
         pt0, used0, rss0 = meminfo_kib("PageTables") * 1024, node_used_bytes(), anon_shmem_bytes()
         if kind == "pageable":
             block = np.ones(gib * GIB // 8, dtype=np.float64)            # touched
@@ -148,7 +148,7 @@ def main() -> int:
     for r in rows["pin"]:
         print(f"fp32 n={r['n']:.2e}{'':<20}{r['rise'] / GIB:>10.3f}{r['bytes'] / GIB:>10.3f}{r['pow2_ceil'] / GIB:>10.3f}")
     for kind, p in rows["page_tables"].items():
-        print(f"8 GiB {kind}: RSS +{p['rss_rise'] / GIB:.3f} GiB, PageTables +{p['page_tables_rise'] / 2**20:.1f} MiB "
+        print(f"{p['gib']} GiB {kind}: RSS +{p['rss_rise'] / GIB:.3f} GiB, PageTables +{p['page_tables_rise'] / 2**20:.1f} MiB "
               f"({p['page_tables_per_rss']:.4f} of RSS), node used / RSS {p['node_over_rss']:.4f}")
     write_json(a.out / "host_copy_probe.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]), rows=rows))
     return 0

@@ -98,6 +98,18 @@ CASES = (
                                "plan.activation_checkpointing=full",
                                "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 130,
          "the same with sub-groups of 5e8"),
+    # 2026-11-30 session 8, after the host model counts the step's conversion copy, pinned memory's bookkeeping and
+    # what the node holds beside the workers (predicted before they run: results/2026-11-30-s8-h200x2/preregistered):
+    # llama-2-13b cut to 39 layers, on either side of the fits-with-margin line
+    Case("z3opt_13b39l_sg5e8", ("model=llama-2-13b", "model.layers=39", "model.name=llama-13b-39l",
+                                "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2", "plan.zero_stage=3",
+                                "plan.offload_optimizer=cpu", "plan.micro_batch=1", "plan.activation_checkpointing=full",
+                                "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 190,
+         "ZeRO-3 + optimizer offload 2.8 GiB under the usable host memory: fits with margin"),
+    Case("z3opt_13b39l", ("model=llama-2-13b", "model.layers=39", "model.name=llama-13b-39l",
+                          "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2", "plan.zero_stage=3",
+                          "plan.offload_optimizer=cpu", "plan.micro_batch=1", "plan.activation_checkpointing=full"), 190,
+         "the same with sub-groups of 1e9, 0.9 GiB under the usable host memory: risky"),
 )
 
 

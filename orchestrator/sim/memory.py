@@ -551,7 +551,9 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     host = host_memory_terms(mt, job, a, ds, ps, pr, n_max, w, K)
     # the ZeRO-3 defragmentation copy is freed before the process allocates the rest of its steady host memory
     # (c.cpu_after_build_gib): the process's peak is the larger of the two moments, both on its process baseline
-    per_rank_cpu = np.maximum(host["offload"], host["defrag"] - c.cpu_after_build_gib * 2**30)
+    # (page-locked buffers cost the node more than their pages: c.pinned_node_overhead)
+    offloaded = host["offload"] + c.pinned_node_overhead * host["pinned"]
+    per_rank_cpu = np.maximum(offloaded, host["defrag"] - c.cpu_after_build_gib * 2**30)
     # zeroth-order ranks build the whole model on the host (in the train precision, block by block from
     # fp32 draws) before MeZO moves it to the GPU or ZO2 copies its blocks into the stores
     zo_build = host["build"]
@@ -701,8 +703,9 @@ def pinned_tensor_bytes(m: ModelConfig, w: float, tp, ep, split, *, pinned: bool
 def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpeedSettings, ps, pr, n_max,
                       w: float, K: float) -> dict[str, np.ndarray]:
     """Host bytes per rank that the worker allocates beyond its process (``offload``: what stays for
-    the run; ``build``: the zeroth-order model built on the host). Pinned blocks are rounded up to a
-    power of two (:func:`pow2_ceil`) on GPU clusters; a CPU cluster pins nothing. ``n_max``: elements of
+    the run; ``build``: the zeroth-order model built on the host; ``pinned``: the page-locked part of
+    ``offload``). Pinned blocks are rounded up to a power of two (:func:`pow2_ceil`; host_copy_probe.py
+    measured 1.12 and 1.86 GiB blocks at 2.0 GiB, 2.05 at 4.0) on GPU clusters; a CPU cluster pins nothing. ``n_max``: elements of
     the largest parameter tensor on a rank (:func:`largest_tensor`).
 
     Optimizer offload, ZeRO 1/2 (DeepSpeed 0.19 stage_1_and_2.py, pin_memory on, mixed precision):
@@ -714,9 +717,15 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     (accumulated_grads_in_cpu: ``sum_t pin(w n_t) x P_s / P_r``).
     ZeRO-3 (stage3.py): the fp32 master partition 4 P_s and moments (K - 4) P_s (pageable), one
     pinned fp32 gradient per optimizer sub-group (``sum_g pin(4 n_g)``, n_g = sub_group_size and the
-    rest), the 16-bit gradient partition ``pin(w P_s)`` (grad_partitions_flat_buffer) and the fp32
-    gradient buffer of the largest sub-group built while the states are initialised (4 min(P_s,
-    sub_group_size)). Parameter offload: the 16-bit partition ``pin(w P_s)`` (the flat CPU buffer)
+    rest), the 16-bit gradient partition ``pin(w P_s)`` (grad_partitions_flat_buffer) and, with the
+    parameters on the GPU, the step's host temporary of one sub-group in the model's dtype, w min(P_s,
+    sub_group_size): each sub-group ends with ``gpu_16bit.copy_(cpu_fp32)``, which torch converts on the host
+    before the transfer (benchmarks/host_copy_probe.py: +0.931 GiB of RssAnon for 5e8 elements to bf16, none to
+    fp32). DeepSpeedCPUAdam creates its moments in the first step, sub-group by sub-group, so that step holds
+    the last sub-group's temporary and every later step the largest one's: llama-2-7b on 2 ranks rose 1.20 GiB
+    per rank from the first step to the second at sub-groups of 1e9 and 0.32 at 5e8, as predicted before the
+    runs (2026-11-30-s8-h200x2/host4). The 4 min(P_s, sub_group_size) fp32 buffer DeepSpeed allocates while
+    the engine is built is freed before any moment exists and is not part of the peak. Parameter offload: the 16-bit partition ``pin(w P_s)`` (the flat CPU buffer)
     plus the per-parameter partitions zero.Init pinned when the model was built (``sum_t pin(w n_t /
     dp)``), which torch's host allocator keeps cached after DeepSpeed copies them into the flat buffer.
     ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
@@ -747,7 +756,8 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     sg = np.maximum(np.asarray(ds.sub_group_size, dtype=float), 1.0)
     full = np.floor(ps / sg)
     sub_grads = full * pin(4.0 * sg) + pin(4.0 * (ps - full * sg))
-    stage3 = (4.0 + states) * ps + sub_grads + pin(w * ps) + 4.0 * np.minimum(ps, sg)
+    step_copy = np.where(off_p, 0.0, w * np.minimum(ps, sg))       # the fp32 -> 16-bit conversion on the host
+    stage3 = (4.0 + states) * ps + sub_grads + pin(w * ps) + step_copy
     init_parts = np.zeros(a.n)                                # zero.Init's pinned per-parameter partitions
     if off_p.any():
         init_parts[off_p] = pinned_tensor_bytes(m, w, a.tp[off_p], a.ep[off_p], a.dp[off_p], pinned=pinned)
@@ -767,4 +777,11 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     # ZeRO-3 keeping its partitions on the GPU defragments them through the host while the engine is built
     # (zero/utils.py defragment: a pageable w P_s copy, freed before the optimizer's buffers exist)
     defrag = np.where((st == 3) & ~off_p & ~is_zo, w * ps, 0.0)
-    return dict(offload=offload, build=build, defrag=defrag)
+    # the page-locked part of ``offload`` (the kernel and the driver keep bookkeeping of their own for it)
+    if pinned:
+        stage12_pinned = pin(4.0 * ps) + pin(w * ps) + pin(4.0 * ps) + pin(w * n_max) + accum
+        locked = (np.where(off_o, np.where(st == 3, sub_grads + pin(w * ps), stage12_pinned), 0.0)
+                  + np.where(off_p, param_off, 0.0) + np.where(a.zo2, stores + stash, 0.0))
+    else:
+        locked = np.zeros(a.n)
+    return dict(offload=offload, build=build, defrag=defrag, pinned=locked)

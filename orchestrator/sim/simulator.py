@@ -46,6 +46,7 @@ class Scores:
     fits_margin: np.ndarray           # GPU and host peaks fit raised by their margins, and the largest request has room
     host_margin_gib: np.ndarray       # GiB added to the host peak for "fits with margin" (ErrorBands.host_margin_gib_of)
     request_room: np.ndarray          # the step's largest single allocation fits in the card's room above the peak
+    host_usable_gib: float = 0.0      # host memory a node's training processes may use (:func:`host_usable_gib`)
 
     @property
     def fits(self) -> np.ndarray:
@@ -57,10 +58,14 @@ class Scores:
         return self.fits & ~self.fits_margin
 
 
-def host_usable_gib(cluster: ClusterConfig) -> float:
-    """Host memory a node's processes may use (GiB): ``memory_usage_threshold`` x ``cpu_memory_gib``, where
-    Ray's memory monitor starts killing workers."""
-    return float(cluster.cpu_memory_gib) * float(cluster.memory_usage_threshold)
+def host_usable_gib(cluster: ClusterConfig, constants: SimulatorConstants | None = None) -> float:
+    """Host memory a node's training processes may use (GiB): ``memory_usage_threshold`` x ``cpu_memory_gib``, where
+    Ray's memory monitor starts killing workers, less what the node holds beside them (the system's own use and
+    Ray's processes with the driver: ``SimulatorConstants.node_base_gib`` and ``ray_node_gib``), which the monitor
+    counts too."""
+    c = constants or SimulatorConstants()
+    return max(float(cluster.cpu_memory_gib) * float(cluster.memory_usage_threshold)
+               - c.node_base_gib - c.ray_node_gib, 0.0)
 
 
 def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants | None = None, *,
@@ -83,7 +88,8 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     peak_gib = mem["peak"] / GIB
     cpu_gib = mem["cpu_node"] / GIB
     # the host's usable memory: Ray's memory monitor kills a worker above memory_usage_threshold x the node's memory
-    gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), host_usable_gib(cl) * (1.0 - headroom)
+    usable = host_usable_gib(cl, c)
+    gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), usable * (1.0 - headroom)
     regime = regime_codes(arrays)
     eb = bands or load_error_bands()
     band = eb.band_of(regime)
@@ -95,7 +101,7 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     return Scores(memory=mem, time=tim, peak_gib=peak_gib, cpu_node_gib=cpu_gib, step_time_s=step,
                   tokens_per_s=tokens / step, mfu=useful / (step * arrays.world * peak),
                   fits_gpu=peak_gib <= gpu_cap, fits_cpu=cpu_gib <= cpu_cap, regime=regime, band=band,
-                  margin_gib=margin_gib, host_margin_gib=host_margin, request_room=request_room,
+                  margin_gib=margin_gib, host_margin_gib=host_margin, request_room=request_room, host_usable_gib=usable,
                   # strictly below the card: a held-out run that ran out of memory counts as measured at the card,
                   # so a margin that only reaches it is a margin its run already failed (sim/error_bands.py)
                   fits_margin=(peak_gib + margin_gib < gpu_cap) & (cpu_gib + host_margin <= cpu_cap) & request_room)
@@ -198,8 +204,9 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
             fix = ("the CPU workers' model memory is the host's: "
                    + (f"try {' or '.join(tips)}, or " if tips else "the changes above lower it too, or ")
                    + "use more nodes")
-        reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {host_usable_gib(cl) * (1 - headroom):.1f} "
-                       f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's memory_usage_threshold); "
+        reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {scores.host_usable_gib * (1 - headroom):.1f} "
+                       f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's memory_usage_threshold, "
+                       "less what the system and Ray's own processes hold); "
                        + fix)
     band, margin = float(scores.band[i]), float(scores.margin_gib[i])
     regime = REGIMES[int(scores.regime[i])]
@@ -227,7 +234,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     return Estimate(plan=text.describe(plan), plan_config=plan.to_config(), world_size=plan.world_size,
                     fits=bool(scores.fits_gpu[i] and scores.fits_cpu[i]), peak_memory_gib=peak,
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
-                    cpu_memory_available_gib=host_usable_gib(cl), step_time_s=float(scores.step_time_s[i]),
+                    cpu_memory_available_gib=scores.host_usable_gib, step_time_s=float(scores.step_time_s[i]),
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
                     memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes,
                     regime=regime, memory_band=band, memory_margin_gib=margin,
