@@ -38,6 +38,9 @@ MEASUREMENTS = [
 ]
 # (not 2026-11-29-s2-h200x2/hf7b: its NVML readings include 28 GiB held by the benchmark's own process)
 CHOICE_8B = [f"results/2026-11-30-s6-h200x2/choice8b/{n}" for n in ("auto", "z1_mb1x8", "z2_mb8x1_ckpt")]
+# llama-3-8b's plan: auto after the ZeRO 1-2 gradient copies were added, beside the plan measured fastest before
+# (predicted before they ran: results/2026-11-30-s7-cpu/preregistered), held out for memory and step time
+CHOICE_8B2 = [f"results/2026-11-30-s8-h200x2/choice8b2/{n}" for n in ("auto", "z1_mb1x8")]
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
@@ -66,7 +69,7 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # memory unchanged since before it ran)
             "results/2026-11-30-s4-h200x2/offfix/run",
             # 2026-11-30-s6: llama-3-8b's plan: auto and two plans it passed over (plan_choice_runs.py --job llama-3-8b)
-            *CHOICE_8B]
+            *CHOICE_8B, *CHOICE_8B2]
 # not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py)
 STEP_NOT_HELD_OUT = set(CHOICE_8B)
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
@@ -86,7 +89,12 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-11-30-s5-h200x2/regimes6/regime_runs.json",
                "results/2026-11-30-s6-h200x2/regimes7/regime_runs.json",
                "results/2026-11-30-s6-h200x2/regimes8/regime_runs.json",
-               "results/2026-11-30-s6-h200x2/regimes9/regime_runs.json"]
+               "results/2026-11-30-s6-h200x2/regimes9/regime_runs.json",
+               "results/2026-11-30-s8-h200x2/regimes10/regime_runs.json",
+               # host_memory_runs.py cases that ran, each predicted before it ran (host4 by the model before the
+               # step's host copy was counted, host5 after it; results/2026-11-30-s8-h200x2/preregistered)
+               "results/2026-11-30-s8-h200x2/host4/host_memory_runs.json",
+               "results/2026-11-30-s8-h200x2/host5/host_memory_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's
@@ -95,7 +103,8 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
 NOT_MESHPILOT_KINDS = ("zo",)
 # host memory at its edge (benchmarks/host_memory_runs.py): scored for fits and outcomes only (fit_outcomes)
 HOST_EDGE_RUNS = ["results/2026-11-30-h200x2/host/host_memory_runs.json",
-                  "results/2026-11-30-h200x2/host2/host_memory_runs.json"]
+                  "results/2026-11-30-h200x2/host2/host_memory_runs.json",
+                  "results/2026-11-30-s8-h200x2/host3/host_memory_runs.json"]
 # not scored for host memory: the runs whose host peaks set estimate.cpu_process_gib and cpu_after_build_gib (z1_mb1x8
 # and 7b_mb1; l3_8b_mb1 and choice2/auto set the constant's earlier value), and the ZO2 run whose host peak was set by
 # the closing checksum's copy of the model (changed in commit f8c9396; sim/memory.py host_memory_terms)
@@ -278,6 +287,26 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str], list[str]]:
     return rows, used, not_meshpilot
 
 
+def node_beside_workers() -> list[tuple[str, float, float]]:
+    """(case, the node's used memory before `meshpilot run` started, what Ray's processes and the driver added to it
+    by the time the workers started) of every REGIME_RUNS / HOST_EDGE_RUNS case whose workers recorded the node's
+    used memory at their start: estimate.SimulatorConstants.node_base_gib and ray_node_gib. Cases whose run started
+    while the previous one's memory was still being freed (more than 2.5 GiB in use before it) are left out."""
+    out = []
+    for path in [*REGIME_RUNS, *HOST_EDGE_RUNS]:
+        f = HERE / path
+        if not f.exists():
+            continue
+        for r in json.loads(f.read_text())["rows"]:
+            before = r.get("node_used_before_gib")
+            starts = [v for v in ((r.get("measured") or {}).get("host_memory_gib") or {}).values() if v]
+            if before is None or before > 2.5 or not starts:
+                continue
+            ray = starts[0]["node_used_start"] - before - sum(v["host_start"] for v in starts)
+            out.append((f"{f.parent.name}:{r['case']}", before, ray))
+    return out
+
+
 def _then_and_now(row: dict[str, Any]) -> str:
     """How a regime run was ranked when it ran (its recorded prediction) and how the simulator at hand ranks it."""
     then = "predicted to fit with margin before it ran" if row.get("fits_with_margin_then") else "risky when it ran"
@@ -366,6 +395,14 @@ def main() -> int:
         if st:
             print(f"their step times: {len(st)} runs, MAPE {100.0 * sum(map(abs, st)) / len(st):.1f}%, "
                   f"largest {100.0 * max(st, key=abs):+.1f}%")
+    beside = node_beside_workers()
+    if beside:
+        med = (lambda xs: sorted(xs)[len(xs) // 2])
+        print(f"\nthe node beside the workers, {len(beside)} runs started on a settled node: before `meshpilot run` "
+              f"{min(b for _, b, _ in beside):.2f}-{max(b for _, b, _ in beside):.2f} GiB (median "
+              f"{med([b for _, b, _ in beside]):.2f}); Ray's processes and the driver "
+              f"{min(x for _, _, x in beside):.2f}-{max(x for _, _, x in beside):.2f} GiB (median "
+              f"{med([x for _, _, x in beside]):.2f})")
     outcomes = fit_outcomes()
     print("\nfits (simulator at hand) against what happened, regime and host-edge runs that ended:")
     for k, v in outcomes.items():

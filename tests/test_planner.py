@@ -10,6 +10,7 @@ from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.config.loader import load_job
 from meshpilot.orchestrator.plan.plan import Plan, resolve_plan
 from meshpilot.orchestrator.sim.planner import choose_plan, enumerate_plans, search
+from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 from meshpilot.orchestrator.sim.simulator import simulate
 
 
@@ -253,8 +254,10 @@ def test_host_band_from_measured_host_peaks_by_hand():
     job = load_job("benchmarks/configs/h200x2_check.yaml", ov)
     host = simulate(job, resolve_plan(job)).cpu_memory_gib_per_node
     usable = host + 0.6                                  # 0.6 GiB above the prediction, below its 1.2 GiB margin
+    c = SimulatorConstants()
+    beside = c.node_base_gib + c.ray_node_gib            # what the node holds beside the workers
     tight = load_job("benchmarks/configs/h200x2_check.yaml",
-                     [*ov, f"cluster.cpu_memory_gib={usable / job.cluster.memory_usage_threshold}"])
+                     [*ov, f"cluster.cpu_memory_gib={(usable + beside) / job.cluster.memory_usage_threshold}"])
     s = evaluate(tight, PlanArrays.from_plans([resolve_plan(tight)], 2), bands=b)
     assert s.fits[0] and s.risky[0] and s.host_margin_gib[0] == pytest.approx(1.2)
     roomy = bands_from_rows(gpu_rows, host_rows=[(1.0, 1.0), (2.0, 2.0)])

@@ -208,21 +208,23 @@ class SimulatorConstants:
     built-in llama-2-7b ZeRO-3 on 2 x H200 (benchmarks/results/2026-11-30-s3-h200x2/z3time/7b_mb1, no op build)
     peaked at 13.85 GiB on the node, 6.92 per rank: the 6.28 GiB copy + 0.65, against the 1.40 of cpu_process_gib.
     What the 0.75 GiB is made of (NCCL's host state, the engine's and the data loader's) is not itemised."""
-    pinned_node_overhead: float = 0.039
+    pinned_node_overhead: float = 0.032
     """The node's used memory per byte of page-locked host memory beyond the byte itself: the page tables and the
     kernel's and the CUDA driver's records of the locked pages, which no process's RSS shows but Ray's memory
-    monitor counts (MemTotal - MemAvailable). Measured on the 2 x H200 host (benchmarks/host_copy_probe.py,
-    2026-11-30-s8-h200x2/copyprobe): an 8 GiB pinned block raised the node's used memory by 8.315 GiB (PageTables
-    +31.8 MiB), a pageable one by 8.046 (PageTables +11.6 MiB). Pageable pages' 0.6% is left to the band."""
+    monitor counts (MemTotal - MemAvailable). Measured on the 2 x H200 host (benchmarks/host_copy_probe.py, two
+    calls, 2026-11-30-s8-h200x2/copyprobe and copyprobe2): pinned blocks of 8, 8, 2 and 16 GiB raised the node's
+    used memory 3.9%, 2.5%, 3.9% and 3.1% more than their pages (PageTables 0.4% of them), 3.2% over the 34 GiB
+    together; pageable blocks 0.6% and 0.8% (PageTables 0.14%), left to the band."""
     ray_node_gib: float = 1.65
     """Memory on a node beside the training processes once they start: Ray's own processes (GCS, raylet, dashboard
     and its agents) and meshpilot's driver. Ray's memory monitor counts it against the threshold, so a plan's
     workers may use that much less. Median over the runs committed under benchmarks/results/ that recorded the
     node's used memory before `meshpilot run` and when the workers started (1.50-1.85 GiB;
     ``python benchmarks/error_bands.py`` prints them)."""
-    node_base_gib: float = 0.95
+    node_base_gib: float = 0.96
     """A node's used memory before meshpilot starts anything (kernel, system daemons), counted by Ray's memory
-    monitor too. Measured on the lent H200 hosts: 0.88-1.29 GiB at the start of a device call (median 0.95)."""
+    monitor too. Measured on the lent H200 hosts: 0.88-2.09 GiB before a run on a settled node, median 0.96 over the
+    runs `python benchmarks/error_bands.py` lists."""
     cpu_pinned_buffer_gib: float = 1.0
     """Not read: the host model counts the pinned buffers themselves (memory.host_memory_terms). Kept so
     that the constant files committed under benchmarks/results/2026-11-27-* still load."""

@@ -92,10 +92,12 @@ peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97 reserved). ``calibrat
 per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the rest of this model)
 replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
 ``cpu_process_gib`` in the host memory of every rank of a node. Host memory per node = ranks on the node x
-(process + max(offloaded buffers, ZeRO-3's defragmentation copy - what the process allocates after it) + a
-zeroth-order model built on the host), in the node's used memory (MemTotal - MemAvailable: anonymous and shared
-pages, not the file-backed pages RSS also counts), compared by the simulator with
-``cluster.memory_usage_threshold`` x ``cluster.cpu_memory_gib`` (where Ray's memory monitor kills).
+(process + max(offloaded buffers + ``pinned_node_overhead`` x their page-locked bytes, ZeRO-3's defragmentation
+copy - what the process allocates after it) + a zeroth-order model built on the host), in the node's used memory
+(MemTotal - MemAvailable: anonymous and shared pages, not the file-backed pages RSS also counts), compared by the
+simulator with ``cluster.memory_usage_threshold`` x ``cluster.cpu_memory_gib`` (where Ray's memory monitor kills)
+less what the node holds beside the workers (``node_base_gib`` + ``ray_node_gib``: the system, Ray's processes and
+the driver, which the monitor counts too; simulator.host_usable_gib).
 
 The second allocator term is the hole the model leaves behind when it is transformers' model
 class (``model.implementation: hf``): the model is loaded as separate per-parameter 16-bit
