@@ -10,7 +10,9 @@ Per run and rank it prints:
   the engine's build included); their sum is torch's reserved memory;
 - for the requests of at least ``--min-gib`` in steps >= 1 (the steady state): the code that asked and the code that
   made the segment serving it ("new segment" where none could);
-- the free bytes and the largest free block at the end.
+- the free bytes and the largest free block at the end;
+- with ``--peak``: the tensors alive at the run's largest allocated total, grouped by the two innermost frames outside
+  torch that asked for them (what the peak is made of).
 """
 from __future__ import annotations
 
@@ -67,6 +69,37 @@ def analyse(history: dict, min_bytes: float) -> dict:
     return dict(held=held, served=served)
 
 
+def at_peak(history: dict) -> tuple[float, int, dict[str, list[float]]]:
+    """(the largest allocated total over the history, the step it happened in, the tensors alive then grouped by the
+    two innermost frames outside torch that asked for them: code -> [count, bytes])."""
+    steps = history.get("steps") or []
+    live: dict[int, tuple[int, str]] = {}
+    cur, best, when, at = 0, -1, 0.0, {}
+    for e in history["events"]:
+        if e["action"] == "alloc":
+            where = e.get("where") or []
+            own = [w for w in where if not w.startswith("torch/")] or where
+            live[e["addr"]] = (e["size"], " <- ".join(w.rsplit(":", 1)[0] for w in own[:2]))
+            cur += e["size"]
+            if cur > best:
+                best, when, at = cur, e.get("t_us") or 0.0, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            cur -= live.pop(e["addr"])[0]
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for size, code in at.values():
+        groups[code][0] += 1
+        groups[code][1] += size
+    return best, bisect.bisect_left(steps, when), dict(groups)
+
+
+def report_peak(path: Path) -> None:
+    total, step, groups = at_peak(json.loads(path.read_text()))
+    print(f"\n== {path}: largest allocated {total / GIB:.2f} GiB, in step {step}; alive then (GiB, tensors, code):")
+    for code, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        if b >= 0.01 * GIB:
+            print(f"  {b / GIB:8.2f} {n:6d}  {code}")
+
+
 def report(path: Path, min_gib: float) -> None:
     h = json.loads(path.read_text())
     a = analyse(h, min_gib * GIB)
@@ -89,6 +122,7 @@ def main() -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--rank", type=int, nargs="*", default=None, help="ranks to read (default: every file)")
     ap.add_argument("--min-gib", type=float, default=1.0)
+    ap.add_argument("--peak", action="store_true", help="what the largest allocated total is made of, instead")
     a = ap.parse_args()
     for run in a.runs:
         files = sorted((run / "memory").glob("rank*.json"))
@@ -97,7 +131,7 @@ def main() -> int:
         if not files:
             print(f"{run}: no memory/rank*.json (run with train.memory_history=true)", file=sys.stderr)
         for f in files:
-            report(f, a.min_gib)
+            report_peak(f) if a.peak else report(f, a.min_gib)
     return 0
 
 

@@ -72,6 +72,9 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             *CHOICE_8B, *CHOICE_8B2]
 # not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py)
 STEP_NOT_HELD_OUT = set(CHOICE_8B)
+# not held out for GPU memory: the same plan as regimes7:z2_l3_8b_mb8, whose allocator history set ZeRO-2's
+# gradient phases (SUPERSEDED)
+GPU_NOT_HELD_OUT = {"results/2026-11-30-s6-h200x2/choice8b/z2_mb8x1_ckpt"}
 # not held out: results/2026-11-30-h200x2/host2/z2off_7b_mb2 (its GPU peak led to the ZeRO 1-2 engine-build term)
 # runs of the built-in model with meshpilot's DeepSpeed config through benchmarks/autotune_train.py's loop (the
 # same model build and engine as the worker): (result JSON, run name, the plan's overrides beyond the job's)
@@ -115,6 +118,12 @@ HOST_NOT_HELD_OUT = {"results/2026-11-30-s3-h200x2/z3time/7b_mb1", "results/2026
 # fp32 under zero.Init, so every pass ran in fp32 (2026-11-30-s4-h200x2/trace; engine_deepspeed._default_model_factory)
 SUPERSEDED = {"regimes1:z3offall_7b_mb1": "ran its passes in fp32 (parameter offload before the dtype fix)",
               "regimes1:z3offall_7b_mb10": "ran its passes in fp32 (parameter offload before the dtype fix)",
+              # the activation count and ZeRO-2's gradient phases were read off these plans' allocator histories
+              # (2026-11-30-s8-h200x2/hist4, allocator_peak.txt): no longer held out
+              "regimes10:z2_opt67_mb8": "its allocator history set ZeRO-2's gradient phases and the attention count "
+                                        "(sim/memory.py), so it is no longer held out",
+              "regimes7:z2_l3_8b_mb8": "its allocator history set ZeRO-2's gradient phases (sim/memory.py), so it is "
+                                       "no longer held out",
               # a term was read off this plan's allocator history (2026-11-30-s6-h200x2/hist): no longer held out
               "regimes6:tp2_opt67_mb4": "its allocator history set the masked gradient norm of ZeRO-0 under tp "
                                         "(sim/memory.py), so it is no longer held out"}
@@ -265,7 +274,7 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str], list[str]]:
     used = list(paths)
     for d in RUN_DIRS:
         run = HERE / d
-        if not (run / "summary.json").exists():
+        if not (run / "summary.json").exists() or d in GPU_NOT_HELD_OUT:
             continue
         rec = load_run(run)                  # the plan that ran (plan: auto's choice, a fallback)
         s, job, plan = rec.summary, rec.job, rec.plan

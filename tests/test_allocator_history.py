@@ -48,3 +48,23 @@ def test_segments_by_origin_and_steady_state_reuse_by_hand():
                    "deepspeed/runtime/zero/stage_1_and_2.py:937 (step 0)")] == [1, 400 * MB]
     assert served[("strategies/layers.py:45", "strategies/layers.py:45 (step 0)")] == [1, 50 * MB]
     assert len(served) == 2                    # step 0's requests are not steady state
+
+
+def test_what_the_largest_allocated_total_is_made_of_by_hand():
+    """Weights (300 MB) stay; step 0's activations (2 x 100 MB) and loss (250 MB) peak at 750 MB and are freed; step 1
+    allocates a 200 MB gradient and one 100 MB activation (600 MB). The peak is step 0's, made of the weights, the two
+    activations (one group, two tensors) and the loss."""
+    a = _module()
+    w, act, loss, grad = ("deepspeed/engine.py:10:init",), ("strategies/layers.py:64:forward", "strategies/model.py:125:f"), \
+        ("strategies/tensor_parallel.py:183:forward",), ("deepspeed/stage_1_and_2.py:2192:copy",)
+    history = dict(steps=[10.0, 20.0], events=[
+        ev("alloc", 300 * MB, 0, 1.0, *w),
+        ev("alloc", 100 * MB, 1, 2.0, *act), ev("alloc", 100 * MB, 2, 3.0, *act), ev("alloc", 250 * MB, 3, 4.0, *loss),
+        ev("free_completed", 250 * MB, 3, 5.0, *loss), ev("free_completed", 100 * MB, 1, 6.0, *act),
+        ev("free_completed", 100 * MB, 2, 7.0, *act),
+        ev("alloc", 200 * MB, 4, 15.0, *grad), ev("alloc", 100 * MB, 5, 16.0, *act)])
+    total, step, groups = a.at_peak(history)
+    assert (total, step) == (750 * MB, 0)
+    assert groups == {"deepspeed/engine.py:10": [1, 300 * MB],
+                      "strategies/layers.py:64 <- strategies/model.py:125": [2, 200 * MB],
+                      "strategies/tensor_parallel.py:183": [1, 250 * MB]}

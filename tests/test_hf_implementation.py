@@ -103,7 +103,9 @@ def test_simulator_adds_the_loaded_model_hole_for_hf_only():
     from meshpilot.orchestrator.sim.memory import activation_terms, model_terms
     from meshpilot.orchestrator.sim.simulator import simulate
     C = SimulatorConstants()
-    job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=8", "plan.dp=4",
+    # two micro-batches a step, so that the gradient partition is static (without accumulation ZeRO-2 allocates it in
+    # each backward: sim/memory.py)
+    job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16", "plan.dp=4",
                           "plan.zero_stage=2", "plan.micro_batch=2", "plan.activation_checkpointing=full"])
     builtin = simulate(job)
     arr = PlanArrays.from_plans([resolve_plan(job)], 4)

@@ -203,31 +203,38 @@ def layer_backward_bytes(mt: ModelTerms, seq_len: int, a: PlanArrays, c: Simulat
 
 
 def layer_activation_bytes(m: ModelConfig) -> LayerActivations:
-    """Count the tensors autograd saves in one Hugging Face layer (bf16, SDPA attention).
+    """Count the tensors autograd saves in one layer (bf16, SDPA attention), built-in or Hugging Face.
 
-    llama/mixtral: each RMSNorm upcasts to fp32 and saves the fp32 input (4h) and the bf16
-    normalised output (2h): 12h for two. Attention saves q after RoPE, the GQA-expanded k and v
-    (repeat_kv copies them to h each), the SDPA output (2h each) and the o_proj input (2h), plus the
-    fp32 log-sum-exp per head (4a): 10h + 4a. SwiGLU saves gate output g, silu(g), up output u and
-    silu(g)*u (2f each): 8f. MoE adds fp32 router logits (4E).
+    llama/mixtral: each RMSNorm upcasts to fp32 and saves the fp32 input (4h), the bf16 normalised
+    output (2h, for the weight's gradient) and hands its weighted output (2h) to the projections that
+    follow, which save it: 16h for two. Attention saves q after RoPE, the GQA-expanded k and v
+    (repeat_kv copies them to h each) and the SDPA output (2h each), plus the fp32 log-sum-exp per
+    head (4a): 8h + 4a. The output projection's input is a view of the SDPA output (the fused kernel
+    writes it as [b, s, a, d], so transpose(1, 2).reshape copies nothing). SwiGLU saves gate output g,
+    silu(g), up output u and silu(g)*u (2f each): 8f. MoE adds fp32 router logits (4E).
     gpt2/opt: LayerNorm inputs and outputs (2h each, two norms: 8h) are replicated, and with
     transformers' layers (``model.implementation: hf``, which train with dropout) two 1-byte dropout
     masks (2h: Korthikanti's 10h); the built-in layers have no dropout. Attention saves q, k, v (6h),
-    the SDPA output (2h), the output projection's input (2h) and the log-sum-exp (4a): 10h + 4a; gpt2's
-    GELU MLP saves fc output and GELU output (2f each): 4f; opt's ReLU saves its output, which is also
-    fc2's input: 2f. (Korthikanti's 34h + 5as^2/h counts 24h inside the tensor-parallel region; without
-    the s^2 terms the hf gpt2 count is 10h + 10h + 16h = 36h for f = 4h.) Measured, built-in opt-2.7b dp=2
-    ZeRO-1 mb 4 without checkpointing: allocated 46.0 GiB, 53.8 predicted with 10h and 4f
-    (benchmarks/results/2026-11-30-s2-h200x2/alloc3).
+    the SDPA output (2h, the output projection's input is a view of it) and the log-sum-exp (4a):
+    8h + 4a; gpt2's GELU MLP saves fc output and GELU output (2f each): 4f; opt's ReLU saves its
+    output, which is also fc2's input: 2f.
+    Measured: the allocator history of built-in opt-6.7b ZeRO-2 mb 8 x 1 on 2 x H200 at its allocated
+    peak (the loss's forward, every layer's saved tensors alive) holds per layer q, k, v, the SDPA output
+    and log-sum-exp, two LayerNorm outputs, two residual sums and the ReLU output, and no copy of the SDPA
+    output (benchmarks/results/2026-11-30-s8-h200x2/hist4, allocator_history.py --peak); counted on the
+    CPU with autograd's saved-tensor hooks, the built-in llama and opt layers save these bytes
+    (tests/test_memory_model.py::test_saved_activation_bytes_per_layer_counted_by_autograd). Until
+    2026-11-30 the count had 12h for llama's norms and 10h for attention (the SDPA output copied):
+    2h per layer under for llama, 2h over for gpt2 and opt.
     In an MoE layer each token routed to an expert (top_k x capacity_factor per token) saves that
     expert's ``mlp`` bytes plus the dispatch and combine buffers (2h each); see :func:`activation_terms`.
     """
     h, a, f = m.hidden, m.heads, m.ffn
     if m.arch in (Arch.GPT2, Arch.OPT):
         masks = 2.0 * h if m.implementation == Implementation.HF else 0.0
-        return LayerActivations(replicated=8.0 * h + masks, attention=10.0 * h + 4.0 * a,
+        return LayerActivations(replicated=8.0 * h + masks, attention=8.0 * h + 4.0 * a,
                                 mlp=(2.0 if m.arch == Arch.OPT else 4.0) * f)
-    return LayerActivations(replicated=12.0 * h, attention=10.0 * h + 4.0 * a, mlp=8.0 * f,
+    return LayerActivations(replicated=16.0 * h, attention=8.0 * h + 4.0 * a, mlp=8.0 * f,
                             router=4.0 * m.num_experts)
 
 
@@ -511,6 +518,26 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     saving = np.where(ga1, np.maximum(pertensor_grads + acts + temporary - apart, 0.0), 0.0)
     act_cut = np.minimum(saving, acts)                   # the activations the backward freed by the peak
     acts, temporary = acts - act_cut, temporary - (saving - act_cut)
+    # stage 2 without accumulation: the step frees the gradient partition (its views end with the flat copies) and the
+    # backward's epilogue the reduction buckets, and the next backward allocates them again at its first reduction
+    # (stage_1_and_2.py _release_ipg_buffers, copy_grads_in_partition): the forward and the loss run without them. The
+    # phase peaks apart: the loss's forward (every saved tensor and the loss's 14 bytes a logit), the backward once the
+    # partition and a bucket exist (the saved tensors less the loss's, one block's backward), the step (the partition
+    # and its flat copies). Traced (2026-11-30-s8-h200x2/hist4): built-in opt-6.7b ZeRO-2 mb 8 x 1 peaked at 108.72
+    # GiB allocated in the loss's forward with no gradient partition or bucket alive (120.6 predicted with both), and
+    # llama-3-8b ZeRO-2 mb 8 x 1 with checkpointing at 91.91 likewise (99.5). Their blocks come from the step's cached
+    # flat copies and the engine build's freed blocks, so they add nothing to the reserve either (reserved 128.0 and
+    # 114.6 GiB, 141.4 and 123.8 predicted with them).
+    z2ga1 = (st == 2) & (a.grad_accum == 1) & ~off_o & ~is_zo
+    transient = np.where(z2ga1, grads + bucket, 0.0)
+    if z2ga1.any():
+        tokens = a.micro_batch * float(job.train.seq_len)
+        loss_saved = tokens * (c.hf_logits_saved_bytes if hf else c.logits_saved_bytes) * mt.vocab / a.tp
+        one, work = layer_backward_bytes(mt, job.train.seq_len, a, c)
+        backward = transient + np.maximum(acts - loss_saved, 0.0) + work + np.where(a.checkpoints_activations, one, 0.0)
+        phases = np.maximum.reduce([acts + temporary, backward, grads + step_tmp])
+        temporary = np.where(z2ga1, phases - acts, temporary)
+        grads, bucket = np.where(z2ga1, 0.0, grads), np.where(z2ga1, 0.0, bucket)
     allocated = weights + grads + opt + bucket + acts + temporary
     # communicators a rank joins: the world's, tp, ep (ep and expert-data-parallel), pertp, and the engine's
     # own beyond the world's (DeepSpeed: 2 at ZeRO 0-2, 1 at ZeRO-3, read off the measured NVML - reserved:
