@@ -41,6 +41,8 @@ CHOICE_8B = [f"results/2026-11-30-s6-h200x2/choice8b/{n}" for n in ("auto", "z1_
 # llama-3-8b's plan: auto after the ZeRO 1-2 gradient copies were added, beside the plan measured fastest before
 # (predicted before they ran: results/2026-11-30-s7-cpu/preregistered), held out for memory and step time
 CHOICE_8B2 = [f"results/2026-11-30-s8-h200x2/choice8b2/{n}" for n in ("auto", "z1_mb1x8")]
+# and after the activation count and ZeRO-2's gradient phases changed it (results/2026-11-30-s8-h200x2/preregistered)
+CHOICE_8B3 = [f"results/2026-11-30-s8-h200x2/choice8b3/{n}" for n in ("auto", "z1_mb1x8")]
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
@@ -69,7 +71,7 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # memory unchanged since before it ran)
             "results/2026-11-30-s4-h200x2/offfix/run",
             # 2026-11-30-s6: llama-3-8b's plan: auto and two plans it passed over (plan_choice_runs.py --job llama-3-8b)
-            *CHOICE_8B, *CHOICE_8B2]
+            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3]
 # not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py)
 STEP_NOT_HELD_OUT = set(CHOICE_8B)
 # not held out for GPU memory: the same plan as regimes7:z2_l3_8b_mb8, whose allocator history set ZeRO-2's
@@ -316,6 +318,19 @@ def node_beside_workers() -> list[tuple[str, float, float]]:
     return out
 
 
+def allocated_rows() -> list[tuple[str, float, float, float, float]]:
+    """(case, torch's max_memory_allocated predicted and measured, max_memory_reserved predicted and measured, GiB) of
+    every REGIME_RUNS case that ran and recorded them: the count of live tensors apart from the allocator's reserve."""
+    from meshpilot.orchestrator.sim.calibration import predict
+    out = []
+    for _, r, job, plan, _ in simulated_cases(REGIME_RUNS):
+        m = r.get("measured") or {}
+        if r["outcome"] == "ran" and m.get("allocated_gib") and m.get("reserved_gib"):
+            p = predict(job, plan)
+            out.append((r["case"], p["allocated_gib"], m["allocated_gib"], p["reserved_gib"], m["reserved_gib"]))
+    return out
+
+
 def _then_and_now(row: dict[str, Any]) -> str:
     """How a regime run was ranked when it ran (its recorded prediction) and how the simulator at hand ranks it."""
     then = "predicted to fit with margin before it ran" if row.get("fits_with_margin_then") else "risky when it ran"
@@ -404,6 +419,15 @@ def main() -> int:
         if st:
             print(f"their step times: {len(st)} runs, MAPE {100.0 * sum(map(abs, st)) / len(st):.1f}%, "
                   f"largest {100.0 * max(st, key=abs):+.1f}%")
+    alloc = allocated_rows()
+    if alloc:
+        errs = sorted(((pa - ma) / ma, c) for c, pa, ma, _, _ in alloc)
+        within = sum(abs(e) <= 0.025 for e, _ in errs)
+        print(f"\ntorch's allocated peak, regime runs that ran: {len(alloc)} runs, MAPE "
+              f"{100.0 * sum(abs(e) for e, _ in errs) / len(errs):.1f}%, {within} within 2.5% "
+              f"(largest: {', '.join(f'{c} {100 * e:+.1f}%' for e, c in sorted(errs, key=lambda x: -abs(x[0]))[:3])}); "
+              f"reserved above allocated predicted/measured: " + ", ".join(
+                  f"{c} {pr - pa:.1f}/{mr - ma:.1f}" for c, pa, ma, pr, mr in alloc if abs((pr - pa) - (mr - ma)) > 5.0))
     beside = node_beside_workers()
     if beside:
         med = (lambda xs: sorted(xs)[len(xs) // 2])
