@@ -219,7 +219,7 @@ class SimulatorConstants:
     """Memory on a node beside the training processes once they start: Ray's own processes (GCS, raylet, dashboard
     and its agents) and meshpilot's driver. Ray's memory monitor counts it against the threshold, so a plan's
     workers may use that much less. Median over the runs committed under benchmarks/results/ that recorded the
-    node's used memory before `meshpilot run` and when the workers started (1.50-1.85 GiB;
+    node's used memory before `meshpilot run` and when the workers started (24 runs, 1.09-1.88 GiB;
     ``python benchmarks/error_bands.py`` prints them)."""
     node_base_gib: float = 0.96
     """A node's used memory before meshpilot starts anything (kernel, system daemons), counted by Ray's memory

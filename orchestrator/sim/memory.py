@@ -529,8 +529,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # flat copies and the engine build's freed blocks, so they add nothing to the reserve either (reserved 128.0 and
     # 114.6 GiB, 141.4 and 123.8 predicted with them).
     z2ga1 = (st == 2) & (a.grad_accum == 1) & ~off_o & ~is_zo
-    transient = np.where(z2ga1, grads + bucket, 0.0)
     if z2ga1.any():
+        transient = np.where(z2ga1, grads + bucket, 0.0)
         tokens = a.micro_batch * float(job.train.seq_len)
         loss_saved = tokens * (c.hf_logits_saved_bytes if hf else c.logits_saved_bytes) * mt.vocab / a.tp
         one, work = layer_backward_bytes(mt, job.train.seq_len, a, c)
@@ -734,8 +734,8 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     """Host bytes per rank that the worker allocates beyond its process (``offload``: what stays for
     the run; ``build``: the zeroth-order model built on the host; ``pinned``: the page-locked part of
     ``offload``). Pinned blocks are rounded up to a power of two (:func:`pow2_ceil`; host_copy_probe.py
-    measured 1.12 and 1.86 GiB blocks at 2.0 GiB, 2.05 at 4.0) on GPU clusters; a CPU cluster pins nothing. ``n_max``: elements of
-    the largest parameter tensor on a rank (:func:`largest_tensor`).
+    measured 1.12 and 1.86 GiB blocks at 2.0 GiB, 2.05 at 4.0) on GPU clusters; a CPU cluster pins
+    nothing. ``n_max``: elements of the largest parameter tensor on a rank (:func:`largest_tensor`).
 
     Optimizer offload, ZeRO 1/2 (DeepSpeed 0.19 stage_1_and_2.py, pin_memory on, mixed precision):
     the fp32 master partition ``pin(4 P_s)``, its 16-bit copy-back buffer ``pin(w P_s)``
@@ -754,8 +754,9 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     the last sub-group's temporary and every later step the largest one's: llama-2-7b on 2 ranks rose 1.20 GiB
     per rank from the first step to the second at sub-groups of 1e9 and 0.32 at 5e8, as predicted before the
     runs (2026-11-30-s8-h200x2/host4). The 4 min(P_s, sub_group_size) fp32 buffer DeepSpeed allocates while
-    the engine is built is freed before any moment exists and is not part of the peak. Parameter offload: the 16-bit partition ``pin(w P_s)`` (the flat CPU buffer)
-    plus the per-parameter partitions zero.Init pinned when the model was built (``sum_t pin(w n_t /
+    the engine is built is freed before any moment exists and is not part of the peak. Parameter offload: the
+    16-bit partition ``pin(w P_s)`` (the flat CPU buffer), into which the step's copy converts without a
+    temporary, plus the per-parameter partitions zero.Init pinned when the model was built (``sum_t pin(w n_t /
     dp)``), which torch's host allocator keeps cached after DeepSpeed copies them into the flat buffer.
     ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
     stash of every resident parameter (``sum_t pin(w n_t)``: embeddings, head, final norm); every

@@ -205,9 +205,8 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                    + (f"try {' or '.join(tips)}, or " if tips else "the changes above lower it too, or ")
                    + "use more nodes")
         reasons.append(f"needs {cpu:.1f} GiB of host memory per node, {scores.host_usable_gib * (1 - headroom):.1f} "
-                       f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's memory_usage_threshold, "
-                       "less what the system and Ray's own processes hold); "
-                       + fix)
+                       f"usable ({cl.memory_usage_threshold:.0%} of {cl.cpu_memory_gib:g}, Ray's "
+                       "memory_usage_threshold, less what the system and Ray's own processes hold); " + fix)
     band, margin = float(scores.band[i]), float(scores.margin_gib[i])
     regime = REGIMES[int(scores.regime[i])]
     notes = []
