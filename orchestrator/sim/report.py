@@ -32,7 +32,8 @@ def estimate_tables(est: Estimate, title: str | None = None) -> list[Table]:
     if est.regime:
         head.add_row("measured error band", f"+{est.memory_margin_gib:.2f} GiB ({est.regime.replace('_', ' ')}): up to "
                                             f"{est.peak_memory_gib + est.memory_margin_gib:.2f} GiB")
-    head.add_row("host memory per node", f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.0f} usable")
+    head.add_row("host memory per node",
+                 f"{est.cpu_memory_gib_per_node:.1f} GiB of {est.cpu_memory_available_gib:.1f} usable")
     head.add_row("step time", f"{est.step_time_s:.4g} s")
     head.add_row("tokens/s", f"{est.tokens_per_s:,.0f}")
     head.add_row("MFU", f"{est.mfu:.1%}")
