@@ -782,12 +782,15 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     accum = np.zeros(a.n)
     if need.any():
         accum[need] = pinned_tensor_bytes(m, w, a.tp[need], a.ep[need], 1, pinned=pinned) * (ps / pr)[need]
-    stage12 = pin(4.0 * ps) + pin(w * ps) + pin(4.0 * ps) + states * ps + pin(w * n_max) + accum
+    # each offload's page-locked buffers and its pageable ones (the moments, ZeRO-3's fp32 master and step copy)
+    stage12_locked = pin(4.0 * ps) + pin(w * ps) + pin(4.0 * ps) + pin(w * n_max) + accum
+    stage12_pageable = states * ps
     sg = np.maximum(np.asarray(ds.sub_group_size, dtype=float), 1.0)
     full = np.floor(ps / sg)
     sub_grads = full * pin(4.0 * sg) + pin(4.0 * (ps - full * sg))
     step_copy = np.where(off_p, 0.0, w * np.minimum(ps, sg))       # the fp32 -> 16-bit conversion on the host
-    stage3 = (4.0 + states) * ps + sub_grads + pin(w * ps) + step_copy
+    stage3_locked = sub_grads + pin(w * ps)
+    stage3_pageable = (4.0 + states) * ps + step_copy
     init_parts = np.zeros(a.n)                                # zero.Init's pinned per-parameter partitions
     if off_p.any():
         init_parts[off_p] = pinned_tensor_bytes(m, w, a.tp[off_p], a.ep[off_p], a.dp[off_p], pinned=pinned)
@@ -801,17 +804,13 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     if m.arch in (Arch.GPT2, Arch.OPT):
         resident.append((m.max_positions + (2 if m.arch == Arch.OPT else 0)) * m.hidden)
     stash = float(sum(np.sum(pin(w * x)) for x in resident if x > 0))
-    offload = (np.where(off_o, np.where(st == 3, stage3, stage12), 0.0) + np.where(off_p, param_off, 0.0)
-               + np.where(a.zo2, stores + stash, 0.0))
+    locked = (np.where(off_o, np.where(st == 3, stage3_locked, stage12_locked), 0.0) + np.where(off_p, param_off, 0.0)
+              + np.where(a.zo2, stores + stash, 0.0))
+    offload = locked + np.where(off_o, np.where(st == 3, stage3_pageable, stage12_pageable), 0.0)
     build = np.where(is_zo, w * mt.total, 0.0)
     # ZeRO-3 keeping its partitions on the GPU defragments them through the host while the engine is built
     # (zero/utils.py defragment: a pageable w P_s copy, freed before the optimizer's buffers exist)
     defrag = np.where((st == 3) & ~off_p & ~is_zo, w * ps, 0.0)
-    # the page-locked part of ``offload`` (the kernel and the driver keep bookkeeping of their own for it)
-    if pinned:
-        stage12_pinned = pin(4.0 * ps) + pin(w * ps) + pin(4.0 * ps) + pin(w * n_max) + accum
-        locked = (np.where(off_o, np.where(st == 3, sub_grads + pin(w * ps), stage12_pinned), 0.0)
-                  + np.where(off_p, param_off, 0.0) + np.where(a.zo2, stores + stash, 0.0))
-    else:
-        locked = np.zeros(a.n)
-    return dict(offload=offload, build=build, defrag=defrag, pinned=locked)
+    # the page-locked part of ``offload`` (the kernel and the driver keep bookkeeping of their own for it); a CPU
+    # cluster pins nothing
+    return dict(offload=offload, build=build, defrag=defrag, pinned=locked if pinned else np.zeros(a.n))
