@@ -55,33 +55,33 @@ class Case:
     note: str                   # what the case tests (documentation only, never used to score)
 
 
+# the overrides the cases share: two GPUs of one node at global batch 16, full checkpointing, ZeRO-3 + optimizer
+# offload of llama-2-13b at micro-batch 1, ZeRO-3 sub-groups of 5e8 elements
+DP2 = ("cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2")
+AC = ("plan.activation_checkpointing=full",)
+Z3OPT = ("plan.zero_stage=3", "plan.offload_optimizer=cpu")
+Z3OPT_13B = ("model=llama-2-13b", *DP2, *Z3OPT, "plan.micro_batch=1", *AC)
+SG5E8 = ("train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}",)
+L39 = ("model.layers=39", "model.name=llama-13b-39l")
+
 CASES = (
-    Case("z2off_13b_mb4", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                           "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=4",
-                           "plan.activation_checkpointing=full"), 150,
+    Case("z2off_13b_mb4", ("model=llama-2-13b", *DP2, "plan.zero_stage=2", "plan.offload_optimizer=cpu",
+                           "plan.micro_batch=4", *AC), 150,
          "issue #15's run: ZeRO-2 + optimizer offload, 2 accumulation steps; Ray's memory monitor killed it"),
     Case("zo2_opt13b", ("model=opt-13b", "cluster.gpus_per_node=1", "train.optimizer=zo-sgd", "train.global_batch=1",
                         "plan.dp=1", "plan.zo.mode=zo2", "plan.micro_batch=1"), 240,
          "ZO2 on one GPU (issue #15: host predicted about 40% low)"),
-    Case("z3opt_13b", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                       "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=1",
-                       "plan.activation_checkpointing=full"), 150,
+    Case("z3opt_13b", Z3OPT_13B, 150,
          "ZeRO-3 + optimizer offload: host memory predicted just under the usable limit"),
-    Case("z2off_7b_mb2", ("model=llama-2-7b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                          "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=2",
-                          "plan.activation_checkpointing=full"), 200,
+    Case("z2off_7b_mb2", ("model=llama-2-7b", *DP2, "plan.zero_stage=2", "plan.offload_optimizer=cpu",
+                          "plan.micro_batch=2", *AC), 200,
          "ZeRO-2 + optimizer offload that fits: the host prediction against a whole run"),
-    Case("z3both_13b", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                        "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu",
-                        "plan.micro_batch=1", "plan.activation_checkpointing=full"), 150,
+    Case("z3both_13b", ("model=llama-2-13b", *DP2, *Z3OPT, "plan.offload_params=cpu", "plan.micro_batch=1", *AC), 150,
          "ZeRO-3 + optimizer and parameter offload: predicted over the host"),
     # 2026-11-30 session 7 (predicted before it runs, results/2026-11-30-s7-cpu/preregistered): z3opt_13b ran out of
     # host memory at 237.6 GiB on the node; with sub-groups of 5e8 elements its transient fp32 gradient buffer halves
     # and the host model puts it 3 GiB under the 239.2 GiB Ray allows on the 251.8 GiB machine, with margin
-    Case("z3opt_13b_sg5e8", ("model=llama-2-13b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                             "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=1",
-                             "plan.activation_checkpointing=full",
-                             "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 200,
+    Case("z3opt_13b_sg5e8", (*Z3OPT_13B, *SG5E8), 200,
          "ZeRO-3 + optimizer offload at the host's edge, on the side predicted to fit (236.1 of 239.2 GiB)"),
     # 2026-11-30 session 8: z3opt_13b_sg5e8 ran its first step and ran out of host memory in the second, as z3opt_13b
     # had. The 7B ZeRO-3 + optimizer-offload runs' peak RSS rose 1.20 GiB per rank from the first step to the second.
@@ -89,26 +89,16 @@ CASES = (
     # and each sub-group's fp32 -> GPU bf16 copy converts on the host (w x sub-group bytes), so the first step's peak
     # holds the last sub-group's temporary and the second the largest one's: +2 x (1e9 - 0.369e9) bytes = 1.17 GiB
     # per rank at sub-groups of 1e9 (llama-2-7b, 3.369e9 elements per rank), +2 x (5e8 - 3.69e8) = 0.24 GiB at 5e8
-    Case("z3offopt_7b_sg1e9", ("model=llama-2-7b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                               "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=8",
-                               "plan.activation_checkpointing=full"), 130,
+    Case("z3offopt_7b_sg1e9", ("model=llama-2-7b", *DP2, *Z3OPT, "plan.micro_batch=8", *AC), 130,
          "ZeRO-3 + optimizer offload, sub-groups of 1e9: the second step's host peak over the first's"),
-    Case("z3offopt_7b_sg5e8", ("model=llama-2-7b", "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2",
-                               "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=8",
-                               "plan.activation_checkpointing=full",
-                               "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 130,
+    Case("z3offopt_7b_sg5e8", ("model=llama-2-7b", *DP2, *Z3OPT, "plan.micro_batch=8", *AC, *SG5E8), 130,
          "the same with sub-groups of 5e8"),
     # 2026-11-30 session 8, after the host model counts the step's conversion copy, pinned memory's bookkeeping and
     # what the node holds beside the workers (predicted before they run: results/2026-11-30-s8-h200x2/preregistered):
     # llama-2-13b cut to 39 layers, on either side of the fits-with-margin line
-    Case("z3opt_13b39l_sg5e8", ("model=llama-2-13b", "model.layers=39", "model.name=llama-13b-39l",
-                                "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2", "plan.zero_stage=3",
-                                "plan.offload_optimizer=cpu", "plan.micro_batch=1", "plan.activation_checkpointing=full",
-                                "train.deepspeed_extra={zero_optimization: {sub_group_size: 500000000}}"), 190,
+    Case("z3opt_13b39l_sg5e8", (*Z3OPT_13B, *L39, *SG5E8), 190,
          "ZeRO-3 + optimizer offload 2.8 GiB under the usable host memory: fits with margin"),
-    Case("z3opt_13b39l", ("model=llama-2-13b", "model.layers=39", "model.name=llama-13b-39l",
-                          "cluster.gpus_per_node=2", "train.global_batch=16", "plan.dp=2", "plan.zero_stage=3",
-                          "plan.offload_optimizer=cpu", "plan.micro_batch=1", "plan.activation_checkpointing=full"), 190,
+    Case("z3opt_13b39l", (*Z3OPT_13B, *L39), 190,
          "the same with sub-groups of 1e9, 0.9 GiB under the usable host memory: risky"),
 )
 
