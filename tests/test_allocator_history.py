@@ -1,18 +1,16 @@
 """benchmarks/allocator_history.py: which code made each held segment, and which segments served later requests."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from file_module import load_file
 
 MB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("allocator_history", ROOT / "benchmarks" / "allocator_history.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ROOT / "benchmarks" / "allocator_history.py")
 
 
 def ev(action, size, addr, t, *where):

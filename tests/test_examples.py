@@ -16,7 +16,6 @@ built-in model's with the checkpoint's weights.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from file_module import load_file
 from ray_cluster import held_ray_cluster, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -144,10 +144,7 @@ def test_zero2_finetune_export_matches_checkpoint_and_loads_in_transformers(exam
 
 
 def _make_assets():
-    spec = importlib.util.spec_from_file_location("make_assets", ASSETS / "make_assets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ASSETS / "make_assets.py")
 
 
 def test_committed_assets_are_what_make_assets_builds(tmp_path, monkeypatch, capsys):

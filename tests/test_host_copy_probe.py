@@ -1,22 +1,20 @@
 """benchmarks/host_copy_probe.py's measuring parts on the CPU: the sampled peak of RssAnon + RssShmem over a call."""
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from file_module import load_file
+
 MIB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("host_copy_probe", ROOT / "benchmarks" / "host_copy_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ROOT / "benchmarks" / "host_copy_probe.py")
 
 
 def test_sampled_peak_sees_a_block_that_is_freed_before_the_call_returns():
