@@ -39,6 +39,14 @@ TP2 = ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2"]
 OFFALL = ["plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu"]
 AC = ["plan.activation_checkpointing=full"]
 ZO = ["train.optimizer=zo-sgd", "train.steps=6"]   # steps of a second or less: 6, so that the median skips warm-up
+# transformers' LlamaForCausalLM of the 2026-11-27 set's shapes (benchmarks/configs/accuracy.yaml), random weights
+HF = ["model=llama-2-7b", "model.implementation=hf"]
+M04 = ["model.name=llama-0.4b", "model.layers=24", "model.hidden=1024", "model.heads=16", "model.kv_heads=16",
+       "model.ffn=2816"]
+M1B = ["model.name=llama-1b", "model.layers=16", "model.hidden=2048", "model.heads=16", "model.kv_heads=16",
+       "model.ffn=5632"]
+M3B = ["model.name=llama-3b", "model.layers=26", "model.hidden=3200", "model.heads=32", "model.kv_heads=32",
+       "model.ffn=8640"]
 # (name, overrides, time limit s, what it tests)
 CASES = [
     ("z3offall_7b_mb1", [*DP2, "model=llama-2-7b", "train.global_batch=4", *OFFALL, "plan.micro_batch=1", *AC], 130,
@@ -142,6 +150,26 @@ CASES = [
      "ZeRO-2 opt-6.7b at micro-batch 8 without checkpointing: 144.0 GiB predicted, over the card (forced)"),
     ("z0_opt27b_one_mb8", [*ONE, "model=opt-2.7b", "train.global_batch=8", "plan.zero_stage=0", "plan.micro_batch=8",
                            *AC], 100, "one rank on one GPU: the host baseline of a single process (1.4 GiB)"),
+    # 2026-11-30 session 9: transformers' model class through `meshpilot run` (model.implementation: hf, random weights
+    # from the config), on the shapes and plans of the 2026-11-27 Hugging Face set's dp=2 rows, which that set measured
+    # in its own loop (benchmarks/measure_deepspeed.py), not through the worker
+    ("hf_m04_z3_mb4", [*DP2, *HF, *M04, "train.global_batch=8", "plan.zero_stage=3", "plan.micro_batch=4"], 90,
+     "HF llama 0.4B ZeRO-3 (the set's m04-z3-dp2-mb4)"),
+    ("hf_m1b_z2_mb8_ac", [*DP2, *HF, *M1B, "train.global_batch=16", "plan.zero_stage=2", "plan.micro_batch=8", *AC],
+     90, "HF llama 1B ZeRO-2 with checkpointing (the set's m1b-z2-dp2-mb8-ac)"),
+    ("hf_m1b_z0_mb16", [*DP2, *HF, *M1B, "train.global_batch=32", "plan.zero_stage=0", "plan.micro_batch=16"], 90,
+     "HF llama 1B ZeRO-0 at micro-batch 16 (the set's m1b-z0-dp2-mb16)"),
+    ("hf_m7b_z3_mb1_ac", [*DP2, *HF, "train.global_batch=2", "plan.zero_stage=3", "plan.micro_batch=1", *AC], 120,
+     "HF llama 7B ZeRO-3 with checkpointing (the set's m7b-z3-dp2-mb1-ac: 72.0 GiB there, 12.9 above allocated)"),
+    ("hf_m7b_z3offall_mb1_ac", [*DP2, *HF, "train.global_batch=2", *OFFALL, "plan.micro_batch=1", *AC], 150,
+     "HF llama 7B ZeRO-3 with optimizer and parameter offload (the set's m7b-z3-offall-dp2-mb1-ac: 13.1 GiB there)"),
+    # the reserve above allocated of ZeRO-3 with optimizer offload, which grows with the micro-batch (0.7, 1.2, 2.1 GiB
+    # at 2, 4, 8 on llama-2-7b, 0.2 predicted): eight of its layers, for the allocator's history (train.memory_history)
+    ("z3offopt_7b8l_mb8", [*DP2, "model=llama-2-7b", "model.layers=8", "model.name=llama-7b-8l",
+                           "train.global_batch=16", "plan.zero_stage=3", "plan.offload_optimizer=cpu",
+                           "plan.micro_batch=8", *AC], 90, "ZeRO-3 + optimizer offload, 8 layers, micro-batch 8 x 1"),
+    ("hf_m3b_z1_mb2", [*DP2, *HF, *M3B, "train.global_batch=4", "plan.zero_stage=1", "plan.micro_batch=2"], 100,
+     "HF llama 3B ZeRO-1 (the set's m3b-z1-dp2-mb2, a calibration row there: the loaded model's hole)"),
 ]
 
 
@@ -164,7 +192,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-time budget of the whole set (default 540)")
     ap.add_argument("--settle-s", type=float, default=3.0, help="pause between cases (the last run's memory returns)")
     ap.add_argument("--dry-run", action="store_true", help="predictions only; nothing is run")
-    ap.add_argument("--no-precompile", action="store_true", help="do not build DeepSpeed's cpu_adam op first")
+    ap.add_argument("--no-precompile", action="store_true", help="do not build DeepSpeed's ops first")
+    ap.add_argument("--ops", nargs="*", default=["cpu_adam"], choices=["cpu_adam", "fused_adam"],
+                    help="DeepSpeed ops to build before the first case (default: cpu_adam)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every case (e.g. an allocator setting)")
     a = ap.parse_args()
     unknown = set(a.cases or []) - {c[0] for c in CASES}
@@ -175,8 +205,8 @@ def main() -> int:
     host_gib = DRY_RUN_HOST_GIB if a.dry_run else round(host_total_gib(), 1)
     built = None
     if not a.dry_run and not a.no_precompile:
-        built = precompile_ops(dict(os.environ), 240.0, a.out, ["cpu_adam"])
-        print(f"cpu_adam: {built}", flush=True)
+        built = precompile_ops(dict(os.environ), 240.0, a.out, a.ops)
+        print(f"ops built first: {built}", flush=True)
     rows, skipped = [], []
     for name, case_sets, limit, note in CASES:
         if a.cases is not None and name not in a.cases:
