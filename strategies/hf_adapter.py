@@ -47,19 +47,42 @@ def hf_model_factory(job: Any, plan: Any, groups: Any, *, dtype: Any = None) -> 
     ``deepspeed.zero.Init``, which partitions each parameter as ``from_config`` creates it; the
     checkpoint's tensors are then read one at a time from the safetensors files (by the in-memory
     name, or that name without its base-model prefix as hub checkpoints of gpt2 store it) and
-    copied into the gathered parameter, so no rank materialises the whole model."""
+    copied into the gathered parameter, so no rank materialises the whole model.
+
+    ``plan.activation_checkpointing: full`` recomputes every decoder layer in the backward (transformers'
+    activation checkpointing, non-reentrant ``torch.utils.checkpoint``): each layer keeps only its input."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from meshpilot.strategies.hf_checkpoint import hf_config_dict
     cfg = job.model
     if cfg.path and plan.zero_stage != 3:
-        return CausalLMLoss(AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32))
-    config = AutoConfig.for_model(**hf_config_dict(cfg))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    if cfg.path:
-        _load_partitioned(model, cfg.path)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+    else:
+        config = AutoConfig.for_model(**hf_config_dict(cfg))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        if cfg.path:
+            _load_partitioned(model, cfg.path)
+    if plan.checkpoints_activations:
+        enable_activation_checkpointing(model)
     return CausalLMLoss(model)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Full recomputation of every decoder layer of a transformers model (non-reentrant ``torch.utils.checkpoint``,
+    as the built-in model's blocks). transformers 5 names it ``activation_checkpointing_enable``, older releases
+    ``gradient_checkpointing_enable``; a model with neither cannot honour the plan, which is an error, not a
+    silent run without it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} has no activation checkpointing; set "
+                         "plan.activation_checkpointing=none")
+    if hasattr(model, "config"):
+        model.config.use_cache = False          # a KV cache is of no use in training and checkpointing refuses it
 
 
 def _load_partitioned(model: nn.Module, directory: str) -> None:

@@ -1,9 +1,9 @@
 """``model.implementation: hf``: transformers' model class run by the worker, and modelled by the simulator.
 
 - The worker builds ``AutoModelForCausalLM`` with the checkpoint's weights under ZeRO-2 and
-  ZeRO-3 (2 gloo ranks, the parameters partitioned as they are created): the first step's loss is
-  the Hugging Face model's on the same batch, and both plans train to the same losses as the
-  built-in model started from the same checkpoint (same weights, same data, same optimizer).
+  ZeRO-3 (2 gloo ranks, the parameters partitioned as they are created), the latter also with activation
+  checkpointing: the first step's loss is the Hugging Face model's on the same batch, and every plan trains to
+  the same losses as the built-in model started from the same checkpoint (same weights, same data, same optimizer).
 - Plans it cannot run (tensor or expert parallel, zeroth order) and ``train.export: hf`` exit 2
   naming the key; the planner then never proposes them.
 - The simulator adds the loaded model's allocator hole (``model_load_fragmentation`` x w x P_r) for
@@ -27,7 +27,9 @@ from meshpilot.orchestrator.plan.plan import Plan, resolve_plan  # noqa: E402
 
 TRAIN = {"seq_len": 16, "global_batch": 4, "steps": 3, "precision": "fp32", "lr": 1e-3, "data": "synthetic",
          "seed": 5, "checkpoint_final": False, "warmup_steps": 0}
-PLANS = {"zero2": {"dp": 2, "zero_stage": 2}, "zero3": {"dp": 2, "zero_stage": 3}}
+PLANS = {"zero2": {"dp": 2, "zero_stage": 2}, "zero3": {"dp": 2, "zero_stage": 3},
+         # the decoder layers recomputed in the backward (transformers' checkpointing) under ZeRO-3's gathered parameters
+         "zero3_ac": {"dp": 2, "zero_stage": 3, "activation_checkpointing": "full"}}
 
 
 @pytest.fixture(scope="module")

@@ -281,3 +281,39 @@ def test_zero3_builds_the_model_in_the_training_dtype(stage, precision, dtype):
     plan = resolve_plan(job)
     hf = hf_model_factory(job, plan, None, dtype=build_dtype(job, plan))
     assert {p.dtype for p in hf.parameters()} == {getattr(torch, dtype)}
+
+
+def test_hf_model_honours_activation_checkpointing():
+    """``plan.activation_checkpointing: full`` on transformers' model class (model.implementation: hf) recomputes every
+    decoder layer in the backward, as the built-in blocks do: each layer's MLP runs twice a step (once more in the
+    backward), where without it once, and the loss and gradients are the same. (The 2026-11-30-s9 runs of such plans
+    had allocated their activations in full: the factory had never switched it on.)"""
+    import dataclasses
+    import functools
+
+    import torch
+
+    from meshpilot.orchestrator.config.schema import Implementation
+    from meshpilot.orchestrator.train.engine_deepspeed import build_dtype
+    from meshpilot.strategies.hf_adapter import hf_model_factory
+    out = {}
+    for ac in ("none", "full"):
+        job = tiny_job({"dp": 1, "zero_stage": 0, "activation_checkpointing": ac}, precision="fp32")
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, implementation=Implementation.HF))
+        plan = resolve_plan(job)
+        torch.manual_seed(3)
+        model = hf_model_factory(job, plan, None, dtype=build_dtype(job, plan))
+        model.train()
+        calls = []
+        for layer in model.model.model.layers:          # (module hooks do not run in the recomputation: count calls)
+            layer.mlp.forward = functools.partial(lambda *a, _f, **k: calls.append(1) or _f(*a, **k),
+                                                  _f=layer.mlp.forward)
+        torch.manual_seed(4)
+        x = torch.randint(0, job.model.vocab, (2, job.train.seq_len))
+        loss = model(x, x)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        out[ac] = (loss.item(), grads, len(calls), len(model.model.model.layers))
+    (l0, g0, c0, n), (l1, g1, c1, _) = out["none"], out["full"]
+    assert c0 == n and c1 == 2 * n
+    assert l1 == pytest.approx(l0, rel=1e-6) and torch.allclose(g0, g1, rtol=1e-5, atol=1e-7)
