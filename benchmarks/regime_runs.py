@@ -168,6 +168,12 @@ CASES = [
     ("z3offopt_7b8l_mb8", [*DP2, "model=llama-2-7b", "model.layers=8", "model.name=llama-7b-8l",
                            "train.global_batch=16", "plan.zero_stage=3", "plan.offload_optimizer=cpu",
                            "plan.micro_batch=8", *AC], 90, "ZeRO-3 + optimizer offload, 8 layers, micro-batch 8 x 1"),
+    # after the loaded model's hole was dropped at ZeRO-3 (zero.Init builds partitioned; sim/memory.py), ZeRO-3 plans
+    # of transformers' model not run before, without checkpointing
+    ("hf_m7b_z3_mb2", [*DP2, *HF, "train.global_batch=4", "plan.zero_stage=3", "plan.micro_batch=2"], 110,
+     "HF llama 7B ZeRO-3 at micro-batch 2 x 1, no checkpointing"),
+    ("hf_m3b_z3_mb4", [*DP2, *HF, *M3B, "train.global_batch=8", "plan.zero_stage=3", "plan.micro_batch=4"], 100,
+     "HF llama 3B ZeRO-3 at micro-batch 4 x 1, no checkpointing"),
     ("hf_m3b_z1_mb2", [*DP2, *HF, *M3B, "train.global_batch=4", "plan.zero_stage=1", "plan.micro_batch=2"], 100,
      "HF llama 3B ZeRO-1 (the set's m3b-z1-dp2-mb2, a calibration row there: the loaded model's hole)"),
 ]

@@ -159,3 +159,21 @@ def test_the_hf_loss_saves_only_the_fp32_log_softmax():
     loss.backward()
     assert C.hf_logits_saved_bytes + C.logits_backward_bytes == 12.0
     assert C.logits_saved_bytes + C.logits_backward_bytes == 14.0
+
+
+def test_no_loaded_model_hole_under_zero3():
+    """Under ZeRO-3 the worker builds transformers' model inside ``deepspeed.zero.Init``, which partitions each
+    parameter as it is created: the whole model never sits on the GPU as per-parameter tensors, so hf leaves no
+    hole there: its prediction is the same with ``model_load_fragmentation`` at 0, where at ZeRO-2 it is not."""
+    import dataclasses
+
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.simulator import simulate
+    no_hole = dataclasses.replace(SimulatorConstants(), model_load_fragmentation=0.0)
+    out = {}
+    for stage in (2, 3):
+        job = load_job(None, ["model=llama-2-7b", "cluster=h100-sxm-4", "train.global_batch=16", "plan.dp=4",
+                              f"plan.zero_stage={stage}", "plan.micro_batch=2", "plan.activation_checkpointing=full",
+                              "model.implementation=hf"])
+        out[stage] = simulate(job).peak_memory_gib - simulate(job, constants=no_hole).peak_memory_gib
+    assert out[3] == 0.0 and out[2] > 1.0

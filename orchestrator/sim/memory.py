@@ -100,7 +100,8 @@ less what the node holds beside the workers (``node_base_gib`` + ``ray_node_gib`
 the driver, which the monitor counts too; simulator.host_usable_gib).
 
 The second allocator term is the hole the model leaves behind when it is transformers' model
-class (``model.implementation: hf``): the model is loaded as separate per-parameter 16-bit
+class (``model.implementation: hf``) at ZeRO 0-2 (at ZeRO-3 ``zero.Init`` partitions each parameter as it is
+created, so there is none): the model is loaded as separate per-parameter 16-bit
 tensors (w·P_r), then DeepSpeed copies them into its own flat buffers and frees the originals;
 the caching allocator keeps those blocks reserved, and later tensors of other sizes reuse them
 only in part; the per-tensor gradients of stages 0-1 (autograd's, of the parameters' own shapes) do fit
@@ -550,8 +551,11 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # the hole of a loaded model: transformers' model class (model.implementation: hf) only; the built-in
     # model is created layer by layer where it runs (measured reserve above allocated on 2 x H200: 1.0-2.1
     # GiB at 7B tp=2, 4.9 GiB at 7B and 13B ZeRO-3, where the loaded-model term would add 11.8 and 22.8 GiB;
-    # benchmarks/results/2026-11-29-s2-h200x2)
-    load_hole = np.where(is_zo | (not on_gpu) | (not hf), 0.0, c.model_load_fragmentation * w * pr)
+    # benchmarks/results/2026-11-29-s2-h200x2). Nor at ZeRO-3: the model is built under deepspeed.zero.Init, which
+    # partitions each parameter as it is created (a checkpoint is copied in one tensor at a time), so the whole model
+    # never sits on the GPU as per-parameter tensors (strategies/hf_adapter.py); the constant was fitted on ZeRO 0-2
+    # rows only (the calibration half of the 2026-11-27 set holds no ZeRO-3 row)
+    load_hole = np.where(is_zo | (not on_gpu) | (not hf) | (st == 3), 0.0, c.model_load_fragmentation * w * pr)
     cal = job.cluster.calibration
     # calibration.device_fixed_gib: fitted by `meshpilot calibrate`, the per-rank fixed cost as measured
     fixed = cal.device_fixed_gib if cal.device_fixed_gib is not None else (
