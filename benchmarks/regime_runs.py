@@ -39,6 +39,11 @@ TP2 = ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2"]
 OFFALL = ["plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu"]
 AC = ["plan.activation_checkpointing=full"]
 ZO = ["train.optimizer=zo-sgd", "train.steps=6"]   # steps of a second or less: 6, so that the median skips warm-up
+# DeepSpeed 0.19's own ZeRO-3 defaults over meshpilot's config (benchmarks/accuracy_report.py deepspeed_defaults)
+_Z = "train.deepspeed_extra.zero_optimization"
+DS_DEFAULTS_Z3 = [f"{_Z}.overlap_comm=true", f"{_Z}.reduce_bucket_size=500000000",
+                  f"{_Z}.stage3_prefetch_bucket_size=50000000", f"{_Z}.stage3_param_persistence_threshold=100000",
+                  f"{_Z}.stage3_max_live_parameters=1000000000"]
 # transformers' LlamaForCausalLM of the 2026-11-27 set's shapes (benchmarks/configs/accuracy.yaml), random weights
 HF = ["model=llama-2-7b", "model.implementation=hf"]
 M04 = ["model.name=llama-0.4b", "model.layers=24", "model.hidden=1024", "model.heads=16", "model.kv_heads=16",
@@ -174,6 +179,20 @@ CASES = [
      "HF llama 7B ZeRO-3 at micro-batch 2 x 1, no checkpointing"),
     ("hf_m3b_z3_mb4", [*DP2, *HF, *M3B, "train.global_batch=8", "plan.zero_stage=3", "plan.micro_batch=4"], 100,
      "HF llama 3B ZeRO-3 at micro-batch 4 x 1, no checkpointing"),
+    # ZeRO-3 with DeepSpeed's own defaults (overlap_comm on: the all-gather and reduce-scatter streams' pools), whose
+    # reserve the model under-counts (+3.5 to +4.9 GiB measured at 13B, +0.3 to +1.5 modelled; 2026-11-29-s2 z3knobs)
+    # and which the 2026-11-27 Hugging Face set ran: for the allocator's history (train.memory_history), without and
+    # with checkpointing (the recording failed once in a checkpointed ZeRO-3 block's recomputation)
+    ("z3ov_7b_mb1", [*DP2, "model=llama-2-7b", "train.global_batch=2", "plan.zero_stage=3", "plan.micro_batch=1",
+                     *DS_DEFAULTS_Z3], 100, "ZeRO-3, DeepSpeed's defaults, micro-batch 1, no checkpointing"),
+    ("z3ov_7b_mb1_ac", [*DP2, "model=llama-2-7b", "train.global_batch=2", "plan.zero_stage=3", "plan.micro_batch=1",
+                        *DS_DEFAULTS_Z3, *AC], 100, "ZeRO-3, DeepSpeed's defaults, micro-batch 1, checkpointing"),
+    ("z3offopt_7b8l_mb2", [*DP2, "model=llama-2-7b", "model.layers=8", "model.name=llama-7b-8l",
+                           "train.global_batch=4", "plan.zero_stage=3", "plan.offload_optimizer=cpu",
+                           "plan.micro_batch=2"], 90, "ZeRO-3 + optimizer offload, 8 layers, micro-batch 2, no checkpointing"),
+    ("hf_m7b_z3ov_mb1_ac", [*DP2, *HF, "train.global_batch=2", "plan.zero_stage=3", "plan.micro_batch=1", *AC,
+                            *DS_DEFAULTS_Z3], 120,
+     "HF llama 7B ZeRO-3 with checkpointing and DeepSpeed's defaults: the 2026-11-27 set's m7b-z3-dp2-mb1-ac as it ran"),
     ("hf_m3b_z1_mb2", [*DP2, *HF, *M3B, "train.global_batch=4", "plan.zero_stage=1", "plan.micro_batch=2"], 100,
      "HF llama 3B ZeRO-1 (the set's m3b-z1-dp2-mb2, a calibration row there: the loaded model's hole)"),
 ]
