@@ -99,7 +99,14 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                # host_memory_runs.py cases that ran, each predicted before it ran (host4 by the model before the
                # step's host copy was counted, host5 after it; results/2026-11-30-s8-h200x2/preregistered)
                "results/2026-11-30-s8-h200x2/host4/host_memory_runs.json",
-               "results/2026-11-30-s8-h200x2/host5/host_memory_runs.json"]
+               "results/2026-11-30-s8-h200x2/host5/host_memory_runs.json",
+               # transformers' model class through the worker (model.implementation: hf) and ZeRO-3 with DeepSpeed's
+               # defaults, each predicted before it ran (results/2026-11-30-s9-h200x2/preregistered; no term was read
+               # off the two allocator histories of call3/tr)
+               "results/2026-11-30-s9-h200x2/call1/hf/regime_runs.json",
+               "results/2026-11-30-s9-h200x2/call2/hf2/regime_runs.json",
+               "results/2026-11-30-s9-h200x2/call3/tr/regime_runs.json",
+               "results/2026-11-30-s9-h200x2/call3/hfov/regime_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's
@@ -128,7 +135,14 @@ SUPERSEDED = {"regimes1:z3offall_7b_mb1": "ran its passes in fp32 (parameter off
                                        "no longer held out",
               # a term was read off this plan's allocator history (2026-11-30-s6-h200x2/hist): no longer held out
               "regimes6:tp2_opt67_mb4": "its allocator history set the masked gradient norm of ZeRO-0 under tp "
-                                        "(sim/memory.py), so it is no longer held out"}
+                                        "(sim/memory.py), so it is no longer held out",
+              # plans with activation checkpointing that ran without it: the worker did not switch transformers'
+              # checkpointing on (fixed in strategies/hf_adapter.py; run again in call2)
+              **{f"hf:{c}": "ran without the checkpointing its plan names (model.implementation: hf, before the fix)"
+                 for c in ("hf_m1b_z2_mb8_ac", "hf_m7b_z3_mb1_ac", "hf_m7b_z3offall_mb1_ac")},
+              # its reserve, with hf_m7b_z3_mb1_ac's, led to dropping the loaded-model hole at ZeRO-3 (sim/memory.py)
+              "hf:hf_m04_z3_mb4": "its reserve led to dropping the loaded-model hole at ZeRO-3 (sim/memory.py), so it "
+                                  "is no longer held out"}
 
 
 def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:
@@ -158,7 +172,7 @@ def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:
         job = load_job(str(HERE / JOB), sets)
         plan = resolve_plan(job)
         e = simulate(job, plan)
-        rows.append(dict(name=f"{f.parent.name}/{name}", regime=regime_of(plan, job.cluster.gpus_per_node),
+        rows.append(dict(name=f"{f.parent.name}/{name}", regime=regime_of(plan, job.cluster.gpus_per_node, job),
                          status="ok", measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=path))
         used.append(str(f))
     return rows, used
@@ -235,7 +249,7 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
         if peak is None:
             continue
         host = next(iter((m.get("host_node") or {}).values()), None) or {}
-        rows.append(dict(name=r["case"], regime=regime_of(plan, job.cluster.gpus_per_node), status=r["outcome"],
+        rows.append(dict(name=r["case"], regime=regime_of(plan, job.cluster.gpus_per_node, job), status=r["outcome"],
                          measured_gib=peak, predicted_gib=e.peak_memory_gib,
                          source=f"{f.relative_to(HERE)}:{r['case']}",
                          measured_step_s=step, predicted_step_s=e.step_time_s,
@@ -270,7 +284,7 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str], list[str]]:
         measured = c.peak_gib if c.status == "ok" else (c.job.cluster.gpu.memory_gib if e.fits else None)
         if measured is None:
             continue
-        rows.append(dict(name=c.name, regime=regime_of(c.plan, c.job.cluster.gpus_per_node), status=c.status,
+        rows.append(dict(name=c.name, regime=regime_of(c.plan, c.job.cluster.gpus_per_node, c.job), status=c.status,
                          measured_gib=measured, predicted_gib=e.peak_memory_gib, source=Path(c.source).name,
                          measured_step_s=c.step_s if c.has_step else None, predicted_step_s=e.step_time_s))
     used = list(paths)
@@ -289,7 +303,7 @@ def measured_rows() -> tuple[list[dict[str, Any]], list[str], list[str]]:
         # compared with; older summaries summed the workers' peak RSS instead
         monitor = "MemAvailable" in str(node.get("source", ""))
         host = (node.get("host_peak_gib") or {}).get("measured") if monitor and d not in HOST_NOT_HELD_OUT else None
-        rows.append(dict(name=run.name, regime=regime_of(plan, job.cluster.gpus_per_node), status=s.get("status"),
+        rows.append(dict(name=run.name, regime=regime_of(plan, job.cluster.gpus_per_node, job), status=s.get("status"),
                          measured_gib=max(peaks), predicted_gib=e.peak_memory_gib, source=d,
                          measured_step_s=rec.measured.get("step_time_s"), predicted_step_s=e.step_time_s,
                          measured_host_gib=host, predicted_host_gib=e.cpu_memory_gib_per_node,

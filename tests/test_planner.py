@@ -309,3 +309,26 @@ def test_dense_zero012_flat_copy_has_a_block_of_its_own():
     # ZeRO-3 at micro-batch 1: its fp32 sub-group copy (4 min(P_s, sub_group_size)) is larger than the logits
     z3 = load_job("benchmarks/configs/h200x2_check.yaml", [*base, "plan.zero_stage=3", "plan.micro_batch=1"])
     assert simulate(z3, resolve_plan(z3)).largest_request_gib > 4 * 1 * 2048 * 128256 / 2**30
+
+
+def test_zero3_with_overlap_comm_is_a_regime_of_its_own():
+    """ZeRO-3 with overlap_comm gets its own band (sim/error_bands.py): the plan's comm_overlap or a
+    ``train.deepspeed_extra`` overlap_comm puts a ZeRO-3 plan there, ZeRO-2 with overlap stays dense, offload takes
+    precedence; the estimate's margin is that regime's shipped band."""
+    from meshpilot.orchestrator.sim.error_bands import load_error_bands, regime_of
+    base = ["model=llama-2-7b", "cluster=h100-sxm-4", "cluster.gpus_per_node=2", "train.global_batch=8",
+            "plan.dp=2", "plan.micro_batch=1", "plan.activation_checkpointing=full"]
+    cases = {("plan.zero_stage=3", "plan.comm_overlap=true"): "zero3_overlap",
+             ("plan.zero_stage=3", "plan.comm_overlap=false"): "zero3",
+             ("plan.zero_stage=3", "train.deepspeed_extra.zero_optimization.overlap_comm=true"): "zero3_overlap",
+             ("plan.zero_stage=2", "plan.comm_overlap=true"): "dense",
+             ("plan.zero_stage=3", "plan.comm_overlap=true", "plan.offload_optimizer=cpu"): "optimizer_offload"}
+    bands = load_error_bands()
+    for extra, want in cases.items():
+        job = load_job(None, [*base, *extra])
+        plan = resolve_plan(job)
+        est = simulate(job, plan)
+        assert regime_of(plan, 2, job) == est.regime == want, extra
+        assert est.memory_margin_gib == pytest.approx(bands.of(want).margin_gib(est.peak_memory_gib)), extra
+    assert regime_of(resolve_plan(load_job(None, [*base, "plan.zero_stage=3",
+                                                   "train.deepspeed_extra.zero_optimization.overlap_comm=true"])), 2) == "zero3"

@@ -31,8 +31,11 @@ than :data:`MIN_RUNS` such runs the host check falls back to the plan's relative
 when its host peak plus that margin is within the node's usable memory too.
 
 Regimes, most specific first (a plan belongs to the first that matches): zeroth order,
-parameter offload, optimizer offload, ZeRO-3, expert parallel, tensor parallel, dense (ZeRO 0-2,
-no offload, tp = ep = 1).
+parameter offload, optimizer offload, ZeRO-3 with overlap_comm, ZeRO-3, expert parallel, tensor parallel, dense
+(ZeRO 0-2, no offload, tp = ep = 1). ZeRO-3 with overlap_comm is a regime of its own because its evidence differs:
+the side streams' pools and the step's flat copies that then find no cached block of their own leave 3-8 GiB of
+reserve the memory model does not count (2026-11-29-s2 z3knobs; 2026-11-30-s9: llama-2-7b 79.5 GiB against 75.8,
+transformers' 7B 72.1 against 64.5), where meshpilot's default, without it, is within a few percent.
 """
 from __future__ import annotations
 
@@ -46,16 +49,20 @@ import numpy as np
 from meshpilot.orchestrator.plan.codec import PlanArrays
 from meshpilot.orchestrator.plan.plan import Plan
 
-REGIMES = ("zeroth_order", "param_offload", "optimizer_offload", "zero3", "expert_parallel", "tensor_parallel",
-           "dense")
+REGIMES = ("zeroth_order", "param_offload", "optimizer_offload", "zero3_overlap", "zero3", "expert_parallel",
+           "tensor_parallel", "dense")
 MIN_RUNS = 2
 BANDS_FILE = "error_bands.json"
 
 
-def regime_codes(arrays: PlanArrays) -> np.ndarray:
-    """Index into :data:`REGIMES` of every plan of ``arrays`` (first matching regime wins)."""
+def regime_codes(arrays: PlanArrays, overlap_comm: np.ndarray | None = None) -> np.ndarray:
+    """Index into :data:`REGIMES` of every plan of ``arrays`` (first matching regime wins). ``overlap_comm``: whether
+    each plan's DeepSpeed config runs overlap_comm (sim/deepspeed_settings.py, which a ``train.deepspeed_extra`` can
+    set); default the plans' own ``comm_overlap``."""
+    overlap = np.asarray(arrays.comm_overlap if overlap_comm is None else overlap_comm, bool)
+    zero3 = np.asarray(arrays.zero) == 3
     conds = [np.asarray(arrays.zeroth_order, bool), np.asarray(arrays.offloads_params, bool),
-             np.asarray(arrays.offloads_optimizer, bool), np.asarray(arrays.zero) == 3,
+             np.asarray(arrays.offloads_optimizer, bool), zero3 & overlap, zero3,
              np.asarray(arrays.ep) > 1, np.asarray(arrays.tp) > 1]
     out = np.full(arrays.n, len(REGIMES) - 1, dtype=np.int64)
     for i in reversed(range(len(conds))):
@@ -63,9 +70,15 @@ def regime_codes(arrays: PlanArrays) -> np.ndarray:
     return out
 
 
-def regime_of(plan: Plan, gpus_per_node: int = 8) -> str:
-    """The regime of one plan (the same rule as :func:`regime_codes`)."""
-    return REGIMES[int(regime_codes(PlanArrays.from_plans([plan], gpus_per_node))[0])]
+def regime_of(plan: Plan, gpus_per_node: int = 8, job: Any = None) -> str:
+    """The regime of one plan (the same rule as :func:`regime_codes`); with ``job``, its DeepSpeed config's
+    overlap_comm (a ``train.deepspeed_extra`` may set it) rather than the plan's own."""
+    arrays = PlanArrays.from_plans([plan], gpus_per_node)
+    overlap = None
+    if job is not None:
+        from meshpilot.orchestrator.sim.deepspeed_settings import deepspeed_settings
+        overlap = deepspeed_settings(job, arrays).overlap_comm
+    return REGIMES[int(regime_codes(arrays, overlap)[0])]
 
 
 def margin_gib(band, band_gib, peak_gib):

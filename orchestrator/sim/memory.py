@@ -50,7 +50,12 @@ part of the activation phase (allocated from the end of the forward until the ba
 ZeRO-3 dp=2, mb 1x8, checkpointing, bucket 2e8): 110.7 GiB NVML peak without overlap_comm (109.9
 predicted), +3.45 GiB with it, +4.94 GiB with DeepSpeed's defaults (bucket 5e8); this model gives
 +0.34 and +1.47: the side-stream pools hold about 3 GiB more than it explains
-(benchmarks/results/2026-11-29-s2-h200x2/z3knobs, tests/test_comm_overlap.py).
+(benchmarks/results/2026-11-29-s2-h200x2/z3knobs, tests/test_comm_overlap.py). With DeepSpeed's defaults on llama-2-7b
+dp=2 (2026-11-30-s9-h200x2/call3): 79.5 GiB against 75.8 at micro-batch 1, and transformers' model with checkpointing
+72.1 against 64.5 (63.7 without overlap_comm, 63.1 predicted). The allocator's history of the first shows the side
+streams holding 4.4 GiB at the end and, on the compute stream, the step's fp32 sub-group copies taking two new 3.7 GiB
+segments at the second step (the first step's blocks were split by the forward's tensors). Not modelled: ZeRO-3 with
+overlap_comm is a regime of its own in sim/error_bands.py, whose band carries that evidence.
 
 The caching allocator's reserve, by phase. Allocated = static + max(activation phase, step phase), static
 being the weights, gradients, optimizer states and buckets; the activation phase the saved activations

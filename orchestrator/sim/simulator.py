@@ -90,7 +90,7 @@ def evaluate(job: JobConfig, arrays: PlanArrays, constants: SimulatorConstants |
     # the host's usable memory: Ray's memory monitor kills a worker above memory_usage_threshold x the node's memory
     usable = host_usable_gib(cl, c)
     gpu_cap, cpu_cap = cl.gpu.memory_gib * (1.0 - headroom), usable * (1.0 - headroom)
-    regime = regime_codes(arrays)
+    regime = regime_codes(arrays, ds.overlap_comm)
     eb = bands or load_error_bands()
     band = eb.band_of(regime)
     margin_gib = eb.margin_gib_of(regime, peak_gib)
