@@ -193,6 +193,22 @@ CASES = [
     ("hf_m7b_z3ov_mb1_ac", [*DP2, *HF, "train.global_batch=2", "plan.zero_stage=3", "plan.micro_batch=1", *AC,
                             *DS_DEFAULTS_Z3], 120,
      "HF llama 7B ZeRO-3 with checkpointing and DeepSpeed's defaults: the 2026-11-27 set's m7b-z3-dp2-mb1-ac as it ran"),
+    # 2026-11-30 session 9, after the two changes above (no hole at ZeRO-3 for transformers' model; ZeRO-3 with
+    # overlap_comm a regime with its own band): their edges. A plan the old bands called safe that the new one calls
+    # risky, plans the new band calls safe, and transformers' model near the card with the hole gone
+    ("z3ov_13b_mb14_ac", [*DP2, "model=llama-2-13b", "train.global_batch=28", "plan.zero_stage=3",
+                          "plan.comm_overlap=true", "plan.micro_batch=14", *AC], 150,
+     "llama-2-13b ZeRO-3 + overlap_comm 14 x 1: 133.9 GiB predicted, safe with the ZeRO-3 band, risky with its own"),
+    ("z3ov_13b_mb10_ac", [*DP2, "model=llama-2-13b", "train.global_batch=20", "plan.zero_stage=3",
+                          "plan.comm_overlap=true", "plan.micro_batch=10", *AC], 130,
+     "llama-2-13b ZeRO-3 + overlap_comm 10 x 1: 127.0 GiB predicted, safe with its own band"),
+    ("z3ov_7b_mb5", [*DP2, "model=llama-2-7b", "train.global_batch=10", "plan.zero_stage=3", "plan.comm_overlap=true",
+                     "plan.micro_batch=5"], 110, "llama-2-7b ZeRO-3 + overlap_comm 5 x 1: 125.1 GiB predicted"),
+    ("hf_13b_z3_mb1", [*DP2, "model=llama-2-13b", "model.implementation=hf", "train.global_batch=2",
+                       "plan.zero_stage=3", "plan.micro_batch=1"], 150,
+     "transformers' llama-2-13b ZeRO-3 1 x 1: 128.7 GiB predicted (the hole gone)"),
+    ("hf_7b_z3_mb5", [*DP2, *HF, "train.global_batch=10", "plan.zero_stage=3", "plan.micro_batch=5"], 120,
+     "transformers' llama-2-7b ZeRO-3 5 x 1: 124.1 GiB predicted (the hole gone)"),
     ("hf_m3b_z1_mb2", [*DP2, *HF, *M3B, "train.global_batch=4", "plan.zero_stage=1", "plan.micro_batch=2"], 100,
      "HF llama 3B ZeRO-1 (the set's m3b-z1-dp2-mb2, a calibration row there: the loaded model's hole)"),
 ]
