@@ -106,7 +106,8 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-11-30-s9-h200x2/call1/hf/regime_runs.json",
                "results/2026-11-30-s9-h200x2/call2/hf2/regime_runs.json",
                "results/2026-11-30-s9-h200x2/call3/tr/regime_runs.json",
-               "results/2026-11-30-s9-h200x2/call3/hfov/regime_runs.json"]
+               "results/2026-11-30-s9-h200x2/call3/hfov/regime_runs.json",
+               "results/2026-11-30-s9-h200x2/call4/edge/regime_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's

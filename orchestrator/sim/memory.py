@@ -54,8 +54,10 @@ predicted), +3.45 GiB with it, +4.94 GiB with DeepSpeed's defaults (bucket 5e8);
 dp=2 (2026-11-30-s9-h200x2/call3): 79.5 GiB against 75.8 at micro-batch 1, and transformers' model with checkpointing
 72.1 against 64.5 (63.7 without overlap_comm, 63.1 predicted). The allocator's history of the first shows the side
 streams holding 4.4 GiB at the end and, on the compute stream, the step's fp32 sub-group copies taking two new 3.7 GiB
-segments at the second step (the first step's blocks were split by the forward's tensors). Not modelled: ZeRO-3 with
-overlap_comm is a regime of its own in sim/error_bands.py, whose band carries that evidence.
+segments at the second step (the first step's blocks were split by the forward's tensors). Where the card has room
+that reserve keeps growing: llama-2-13b plans at 10 and 14 x 1 reserved 137.8 GiB, 21 and 14 above allocated, and
+ran, the allocator returning its free cached blocks when a cudaMalloc fails (2026-11-30-s9 call4). Not modelled:
+ZeRO-3 with overlap_comm is a regime of its own in sim/error_bands.py, whose band carries that evidence.
 
 The caching allocator's reserve, by phase. Allocated = static + max(activation phase, step phase), static
 being the weights, gradients, optimizer states and buckets; the activation phase the saved activations
