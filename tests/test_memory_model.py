@@ -565,3 +565,29 @@ def test_saved_activation_bytes_per_layer_counted_by_autograd(preset, changes):
     acts = layer_activation_bytes(cfg)
     rope = 2 * 2 * (cfg.hidden // cfg.heads) if cfg.arch == "llama" else 0
     assert per_token == pytest.approx(acts.replicated + acts.attention + acts.mlp + rope, abs=16)
+
+
+def test_over_the_card_with_live_tensors_that_fit_may_run():
+    """A ZeRO 0-2 plan predicted over the card whose live tensors (torch's allocated peak, CUDA context, NCCL) fit it
+    is noted "may run": the reserve above them is counted with the phases side by side, an upper bound there
+    (sim/memory.py). The floor is the peak less the reserve: framework overhead less the CUDA context. A plan whose
+    live tensors alone exceed the card gets no such note, and ``meshpilot run`` without --force names the note in its
+    refusal."""
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    from meshpilot.orchestrator.run.session import fit_check
+    from meshpilot.orchestrator.sim.simulator import simulate
+    base = ["cluster=h200-sxm-4", "cluster.gpus_per_node=2", "train.seq_len=2048", "plan.dp=1", "plan.tp=2",
+            "plan.zero_stage=0"]
+    job = load_job(None, [*base, "model=llama-2-7b", "train.global_batch=16", "plan.micro_batch=8"])
+    e = simulate(job)
+    floor = e.peak_memory_gib - (e.memory_breakdown_gib["framework_overhead"] - SimulatorConstants().cuda_context_gib)
+    assert not e.fits and floor < e.gpu_memory_gib < e.peak_memory_gib
+    note = [n for n in e.notes if n.startswith("may run")]
+    assert len(note) == 1 and f"need {floor:.1f} GiB" in note[0]
+    with pytest.raises(ConfigError, match="may run: over the card"):
+        fit_check(job, resolve_plan(job))
+    big = simulate(load_job(None, [*base, "model=llama-2-13b", "train.global_batch=8", "plan.micro_batch=1",
+                                   "plan.activation_checkpointing=full"]))
+    big_floor = big.peak_memory_gib - (big.memory_breakdown_gib["framework_overhead"]
+                                       - SimulatorConstants().cuda_context_gib)
+    assert not big.fits and big_floor > big.gpu_memory_gib and not any(n.startswith("may run") for n in big.notes)

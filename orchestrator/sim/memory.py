@@ -609,6 +609,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     return dict(weights=weights, gradients=grads, optimizer_states=opt, activations=acts, temporary=temporary,
                 communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,
                 largest_request=largest,
+                # the live tensors alone (no reserve above them): the least the card must hold
+                live_floor=np.maximum(allocated, build_alloc) + nccl + fixed * 2**30 + stream_pools,
                 cpu_offload=ranks_per_node * host["offload"], cpu_node=cpu_node,
                 peak=peak,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)
