@@ -46,6 +46,13 @@ JOBS = {
                             "plan.activation_checkpointing=none", "plan.sequence_parallel=true"],
         "z2_mb8x1_ckpt": ["plan.dp=2", "plan.zero_stage=2", "plan.micro_batch=8", "plan.activation_checkpointing=full"],
     }),
+    # 2026-11-30 session 9: a third job, transformers' llama-2-7b (model.implementation: hf; planned ZeRO-1 2 x 4 with
+    # overlap_comm), against the next-ranked plan of another stage and the first ZeRO-3 plan
+    "hf-llama-2-7b": (["model=llama-2-7b", "model.implementation=hf"], {
+        "z2_mb2x4_ov": ["plan.dp=2", "plan.zero_stage=2", "plan.micro_batch=2", "plan.activation_checkpointing=none",
+                        "plan.comm_overlap=true"],
+        "z3_mb4x2": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=none"],
+    }),
 }
 TIMEOUT_S = 150.0
 
