@@ -43,6 +43,8 @@ CHOICE_8B = [f"results/2026-11-30-s6-h200x2/choice8b/{n}" for n in ("auto", "z1_
 CHOICE_8B2 = [f"results/2026-11-30-s8-h200x2/choice8b2/{n}" for n in ("auto", "z1_mb1x8")]
 # and after the activation count and ZeRO-2's gradient phases changed it (results/2026-11-30-s8-h200x2/preregistered)
 CHOICE_8B3 = [f"results/2026-11-30-s8-h200x2/choice8b3/{n}" for n in ("auto", "z1_mb1x8")]
+# plan: auto on transformers' llama-2-7b and two alternatives (results/2026-11-30-s9-h200x2/preregistered/choice_hf7b)
+CHOICE_HF7B = [f"results/2026-11-30-s9-h200x2/call5/choice_hf7b/{n}" for n in ("auto", "z2_mb2x4_ov", "z3_mb4x2")]
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
@@ -71,7 +73,7 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # memory unchanged since before it ran)
             "results/2026-11-30-s4-h200x2/offfix/run",
             # 2026-11-30-s6: llama-3-8b's plan: auto and two plans it passed over (plan_choice_runs.py --job llama-3-8b)
-            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3]
+            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3, *CHOICE_HF7B]
 # not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py)
 STEP_NOT_HELD_OUT = set(CHOICE_8B)
 # not held out for GPU memory: the same plan as regimes7:z2_l3_8b_mb8, whose allocator history set ZeRO-2's
@@ -406,7 +408,7 @@ def main() -> int:
               f"{100.0 * sum(peak) / len(peak):.1f}%; step MAPE {100.0 * sum(st) / max(len(st), 1):.1f}% over {len(st)}")
     runs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows if r["source"] in RUN_DIRS]
     if runs:
-        print(f"\n`meshpilot run` directories of the built-in model (RUN_DIRS): {len(runs)} runs, peak MAPE "
+        print(f"\n`meshpilot run` directories (RUN_DIRS): {len(runs)} runs, peak MAPE "
               f"{100.0 * sum(runs) / len(runs):.1f}%, largest {100.0 * max(runs):.1f}%")
     # their step times too, except the ZeRO-3 step-time fit set (zero3_time_fit.FIT), which is not held out for time
     from zero3_time_fit import FIT
