@@ -473,10 +473,13 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # group holding a matrix replicated over the tp ranks (gpt2/opt's positional embedding, an MoE router) gets its
     # gradient norm masked (runtime/utils.py get_flattened_grad_norm): torch.zeros(P_g + 1) in fp32, its cumsum and a
     # bool mask, 9 P_g bytes at once, beside the flat fp32 gradients (4 P) once the 16-bit ones are freed. The decay
-    # group is all but the 1-D tensors, so P_g ~ P_r. Traced: opt-6.7b tp=2 mb 4 x 2, rank 1 allocated 83.88 GiB
-    # against rank 0's 74.57 (+3 P_r), with two new 4 P_r segments (2026-11-30-s6-h200x2/hist/tp2_opt67_mb4)
+    # group is all but the 1-D tensors and the experts (strategies/zero.py param_groups keeps experts in groups of their
+    # own, whose norm DeepSpeed takes unmasked), so P_g ~ P_n, the rank's non-expert parameters. Traced: opt-6.7b tp=2
+    # mb 4 x 2, rank 1 allocated 83.88 GiB against rank 0's 74.57 (+3 P_r), with two new 4 P_r segments
+    # (2026-11-30-s6-h200x2/hist/tp2_opt67_mb4); a Mixtral of 4 layers tp=2 mb 2 x 4, both ranks 66.67 GiB at the
+    # step's flatten, its 0.2 G non-expert parameters' mask far below it (2026-11-30-s9-h200x2/call6)
     masked = (st == 0) & (a.tp > 1) & mixed & (mt.replicated_matrices > 0)
-    stage0_tmp = np.where(masked, np.maximum(stage0_tmp, (4.0 + 9.0 - w) * pr), stage0_tmp)
+    stage0_tmp = np.where(masked, np.maximum(stage0_tmp, (4.0 - w) * pr + 9.0 * pn), stage0_tmp)
     # stage 3 steps its partition one sub-group at a time (stage3.py _prepare_fp32_grad_for_sub_group:
     # ``flatten(averaged_gradients).to(fp32)``, both alive, then steps and releases): (w + 4) x sub_group_size
     # elements at most, not P_s (measured: built-in llama-1b ZeRO-3 dp=2, reserved rises 6.23 GiB at the first
