@@ -17,9 +17,11 @@ and, when the run ends (completed, stopped or failed, out of memory included), w
 
 JSON rather than torch's pickle: the file is read by meshpilot's and a user's tools without unpickling anything.
 Recording costs time (a Python stack per event): the key is for diagnosis, not for timed runs. Measured on 2 x H200
-with torch 2.11: six dense, ZeRO 0-2 and tp=2 plans recorded without a fault; an ep=2 Mixtral plan failed in its first
-backward (``SystemError`` from autograd's engine, "returned NULL without setting an exception") with recording on and
-ran without it (benchmarks/results/2026-11-30-s6-h200x2/hist3). Communication: none.
+with torch 2.11: six dense, ZeRO 0-2 and tp=2 plans, ZeRO-3 plans without checkpointing and a tp=2 Mixtral recorded
+without a fault; an ep=2 Mixtral plan and two ZeRO-3 plans with activation checkpointing failed in their first
+backward (``SystemError`` from autograd's engine, "returned NULL without setting an exception", in the recomputed
+block's ``LinearFunctionForZeroStage3.apply``) with recording on and ran without it
+(benchmarks/results/2026-11-30-s6-h200x2/hist3, 2026-11-30-s9-h200x2/call1 and call3). Communication: none.
 """
 from __future__ import annotations
 
