@@ -524,7 +524,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     pertensor_grads = np.where((st <= 1) & ~is_zo, w * pr, 0.0)
     activation_phase = acts + working
     ga1 = (a.grad_accum == 1) & (pertensor_grads > 0)
-    lw = sum(layer_backward_bytes(mt, job.train.seq_len, a, c))     # the first block's backward: its tensors + working
+    one_layer, layer_work = layer_backward_bytes(mt, job.train.seq_len, a, c)   # one block's backward: tensors, working
+    lw = one_layer + layer_work
     apart = np.maximum.reduce([activation_phase, pertensor_grads + lw, pertensor_grads - freed_at_step + step_tmp])
     saving = np.where(ga1, np.maximum(pertensor_grads + acts + temporary - apart, 0.0), 0.0)
     act_cut = np.minimum(saving, acts)                   # the activations the backward freed by the peak
@@ -544,8 +545,8 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
         transient = np.where(z2ga1, grads + bucket, 0.0)
         tokens = a.micro_batch * float(job.train.seq_len)
         loss_saved = tokens * (c.hf_logits_saved_bytes if hf else c.logits_saved_bytes) * mt.vocab / a.tp
-        one, work = layer_backward_bytes(mt, job.train.seq_len, a, c)
-        backward = transient + np.maximum(acts - loss_saved, 0.0) + work + np.where(a.checkpoints_activations, one, 0.0)
+        backward = (transient + np.maximum(acts - loss_saved, 0.0) + layer_work
+                    + np.where(a.checkpoints_activations, one_layer, 0.0))
         phases = np.maximum.reduce([acts + temporary, backward, grads + step_tmp])
         temporary = np.where(z2ga1, phases - acts, temporary)
         grads, bucket = np.where(z2ga1, 0.0, grads), np.where(z2ga1, 0.0, bucket)
