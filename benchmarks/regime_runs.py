@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import metadata, precompile_ops, write_json  # noqa: E402
 from host_memory_runs import CLUSTER, DRY_RUN_HOST_GIB, JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
+from zero3_knobs import VARIANTS as ZERO3_VARIANTS  # noqa: E402
 
 BASE = ["train.seq_len=2048", "train.steps=4", "train.checkpoint_final=false", "train.checkpoint_every=0",
         "train.eval_every=0"]
@@ -39,11 +40,8 @@ TP2 = ["cluster.gpus_per_node=2", "plan.dp=1", "plan.tp=2"]
 OFFALL = ["plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.offload_params=cpu"]
 AC = ["plan.activation_checkpointing=full"]
 ZO = ["train.optimizer=zo-sgd", "train.steps=6"]   # steps of a second or less: 6, so that the median skips warm-up
-# DeepSpeed 0.19's own ZeRO-3 defaults over meshpilot's config (benchmarks/accuracy_report.py deepspeed_defaults)
-_Z = "train.deepspeed_extra.zero_optimization"
-DS_DEFAULTS_Z3 = [f"{_Z}.overlap_comm=true", f"{_Z}.reduce_bucket_size=500000000",
-                  f"{_Z}.stage3_prefetch_bucket_size=50000000", f"{_Z}.stage3_param_persistence_threshold=100000",
-                  f"{_Z}.stage3_max_live_parameters=1000000000"]
+# DeepSpeed 0.19's own ZeRO-3 defaults over meshpilot's config, as zero3_knobs.py runs them
+DS_DEFAULTS_Z3 = ZERO3_VARIANTS["ds_defaults"]
 # transformers' LlamaForCausalLM of the 2026-11-27 set's shapes (benchmarks/configs/accuracy.yaml), random weights
 HF = ["model=llama-2-7b", "model.implementation=hf"]
 M04 = ["model.name=llama-0.4b", "model.layers=24", "model.hidden=1024", "model.heads=16", "model.kv_heads=16",
