@@ -404,9 +404,14 @@ def metadata() -> dict[str, Any]:
             pynvml.nvmlShutdown()
         except Exception:
             card = "cuda (NVML unavailable)"
+    from meshpilot.orchestrator.config.node_limits import node_cpu_cores, node_memory
+    mem = node_memory()
+    # what the node lets a job use (a container's cgroup limits), beside what the machine has
+    limits = dict(cpu_cores=node_cpu_cores(), memory_gib=None if mem is None else round(mem.total_bytes / 2**30, 2),
+                  memory_source=None if mem is None else mem.source)
     return dict(card=card, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
                 date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                host_cpus=os.cpu_count(), versions=vers)
+                host_cpus=os.cpu_count(), node_limits=limits, versions=vers)
 
 
 def run_subprocess(cmd: list[str], env: dict[str, str], timeout_s: float, log_path: Path) -> int:

@@ -13,10 +13,11 @@ predicted over the card at 152 GiB and run with ``--force``).
 Per case: the prediction, the outcome (`meshpilot run`'s exit status, the failure kind) and what the run
 recorded (summary.json: NVML peak per rank, host memory per node, median step after the first, phases). Built-in
 model, random weights, seq 2048, 4 steps, on the 2 x H200 device machine (256 GiB host, 32 cores); the 1-GPU
-cases use one of its GPUs.
+cases use one of its GPUs, except the ``_one`` cases of 2026-12-01, run on the 1 x H200 kind (``--cpu-cores 16``).
 
     python benchmarks/regime_runs.py --out $R/regimes --cases z3offall_7b_mb1 ... --budget-s 540
     python benchmarks/regime_runs.py --out /tmp/x --dry-run        # predictions and commands only
+    python benchmarks/regime_runs.py --out /tmp/x --dry-run --cpu-cores 16 --host-gib 125 --cases z0_opt27b_one_mb12
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import metadata, precompile_ops, write_json  # noqa: E402
-from host_memory_runs import CLUSTER, DRY_RUN_HOST_GIB, JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
+from host_memory_runs import DRY_RUN_HOST_GIB, JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
 from zero3_knobs import VARIANTS as ZERO3_VARIANTS  # noqa: E402
 
 BASE = ["train.seq_len=2048", "train.steps=4", "train.checkpoint_final=false", "train.checkpoint_every=0",
@@ -50,6 +51,13 @@ M1B = ["model.name=llama-1b", "model.layers=16", "model.hidden=2048", "model.hea
        "model.ffn=5632"]
 M3B = ["model.name=llama-3b", "model.layers=26", "model.hidden=3200", "model.heads=32", "model.kv_heads=32",
        "model.ffn=8640"]
+
+
+def L7B(layers: int) -> list[str]:
+    """llama-2-7b's shapes with ``layers`` decoder layers."""
+    return ["model=llama-2-7b", f"model.layers={layers}", f"model.name=llama-7b-{layers}l"]
+
+
 # (name, overrides, time limit s, what it tests)
 CASES = [
     ("z3offall_7b_mb1", [*DP2, "model=llama-2-7b", "train.global_batch=4", *OFFALL, "plan.micro_batch=1", *AC], 130,
@@ -214,6 +222,31 @@ CASES = [
      "tp=2 on a Mixtral of 4 layers at micro-batch 2 x 4, no checkpointing"),
     ("hf_m3b_z1_mb2", [*DP2, *HF, *M3B, "train.global_batch=4", "plan.zero_stage=1", "plan.micro_batch=2"], 100,
      "HF llama 3B ZeRO-1 (the set's m3b-z1-dp2-mb2, a calibration row there: the loaded model's hole)"),
+    # 2026-12-01 session 10, on the 1 x H200 device machine (16 cores, 128 GiB host; run with --cpu-cores 16): a host
+    # no constant was fitted on. Host memory at its edge on either side, where one GPU's offloaded partition is the
+    # whole model and its pinned buffers round up to the next power of two (sim/memory.py host_memory_terms): llama-2-7b
+    # cut to 18-22 layers jumps from 72 to 116-119 GiB of ZeRO-2 host memory between 18 and 20 layers. One GPU's
+    # ZeRO-0 reserve at the card's edge on either side (the side-by-side reserve, 0-20% over on earlier plans)
+    ("z3offall_7b20l_one_mb8", [*ONE, *L7B(20), "train.global_batch=8", *OFFALL, "plan.micro_batch=8", *AC], 170,
+     "ZeRO-3 + both offloads on one GPU, 20 layers: host 112.0 GiB predicted of 116.1 usable (fits with margin)"),
+    ("z3offall_7b22l_one_mb8", [*ONE, *L7B(22), "train.global_batch=8", *OFFALL, "plan.micro_batch=8", *AC], 150,
+     "the same at 22 layers: host 119.6 GiB predicted, over the usable 116.1 (forced: host out of memory expected)"),
+    ("z2off_7b18l_one_mb8", [*ONE, *L7B(18), "train.global_batch=8", "plan.zero_stage=2",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 150,
+     "ZeRO-2 + optimizer offload on one GPU, 18 layers: host 72.0 GiB (pinned buffers still below 16 GiB each)"),
+    ("z2off_7b22l_one_mb8", [*ONE, *L7B(22), "train.global_batch=8", "plan.zero_stage=2",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 150,
+     "the same at 22 layers: host 119.3 GiB predicted (pinned buffers rounded up to 32 GiB), forced; without the "
+     "rounding it would be about 88 GiB and run"),
+    ("z0_opt27b_one_mb12", [*ONE, "model=opt-2.7b", "train.global_batch=12", "plan.zero_stage=0",
+                            "plan.micro_batch=12"], 110,
+     "ZeRO-0 on one GPU without checkpointing: 125.7 GiB predicted (fits with margin), 28.4 of it reserve"),
+    ("z0_opt27b_one_mb16", [*ONE, "model=opt-2.7b", "train.global_batch=16", "plan.zero_stage=0",
+                            "plan.micro_batch=16"], 110,
+     "the same at micro-batch 16: 146.9 GiB predicted, over the card, noted \"may run\" (live tensors 120.0): forced"),
+    ("z3offopt_7b_one_mb8", [*ONE, "model=llama-2-7b", "train.global_batch=8", "plan.zero_stage=3",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 170,
+     "llama-2-7b ZeRO-3 + optimizer offload on one GPU: host 124.0 GiB predicted of 116.1 usable, forced"),
 ]
 
 
@@ -240,13 +273,22 @@ def main() -> int:
     ap.add_argument("--ops", nargs="*", default=["cpu_adam"], choices=["cpu_adam", "fused_adam"],
                     help="DeepSpeed ops to build before the first case (default: cpu_adam)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every case (e.g. an allocator setting)")
+    ap.add_argument("--cpu-cores", type=int, default=32,
+                    help="cluster.cpu_cores of every case: the device machine's cores (default 32, the 2 x H200 kind)")
+    ap.add_argument("--host-gib", type=float, default=DRY_RUN_HOST_GIB,
+                    help=f"cluster.cpu_memory_gib of a dry run (default {DRY_RUN_HOST_GIB:.0f}); a run reads the node's")
     a = ap.parse_args()
     unknown = set(a.cases or []) - {c[0] for c in CASES}
     if unknown:
         ap.error(f"unknown case(s) {sorted(unknown)}; choose among {[c[0] for c in CASES]}")
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    host_gib = DRY_RUN_HOST_GIB if a.dry_run else round(host_total_gib(), 1)
+    host_gib = a.host_gib if a.dry_run else round(host_total_gib(), 1)
+    if not a.dry_run:
+        from meshpilot.orchestrator.config.node_limits import node_cpu_cores
+        if node_cpu_cores() != a.cpu_cores:
+            print(f"note: this node lets a job use {node_cpu_cores()} cores; the cases say --cpu-cores {a.cpu_cores}",
+                  flush=True)
     built = None
     if not a.dry_run and not a.no_precompile:
         built = precompile_ops(dict(os.environ), 240.0, a.out, a.ops)
@@ -255,7 +297,8 @@ def main() -> int:
     for name, case_sets, limit, note in CASES:
         if a.cases is not None and name not in a.cases:
             continue
-        overrides = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *BASE, *case_sets, *a.extra]
+        overrides = [f"cluster.cpu_cores={a.cpu_cores}", f"cluster.cpu_memory_gib={host_gib}", *BASE, *case_sets,
+                     *a.extra]
         pred = prediction(overrides)
         row = dict(case=name, note=note, overrides=overrides, predicted=pred, forced=not pred["fits"])
         ran = run_within_budget(overrides, not pred["fits"], a.out / name, limit, a.budget_s - (time.monotonic() - t0),

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import ray
 
+from meshpilot.orchestrator.config.node_limits import node_cpu_cores
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,7 @@ def local_gpu_count() -> int:
 def embedded_resources(accelerator: str, workers_per_node: int) -> dict[str, Any]:
     """The resources :func:`connect_ray` gives an embedded Ray (see there)."""
     if accelerator == "gpu":
-        return dict(num_cpus=os.cpu_count() or 1)
+        return dict(num_cpus=node_cpu_cores())
     return dict(num_gpus=0, num_cpus=workers_per_node)
 
 
@@ -68,7 +70,8 @@ def connect_ray(address: Optional[str], *, accelerator: str, workers_per_node: i
     """Connect to a running cluster or start an embedded one sized from the cluster config.
 
     Embedded with GPUs: Ray counts the GPUs this machine shows (CUDA_VISIBLE_DEVICES, else
-    NVML; the driver never imports torch), ``num_cpus`` = its cores.
+    NVML; the driver never imports torch), ``num_cpus`` = the cores this process may use (its affinity set and
+    cgroup CPU quota, :func:`node_cpu_cores`).
     Embedded CPU workers: ``num_cpus = workers_per_node`` (each worker takes one CPU slot).
     (Having Ray's pre-started workers import torch while the gang is placed was measured
     and dropped: on 4 H200s the four imports delayed the placement by 10 s, more than the

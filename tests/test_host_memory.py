@@ -75,16 +75,16 @@ def test_proc_readings_from_files(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       263000000 kB\nMemFree:         1000000 kB\nMemAvailable:   13150000 kB\n"
                        "Cached:          20000000 kB\n")
-    assert node_memory_bytes(str(meminfo)) == (263000000 * 1024, (263000000 - 13150000) * 1024)
+    assert node_memory_bytes(str(meminfo), None) == (263000000 * 1024, (263000000 - 13150000) * 1024)
     # Ray's memory monitor kills above 0.95 x MemTotal: this node is at exactly 95% used
-    total, used = node_memory_bytes(str(meminfo))
+    total, used = node_memory_bytes(str(meminfo), None)
     assert used / total == pytest.approx(0.95)
     status.write_text("Name:\tpython\n")
     assert process_host_bytes(str(status)) is None
     assert process_host_bytes(str(tmp_path / "missing")) is None
-    # the real files: MemTotal as the kernel reports it through sysconf as well
+    # the real files: MemTotal as the kernel reports it through sysconf as well (without a cgroup limit below it)
     import os
-    total, used = node_memory_bytes()
+    total, used = node_memory_bytes(cgroup_root=None)
     assert total == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < used < total
 

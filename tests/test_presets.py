@@ -76,7 +76,9 @@ def test_cluster_examples_carry_scheduler_settings():
 def test_local_detects_this_machine():
     import os
     d = cluster_preset("local")
-    assert d["cpu_cores"] == os.cpu_count()
+    from meshpilot.orchestrator.config.node_limits import node_cpu_cores, node_memory
+    assert d["cpu_cores"] == node_cpu_cores() <= (os.cpu_count() or 1)
+    assert d["cpu_memory_gib"] == round(node_memory().total_bytes / 2**30, 1)
     if d["accelerator"] == "cpu":
         assert 1 <= d["gpus_per_node"] <= 4
 

@@ -103,7 +103,7 @@ def _check_loads(cluster: dict[str, Any], what: str) -> None:
 
 def _profile_text(profile: dict[str, Any], report) -> str:
     lines = [f"# Cluster profile calibrated by `meshpilot probe` on {report.device_name}, {report.date}",
-             f"# versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items())]
+             "# versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items())]
     if report.collectives:
         lines.append(f"# collectives ({report.collectives[0].ranks} ranks): op, size, median time, bus bandwidth")
         for s in report.collectives:

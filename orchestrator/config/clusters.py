@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from meshpilot.orchestrator.config.node_limits import node_cpu_cores, node_memory
 from meshpilot.orchestrator.errors import ConfigError
 
 # Datasheet numbers for GPUs that `local` detection recognises by NVML name.
@@ -105,7 +106,7 @@ def detect_local(base: dict[str, Any]) -> dict[str, Any]:
     """Fill the local preset from this machine: NVML GPUs if any, else CPU workers."""
     out = dict(base, gpu=dict(base.get("gpu", {})))
     mem_gib = _host_memory_gib()
-    cores = os.cpu_count() or 1
+    cores = node_cpu_cores()
     out["cpu_cores"], out["cpu_memory_gib"] = cores, round(mem_gib, 1)
     gpus = _nvml_gpus()
     if gpus:
@@ -124,6 +125,10 @@ def detect_local(base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _host_memory_gib() -> float:
+    """The node's memory a job may use (a memory cgroup's limit where it is below MemTotal), GiB."""
+    m = node_memory()
+    if m is not None:
+        return m.total_bytes / 2**30
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):

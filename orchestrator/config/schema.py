@@ -257,8 +257,10 @@ class ClusterConfig:
     intra_node_latency_us: float = 10.0
     inter_node_latency_us: float = 20.0
     pcie_bandwidth_gbs: float = MISSING     # host <-> device, per GPU, pinned memory
-    cpu_memory_gib: float = MISSING         # per node
-    cpu_cores: int = MISSING                # per node
+    # per node, what a job may use: inside a container, its cgroup's limits (`local` reads them:
+    # config/node_limits.py)
+    cpu_memory_gib: float = MISSING
+    cpu_cores: int = MISSING
     # OpenMP threads of a rank doing CPU math (DeepSpeed's CPU Adam with optimizer offload, a
     # zeroth-order model built on the host); None: what `meshpilot run`'s gang gives a rank, the
     # node's cores shared by its GPUs, at most 8. Read by the gang, the exported launch scripts
@@ -266,7 +268,8 @@ class ClusterConfig:
     cpu_threads_per_rank: Optional[int] = None
     # the fraction of a node's memory its processes may use before Ray's memory monitor kills a worker
     # (the raylet's memory_usage_threshold, RAY_memory_usage_threshold: 0.95 by default; it compares the
-    # node's MemTotal - MemAvailable with this fraction of MemTotal). A plan fits the host when its host
+    # node's MemTotal - MemAvailable with this fraction of MemTotal, or a memory cgroup's usage without file
+    # pages with this fraction of its limit where that is lower). A plan fits the host when its host
     # memory per node is at most memory_usage_threshold x cpu_memory_gib.
     memory_usage_threshold: float = 0.95
     slurm: SlurmSettings = field(default_factory=SlurmSettings)

@@ -16,11 +16,11 @@ Host memory, read by the same thread (:meth:`PeakSampler.for_rank`):
   are accounted as RssShmem). File-backed pages (RssFile: the mmapped safetensors of a checkpoint,
   shared libraries) are left out: they are page cache, which the kernel reclaims before it kills
   anything. ``ru_maxrss`` (``host_rss``) counts them, and stays as a secondary field;
-- ``node_used``: the node's MemTotal - MemAvailable (``/proc/meminfo``), what Ray's memory
-  monitor compares with ``memory_usage_threshold`` x MemTotal (0.95 by default, checked every
-  ``memory_monitor_refresh_ms`` = 250 ms; ray/src/ray/common/monitors/memory_monitor_utils.cc
-  GetLinuxMemoryBytes; inside a cgroup with a lower limit Ray compares the cgroup's usage without
-  file pages with that limit instead, which this reading does not see). The value at the
+- ``node_used``: the node's used memory as Ray's memory monitor counts it, which it compares with
+  ``memory_usage_threshold`` x the node's total (0.95 by default, checked every
+  ``memory_monitor_refresh_ms`` = 250 ms): MemTotal - MemAvailable (``/proc/meminfo``), or, inside a
+  memory cgroup whose limit is below MemTotal, the cgroup's usage without file pages against that limit
+  (:mod:`meshpilot.orchestrator.config.node_limits`). The value at the
   sampler's start (after the process group is formed, before the engine is built) is kept as
   the baseline: the node's peak minus it is what the job added.
 
@@ -35,9 +35,11 @@ import os
 import resource
 import sys
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
+
+from meshpilot.orchestrator.config.node_limits import CGROUP_ROOT, PROC_MEMINFO, node_memory, read_kib_fields
 
 log = logging.getLogger(__name__)
 
@@ -216,19 +218,6 @@ class PeakSampler:
 
 # --- host memory: this process and the node ---------------------------------------------------------
 
-def read_kib_fields(path: str, fields: Sequence[str]) -> dict[str, int]:
-    """``{field: bytes}`` of the ``Name:  N kB`` lines of a /proc file (status, meminfo) named in
-    ``fields``; a field missing from the file is missing from the result."""
-    wanted, out = set(fields), {}
-    with open(path) as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in wanted:
-                parts = rest.split()
-                out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    return out
-
-
 def process_host_bytes(path: str = "/proc/self/status") -> int | None:
     """RssAnon + RssShmem of this process in bytes (the resident memory that is not page cache);
     None where the file or the fields are missing (not Linux)."""
@@ -239,20 +228,17 @@ def process_host_bytes(path: str = "/proc/self/status") -> int | None:
     return v["RssAnon"] + v["RssShmem"] if "RssAnon" in v and "RssShmem" in v else None
 
 
-def node_memory_bytes(path: str = "/proc/meminfo") -> tuple[int, int] | None:
-    """(MemTotal, MemTotal - MemAvailable) of this node in bytes; None where unavailable."""
-    try:
-        v = read_kib_fields(path, ("MemTotal", "MemAvailable"))
-    except OSError:
-        return None
-    if "MemTotal" not in v or "MemAvailable" not in v:
-        return None
-    return v["MemTotal"], v["MemTotal"] - v["MemAvailable"]
+def node_memory_bytes(path: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT) -> tuple[int, int] | None:
+    """(total, used) of this node in bytes as Ray's memory monitor counts them: MemTotal and MemTotal -
+    MemAvailable, or the memory cgroup's limit and usage without file pages where that limit is the smaller
+    (:func:`meshpilot.orchestrator.config.node_limits.node_memory`); None where unavailable."""
+    m = node_memory(path, cgroup_root)
+    return None if m is None else (m.total_bytes, m.used_bytes)
 
 
-def node_used_bytes(path: str = "/proc/meminfo") -> int | None:
-    """MemTotal - MemAvailable of this node (what Ray's memory monitor calls used), bytes."""
-    m = node_memory_bytes(path)
+def node_used_bytes(path: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT) -> int | None:
+    """This node's used memory as Ray's memory monitor counts it (:func:`node_memory_bytes`), bytes."""
+    m = node_memory_bytes(path, cgroup_root)
     return None if m is None else m[1]
 
 
@@ -294,8 +280,8 @@ def memory_peaks_gib(device: torch.device, nvml_peak_bytes: int | None) -> dict[
 def host_memory_gib(sampler: PeakSampler) -> dict[str, float | None]:
     """This rank's host readings in GiB (None where unavailable): ``host`` the peak of its
     RssAnon + RssShmem and ``host_start`` its value when the sampler started; ``node_used_peak`` and
-    ``node_used_start`` the node's MemTotal - MemAvailable at its peak and at the start;
-    ``node_total`` MemTotal. The node's values are the same counters on every rank of a node:
+    ``node_used_start`` the node's used memory at its peak and at the start; ``node_total`` its total (both as
+    Ray's memory monitor counts them: :func:`node_memory_bytes`). The node's values are the same counters on every rank of a node:
     the node's measured host memory is combined from them across its ranks
     (:func:`meshpilot.orchestrator.sim.calibration.measured_from_results`)."""
     def gib(b: int | None) -> float | None:

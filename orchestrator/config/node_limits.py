@@ -1,0 +1,135 @@
+"""What this node lets a job use: host memory and CPU cores as the kernel limits them.
+
+A job in a container (a Kubernetes pod, a Slurm step with cgroup confinement, ``docker run --memory``)
+sees the whole machine in ``/proc/meminfo`` and ``os.cpu_count()``, but may use only what its cgroup
+allows. Both numbers feed the plan: host memory decides whether an offloaded plan fits, cores the
+CPU Adam threads of a rank.
+
+Memory, counted as Ray's memory monitor counts it (ray ``src/ray/common/memory_monitor_utils.cc``):
+
+    total = min(MemTotal, the cgroup's limit)
+    used  = MemTotal - MemAvailable                         where MemTotal is the smaller
+          = usage - inactive_file - active_file             where the cgroup's limit is the smaller
+
+with, for cgroup v2 (``<root>/memory.max``; ``max`` means none): usage ``memory.current`` and the file
+pages of ``memory.stat`` (``inactive_file``, ``active_file``); for cgroup v1 (``<root>/memory/``):
+``memory.limit_in_bytes`` (a huge number means none), ``memory.usage_in_bytes`` and ``total_inactive_file``,
+``total_active_file``. File pages are page cache the kernel reclaims before it kills anything.
+
+Cores: the CPUs this process may run on (``sched_getaffinity``), capped by a CFS quota where one is set
+(v2 ``cpu.max`` = ``quota period``, ``max`` = none; v1 ``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us``,
+-1 = none), rounded up.
+
+Pure file reading: every path is a parameter, so a test points it at files of its own.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+PROC_MEMINFO = "/proc/meminfo"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    total_bytes: int            # what Ray's memory monitor takes as the node's total
+    used_bytes: int             # what it takes as used
+    source: str                 # "meminfo", "cgroup v2" or "cgroup v1": where the binding limit comes from
+
+
+def read_kib_fields(path: str, fields: Sequence[str]) -> dict[str, int]:
+    """``{field: bytes}`` of the ``Name:  N kB`` lines of a /proc file (status, meminfo) named in
+    ``fields``; a field missing from the file is missing from the result."""
+    wanted, out = set(fields), {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in wanted:
+                parts = rest.split()
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    """The integer a cgroup file holds; None where it is missing, unreadable or not a number ("max")."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _stat_fields(path: Path, keys: Sequence[str]) -> dict[str, int]:
+    """``{key: value}`` of a cgroup ``memory.stat`` (``key value`` lines)."""
+    out: dict[str, int] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in keys and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def cgroup_memory(root: str = CGROUP_ROOT) -> tuple[int, int, str] | None:
+    """(limit, used without file pages, "cgroup v2" | "cgroup v1") of this process's memory cgroup; None where no
+    limit is set or the files cannot be read."""
+    base = Path(root)
+    v2 = [("memory.max", "memory.current", "memory.stat", ("inactive_file", "active_file"), "cgroup v2")]
+    v1 = [("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+           ("total_inactive_file", "total_active_file"), "cgroup v1")]
+    for limit_f, usage_f, stat_f, keys, name in (*v2, *v1):
+        limit, usage = _read_int(base / limit_f), _read_int(base / usage_f)
+        if limit is None or usage is None or limit <= 0:
+            continue
+        files = _stat_fields(base / stat_f, keys)
+        if len(files) < len(keys):
+            continue
+        return limit, max(0, usage - sum(files.values())), name
+    return None
+
+
+def node_memory(meminfo: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT) -> NodeMemory | None:
+    """This node's memory as Ray's memory monitor counts it (module docstring); None without a readable meminfo."""
+    try:
+        v = read_kib_fields(meminfo, ("MemTotal", "MemAvailable"))
+    except OSError:
+        return None
+    if "MemTotal" not in v or "MemAvailable" not in v:
+        return None
+    out = NodeMemory(v["MemTotal"], v["MemTotal"] - v["MemAvailable"], "meminfo")
+    cg = cgroup_memory(cgroup_root) if cgroup_root else None
+    if cg is not None and cg[0] < out.total_bytes:       # v1's "no limit" is a huge number: never the smaller
+        out = NodeMemory(cg[0], cg[1], cg[2])
+    return out
+
+
+def cpu_quota_cores(cgroup_root: str = CGROUP_ROOT) -> int | None:
+    """Cores a CFS quota allows (rounded up); None where no quota is set."""
+    base = Path(cgroup_root)
+    try:
+        parts = (base / "cpu.max").read_text().split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[1]) > 0:
+            return max(1, math.ceil(int(parts[0]) / int(parts[1])))
+    except OSError:
+        pass
+    quota, period = _read_int(base / "cpu/cpu.cfs_quota_us"), _read_int(base / "cpu/cpu.cfs_period_us")
+    if quota is not None and period and quota > 0:
+        return max(1, math.ceil(quota / period))
+    return None
+
+
+def node_cpu_cores(cgroup_root: str | None = CGROUP_ROOT) -> int:
+    """CPU cores this process may use: its affinity set, capped by a cgroup CPU quota (module docstring)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):          # not Linux
+        cores = os.cpu_count() or 1
+    quota = cpu_quota_cores(cgroup_root) if cgroup_root else None
+    return max(1, min(cores, quota) if quota else cores)

@@ -1,0 +1,103 @@
+"""Host memory and cores as a container's cgroup limits them (orchestrator/config/node_limits.py).
+
+The cgroup and /proc files are written by each test (the kernel's formats, the numbers chosen by hand), so the
+rules are checked whatever machine runs the suite; the last test reads this machine's own files.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from meshpilot.orchestrator.config.node_limits import cgroup_memory, cpu_quota_cores, node_cpu_cores, node_memory
+from meshpilot.orchestrator.train.memory_peaks import node_memory_bytes
+
+GIB = 2**30
+KIB = 1024
+
+
+def meminfo(tmp_path, total_gib: float, available_gib: float) -> str:
+    p = tmp_path / "meminfo"
+    p.write_text(f"MemTotal:       {int(total_gib * GIB / KIB)} kB\nMemFree:         1000 kB\n"
+                 f"MemAvailable:   {int(available_gib * GIB / KIB)} kB\n")
+    return str(p)
+
+
+def cgroup_v2(tmp_path, limit: str, current_gib: float, inactive_gib: float, active_gib: float):
+    root = tmp_path / "cg2"
+    root.mkdir()
+    (root / "memory.max").write_text(limit + "\n")
+    (root / "memory.current").write_text(f"{int(current_gib * GIB)}\n")
+    (root / "memory.stat").write_text(f"anon {int(GIB)}\nfile {int((inactive_gib + active_gib) * GIB)}\n"
+                                      f"active_anon 0\ninactive_file {int(inactive_gib * GIB)}\n"
+                                      f"active_file {int(active_gib * GIB)}\n")
+    return root
+
+
+def test_cgroup_v2_limit_below_memtotal_is_what_ray_counts(tmp_path):
+    """A pod limited to 128 GiB on a 2 TiB machine: total 128, used = 100 - 30 - 10 = 60 GiB (file pages out)."""
+    info = meminfo(tmp_path, 2048, 1900)
+    root = cgroup_v2(tmp_path, str(128 * GIB), 100, 30, 10)
+    m = node_memory(info, str(root))
+    assert (m.total_bytes, m.used_bytes, m.source) == (128 * GIB, 60 * GIB, "cgroup v2")
+    assert node_memory_bytes(info, str(root)) == (128 * GIB, 60 * GIB)
+
+
+def test_no_cgroup_limit_or_a_larger_one_keeps_meminfo(tmp_path):
+    info = meminfo(tmp_path, 256, 200)
+    expected = (256 * GIB, 56 * GIB, "meminfo")
+    for i, limit in enumerate(("max", str(512 * GIB))):   # no limit; a limit above the machine's memory
+        (tmp_path / str(i)).mkdir()
+        m = node_memory(info, str(cgroup_v2(tmp_path / str(i), limit, 100, 30, 10)))
+        assert (m.total_bytes, m.used_bytes, m.source) == expected
+    assert node_memory(info, str(tmp_path / "absent")).source == "meminfo"
+    assert node_memory(info, None).total_bytes == 256 * GIB
+    assert node_memory(str(tmp_path / "no-meminfo"), None) is None
+
+
+def test_cgroup_v1_limit(tmp_path):
+    """v1: memory.limit_in_bytes and usage_in_bytes less total_(in)active_file; v1's "no limit" is a huge number."""
+    info = meminfo(tmp_path, 512, 500)
+    mem = tmp_path / "cg1" / "memory"
+    mem.mkdir(parents=True)
+    (mem / "memory.usage_in_bytes").write_text(f"{50 * GIB}\n")
+    (mem / "memory.stat").write_text(f"cache {20 * GIB}\nrss {30 * GIB}\ntotal_inactive_file {15 * GIB}\n"
+                                     f"total_active_file {5 * GIB}\n")
+    (mem / "memory.limit_in_bytes").write_text(f"{64 * GIB}\n")
+    assert cgroup_memory(str(tmp_path / "cg1")) == (64 * GIB, 30 * GIB, "cgroup v1")
+    assert node_memory(info, str(tmp_path / "cg1")).total_bytes == 64 * GIB
+    (mem / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert node_memory(info, str(tmp_path / "cg1")).source == "meminfo"
+
+
+def test_cpu_quota(tmp_path):
+    """cpu.max "250000 100000" allows 2.5 cores: 3 (rounded up); "max": none; v1 quota -1: none."""
+    root = tmp_path / "cg"
+    root.mkdir()
+    assert cpu_quota_cores(str(root)) is None
+    (root / "cpu.max").write_text("250000 100000\n")
+    assert cpu_quota_cores(str(root)) == 3
+    assert node_cpu_cores(str(root)) == min(3, len(os.sched_getaffinity(0)))
+    (root / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota_cores(str(root)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota_cores(str(v1)) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert cpu_quota_cores(str(v1)) == 1
+    assert node_cpu_cores(str(v1)) == 1
+
+
+def test_this_machine():
+    """This machine's own files: the total is at most MemTotal, the used part below it; cores within the affinity."""
+    m = node_memory()
+    assert m is not None
+    assert m.total_bytes <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < m.used_bytes < m.total_bytes
+    assert 1 <= node_cpu_cores() <= len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
