@@ -269,8 +269,10 @@ class RayWorkerGroup:
                 del self._probes[r]
                 try:
                     p = ray.get(ref)
-                except RayActorError:
-                    continue  # the run future reports the death
+                except (RayActorError, RayOutOfMemoryError):
+                    # the worker died (Ray's memory monitor may kill it inside this probe, which then raises its
+                    # OutOfMemoryError here): the run future reports and classifies the death
+                    continue
                 if r == 0:
                     self._show_notices(p.get("notices") or [])
                     if p["step"] >= 0:
