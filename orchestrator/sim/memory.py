@@ -437,12 +437,23 @@ def overlap_comm_terms(a: PlanArrays, ds: DeepSpeedSettings, w: float, kept):
 def kept_parameters(mt: ModelTerms, a: PlanArrays, ds: DeepSpeedSettings, live):
     """Elements of the ZeRO-3 parameters still gathered at the turn from forward to backward: DeepSpeed does not
     release a parameter used again within ``stage3_max_reuse_distance`` elements of the trace, and at the turn the
-    last layers of the forward are the first of the backward: min(P_r - live, reuse distance), 0 at dp = 1 (nothing
-    is gathered). Measured (built-in llama-1b, 954M parameters, ZeRO-3 dp=2, reuse distance 1e9, mb 1: allocated
-    at the end of the forward 4.93 GiB above the static, 1.78 GiB of it = 2 x 954M, the rest the activations;
-    benchmarks/results/2026-11-30-s3-h200x2/trace)."""
+    last layers of the forward are the first of the backward: min(P_r - live, reuse distance), ``live`` the elements
+    already counted on the GPU as the window (with parameter offload, the window and the persistent parameters: all
+    of P_r at most), 0 where nothing is gathered (:func:`gathers`). Measured (built-in llama-1b, 954M parameters, ZeRO-3 dp=2, reuse distance 1e9, mb 1:
+    allocated at the end of the forward 4.93 GiB above the static, 1.78 GiB of it = 2 x 954M, the rest the
+    activations; benchmarks/results/2026-11-30-s3-h200x2/trace)."""
     pr = rank_params(mt, a.tp, a.ep, a.dp)[0]
-    return np.where((a.dp > 1) & (a.zero == 3), np.minimum(ds.max_reuse_distance, np.maximum(pr - live, 0.0)), 0.0)
+    return np.where(gathers(a), np.minimum(ds.max_reuse_distance, np.maximum(pr - live, 0.0)), 0.0)
+
+
+def gathers(a: PlanArrays) -> np.ndarray:
+    """Whether ZeRO-3 brings parameters to the GPU as it runs: with several data-parallel ranks (all-gathers of the
+    partitions), or with the parameters offloaded even on one rank (the fetch copies each partition, there the whole
+    parameter, from the host, and the release frees that copy; the window and the kept parameters are the same).
+    Measured (llama-2-7b of 20 layers, ZeRO-3 with both offloads on one H200, reuse distance 1e9, mb 8 x 1,
+    checkpointing: torch's allocated peak 12.28 GiB, 10.46 predicted without the kept parameters and 12.32 with them,
+    2 x 1e9 bytes; benchmarks/results/2026-12-01-s10-h200x1/call1)."""
+    return (a.zero == 3) & ((a.dp > 1) | np.asarray(a.offloads_params, bool))
 
 
 def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConstants,
@@ -456,16 +467,17 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     pr, ps, pn, pe = rank_params(mt, a.tp, a.ep, a.dp)
     st = a.zero
     off_o, off_p = a.offloads_optimizer, a.offloads_params
-    # ZeRO-3 gathered window; with one data-parallel rank the partition is the whole parameter (no window)
+    # ZeRO-3 gathered window; with one data-parallel rank the partition is the whole parameter (no window), unless
+    # the parameters are offloaded: then every one is fetched from the host as it would be gathered (gathers())
     live = np.minimum(ds.max_live_parameters, mt.largest_module / a.tp + ds.prefetch_bucket_size)
-    live = np.where(a.dp > 1, live, 0.0)
+    live = np.where(gathers(a), live, 0.0)
     offloaded_window = np.maximum(live, mt.largest_module / a.tp) + mt.replicated   # offload_params: window only
     weights = np.select([st < 3, ~off_p], [w * pr, w * (ps + live)], w * offloaded_window)
     grads = np.select([st <= 1, off_o], [w * pr, 0.0], w * ps)
     opt = np.where(off_o, 0.0, K * np.where(st == 0, pr, ps))
     # ZeRO-3's parameters kept gathered into the backward: in the all-gather stream's pool with overlap_comm,
     # with the activations (the compute stream) without it
-    kept = kept_parameters(mt, a, ds, live)
+    kept = kept_parameters(mt, a, ds, np.where(off_p, offloaded_window, live))
     bucket, stream_pools = overlap_comm_terms(a, ds, w, kept)
     fp32_grads = 4.0 if mixed else 0.0
     stage0_tmp = np.maximum(2.0 * fp32_grads * pr, w * np.minimum(pr, c.stage0_allreduce_bucket))
