@@ -14,9 +14,11 @@ What is measured (each part is skipped, with the reason recorded, when it cannot
   of the mix (the rate of one layer's matmuls, forward and backward);
 - host copies: pinned host -> device and device -> host bandwidth of one large buffer, and the blocking
   fp32-host -> bf16-device copy (cast on the host) through which ZeRO-3 with optimizer offload returns parameters;
-- CPU Adam: DeepSpeed's DeepSpeedCPUAdam step throughput in parameters per second on
-  this node (all cores, its OpenMP threads), after warm-up; the first construction
-  compiles (or loads) the extension and its time is reported separately.
+- CPU Adam: DeepSpeed's DeepSpeedCPUAdam step throughput in parameters per second, after warm-up, twice: with
+  the OpenMP threads `meshpilot run` gives one offloading rank (``adam_threads``: the rate per thread of a rank,
+  compute-bound) and with every core this process may use (the node's ceiling, shared by its ranks when they hit
+  the host's memory bandwidth); the first construction compiles (or loads) the extension and its time is
+  reported separately.
 
 :func:`run_probe` returns a :class:`ProbeReport`; :func:`calibrated_profile` turns it into
 a cluster profile (the base cluster mapping with ``calibration:`` filled) that loads as
@@ -71,12 +73,15 @@ class ProbeSettings:
     copy_iters: int = 5
     adam_params: int = 2**22
     adam_steps: int = 5
+    adam_threads: int | None = None                   # a rank's OpenMP threads; None: every core (one measurement)
     timeout_s: float = 300.0
     skip: tuple[str, ...] = ()                        # any of: collectives, matmul, copies, cpu_adam
 
     @staticmethod
-    def for_machine(quick: bool = False, skip: Sequence[str] = (), world: int | None = None) -> "ProbeSettings":
-        """Defaults for this machine: NCCL over every visible GPU, else 2 gloo workers on CPU."""
+    def for_machine(quick: bool = False, skip: Sequence[str] = (), world: int | None = None,
+                    adam_threads: int | None = None) -> "ProbeSettings":
+        """Defaults for this machine: NCCL over every visible GPU, else 2 gloo workers on CPU. ``adam_threads``: the
+        OpenMP threads of one offloading rank (the cluster's ``threads_per_rank``)."""
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus:
             sizes = (MiB, 16 * MiB, 256 * MiB) if quick else tuple(MiB * 4**i for i in range(6))  # 1 MiB .. 1 GiB
@@ -85,14 +90,14 @@ class ProbeSettings:
                                  matmul_tokens=8192, matmul_hidden=4096, matmul_ffn=11008,
                                  matmul_iters=5 if quick else 10, copy_bytes=(256 if quick else 1024) * MiB,
                                  adam_params=2**24 if quick else 2**26, adam_steps=3 if quick else 5,
-                                 timeout_s=600.0, skip=tuple(skip))
+                                 adam_threads=adam_threads, timeout_s=600.0, skip=tuple(skip))
         sizes = (256 * 1024, MiB, 4 * MiB) if quick else (256 * 1024, MiB, 4 * MiB, 16 * MiB)
         return ProbeSettings(device="cpu", world=world or 2, collective_sizes=sizes,
                              collective_warmup=1, collective_iters=3 if quick else 5,
                              matmul_tokens=128 if quick else 256, matmul_hidden=256 if quick else 512,
                              matmul_ffn=688 if quick else 1376,
                              matmul_iters=3 if quick else 5, adam_params=2**20 if quick else 2**22,
-                             adam_steps=3 if quick else 5, skip=tuple(skip))
+                             adam_steps=3 if quick else 5, adam_threads=adam_threads, skip=tuple(skip))
 
 
 # --- results --------------------------------------------------------------------------------
@@ -122,6 +127,7 @@ class CpuAdamSample:
     load_s: float         # first construction: JIT compile (or load from the extension cache)
     median_step_s: float
     gparams_per_s: float
+    threads: int = 0      # OpenMP threads of the measurement (0: not recorded)
 
 
 @dataclass
@@ -133,7 +139,8 @@ class ProbeReport:
     latency_sample: CollectiveSample | None = None
     matmul: list[MatmulSample] = field(default_factory=list)
     copies: list[CopySample] = field(default_factory=list)
-    cpu_adam: CpuAdamSample | None = None
+    cpu_adam: CpuAdamSample | None = None           # every core of this process
+    cpu_adam_rank: CpuAdamSample | None = None      # one offloading rank's threads (settings.adam_threads)
     skipped: dict[str, str] = field(default_factory=dict)    # part -> reason
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -182,6 +189,8 @@ class ProbeReport:
             d2h_gbs=r(self.copy_gbs("d2h")),
             host_cast_copy_gparams_per_s=r(self.cast_copy_gparams_per_s()),
             cpu_adam_gparams_per_s=r(self.cpu_adam.gparams_per_s if self.cpu_adam else None),
+            cpu_adam_gparams_per_thread=r(self.cpu_adam_rank.gparams_per_s / self.cpu_adam_rank.threads
+                                          if self.cpu_adam_rank and self.cpu_adam_rank.threads else None),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +199,8 @@ class ProbeReport:
                     collectives=[s.to_dict() for s in self.collectives],
                     latency_sample=self.latency_sample.to_dict() if self.latency_sample else None,
                     matmul=[asdict(s) for s in self.matmul], copies=[asdict(c) for c in self.copies],
-                    cpu_adam=asdict(self.cpu_adam) if self.cpu_adam else None)
+                    cpu_adam=asdict(self.cpu_adam) if self.cpu_adam else None,
+                    cpu_adam_rank=asdict(self.cpu_adam_rank) if self.cpu_adam_rank else None)
 
 
 # --- collectives: one process per GPU (NCCL) or gloo workers ---------------------------------
@@ -339,27 +349,36 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
 
 # --- CPU Adam ----------------------------------------------------------------------------------
 
-def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop) -> CpuAdamSample:
-    """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step)."""
+def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads: int | None = None) -> CpuAdamSample:
+    """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step), with
+    ``threads`` OpenMP threads (torch.set_num_threads, which the extension's OpenMP loops follow; default: every
+    core this process may use), restored afterwards."""
+    from meshpilot.orchestrator.config.node_limits import node_cpu_cores
     progress("CPU Adam: build/load the DeepSpeed extension")
     t0 = time.perf_counter()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
     warm = [torch.nn.Parameter(torch.zeros(16))]
     DeepSpeedCPUAdam(warm, lr=1e-3)
     load_s = time.perf_counter() - t0
-    progress(f"CPU Adam: {settings.adam_params / 1e6:.0f}M parameters x {settings.adam_steps} steps")
-    p = torch.nn.Parameter(torch.randn(settings.adam_params))
-    p.grad = torch.randn(settings.adam_params)
-    opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
-    opt.step()                        # warm-up: allocates the exp_avg / exp_avg_sq states
-    times = []
-    for _ in range(settings.adam_steps):
-        t = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t)
+    n = int(threads or node_cpu_cores())
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        progress(f"CPU Adam: {settings.adam_params / 1e6:.0f}M parameters x {settings.adam_steps} steps, {n} threads")
+        p = torch.nn.Parameter(torch.randn(settings.adam_params))
+        p.grad = torch.randn(settings.adam_params)
+        opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
+        opt.step()                        # warm-up: allocates the exp_avg / exp_avg_sq states
+        times = []
+        for _ in range(settings.adam_steps):
+            t = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
     med = statistics.median(times)
     return CpuAdamSample(params=settings.adam_params, steps=settings.adam_steps, load_s=load_s,
-                         median_step_s=med, gparams_per_s=settings.adam_params / med / 1e9)
+                         median_step_s=med, gparams_per_s=settings.adam_params / med / 1e9, threads=n)
 
 
 # --- the whole probe ---------------------------------------------------------------------------
@@ -408,6 +427,10 @@ def run_probe(settings: ProbeSettings, progress: Progress = _noop) -> ProbeRepor
     if "cpu_adam" not in report.skipped:
         try:
             report.cpu_adam = probe_cpu_adam(settings, progress)
+            if settings.adam_threads and settings.adam_threads != report.cpu_adam.threads:
+                report.cpu_adam_rank = probe_cpu_adam(settings, progress, settings.adam_threads)
+            else:                         # a rank gets every core: one measurement serves both
+                report.cpu_adam_rank = report.cpu_adam
         except Exception as e:  # the extension needs a compiler toolchain: report, don't fail the probe
             report.skipped["cpu_adam"] = f"DeepSpeedCPUAdam unavailable: {type(e).__name__}: {e}"
             log.warning("probe: CPU Adam skipped: %s", e)

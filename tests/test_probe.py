@@ -71,6 +71,28 @@ def test_calibration_keys_are_calibration_config_fields():
     assert set(r.calibration()) == {f.name for f in dataclasses.fields(CalibrationConfig)} - fitted_from_runs
 
 
+def test_cpu_adam_per_thread_comes_from_the_rank_measurement():
+    """A rank's 8 threads at 2.4 G parameters/s are 0.3 per thread; the node's 16 threads at 3.0 are its ceiling. The
+    simulator's CPU Adam of one rank on that node is then min(8 x 0.3, 3.0 / 1) = 2.4 G/s, and two ranks share the
+    ceiling: min(2.4, 3.0 / 2) = 1.5 G/s each."""
+    import numpy as np
+
+    from meshpilot.comm.probe import CpuAdamSample
+    from meshpilot.orchestrator.config.loader import job_from_dict
+    from meshpilot.orchestrator.sim.estimate import SimulatorConstants
+    from meshpilot.orchestrator.sim.step_time import cpu_adam_rate
+    node = CpuAdamSample(params=3 * 10**9, steps=3, load_s=0.0, median_step_s=1.0, gparams_per_s=3.0, threads=16)
+    rank = CpuAdamSample(params=24 * 10**8, steps=3, load_s=0.0, median_step_s=1.0, gparams_per_s=2.4, threads=8)
+    cal = ProbeReport(device_name="x", date="d", settings=ProbeSettings(), cpu_adam=node, cpu_adam_rank=rank).calibration()
+    assert cal["cpu_adam_gparams_per_thread"] == pytest.approx(0.3) and cal["cpu_adam_gparams_per_s"] == 3.0
+    probed = {k: cal[k] for k in ("cpu_adam_gparams_per_thread", "cpu_adam_gparams_per_s")}
+    job = job_from_dict({"model": "tiny-llama", "cluster": "h200-sxm-4"},
+                        ["cluster.gpus_per_node=2", "cluster.cpu_cores=16",
+                         *(f"cluster.calibration.{k}={v}" for k, v in probed.items())])
+    rates = cpu_adam_rate(job.cluster, SimulatorConstants(), np.array([1, 2]))
+    assert rates == pytest.approx([2.4e9, 1.5e9])
+
+
 def test_cast_copy_rate_is_parameters_per_second_of_the_fp32_side():
     """4 GB of fp32 in 1.0 s is 1 G parameters per second; pinned copies do not count."""
     from meshpilot.comm.probe import CopySample
@@ -310,9 +332,15 @@ def _cpu_adam_built() -> bool:
 @pytest.mark.skipif(not _cpu_adam_built(), reason="DeepSpeedCPUAdam not built yet (a first build takes minutes on 2 cores)")
 def test_cpu_adam_probe_rate_matches_its_timing():
     from meshpilot.comm.probe import probe_cpu_adam
+    import torch
+
+    from meshpilot.orchestrator.config.node_limits import node_cpu_cores
+    threads = torch.get_num_threads()
     s = probe_cpu_adam(ProbeSettings(adam_params=2**18, adam_steps=3))
-    assert s.params == 2**18 and s.load_s >= 0
+    assert s.params == 2**18 and s.load_s >= 0 and s.threads == node_cpu_cores()
     assert s.gparams_per_s == pytest.approx(s.params / s.median_step_s / 1e9)
+    one = probe_cpu_adam(ProbeSettings(adam_params=2**18, adam_steps=3), threads=1)
+    assert one.threads == 1 and torch.get_num_threads() == threads          # the process's threads restored
     assert 1e-5 < s.gparams_per_s < 100          # params per second of 2 shared cores: well below 1e11
 
 

@@ -55,7 +55,8 @@ def run(args) -> int:
     if out.parent and not out.parent.exists():
         raise ConfigError("--out", str(out), reason="the folder does not exist")
 
-    settings = ProbeSettings.for_machine(quick=args.quick, skip=skip, world=args.world)
+    settings = ProbeSettings.for_machine(quick=args.quick, skip=skip, world=args.world,
+                                         adam_threads=_rank_threads(base))
     console.print(f"probing on {settings.device} ({settings.world} collective ranks"
                   f"{', quick' if args.quick else ''})")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -91,6 +92,16 @@ def _check_gpus_visible(cluster: dict[str, Any], name: str) -> None:
                              "CPU measurements under the GPU cluster's name",
                       fix="run the probe on a machine with the cluster's GPUs, or calibrate this machine with "
                           "--cluster local (the default)")
+
+
+def _rank_threads(cluster: dict[str, Any]) -> int | None:
+    """The OpenMP threads `meshpilot run` gives one offloading rank of ``cluster`` (clusters.threads_per_rank), at
+    which the probe times CPU Adam per thread; None where the mapping lacks the cores."""
+    from meshpilot.orchestrator.config.clusters import threads_per_rank
+    if not cluster.get("cpu_cores"):
+        return None
+    return threads_per_rank(int(cluster["cpu_cores"]), int(cluster.get("gpus_per_node") or 1),
+                            cluster.get("cpu_threads_per_rank"))
 
 
 def _check_loads(cluster: dict[str, Any], what: str) -> None:

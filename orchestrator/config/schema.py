@@ -228,6 +228,8 @@ class CalibrationConfig:
     host_cast_copy_gparams_per_s: Optional[float] = None  # blocking pinned fp32 host -> 16-bit device copy, G params/s
     #                                                       (ZeRO-3 optimizer offload's way back; `meshpilot probe`)
     cpu_adam_gparams_per_s: Optional[float] = None  # DeepSpeed CPUAdam, billions of parameters per second per node
+    cpu_adam_gparams_per_thread: Optional[float] = None  # the same on one rank's OpenMP threads, per thread (replaces
+    #                                                      the constants' cpu_adam_gparams_per_core)
     # fitted from recorded runs by `meshpilot calibrate` (orchestrator/sim/calibration.py):
     cpu_adam_rank_gparams_per_s: Optional[float] = None  # CPUAdam of one offloading rank in training (replaces the
     #                                                      per-thread and per-node model when set)

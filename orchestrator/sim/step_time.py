@@ -157,8 +157,10 @@ def cpu_adam_rate(cl: ClusterConfig, c: SimulatorConstants, ranks_per_node):
     compute-bound on the rank's OpenMP threads (``threads_per_rank``: what `meshpilot run` gives it, or
     ``cluster.cpu_threads_per_rank``), unless the node's ranks together hit the host's memory bandwidth
     (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy; a probed
-    ``calibration.cpu_adam_gparams_per_s`` replaces the constants' ceiling)."""
-    rank = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * c.cpu_adam_gparams_per_core * 1e9
+    ``calibration.cpu_adam_gparams_per_s`` replaces the constants' ceiling, a probed
+    ``calibration.cpu_adam_gparams_per_thread`` their rate per thread)."""
+    per_thread = cl.calibration.cpu_adam_gparams_per_thread or c.cpu_adam_gparams_per_core
+    rank = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * per_thread * 1e9
     node = (cl.calibration.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s) * 1e9
     return np.minimum(rank, node / ranks_per_node)
 
