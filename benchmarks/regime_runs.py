@@ -53,6 +53,11 @@ M3B = ["model.name=llama-3b", "model.layers=26", "model.hidden=3200", "model.hea
        "model.ffn=8640"]
 
 
+def LAYERS(model: str, layers: int) -> list[str]:
+    """``model``'s shapes with ``layers`` decoder layers."""
+    return [f"model={model}", f"model.layers={layers}", f"model.name={model}-{layers}l"]
+
+
 def L7B(layers: int) -> list[str]:
     """llama-2-7b's shapes with ``layers`` decoder layers."""
     return ["model=llama-2-7b", f"model.layers={layers}", f"model.name=llama-7b-{layers}l"]
@@ -247,6 +252,27 @@ CASES = [
     ("z3offopt_7b_one_mb8", [*ONE, "model=llama-2-7b", "train.global_batch=8", "plan.zero_stage=3",
                              "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 170,
      "llama-2-7b ZeRO-3 + optimizer offload on one GPU: host 124.0 GiB predicted of 116.1 usable, forced"),
+    # the same machine, second call: offload on one GPU at other widths (llama-2-13b's 5120, opt-6.7b's), after the
+    # fetched window and kept parameters of one rank with parameter offload were counted (sim/memory.py gathers), and
+    # with CPU Adam timed by `meshpilot probe` on that machine beforehand (call 1's offload steps ran 32-37% under the
+    # constants' rate; the probe's calibration is passed with --extra)
+    ("z3offall_13b10l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 10), "train.global_batch=8", *OFFALL,
+                                 "plan.micro_batch=8"], 150,
+     "ZeRO-3 + both offloads on one GPU, llama-2-13b's width, no checkpointing"),
+    ("z3offall_opt67_16l_one_mb8", [*ONE, *LAYERS("opt-6.7b", 16), "train.global_batch=8", *OFFALL,
+                                    "plan.micro_batch=8"], 150, "the same on opt-6.7b's shapes"),
+    ("z2off_opt67_16l_one_mb8_ac", [*ONE, *LAYERS("opt-6.7b", 16), "train.global_batch=8", "plan.zero_stage=2",
+                                    "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-2 + optimizer offload on one GPU, opt-6.7b's shapes"),
+    ("z1off_13b10l_one_mb4", [*ONE, *LAYERS("llama-2-13b", 10), "train.global_batch=8", "plan.zero_stage=1",
+                              "plan.offload_optimizer=cpu", "plan.micro_batch=4"], 130,
+     "ZeRO-1 + optimizer offload on one GPU, 2 micro-batches per step, no checkpointing"),
+    ("z2off_7b16l_one_mb4x2", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=2",
+                               "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 130,
+     "ZeRO-2 + optimizer offload on one GPU, 2 micro-batches per step (the gradients' host round trips)"),
+    ("z3offopt_7b24l_one_mb8", [*ONE, *L7B(24), "train.global_batch=8", "plan.zero_stage=3",
+                                "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 150,
+     "ZeRO-3 + optimizer offload on one GPU, 24 layers: host 98.1 GiB"),
 ]
 
 
