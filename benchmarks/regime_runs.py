@@ -273,6 +273,14 @@ CASES = [
     ("z3offopt_7b24l_one_mb8", [*ONE, *L7B(24), "train.global_batch=8", "plan.zero_stage=3",
                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 150,
      "ZeRO-3 + optimizer offload on one GPU, 24 layers: host 98.1 GiB"),
+    # third call: optimizer offload on one GPU at the card's edge, without checkpointing, both called "fits with
+    # margin" (call 2's opt-6.7b plan with checkpointing had reserved 6.3 GiB above allocated where 0.3 was predicted)
+    ("z2off_7b16l_one_mb17", [*ONE, *L7B(16), "train.global_batch=17", "plan.zero_stage=2",
+                              "plan.offload_optimizer=cpu", "plan.micro_batch=17"], 120,
+     "ZeRO-2 + optimizer offload on one GPU, 16 of llama-2-7b's layers at micro-batch 17: 124.9 GiB predicted"),
+    ("z2off_opt67_16l_one_mb24", [*ONE, *LAYERS("opt-6.7b", 16), "train.global_batch=24", "plan.zero_stage=2",
+                                  "plan.offload_optimizer=cpu", "plan.micro_batch=24"], 120,
+     "the same on 16 of opt-6.7b's layers at micro-batch 24: 120.0 GiB predicted"),
 ]
 
 
