@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import metadata, write_json  # noqa: E402
-from host_memory_runs import CLUSTER, JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
+from host_memory_runs import JOB, fmt, host_total_gib, run_within_budget  # noqa: E402
 
 GLOBAL_BATCH, SEQ_LEN = 16, 2048
 COMMON = ["cluster.gpus_per_node=2", f"train.global_batch={GLOBAL_BATCH}", f"train.seq_len={SEQ_LEN}", "train.steps=4",
@@ -53,6 +53,12 @@ JOBS = {
                         "plan.comm_overlap=true"],
         "z3_mb4x2": ["plan.dp=2", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=none"],
     }),
+    # 2026-12-01 session 10: one GPU of the 1 x H200 kind (run with --cpu-cores 16), opt-2.7b (planned ZeRO-0 8 x 2),
+    # against the next-ranked plan of another stage and the next micro-batch
+    "opt-2.7b-one": (["model=opt-2.7b", "cluster.gpus_per_node=1"], {
+        "z1_mb8x2": ["plan.dp=1", "plan.zero_stage=1", "plan.micro_batch=8", "plan.activation_checkpointing=none"],
+        "z0_mb4x4": ["plan.dp=1", "plan.zero_stage=0", "plan.micro_batch=4", "plan.activation_checkpointing=none"],
+    }),
 }
 TIMEOUT_S = 150.0
 
@@ -78,11 +84,13 @@ def main() -> int:
                     help="names among auto and the job's alternatives (" + "; ".join(
                         f"{k}: {', '.join(v[1])}" for k, v in JOBS.items()) + "; default all)")
     ap.add_argument("--timeout-s", type=float, default=TIMEOUT_S, help=f"per run (default {TIMEOUT_S:.0f})")
+    ap.add_argument("--cpu-cores", type=int, default=32, help="cluster.cpu_cores (default 32, the 2 x H200 kind)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     host_gib = 256.0 if a.dry_run else round(host_total_gib(), 1) or 256.0
     model_sets, alternatives = JOBS[a.job]
-    base = [*CLUSTER, f"cluster.cpu_memory_gib={host_gib}", *model_sets, *COMMON]
+    # the job's own settings after COMMON, so that a job may name its GPUs per node
+    base = [f"cluster.cpu_cores={a.cpu_cores}", f"cluster.cpu_memory_gib={host_gib}", *COMMON, *model_sets]
     runs = [(k, v) for k, v in [("auto", ["plan=auto"]), *alternatives.items()] if a.runs is None or k in a.runs]
     t0 = time.monotonic()
     rows, skipped = [], []
