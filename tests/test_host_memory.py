@@ -190,6 +190,10 @@ def test_zero2_offload_host_terms_by_hand():
     # no accumulation (micro-batch 8, one step): the per-parameter buffers go
     one = simulate(_llama13b("plan.dp=2", "plan.zero_stage=2", "plan.offload_optimizer=cpu", "plan.micro_batch=8"))
     assert one.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * (per_rank - accum), rel=1e-12)
+    # ZeRO-1 with the same accumulation reduces once, at the boundary, from the gradients autograd summed on the GPU:
+    # no per-parameter host buffers (measured on one H200, benchmarks/results/2026-12-01-s10-h200x1/call2)
+    z1 = simulate(_llama13b("plan.dp=2", "plan.zero_stage=1", "plan.offload_optimizer=cpu", "plan.micro_batch=4"))
+    assert z1.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(2 * (per_rank - accum), rel=1e-12)
 
 
 def test_zero3_offload_host_terms_by_hand():

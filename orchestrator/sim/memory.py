@@ -770,9 +770,13 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     the fp32 master partition ``pin(4 P_s)``, its 16-bit copy-back buffer ``pin(w P_s)``
     (param_buffer_of_bit16_for_cpu_offload_groups), the fp32 gradient partition ``pin(4 P_s)``, the
     Adam moments (K - 4) P_s (DeepSpeedCPUAdam's zeros_like, pageable), the staging buffer of the
-    largest parameter ``pin(w n_max)`` (temp_grad_buffer_for_cpu_offload), and with gradient
+    largest parameter ``pin(w n_max)`` (temp_grad_buffer_for_cpu_offload), and at ZeRO-2 with gradient
     accumulation (grad_accum > 1) one pinned 16-bit buffer per whole parameter of the partition
-    (accumulated_grads_in_cpu: ``sum_t pin(w n_t) x P_s / P_r``).
+    (accumulated_grads_in_cpu: ``sum_t pin(w n_t) x P_s / P_r``). ZeRO-1 reduces once, at the accumulation
+    boundary, with the gradients summed on the GPU by autograd, so ``copy_grads_in_partition`` meets a first
+    micro-step there and never accumulates on the host (measured: 10 of llama-2-13b's layers, ZeRO-1 + optimizer
+    offload 4 x 2 on one H200, 68.1 GiB of host memory, 80.6 predicted with the buffers and 68.2 without them;
+    benchmarks/results/2026-12-01-s10-h200x1/call2).
     ZeRO-3 (stage3.py): the fp32 master partition 4 P_s and moments (K - 4) P_s (pageable), one
     pinned fp32 gradient per optimizer sub-group (``sum_g pin(4 n_g)``, n_g = sub_group_size and the
     rest), the 16-bit gradient partition ``pin(w P_s)`` (grad_partitions_flat_buffer) and, with the
@@ -807,7 +811,7 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     states = K - (4.0 if mixed else 0.0)                     # moments (and momentum) beyond the fp32 master
     st, off_o, off_p, is_zo = a.zero, a.offloads_optimizer & ~a.zeroth_order, a.offloads_params & ~a.zeroth_order, \
         a.zeroth_order
-    need = off_o & (st < 3) & (a.grad_accum > 1)                                 # only where it is used
+    need = off_o & (st == 2) & (a.grad_accum > 1)                                # only where it is used
     accum = np.zeros(a.n)
     if need.any():
         accum[need] = pinned_tensor_bytes(m, w, a.tp[need], a.ep[need], 1, pinned=pinned) * (ps / pr)[need]
