@@ -245,8 +245,7 @@ def fit_outcomes() -> dict[str, list[str]]:
         kind = end.split("(")[-1].rstrip(")") if oom else ""
         said = "fits with margin" if e.fits_with_margin else "risky" if e.fits else "does not fit"
         # a plan over the card whose live tensors fit is said to "may run" (simulator.estimate_at's note)
-        may = any(n.startswith("may run") for n in e.notes)
-        tags = [t for t in (kind, "noted: may run" if may else "") if t]
+        tags = [t for t in (kind, "noted: may run" if e.may_run else "") if t]
         label = r["case"] + (" (" + ", ".join(tags) + ")" if tags else "")
         out[f"{said}, {'out of memory' if oom else 'ran'}"].append(label)
     return out

@@ -222,14 +222,17 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
         notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}: "
                      f"up to {peak + margin:.1f} GiB per GPU, {cpu + float(scores.host_margin_gib[i]):.1f} GiB host)")
     floor = float(scores.memory["live_floor"][i]) / GIB
+    may_run = ""
     if not scores.fits_gpu[i] and plan.zero_stage <= 2 and not plan.zeroth_order and floor <= avail:
         # sim/memory.py: at ZeRO 0-2 the reserve counts the step's flat buffers and the activations' blocks side by
         # side; where the first step's tensors leave the step its blocks, they share them and the peak is lower
-        notes.append(f"may run: over the card as predicted, but its live tensors need {floor:.1f} GiB; the "
-                     f"{peak - floor:.1f} GiB predicted above them is the allocator's reserve, counted at ZeRO 0-2 "
-                     "with the step's and the activations' blocks side by side, which was 0-20% over on the traced "
-                     "plans (tensor-parallel llama-2-7b at micro-batch 8: 146.2 GiB predicted, ran at 134.7); "
-                     "--force runs it, and the out-of-memory fallback takes over if it fails")
+        may_run = (f"may run: over the card as predicted, but its live tensors need {floor:.1f} GiB; the "
+                   f"{peak - floor:.1f} GiB predicted above them is the allocator's reserve, counted at ZeRO 0-2 "
+                   "with the step's and the activations' blocks side by side, which was 0-20% over on the traced "
+                   "plans (tensor-parallel llama-2-7b at micro-batch 8: 146.2 GiB predicted, ran at 134.7; opt-2.7b "
+                   "on one GPU at micro-batch 16: 146.9, ran at 138.2); --force runs it, and the out-of-memory "
+                   "fallback takes over if it fails")
+        notes.append(may_run)
     if job.train.expandable_segments and cl.accelerator == Accelerator.GPU:
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
@@ -244,7 +247,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
                     cpu_memory_available_gib=scores.host_usable_gib, step_time_s=float(scores.step_time_s[i]),
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
-                    memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes,
+                    memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes, may_run=may_run,
                     regime=regime, memory_band=band, memory_margin_gib=margin,
                     fits_with_margin=bool(scores.fits_margin[i]), largest_request_gib=largest,
                     largest_request_has_room=has_room)
