@@ -281,6 +281,23 @@ def test_unplaceable_job_fails_with_what_is_missing(tmp_path, ray_address):
     assert _state(tmp_path / "big")["state"] == "failed"
 
 
+def test_a_cluster_describing_more_host_memory_than_this_machine_is_refused_before_ray_starts(tmp_path):
+    """The job says each node has 100,000 GiB of host memory (and CPU workers of 100,000 GiB), so the simulator calls
+    llama-2-13b on two CPU workers a fit; this machine has far less, and an embedded run trains here: refused with
+    exit 2 naming the key and this machine's memory (orchestrator/run/machine_check.py), before Ray starts."""
+    from meshpilot.orchestrator.config.node_limits import node_memory
+    host = node_memory().total_bytes / 2**30
+    t0 = time.time()
+    p = _start([str(QUICKSTART), "model=llama-2-13b", "cluster.cpu_memory_gib=100000", "cluster.gpu.memory_gib=100000",
+                "--run-dir", str(tmp_path / "big")], tmp_path / "home")
+    rc, out = _finish(p, timeout=120)
+    flat = " ".join(out.split())
+    assert rc == 2, out
+    assert "cluster.cpu_memory_gib=100000 but this machine has" in flat and f"{host:.1f} GiB" in flat
+    assert "starting Ray" not in out and not (tmp_path / "big").exists()
+    assert time.time() - t0 < 60
+
+
 @pytest.mark.parametrize("override,needle", [
     ("plan.tp=3", "plan.tp=3"),                       # tp must divide the heads
     ("model=llama-2-7b", "does not fit"),             # the simulator refuses it (7B on CPU workers)

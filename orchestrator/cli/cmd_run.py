@@ -120,10 +120,12 @@ def run(args: argparse.Namespace) -> int:
     spec = gang_spec(plan.world_size, plan.tp, accelerator=c.accelerator, gpus_per_node=c.gpus_per_node,
                      cpu_cores=c.cpu_cores, cpu_threads_per_rank=c.cpu_threads_per_rank)
     from meshpilot.launch.ray_cluster import embedded_resources, embeds, local_gpu_count
+    machine_warnings: list[str] = []
     if embeds(args.address):            # what an embedded Ray will have, known before starting it
         have = embedded_resources(c.accelerator, c.gpus_per_node)
         refuse_unplaceable(job, plan, spec, {"GPU": local_gpu_count() if spec.use_gpus else have["num_gpus"],
                                              "CPU": have["num_cpus"]}, "this machine")
+        machine_warnings = check_this_machine(job, estimate, spec.use_gpus, args.force)
 
     session = RunSession.create(job, plan, estimate, job_path=args.job, run_dir=args.run_dir, t_command=t_command)
     try:
@@ -132,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         hint = bytecode_hint(os.environ)
         if hint:
             log.warning("%s", hint)
+        for w in machine_warnings:
+            log.warning("%s", w)
+            console.print(f"[yellow]warning[/yellow]: {escape(w)}")
 
         cancel_flag = threading.Event()
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -187,6 +192,20 @@ def run(args: argparse.Namespace) -> int:
         return exit_code(outcome.status, outcome.out_of_memory)
     finally:
         session.close()
+
+
+def check_this_machine(job: Any, estimate: Any, use_gpus: bool, force: bool) -> list[str]:
+    """An embedded run trains on this machine: its plan against this machine's host memory and GPUs
+    (run/machine_check.py; ConfigError, exit 2, where it would not fit them)."""
+    from meshpilot.orchestrator.config.clusters import nvml_gpus
+    from meshpilot.orchestrator.config.node_limits import node_memory
+    from meshpilot.orchestrator.run.machine_check import check_machine
+    if estimate is None:
+        return []
+    mem = node_memory()
+    gpus = nvml_gpus() if use_gpus else []
+    return check_machine(job, estimate, host_gib=None if mem is None else mem.total_bytes / 2**30,
+                         gpu_gib=min(b for _, b in gpus) / 2**30 if gpus else None, force=force)
 
 
 def refuse_unplaceable(job: Any, plan: Any, spec: Any, have: Mapping[str, float], where: str) -> None:

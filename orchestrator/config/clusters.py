@@ -108,7 +108,7 @@ def detect_local(base: dict[str, Any]) -> dict[str, Any]:
     mem_gib = _host_memory_gib()
     cores = node_cpu_cores()
     out["cpu_cores"], out["cpu_memory_gib"] = cores, round(mem_gib, 1)
-    gpus = _nvml_gpus()
+    gpus = nvml_gpus()
     if gpus:
         name, total_bytes = gpus[0]
         out.update(accelerator="gpu", gpus_per_node=len(gpus))
@@ -135,7 +135,7 @@ def _host_memory_gib() -> float:
         return 16.0
 
 
-def _nvml_gpus() -> list[tuple[str, int]]:
+def nvml_gpus() -> list[tuple[str, int]]:
     """(name, total memory bytes) per visible GPU via NVML; empty when NVML or GPUs are absent."""
     try:
         import pynvml
