@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from meshpilot.orchestrator.config.node_limits import cgroup_memory, cpu_quota_cores, node_cpu_cores, node_memory
+from meshpilot.orchestrator.config.node_limits import (cgroup_memory, cpu_quota_cores, node_cpu_cores, node_memory,
+                                                       own_cgroup_dirs)
 from meshpilot.orchestrator.train.memory_peaks import node_memory_bytes
 
 GIB = 2**30
@@ -38,9 +39,8 @@ def test_cgroup_v2_limit_below_memtotal_is_what_ray_counts(tmp_path):
     """A pod limited to 128 GiB on a 2 TiB machine: total 128, used = 100 - 30 - 10 = 60 GiB (file pages out)."""
     info = meminfo(tmp_path, 2048, 1900)
     root = cgroup_v2(tmp_path, str(128 * GIB), 100, 30, 10)
-    m = node_memory(info, str(root))
+    m = node_memory(info, str(root), None)
     assert (m.total_bytes, m.used_bytes, m.source) == (128 * GIB, 60 * GIB, "cgroup v2")
-    assert node_memory_bytes(info, str(root)) == (128 * GIB, 60 * GIB)
 
 
 def test_no_cgroup_limit_or_a_larger_one_keeps_meminfo(tmp_path):
@@ -48,9 +48,9 @@ def test_no_cgroup_limit_or_a_larger_one_keeps_meminfo(tmp_path):
     expected = (256 * GIB, 56 * GIB, "meminfo")
     for i, limit in enumerate(("max", str(512 * GIB))):   # no limit; a limit above the machine's memory
         (tmp_path / str(i)).mkdir()
-        m = node_memory(info, str(cgroup_v2(tmp_path / str(i), limit, 100, 30, 10)))
+        m = node_memory(info, str(cgroup_v2(tmp_path / str(i), limit, 100, 30, 10)), None)
         assert (m.total_bytes, m.used_bytes, m.source) == expected
-    assert node_memory(info, str(tmp_path / "absent")).source == "meminfo"
+    assert node_memory(info, str(tmp_path / "absent"), None).source == "meminfo"
     assert node_memory(info, None).total_bytes == 256 * GIB
     assert node_memory(str(tmp_path / "no-meminfo"), None) is None
 
@@ -64,10 +64,42 @@ def test_cgroup_v1_limit(tmp_path):
     (mem / "memory.stat").write_text(f"cache {20 * GIB}\nrss {30 * GIB}\ntotal_inactive_file {15 * GIB}\n"
                                      f"total_active_file {5 * GIB}\n")
     (mem / "memory.limit_in_bytes").write_text(f"{64 * GIB}\n")
-    assert cgroup_memory(str(tmp_path / "cg1")) == (64 * GIB, 30 * GIB, "cgroup v1")
-    assert node_memory(info, str(tmp_path / "cg1")).total_bytes == 64 * GIB
+    assert cgroup_memory(str(tmp_path / "cg1"), None) == (64 * GIB, 30 * GIB, "cgroup v1")
+    assert node_memory(info, str(tmp_path / "cg1"), None).total_bytes == 64 * GIB
     (mem / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert node_memory(info, str(tmp_path / "cg1")).source == "meminfo"
+    assert node_memory(info, str(tmp_path / "cg1"), None).source == "meminfo"
+
+
+def test_a_limit_above_this_process_binds_too(tmp_path):
+    """No limit at the mount's root (what Ray reads), but the process sits in a Slurm step's cgroup of 48 GiB under a
+    job's of 64 GiB (cgroup v2, no namespace): the kernel kills at 48, so 48 is the node's total and that cgroup's
+    usage less its file pages (30 - 6 = 24 GiB) the used part. The memory_peaks reader gives the same pair."""
+    info = meminfo(tmp_path, 512, 500)
+    root = tmp_path / "cg"
+    step = root / "system.slice" / "slurmstepd.scope" / "job_7" / "step_0"
+    for d, limit, cur, files in ((root, "max", 40, 2), (root / "system.slice", "max", 40, 2),
+                                 (root / "system.slice" / "slurmstepd.scope", "max", 40, 2),
+                                 (root / "system.slice" / "slurmstepd.scope" / "job_7", str(64 * GIB), 35, 8),
+                                 (step, str(48 * GIB), 30, 6)):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.max").write_text(limit + "\n")
+        (d / "memory.current").write_text(f"{cur * GIB}\n")
+        (d / "memory.stat").write_text(f"inactive_file {files * GIB // 2}\nactive_file {files * GIB // 2}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/slurmstepd.scope/job_7/step_0\n")
+    assert [d for d, _ in own_cgroup_dirs(str(root), str(proc))][:2] == [step, step.parent]
+    m = node_memory(info, str(root), str(proc))
+    assert (m.total_bytes, m.used_bytes, m.source) == (48 * GIB, 24 * GIB, "cgroup v2")
+    assert node_memory_bytes(info, str(root), str(proc)) == (48 * GIB, 24 * GIB)
+    assert node_memory(info, str(root), None).source == "meminfo"        # the root alone sets no limit
+    # cgroup v1: the memory controller's line
+    v1 = tmp_path / "v1" / "memory" / "slurm" / "uid_0" / "job_7"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{32 * GIB}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{10 * GIB}\n")
+    (v1 / "memory.stat").write_text(f"total_inactive_file {GIB}\ntotal_active_file {GIB}\n")
+    proc.write_text("4:memory:/slurm/uid_0/job_7\n3:cpuset:/\n0::/\n")
+    assert cgroup_memory(str(tmp_path / "v1"), str(proc)) == (32 * GIB, 8 * GIB, "cgroup v1")
 
 
 def test_cpu_quota(tmp_path):

@@ -14,7 +14,10 @@ Memory, counted as Ray's memory monitor counts it (ray ``src/ray/common/memory_m
 with, for cgroup v2 (``<root>/memory.max``; ``max`` means none): usage ``memory.current`` and the file
 pages of ``memory.stat`` (``inactive_file``, ``active_file``); for cgroup v1 (``<root>/memory/``):
 ``memory.limit_in_bytes`` (a huge number means none), ``memory.usage_in_bytes`` and ``total_inactive_file``,
-``total_active_file``. File pages are page cache the kernel reclaims before it kills anything.
+``total_active_file``. File pages are page cache the kernel reclaims before it kills anything. Ray reads the cgroup at
+the root of the mount (a container's own, under a cgroup namespace); the kernel's OOM killer also enforces the limit of
+every cgroup above this process (``/proc/self/cgroup``: a Slurm step confined without a namespace, a systemd slice),
+so those count too, and the smallest limit binds.
 
 Cores: the CPUs this process may run on (``sched_getaffinity``), capped by a CFS quota where one is set
 (v2 ``cpu.max`` = ``quota period``, ``max`` = none; v1 ``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us``,
@@ -77,26 +80,70 @@ def _stat_fields(path: Path, keys: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def cgroup_memory(root: str = CGROUP_ROOT) -> tuple[int, int, str] | None:
-    """(limit, used without file pages, "cgroup v2" | "cgroup v1") of this process's memory cgroup; None where no
-    limit is set or the files cannot be read."""
+# (limit file, usage file, stat file, the stat's file-page keys) of a cgroup directory, by version
+_V2 = ("memory.max", "memory.current", "memory.stat", ("inactive_file", "active_file"))
+_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", ("total_inactive_file", "total_active_file"))
+
+
+def _cgroup_dir_memory(d: Path, files: tuple) -> tuple[int, int] | None:
+    """(limit, used without file pages) of one cgroup directory; None without a limit or readable files."""
+    limit_f, usage_f, stat_f, keys = files
+    limit, usage = _read_int(d / limit_f), _read_int(d / usage_f)
+    if limit is None or usage is None or limit <= 0:
+        return None
+    pages = _stat_fields(d / stat_f, keys)
+    if len(pages) < len(keys):
+        return None
+    return limit, max(0, usage - sum(pages.values()))
+
+
+def own_cgroup_dirs(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> list[tuple[Path, tuple]]:
+    """The memory cgroup directories of this process from its own up to the mount's root (v2: the ``0::/path`` line;
+    v1: the line naming the ``memory`` controller), with their file names; those that do not exist are left out."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return []
+    out: list[tuple[Path, tuple]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        if hid == "0" and controllers == "":
+            base, files = Path(root), _V2
+        elif "memory" in controllers.split(","):
+            base, files = Path(root) / "memory", _V1
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for d in [base / rel, *[base / p for p in rel.parents]]:
+            if d.is_dir() and d != base:
+                out.append((d, files))
+    return out
+
+
+def cgroup_memory(root: str = CGROUP_ROOT, proc_cgroup: str | None = "/proc/self/cgroup") -> tuple[int, int, str] | None:
+    """(limit, used without file pages, "cgroup v2" | "cgroup v1") of the smallest memory-cgroup limit over the mount's
+    root (Ray's view) and the cgroups above this process (``proc_cgroup``; None: the root only); None where no limit is
+    set or the files cannot be read."""
     base = Path(root)
-    v2 = [("memory.max", "memory.current", "memory.stat", ("inactive_file", "active_file"), "cgroup v2")]
-    v1 = [("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-           ("total_inactive_file", "total_active_file"), "cgroup v1")]
-    for limit_f, usage_f, stat_f, keys, name in (*v2, *v1):
-        limit, usage = _read_int(base / limit_f), _read_int(base / usage_f)
-        if limit is None or usage is None or limit <= 0:
-            continue
-        files = _stat_fields(base / stat_f, keys)
-        if len(files) < len(keys):
-            continue
-        return limit, max(0, usage - sum(files.values())), name
-    return None
+    found = [(r, "cgroup v2") for r in [_cgroup_dir_memory(base, _V2)] if r] + \
+            [(r, "cgroup v1") for r in [_cgroup_dir_memory(base / "memory", _V1)] if r]
+    for d, files in own_cgroup_dirs(root, proc_cgroup) if proc_cgroup else []:
+        r = _cgroup_dir_memory(d, files)
+        if r:
+            found.append((r, "cgroup v2" if files is _V2 else "cgroup v1"))
+    if not found:
+        return None
+    (limit, used), name = min(found, key=lambda x: x[0][0])
+    return limit, used, name
 
 
-def node_memory(meminfo: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT) -> NodeMemory | None:
-    """This node's memory as Ray's memory monitor counts it (module docstring); None without a readable meminfo."""
+def node_memory(meminfo: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT,
+                proc_cgroup: str | None = "/proc/self/cgroup") -> NodeMemory | None:
+    """This node's memory as Ray's memory monitor and the kernel count it (module docstring); None without a readable
+    meminfo. ``proc_cgroup``: this process's cgroup file (None: the mount's root only)."""
     try:
         v = read_kib_fields(meminfo, ("MemTotal", "MemAvailable"))
     except OSError:
@@ -104,7 +151,7 @@ def node_memory(meminfo: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_RO
     if "MemTotal" not in v or "MemAvailable" not in v:
         return None
     out = NodeMemory(v["MemTotal"], v["MemTotal"] - v["MemAvailable"], "meminfo")
-    cg = cgroup_memory(cgroup_root) if cgroup_root else None
+    cg = cgroup_memory(cgroup_root, proc_cgroup) if cgroup_root else None
     if cg is not None and cg[0] < out.total_bytes:       # v1's "no limit" is a huge number: never the smaller
         out = NodeMemory(cg[0], cg[1], cg[2])
     return out

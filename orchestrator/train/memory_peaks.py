@@ -228,11 +228,12 @@ def process_host_bytes(path: str = "/proc/self/status") -> int | None:
     return v["RssAnon"] + v["RssShmem"] if "RssAnon" in v and "RssShmem" in v else None
 
 
-def node_memory_bytes(path: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT) -> tuple[int, int] | None:
+def node_memory_bytes(path: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT,
+                      proc_cgroup: str | None = "/proc/self/cgroup") -> tuple[int, int] | None:
     """(total, used) of this node in bytes as Ray's memory monitor counts them: MemTotal and MemTotal -
     MemAvailable, or the memory cgroup's limit and usage without file pages where that limit is the smaller
     (:func:`meshpilot.orchestrator.config.node_limits.node_memory`); None where unavailable."""
-    m = node_memory(path, cgroup_root)
+    m = node_memory(path, cgroup_root, proc_cgroup)
     return None if m is None else (m.total_bytes, m.used_bytes)
 
 
