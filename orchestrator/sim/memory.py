@@ -775,7 +775,7 @@ def host_memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, ds: DeepSpe
     (accumulated_grads_in_cpu: ``sum_t pin(w n_t) x P_s / P_r``). ZeRO-1 reduces once, at the accumulation
     boundary, with the gradients summed on the GPU by autograd, so ``copy_grads_in_partition`` meets a first
     micro-step there and never accumulates on the host (measured: 10 of llama-2-13b's layers, ZeRO-1 + optimizer
-    offload 4 x 2 on one H200, 68.1 GiB of host memory, 80.6 predicted with the buffers and 68.2 without them;
+    offload 4 x 2 on one H200, 68.1 GiB of host memory, 80.6 predicted with the buffers and 69.3 without them;
     benchmarks/results/2026-12-01-s10-h200x1/call2).
     ZeRO-3 (stage3.py): the fp32 master partition 4 P_s and moments (K - 4) P_s (pageable), one
     pinned fp32 gradient per optimizer sub-group (``sum_g pin(4 n_g)``, n_g = sub_group_size and the
