@@ -136,35 +136,40 @@ HOST_NOT_HELD_OUT = {"results/2026-11-30-s3-h200x2/z3time/7b_mb1", "results/2026
                      "results/2026-11-30-s6-h200x2/choice8b/z1_mb1x8"}
 # cases that ran a runtime since corrected, not scored (listed by the report): the parameter-offload runs were built in
 # fp32 under zero.Init, so every pass ran in fp32 (2026-11-30-s4-h200x2/trace; engine_deepspeed._default_model_factory)
-SUPERSEDED = {"regimes1:z3offall_7b_mb1": "ran its passes in fp32 (parameter offload before the dtype fix)",
-              "regimes1:z3offall_7b_mb10": "ran its passes in fp32 (parameter offload before the dtype fix)",
-              # the activation count and ZeRO-2's gradient phases were read off these plans' allocator histories
-              # (2026-11-30-s8-h200x2/hist4, allocator_peak.txt): no longer held out
-              "regimes10:z2_opt67_mb8": "its allocator history set ZeRO-2's gradient phases and the attention count "
-                                        "(sim/memory.py), so it is no longer held out",
-              "regimes7:z2_l3_8b_mb8": "its allocator history set ZeRO-2's gradient phases (sim/memory.py), so it is "
-                                       "no longer held out",
-              # a term was read off this plan's allocator history (2026-11-30-s6-h200x2/hist): no longer held out
-              "regimes6:tp2_opt67_mb4": "its allocator history set the masked gradient norm of ZeRO-0 under tp "
-                                        "(sim/memory.py), so it is no longer held out",
-              # plans with activation checkpointing that ran without it: the worker did not switch transformers'
-              # checkpointing on (fixed in strategies/hf_adapter.py; run again in call2)
-              **{f"hf:{c}": "ran without the checkpointing its plan names (model.implementation: hf, before the fix)"
-                 for c in ("hf_m1b_z2_mb8_ac", "hf_m7b_z3_mb1_ac", "hf_m7b_z3offall_mb1_ac")},
-              # its reserve, with hf_m7b_z3_mb1_ac's, led to dropping the loaded-model hole at ZeRO-3 (sim/memory.py)
-              "hf:hf_m04_z3_mb4": "its reserve led to dropping the loaded-model hole at ZeRO-3 (sim/memory.py), so it "
-                                  "is no longer held out",
-              # its allocated peak led to counting ZeRO-3's window and kept parameters on one rank with parameter
-              # offload (sim/memory.py gathers); its host peak had been predicted before it ran (110.7 against 112.0)
-              "call1:z3offall_7b20l_one_mb8": "its allocated peak led to counting the fetched window and kept "
-                                              "parameters of one rank with parameter offload (sim/memory.py gathers), "
-                                              "so it is no longer held out"}
+_NO_LONGER_HELD_OUT = "so it is no longer held out"
+SUPERSEDED = {
+    "2026-11-30-s4-h200x2/regimes1:z3offall_7b_mb1": "ran its passes in fp32 (parameter offload before the dtype fix)",
+    "2026-11-30-s4-h200x2/regimes1:z3offall_7b_mb10": "ran its passes in fp32 (parameter offload before the dtype fix)",
+    # the activation count and ZeRO-2's gradient phases were read off these plans' allocator histories
+    # (2026-11-30-s8-h200x2/hist4, allocator_peak.txt): no longer held out
+    "2026-11-30-s8-h200x2/regimes10:z2_opt67_mb8":
+        f"its allocator history set ZeRO-2's gradient phases and the attention count (sim/memory.py), "
+        f"{_NO_LONGER_HELD_OUT}",
+    "2026-11-30-s6-h200x2/regimes7:z2_l3_8b_mb8":
+        f"its allocator history set ZeRO-2's gradient phases (sim/memory.py), {_NO_LONGER_HELD_OUT}",
+    # a term was read off this plan's allocator history (2026-11-30-s6-h200x2/hist): no longer held out
+    "2026-11-30-s5-h200x2/regimes6:tp2_opt67_mb4":
+        f"its allocator history set the masked gradient norm of ZeRO-0 under tp (sim/memory.py), {_NO_LONGER_HELD_OUT}",
+    # plans with activation checkpointing that ran without it: the worker did not switch transformers'
+    # checkpointing on (fixed in strategies/hf_adapter.py; run again in call2)
+    **{f"2026-11-30-s9-h200x2/call1/hf:{c}":
+       "ran without the checkpointing its plan names (model.implementation: hf, before the fix)"
+       for c in ("hf_m1b_z2_mb8_ac", "hf_m7b_z3_mb1_ac", "hf_m7b_z3offall_mb1_ac")},
+    # its reserve, with hf_m7b_z3_mb1_ac's, led to dropping the loaded-model hole at ZeRO-3 (sim/memory.py)
+    "2026-11-30-s9-h200x2/call1/hf:hf_m04_z3_mb4":
+        f"its reserve led to dropping the loaded-model hole at ZeRO-3 (sim/memory.py), {_NO_LONGER_HELD_OUT}",
+    # its allocated peak led to counting ZeRO-3's window and kept parameters on one rank with parameter
+    # offload (sim/memory.py gathers); its host peak had been predicted before it ran (110.7 against 112.0)
+    "2026-12-01-s10-h200x1/call1:z3offall_7b20l_one_mb8":
+        "its allocated peak led to counting the fetched window and kept parameters of one rank with parameter "
+        f"offload (sim/memory.py gathers), {_NO_LONGER_HELD_OUT}"}
 
 
 # runs whose host reading led to a change of the host model: their host memory is no longer held out (their GPU peak,
 # step and outcome still are)
-HOST_SUPERSEDED = {"call2:z1off_13b10l_one_mb4": "its host memory led to dropping the host accumulation buffers at "
-                                                 "ZeRO-1 (sim/memory.py host_memory_terms)"}
+HOST_SUPERSEDED = {
+    "2026-12-01-s10-h200x1/call2:z1off_13b10l_one_mb4":
+        "its host memory led to dropping the host accumulation buffers at ZeRO-1 (sim/memory.py host_memory_terms)"}
 
 
 def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:
@@ -220,6 +225,11 @@ def built_an_op(run_dir: Path) -> bool:
     return any(f.exists() and "building DeepSpeed op" in f.read_text(errors="replace") for f in logs)
 
 
+def case_key(results_file: Path, case: str) -> str:
+    """``<the results file's folder under results/>:<case>``: how SUPERSEDED and HOST_SUPERSEDED name a case."""
+    return f"{results_file.parent.relative_to(HERE / 'results')}:{case}"
+
+
 def ended(row: dict[str, Any], log: Path) -> str:
     """How a case ended: its recorded outcome, except a run that exited 1 with Ray's memory monitor's
     OutOfMemoryError in its log, which is a host out-of-memory the run did not classify (the unhandled traceback of
@@ -262,7 +272,7 @@ def simulated_cases(paths: list[str]) -> Iterator[tuple[Path, dict[str, Any], An
         if not f.exists():
             continue
         for r in json.loads(f.read_text())["rows"]:
-            if f"{f.parent.name}:{r['case']}" in SUPERSEDED:
+            if case_key(f, r["case"]) in SUPERSEDED:
                 continue
             job = load_job(str(HERE / JOB), r["overrides"])
             plan = resolve_plan(job)
@@ -292,7 +302,7 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
                          fits_with_margin=bool(e.fits_with_margin),
                          fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
                          request_beyond_room=not e.largest_request_has_room,
-                         measured_host_gib=None if f"{f.parent.name}:{r['case']}" in HOST_SUPERSEDED
+                         measured_host_gib=None if case_key(f, r["case"]) in HOST_SUPERSEDED
                          else host.get("measured"),
                          predicted_host_gib=e.cpu_memory_gib_per_node,
                          op_built_in_run=built_an_op(f.parent / r["case"])))
