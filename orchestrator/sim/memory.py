@@ -439,9 +439,9 @@ def kept_parameters(mt: ModelTerms, a: PlanArrays, ds: DeepSpeedSettings, live):
     release a parameter used again within ``stage3_max_reuse_distance`` elements of the trace, and at the turn the
     last layers of the forward are the first of the backward: min(P_r - live, reuse distance), ``live`` the elements
     already counted on the GPU as the window (with parameter offload, the window and the persistent parameters: all
-    of P_r at most), 0 where nothing is gathered (:func:`gathers`). Measured (built-in llama-1b, 954M parameters, ZeRO-3 dp=2, reuse distance 1e9, mb 1:
-    allocated at the end of the forward 4.93 GiB above the static, 1.78 GiB of it = 2 x 954M, the rest the
-    activations; benchmarks/results/2026-11-30-s3-h200x2/trace)."""
+    of P_r at most), 0 where nothing is gathered (:func:`gathers`). Measured (built-in llama-1b, 954M parameters,
+    ZeRO-3 dp=2, reuse distance 1e9, mb 1: allocated at the end of the forward 4.93 GiB above the static, 1.78 GiB of
+    it = 2 x 954M, the rest the activations; benchmarks/results/2026-11-30-s3-h200x2/trace)."""
     pr = rank_params(mt, a.tp, a.ep, a.dp)[0]
     return np.where(gathers(a), np.minimum(ds.max_reuse_distance, np.maximum(pr - live, 0.0)), 0.0)
 
