@@ -119,10 +119,14 @@ def predict(overrides: list[str]) -> dict:
 # --- the node's memory, sampled from outside the run ---------------------------------------------
 
 def node_sampler():
-    """The peak of the node's MemTotal - MemAvailable over a run, every 50 ms: the sampler and the
-    reading a training rank uses (:mod:`meshpilot.orchestrator.train.memory_peaks`)."""
-    from meshpilot.orchestrator.train.memory_peaks import PeakSampler, node_used_bytes
-    return PeakSampler(node_used_bytes, interval_s=0.05, name="node-used-sampler").start()
+    """The peak of the node's used memory over a run (as Ray's memory monitor counts it: MemTotal - MemAvailable, or
+    a binding memory cgroup's usage), every 50 ms: the sampler and the reading a training rank uses
+    (:mod:`meshpilot.orchestrator.train.memory_peaks`)."""
+    from meshpilot.orchestrator.config.node_limits import memory_limit
+    from meshpilot.orchestrator.train.memory_peaks import PeakSampler
+    limit = memory_limit()
+    return PeakSampler(limit.used_bytes if limit else (lambda: None), interval_s=0.05,
+                       name="node-used-sampler").start()
 
 
 def node_rise(sampler) -> dict:

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from meshpilot.orchestrator.config.node_limits import (cgroup_memory, cpu_quota_cores, node_cpu_cores, node_memory,
-                                                       own_cgroup_dirs)
+from meshpilot.orchestrator.config.node_limits import (cgroup_memory, cpu_quota_cores, memory_limit, node_cpu_cores,
+                                                       node_memory, own_cgroup_dirs)
 from meshpilot.orchestrator.train.memory_peaks import node_memory_bytes
 
 GIB = 2**30
@@ -91,6 +91,11 @@ def test_a_limit_above_this_process_binds_too(tmp_path):
     m = node_memory(info, str(root), str(proc))
     assert (m.total_bytes, m.used_bytes, m.source) == (48 * GIB, 24 * GIB, "cgroup v2")
     assert node_memory_bytes(info, str(root), str(proc)) == (48 * GIB, 24 * GIB)
+    # found once, the limit's source is what a sampler reads afterwards: the step's usage rises to 40 (less 6 of files)
+    limit = memory_limit(info, str(root), str(proc))
+    assert (limit.total_bytes, limit.cgroup_dir) == (48 * GIB, step)
+    (step / "memory.current").write_text(f"{40 * GIB}\n")
+    assert limit.used_bytes() == 34 * GIB
     assert node_memory(info, str(root), None).source == "meminfo"        # the root alone sets no limit
     # cgroup v1: the memory controller's line
     v1 = tmp_path / "v1" / "memory" / "slurm" / "uid_0" / "job_7"

@@ -123,38 +123,80 @@ def own_cgroup_dirs(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgro
     return out
 
 
+def _version(files: tuple) -> str:
+    return "cgroup v2" if files is _V2 else "cgroup v1"
+
+
+def _cgroup_limits(root: str, proc_cgroup: str | None) -> list[tuple[int, Path, tuple]]:
+    """(limit, directory, its file names) of every readable memory cgroup with a limit: the mount's root (Ray's view,
+    v2 then v1) and the cgroups above this process (``proc_cgroup``; None: the root only)."""
+    base = Path(root)
+    dirs = [(base, _V2), (base / "memory", _V1), *(own_cgroup_dirs(root, proc_cgroup) if proc_cgroup else [])]
+    return [(r[0], d, files) for d, files in dirs for r in [_cgroup_dir_memory(d, files)] if r]
+
+
 def cgroup_memory(root: str = CGROUP_ROOT, proc_cgroup: str | None = "/proc/self/cgroup") -> tuple[int, int, str] | None:
     """(limit, used without file pages, "cgroup v2" | "cgroup v1") of the smallest memory-cgroup limit over the mount's
     root (Ray's view) and the cgroups above this process (``proc_cgroup``; None: the root only); None where no limit is
     set or the files cannot be read."""
-    base = Path(root)
-    found = [(r, "cgroup v2") for r in [_cgroup_dir_memory(base, _V2)] if r] + \
-            [(r, "cgroup v1") for r in [_cgroup_dir_memory(base / "memory", _V1)] if r]
-    for d, files in own_cgroup_dirs(root, proc_cgroup) if proc_cgroup else []:
-        r = _cgroup_dir_memory(d, files)
-        if r:
-            found.append((r, "cgroup v2" if files is _V2 else "cgroup v1"))
-    if not found:
+    limits = _cgroup_limits(root, proc_cgroup)
+    if not limits:
         return None
-    (limit, used), name = min(found, key=lambda x: x[0][0])
-    return limit, used, name
+    limit, d, files = min(limits, key=lambda x: x[0])
+    read = _cgroup_dir_memory(d, files)
+    return None if read is None else (limit, read[1], _version(files))
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """Where this node's binding memory limit is, found once: MemTotal (``cgroup_dir`` None) or a memory cgroup.
+    :meth:`used_bytes` then reads only that source's usage, as a sampler does many times a second."""
+    total_bytes: int
+    source: str                             # "meminfo", "cgroup v2" or "cgroup v1"
+    meminfo: str = PROC_MEMINFO
+    cgroup_dir: Path | None = None
+    files: tuple | None = None
+
+    def used_bytes(self) -> int | None:
+        """Used memory as counted against this limit (module docstring); None where it cannot be read."""
+        if self.cgroup_dir is None:
+            m = _meminfo(self.meminfo)
+            return None if m is None else m[0] - m[1]
+        read = _cgroup_dir_memory(self.cgroup_dir, self.files)
+        return None if read is None else read[1]
+
+
+def _meminfo(path: str) -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in bytes; None where unreadable."""
+    try:
+        v = read_kib_fields(path, ("MemTotal", "MemAvailable"))
+    except OSError:
+        return None
+    return (v["MemTotal"], v["MemAvailable"]) if "MemTotal" in v and "MemAvailable" in v else None
+
+
+def memory_limit(meminfo: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT,
+                 proc_cgroup: str | None = "/proc/self/cgroup") -> MemoryLimit | None:
+    """This node's binding memory limit (module docstring); None without a readable meminfo. ``proc_cgroup``: this
+    process's cgroup file (None: the mount's root only)."""
+    m = _meminfo(meminfo)
+    if m is None:
+        return None
+    limits = _cgroup_limits(cgroup_root, proc_cgroup) if cgroup_root else []
+    if limits:
+        limit, d, files = min(limits, key=lambda x: x[0])
+        if limit < m[0]:                     # v1's "no limit" is a huge number: never the smaller
+            return MemoryLimit(limit, _version(files), meminfo, d, files)
+    return MemoryLimit(m[0], "meminfo", meminfo)
 
 
 def node_memory(meminfo: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT,
                 proc_cgroup: str | None = "/proc/self/cgroup") -> NodeMemory | None:
     """This node's memory as Ray's memory monitor and the kernel count it (module docstring); None without a readable
-    meminfo. ``proc_cgroup``: this process's cgroup file (None: the mount's root only)."""
-    try:
-        v = read_kib_fields(meminfo, ("MemTotal", "MemAvailable"))
-    except OSError:
-        return None
-    if "MemTotal" not in v or "MemAvailable" not in v:
-        return None
-    out = NodeMemory(v["MemTotal"], v["MemTotal"] - v["MemAvailable"], "meminfo")
-    cg = cgroup_memory(cgroup_root, proc_cgroup) if cgroup_root else None
-    if cg is not None and cg[0] < out.total_bytes:       # v1's "no limit" is a huge number: never the smaller
-        out = NodeMemory(cg[0], cg[1], cg[2])
-    return out
+    meminfo."""
+    limit = memory_limit(meminfo, cgroup_root, proc_cgroup)
+    used = None if limit is None else limit.used_bytes()
+    return None if used is None else NodeMemory(limit.total_bytes, used, limit.source)
 
 
 def cpu_quota_cores(cgroup_root: str = CGROUP_ROOT) -> int | None:

@@ -39,7 +39,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from meshpilot.orchestrator.config.node_limits import CGROUP_ROOT, PROC_MEMINFO, node_memory, read_kib_fields
+from meshpilot.orchestrator.config.node_limits import (CGROUP_ROOT, PROC_MEMINFO, memory_limit, node_memory,
+                                                       read_kib_fields)
 
 log = logging.getLogger(__name__)
 
@@ -237,19 +238,14 @@ def node_memory_bytes(path: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP
     return None if m is None else (m.total_bytes, m.used_bytes)
 
 
-def node_used_bytes(path: str = PROC_MEMINFO, cgroup_root: str | None = CGROUP_ROOT) -> int | None:
-    """This node's used memory as Ray's memory monitor counts it (:func:`node_memory_bytes`), bytes."""
-    m = node_memory_bytes(path, cgroup_root)
-    return None if m is None else m[1]
-
-
 def host_readers() -> dict[str, ReadBytes]:
     """The host readings a rank samples, by name (``host``, ``node_used``); empty without /proc."""
     out: dict[str, ReadBytes] = {}
     if process_host_bytes() is not None:
         out["host"] = process_host_bytes
-    if node_memory_bytes() is not None:
-        out["node_used"] = node_used_bytes
+    limit = memory_limit()                 # found once: each sample then reads only the binding source's usage
+    if limit is not None and limit.used_bytes() is not None:
+        out["node_used"] = limit.used_bytes
     return out
 
 
