@@ -53,14 +53,14 @@ M3B = ["model.name=llama-3b", "model.layers=26", "model.hidden=3200", "model.hea
        "model.ffn=8640"]
 
 
-def LAYERS(model: str, layers: int) -> list[str]:
-    """``model``'s shapes with ``layers`` decoder layers."""
-    return [f"model={model}", f"model.layers={layers}", f"model.name={model}-{layers}l"]
+def LAYERS(model: str, layers: int, name: str | None = None) -> list[str]:
+    """``model``'s shapes with ``layers`` decoder layers, named ``name`` (default ``<model>-<layers>l``)."""
+    return [f"model={model}", f"model.layers={layers}", f"model.name={name or f'{model}-{layers}l'}"]
 
 
 def L7B(layers: int) -> list[str]:
-    """llama-2-7b's shapes with ``layers`` decoder layers."""
-    return ["model=llama-2-7b", f"model.layers={layers}", f"model.name=llama-7b-{layers}l"]
+    """llama-2-7b's shapes with ``layers`` decoder layers (named as the 2026-12-01 cases ran)."""
+    return LAYERS("llama-2-7b", layers, f"llama-7b-{layers}l")
 
 
 # (name, overrides, time limit s, what it tests)
