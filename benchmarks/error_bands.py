@@ -254,8 +254,8 @@ def fit_outcomes() -> dict[str, list[str]]:
             continue
         kind = end.split("(")[-1].rstrip(")") if oom else ""
         said = "fits with margin" if e.fits_with_margin else "risky" if e.fits else "does not fit"
-        # a plan over the card whose live tensors fit is said to "may run" (simulator.estimate_at's note)
-        tags = [t for t in (kind, "noted: may run" if e.may_run else "") if t]
+        # a plan whose modelled reserve reaches the card, its live tensors within it (simulator.estimate_at's note)
+        tags = [t for t in (kind, "at the card" if e.at_card else "") if t]
         label = r["case"] + (" (" + ", ".join(tags) + ")" if tags else "")
         out[f"{said}, {'out of memory' if oom else 'ran'}"].append(label)
     return out

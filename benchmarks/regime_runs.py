@@ -281,6 +281,34 @@ CASES = [
     ("z2off_opt67_16l_one_mb24", [*ONE, *LAYERS("opt-6.7b", 16), "train.global_batch=24", "plan.zero_stage=2",
                                   "plan.offload_optimizer=cpu", "plan.micro_batch=24"], 120,
      "the same on 16 of opt-6.7b's layers at micro-batch 24: 120.0 GiB predicted"),
+    # 2026-12-01, second session on the 1 x H200 kind: plans whose modelled reserve passes the card while their live
+    # tensors fit (predicted at the card, risky: sim/memory.py at_card), live tensors from 112 to 139 GiB of 140.4;
+    # two ZeRO 1-2 plans within the card; a held-out ZeRO-1 + optimizer offload plan with accumulation (host)
+    ("z1_7b18l_one_mb8", [*ONE, *L7B(18), "train.global_batch=8", "plan.zero_stage=1", "plan.micro_batch=8"], 90,
+     "ZeRO-1 on one GPU, 18 layers of llama-2-7b: modelled 143.7 GiB, live tensors 112.5: at the card"),
+    ("z0_7b16l_one_mb10", [*ONE, *L7B(16), "train.global_batch=10", "plan.zero_stage=0", "plan.micro_batch=10"], 90,
+     "ZeRO-0, 16 layers at micro-batch 10: modelled 149.4, live 114.5: at the card"),
+    ("z2_7b20l_one_mb8", [*ONE, *L7B(20), "train.global_batch=8", "plan.zero_stage=2", "plan.micro_batch=8"], 90,
+     "ZeRO-2, 20 layers at micro-batch 8: modelled 149.4, live 124.6: at the card"),
+    ("z0_opt67_14l_one_mb20", [*ONE, *LAYERS("opt-6.7b", 14), "train.global_batch=20", "plan.zero_stage=0",
+                               "plan.micro_batch=20"], 90,
+     "ZeRO-0, 14 of opt-6.7b's layers at micro-batch 20: modelled 155.5, live 124.9: at the card"),
+    ("z1_opt67_16l_one_mb16", [*ONE, *LAYERS("opt-6.7b", 16), "train.global_batch=16", "plan.zero_stage=1",
+                               "plan.micro_batch=16"], 90,
+     "ZeRO-1, 16 of opt-6.7b's layers at micro-batch 16: modelled 147.6, live 119.8: at the card"),
+    ("z0_opt27b_one_mb18", [*ONE, "model=opt-2.7b", "train.global_batch=18", "plan.zero_stage=0",
+                            "plan.micro_batch=18"], 90,
+     "opt-2.7b ZeRO-0 at micro-batch 18: modelled 157.6, live 130.5: at the card"),
+    ("z0_7b20l_one_mb10", [*ONE, *L7B(20), "train.global_batch=10", "plan.zero_stage=0", "plan.micro_batch=10"], 90,
+     "ZeRO-0, 20 layers at micro-batch 10: live tensors 139.3 GiB of 140.4, at the card: a chance to fail"),
+    ("z1_7b16l_one_mb6", [*ONE, *L7B(16), "train.global_batch=6", "plan.zero_stage=1", "plan.micro_batch=6"], 90,
+     "ZeRO-1, 16 layers at micro-batch 6, within the card"),
+    ("z2_7b16l_one_mb6", [*ONE, *L7B(16), "train.global_batch=6", "plan.zero_stage=2", "plan.micro_batch=6"], 90,
+     "ZeRO-2, the same plan"),
+    ("z1off_7b16l_one_mb4x2", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=1",
+                               "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 130,
+     "ZeRO-1 + optimizer offload with 2 micro-batches per step, the ZeRO-1 twin of z2off_7b16l_one_mb4x2 (host 77.3 "
+     "GiB measured): 69.0 predicted, without ZeRO-2's host accumulation buffers (held out)"),
 ]
 
 
@@ -289,7 +317,7 @@ def prediction(overrides: list[str]) -> dict:
     from meshpilot.orchestrator.config.loader import load_job
     from meshpilot.orchestrator.sim.simulator import simulate
     e = simulate(load_job(JOB, overrides))
-    return dict(plan=e.plan, regime=e.regime, fits=e.fits, fits_with_margin=e.fits_with_margin,
+    return dict(plan=e.plan, regime=e.regime, fits=e.fits, fits_with_margin=e.fits_with_margin, at_card=bool(e.at_card),
                 peak_gpu_gib=round(e.peak_memory_gib, 2), memory_margin_gib=round(e.memory_margin_gib, 2),
                 host_node_gib=round(e.cpu_memory_gib_per_node, 2), host_usable_gib=round(e.cpu_memory_available_gib, 2),
                 step_time_s=round(e.step_time_s, 4), time_breakdown_s={k: round(v, 4) for k, v in e.time_breakdown_s.items()},

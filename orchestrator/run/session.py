@@ -96,7 +96,7 @@ def fit_check(job: JobConfig, plan: Plan, *, force: bool = False) -> Estimate:
         if not est.fits:
             log.warning("running a plan the simulator says does not fit (--force): %s", "; ".join(est.reasons))
         return est
-    reasons = "; ".join(est.reasons + ([est.may_run] if est.may_run else [])) or "over the memory limit"
+    reasons = "; ".join(est.reasons) or "over the memory limit"
     fitting = suggestions(plan, job, fitting_only=True)
     fix = ("try " + ", or ".join(fitting[:3])) if fitting else "use a larger cluster or a smaller model/batch"
     raise ConfigError("plan", plan.describe(),

@@ -257,7 +257,7 @@ class Estimate:
     fits_with_margin: bool = True     # fits even with the band added (GPU and host) and room for the largest request
     largest_request_gib: float = 0.0  # the step's largest single allocation (sim/memory.py largest_request)
     largest_request_has_room: bool = True   # it fits in the card's room above the predicted peak
-    may_run: str = ""                 # over the card as predicted, its live tensors within it: the note saying so
+    at_card: str = ""                 # over the card as modelled, its live tensors within it: peak = the card; the note
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -92,7 +92,9 @@ from sharing and 106.8 from this model). No closed rule follows that first step'
 phases stay counted side by side: 0-20% over on these plans, never under.
 
 Peak (what NVML reports) = max(reserved, the engine build's reserve at stages 1-2) + side-stream pools +
-CUDA context + NCCL buffers. The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__
+CUDA context + NCCL buffers, but not past the card where the live tensors fit it: the allocator returns its free
+cached segments to the driver when a cudaMalloc fails and retries, so such a plan runs at the card or runs out of
+memory, depending on whether the blocks it then needs hold live tensors (``at_card``; the simulator calls it risky). The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__
 holds the parameters and their flat copy at once (2 w·P_r allocated) and clones the rank's partition
 (w·P_s) into a segment of its own; with optimizer offload, where the run itself is small, that is the
 peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97 reserved). ``calibration.device_fixed_gib`` (a
@@ -616,6 +618,21 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     ranks_per_node = np.minimum(a.world, job.cluster.gpus_per_node)
     process = cal.host_process_gib if cal.host_process_gib is not None else c.cpu_process_gib
     peak = allocated + nccl + framework + stream_pools
+    # at the card: PyTorch's caching allocator, when a cudaMalloc fails, returns every cached segment with no live
+    # block in it to the driver and retries (CUDACachingAllocator malloc: release_cached_blocks), before it raises an
+    # out-of-memory error. The reserve this model counts beside the live tensors (the phases' blocks side by side)
+    # therefore never takes the card: where it would, the peak is the card and the plan runs there if the blocks the
+    # retry needs are free of live tensors by then, or runs out of memory (measured: two ZeRO-0 plans modelled at
+    # 146.2 and 146.9 GiB, live tensors 118.9 and 120.0, ran at 134.7 and 138.2 GiB on a 140.4 GiB H200, regime runs
+    # 2026-11-30-s6 regimes8:tp2_7b_mb8 and 2026-12-01-s10 call1:z0_opt27b_one_mb16; ZeRO-3 plans with overlap_comm
+    # whose side-stream reserve grew past the model ran at 140.3, 2026-11-30-s9). Where the live tensors alone pass
+    # the card nothing can be released: the model's peak stands
+    live_floor = np.maximum(allocated, build_alloc) + nccl + fixed * 2**30 + stream_pools
+    card = job.cluster.gpu.memory_gib * 2**30 if on_gpu else np.inf
+    at_card = (peak > card) & (live_floor <= card)
+    cut = np.where(at_card, peak - card, 0.0)
+    modelled_peak = peak
+    peak, framework, reserved = peak - cut, framework - cut, reserved - cut
     # CPU workers (gloo) hold their "device" memory in the host's: the node holds each worker's modelled peak
     # (its runtime included) and what it moved off that "device" (offload buffers, ZO2 stores), not a GPU process's
     # baseline beside them; a zeroth-order model built on the host is the device copy itself
@@ -626,7 +643,9 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
                 communication_buffers=bucket + nccl + stream_pools, framework_overhead=framework,
                 largest_request=largest,
                 # the live tensors alone (no reserve above them): the least the card must hold
-                live_floor=np.maximum(allocated, build_alloc) + nccl + fixed * 2**30 + stream_pools,
+                live_floor=live_floor,
+                # over the card as modelled, its live tensors within it: the peak is the card (at_card above)
+                at_card=at_card.astype(float), modelled_peak=modelled_peak,
                 cpu_offload=ranks_per_node * host["offload"], cpu_node=cpu_node,
                 peak=peak,
                 # torch's max_memory_allocated and max_memory_reserved as modelled (run summaries compare them)

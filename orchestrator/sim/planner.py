@@ -24,7 +24,8 @@ Fields set in the job's plan section while ``plan: auto`` constrain the search t
 Margin. Plans that fit with the measured error band of their regime (:mod:`.error_bands`) rank
 before those that fit only as predicted ("risky"); ``plan: auto`` therefore takes a risky plan
 only when no plan fits with margin, and :attr:`SearchResult.margin_note` says which band was
-applied to the chosen plan and where it comes from.
+applied to the chosen plan and where it comes from. Risky plans whose modelled reserve would pass the card (their
+peak is the card, sim/memory.py) come after the other risky ones.
 """
 from __future__ import annotations
 
@@ -257,9 +258,11 @@ def search(job: JobConfig, *, objective: str = "throughput", headroom: float = 0
     bands = load_error_bands()
     scores = evaluate(job, arrays, constants, headroom=headroom, terms=model_terms(job.model), bands=bands)
     keep = ~dominated_overlap(arrays, scores)
+    at_card = scores.memory["at_card"] > 0          # risky plans whose modelled reserve reaches the card go last
     ranked = np.concatenate([rank_order(scores, arrays, np.flatnonzero(scores.fits_margin & scores.fits & keep),
                                         objective),
-                             rank_order(scores, arrays, np.flatnonzero(scores.risky & keep), objective)])
+                             rank_order(scores, arrays, np.flatnonzero(scores.risky & ~at_card & keep), objective),
+                             rank_order(scores, arrays, np.flatnonzero(scores.risky & at_card & keep), objective)])
     rejected = [RejectedGroup(reason=k, count=n) for k, n in sorted(invalid.items(), key=lambda kv: -kv[1])]
     for reason, mask in (("gpu_memory", ~scores.fits_gpu), ("cpu_memory", scores.fits_gpu & ~scores.fits_cpu)):
         idx = np.flatnonzero(mask)

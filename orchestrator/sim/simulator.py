@@ -212,7 +212,21 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     notes = []
     largest = float(scores.memory["largest_request"][i]) / GIB
     has_room = bool(scores.request_room[i])
-    if bool(scores.risky[i]) and not has_room:
+    at_card = ""
+    if bool(scores.memory["at_card"][i]):
+        # sim/memory.py: the allocator returns its free cached segments when a cudaMalloc fails, so the reserve counted
+        # above the live tensors (at ZeRO 0-2 the step's and the activations' blocks side by side) cannot take the card
+        floor = float(scores.memory["live_floor"][i]) / GIB
+        modelled = float(scores.memory["modelled_peak"][i]) / GIB
+        at_card = (f"at the card: its live tensors need {floor:.1f} GiB, and the allocator's reserve as modelled would "
+                   f"take it to {modelled:.1f} GiB; PyTorch's allocator returns its free cached segments and retries "
+                   "when the card is full, so the plan runs at the card if the blocks it then needs hold no live "
+                   "tensor, or runs out of memory (two such plans ran, at 134.7 and 138.2 GiB of 140.4 GiB: "
+                   "benchmarks/results/2026-11-30-s6-h200x2/regimes8, 2026-12-01-s10-h200x1/call1); the "
+                   "out-of-memory fallback takes over if it fails")
+    if at_card and bool(scores.fits[i]):
+        notes.append("risky, " + at_card)
+    elif bool(scores.risky[i]) and not has_room:
         room = max(avail - peak, 0.0)
         notes.append(f"risky: its largest single allocation ({largest:.1f} GiB, the optimizer step's fp32 gradient "
                      f"copy or the loss's fp32 logits) is more than the {room:.1f} GiB the card has above its "
@@ -221,18 +235,6 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     elif bool(scores.risky[i]):
         notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}: "
                      f"up to {peak + margin:.1f} GiB per GPU, {cpu + float(scores.host_margin_gib[i]):.1f} GiB host)")
-    floor = float(scores.memory["live_floor"][i]) / GIB
-    may_run = ""
-    if not scores.fits_gpu[i] and plan.zero_stage <= 2 and not plan.zeroth_order and floor <= avail:
-        # sim/memory.py: at ZeRO 0-2 the reserve counts the step's flat buffers and the activations' blocks side by
-        # side; where the first step's tensors leave the step its blocks, they share them and the peak is lower
-        may_run = (f"may run: over the card as predicted, but its live tensors need {floor:.1f} GiB; the "
-                   f"{peak - floor:.1f} GiB predicted above them is the allocator's reserve, counted at ZeRO 0-2 "
-                   "with the step's and the activations' blocks side by side, which was 0-20% over on the traced "
-                   "plans (tensor-parallel llama-2-7b at micro-batch 8: 146.2 GiB predicted, ran at 134.7; opt-2.7b "
-                   "on one GPU at micro-batch 16: 146.9, ran at 138.2); --force runs it, and the out-of-memory "
-                   "fallback takes over if it fails")
-        notes.append(may_run)
     if job.train.expandable_segments and cl.accelerator == Accelerator.GPU:
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
@@ -247,7 +249,7 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
                     gpu_memory_gib=float(cl.gpu.memory_gib), cpu_memory_gib_per_node=cpu,
                     cpu_memory_available_gib=scores.host_usable_gib, step_time_s=float(scores.step_time_s[i]),
                     tokens_per_s=float(scores.tokens_per_s[i]), mfu=float(scores.mfu[i]),
-                    memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes, may_run=may_run,
+                    memory_breakdown_gib=mem, time_breakdown_s=tim, reasons=reasons, notes=notes, at_card=at_card,
                     regime=regime, memory_band=band, memory_margin_gib=margin,
                     fits_with_margin=bool(scores.fits_margin[i]), largest_request_gib=largest,
                     largest_request_has_room=has_room)
