@@ -117,7 +117,10 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                # each predicted before it ran (results/2026-12-01-s10-h200x1/preregistered)
                "results/2026-12-01-s10-h200x1/call1/regime_runs.json",
                "results/2026-12-01-s10-h200x1/call2/regime_runs.json",
-               "results/2026-12-01-s10-h200x1/call3/regime_runs.json"]
+               "results/2026-12-01-s10-h200x1/call3/regime_runs.json",
+               # the same kind, the next session: plans at the card and a ZeRO-1 offload plan with accumulation
+               # (results/2026-12-01-s11-h200x1/preregistered)
+               "results/2026-12-01-s11-h200x1/call1/regime_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's
@@ -162,7 +165,12 @@ SUPERSEDED = {
     # offload (sim/memory.py gathers); its host peak had been predicted before it ran (110.7 against 112.0)
     "2026-12-01-s10-h200x1/call1:z3offall_7b20l_one_mb8":
         "its allocated peak led to counting the fetched window and kept parameters of one rank with parameter "
-        f"offload (sim/memory.py gathers), {_NO_LONGER_HELD_OUT}"}
+        f"offload (sim/memory.py gathers), {_NO_LONGER_HELD_OUT}",
+    # the two plans over the card as modelled, live tensors within it, that ran: they led to predicting such plans at
+    # the card (sim/memory.py at_card); ten new cases tested the rule (2026-12-01-s11-h200x1/call1)
+    **{k: f"it ran over the card as modelled, which led to predicting such plans at the card (sim/memory.py at_card), "
+          f"{_NO_LONGER_HELD_OUT}"
+       for k in ("2026-11-30-s6-h200x2/regimes8:tp2_7b_mb8", "2026-12-01-s10-h200x1/call1:z0_opt27b_one_mb16")}}
 
 
 # runs whose host reading led to a change of the host model: their host memory is no longer held out (their GPU peak,

@@ -309,6 +309,21 @@ CASES = [
                                "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 130,
      "ZeRO-1 + optimizer offload with 2 micro-batches per step, the ZeRO-1 twin of z2off_7b16l_one_mb4x2 (host 77.3 "
      "GiB measured): 69.0 predicted, without ZeRO-2's host accumulation buffers (held out)"),
+    # the same session's second call: zeroth order, ZeRO-3 without offload and ZeRO-3 with both offloads at micro-batch
+    # 1 with accumulation (the parameters fetched from the host every micro-batch) on this machine; and, for the
+    # allocator's history (train.memory_history), ZeRO-3 + optimizer offload, whose reserve above the allocated peak
+    # measured 0.7-2.1 GiB where 0.2-0.3 is modelled
+    ("mezo_opt13b_one_mb8", [*ONE, "model=opt-13b", *ZO, "train.global_batch=8", "plan.zo.mode=mezo",
+                             "plan.micro_batch=8"], 110, "MeZO on opt-13b, one GPU of this kind"),
+    ("zo2_opt13b_one_mb4", [*ONE, "model=opt-13b", *ZO, "train.global_batch=4", "plan.zo.mode=zo2",
+                            "plan.micro_batch=4"], 150, "ZO2 on opt-13b, one GPU of this kind"),
+    ("z3_7b16l_one_mb4", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=3", "plan.micro_batch=4"], 90,
+     "ZeRO-3 on one rank (nothing gathered), 2 micro-batches per step"),
+    ("z3offall_7b16l_one_mb1x8", [*ONE, *L7B(16), "train.global_batch=8", *OFFALL, "plan.micro_batch=1", *AC], 150,
+     "ZeRO-3 with both offloads at micro-batch 1 x 8: every micro-batch fetches the parameters from the host"),
+    ("z3offopt_7b16l_one_mb8", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=3",
+                                "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-3 + optimizer offload on one GPU, 16 layers (run with train.memory_history=true: a derivation run)"),
 ]
 
 
