@@ -324,6 +324,13 @@ CASES = [
     ("z3offopt_7b16l_one_mb8", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=3",
                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
      "ZeRO-3 + optimizer offload on one GPU, 16 layers (run with train.memory_history=true: a derivation run)"),
+    # third call: accumulation over small micro-batches (ZeRO-2 + optimizer offload, whose gradients make a host round
+    # trip every micro-batch; ZeRO-3 on one rank), and the trace case of call 2 without recording (which crashed)
+    ("z2off_7b12l_one_mb1x8", [*ONE, *L7B(12), "train.global_batch=8", "plan.zero_stage=2",
+                               "plan.offload_optimizer=cpu", "plan.micro_batch=1", *AC], 150,
+     "ZeRO-2 + optimizer offload at micro-batch 1 x 8: host accumulation buffers, a gradient round trip per micro-batch"),
+    ("z3_7b16l_one_mb1x8_ac", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=3", "plan.micro_batch=1",
+                               *AC], 100, "ZeRO-3 on one rank at micro-batch 1 x 8 with checkpointing"),
 ]
 
 

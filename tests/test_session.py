@@ -304,3 +304,36 @@ def test_an_embedded_ray_too_small_for_the_gang_fails_the_run_at_once(tmp_path, 
     finally:
         session.close()
     assert json.loads((tmp_path / "run" / "state.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["plan.zero_stage=3", "plan.activation_checkpointing=full"], True),
+    (["plan.zero_stage=3"], False),
+    (["plan.zero_stage=1", "plan.activation_checkpointing=full"], False),
+    (["model=tiny-mixtral", "plan.zero_stage=1", "plan.activation_checkpointing=full"], True),
+])
+def test_memory_history_is_refused_where_recording_crashed_every_run(tmp_path, monkeypatch, capsys, overrides,
+                                                                     refused):
+    """``train.memory_history`` with activation checkpointing under ZeRO-3 or on an expert model crashed every such
+    GPU run in its first backward (run/session.py check_recording): `meshpilot run` exits 2 before any resource is
+    taken (no run directory), naming the key and the fix; the other plans pass the check."""
+    from meshpilot.orchestrator.cli.main import main
+    from meshpilot.orchestrator.run.session import check_recording
+    from meshpilot.orchestrator.plan.plan import resolve_plan
+    base = ["cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan.dp=2", "train.seq_len=512", "train.global_batch=4",
+            "plan.micro_batch=2", "train.memory_history=true"]
+    job = load_job(str(QUICKSTART), [*base, *overrides])
+    if not refused:
+        check_recording(job, resolve_plan(job))
+        return
+    with pytest.raises(ConfigError, match="plan.activation_checkpointing=none"):
+        check_recording(job, resolve_plan(job))
+    monkeypatch.setenv("MESHPILOT_HOME", str(tmp_path / "home"))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(QUICKSTART), "--run-dir", str(run_dir), *base, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "train.memory_history" in err and "train.memory_history=false" in err
+    assert not run_dir.exists()
+    # a CPU cluster records nothing: no refusal
+    check_recording(load_job(str(QUICKSTART), [*base, *overrides, "cluster.accelerator=cpu"]),
+                    resolve_plan(load_job(str(QUICKSTART), [*base, *overrides, "cluster.accelerator=cpu"])))

@@ -338,10 +338,10 @@ class TrainConfig:
     # Record the CUDA caching allocator's history on every GPU rank (every allocation with the Python code that made
     # it, which requests made new segments) and write a JSON summary to RUN_DIR/memory/rank<R>.json when the run ends,
     # out of memory included (orchestrator/train/memory_history.py). For diagnosis: recording slows the step, and on
-    # torch 2.11 an ep=2 Mixtral run and two ZeRO-3 runs with activation checkpointing failed in their first backward
-    # with it on (SystemError from autograd's engine, in the recomputed block's DeepSpeed LinearFunctionForZeroStage3;
-    # the same plans run without it; dense, ZeRO 0-2, tp=2 and ZeRO-3 runs without checkpointing recorded fine:
-    # 2026-11-30-s6-h200x2/hist3, 2026-11-30-s9-h200x2/call1 and call3).
+    # torch 2.11 every run of an expert model or of ZeRO-3 with activation checkpointing failed in its first backward
+    # with it on (SystemError from autograd's engine, in the recomputed block's custom autograd Function; four of four,
+    # the same plans run without it; dense ZeRO 0-2, tp=2 and ZeRO-3 runs without checkpointing recorded fine), so
+    # `meshpilot run` refuses that combination (run/session.py check_recording).
     memory_history: bool = False
     # Raw DeepSpeed config keys merged over the generated config (logged); e.g. {"zero_optimization":
     # {"reduce_bucket_size": 1e8}}. Nested mappings merge key by key.

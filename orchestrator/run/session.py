@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 from meshpilot.orchestrator.config.inputs import check_inputs, check_writable_dir
 from meshpilot.orchestrator.config.loader import dump_job
-from meshpilot.orchestrator.config.schema import JobConfig
+from meshpilot.orchestrator.config.schema import Accelerator, JobConfig
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.plan.plan import Plan
 from meshpilot.orchestrator.plan.text import fingerprint as plan_fingerprint
@@ -86,7 +86,27 @@ def plan_job(job: JobConfig, *, force: bool = False) -> tuple[Plan, Estimate]:
     for note in check_inputs(job, check_output=False):
         log.warning("%s", note)
     plan = choose_plan(job)
+    check_recording(job, plan)
     return plan, fit_check(job, plan, force=force)
+
+
+def check_recording(job: JobConfig, plan: Plan) -> None:
+    """Refuse ``train.memory_history`` on a plan whose recording has always crashed: activation checkpointing with a
+    custom autograd Function inside the recomputed block (DeepSpeed's ZeRO-3 linear, an expert layer's all-to-all).
+    On torch 2.11 every such run failed in its first backward with a SystemError from autograd's engine (four of
+    four: two ZeRO-3 + optimizer offload, a ZeRO-3 with DeepSpeed's defaults, an ep=2 Mixtral; 2026-11-30-s6 hist3,
+    2026-11-30-s9 call1 and call3, 2026-12-01-s11 tr), while the same plans ran without recording and ZeRO 0-2 dense
+    plans with checkpointing recorded fine."""
+    if not (job.train.memory_history and job.cluster.accelerator == Accelerator.GPU and plan.checkpoints_activations):
+        return
+    if plan.zero_stage == 3 or job.model.num_experts > 0:
+        what = "ZeRO-3" if plan.zero_stage == 3 else "an expert model"
+        raise ConfigError("train.memory_history", True,
+                          reason=f"recording the allocator's history crashed every run of {what} with activation "
+                                 "checkpointing in its first backward (torch 2.11: a SystemError from autograd's "
+                                 "engine in the recomputed block)",
+                          fix="set train.memory_history=false, or record the plan without checkpointing "
+                              "(plan.activation_checkpointing=none)")
 
 
 def fit_check(job: JobConfig, plan: Plan, *, force: bool = False) -> Estimate:
