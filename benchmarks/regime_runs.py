@@ -331,6 +331,17 @@ CASES = [
      "ZeRO-2 + optimizer offload at micro-batch 1 x 8: host accumulation buffers, a gradient round trip per micro-batch"),
     ("z3_7b16l_one_mb1x8_ac", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=3", "plan.micro_batch=1",
                                *AC], 100, "ZeRO-3 on one rank at micro-batch 1 x 8 with checkpointing"),
+    # fourth call: ZeRO-3 passes bound by the host's fetch time (call 3's one-rank plan ran 31% faster than predicted
+    # with the constants' 1.2 ms per fetched tensor), predicted with the fetch time `meshpilot probe` measures on the
+    # machine first (comm/zero3_probe.py): other shapes, micro-batch 1 with accumulation
+    ("z3_7b8l_one_mb1x4_ac", [*ONE, *L7B(8), "train.global_batch=4", "plan.zero_stage=3", "plan.micro_batch=1",
+                              *AC], 90, "ZeRO-3 on one rank, 8 of llama-2-7b's layers, micro-batch 1 x 4"),
+    ("z3_opt67_12l_one_mb1x4", [*ONE, *LAYERS("opt-6.7b", 12), "train.global_batch=4", "plan.zero_stage=3",
+                                "plan.micro_batch=1"], 90, "ZeRO-3 on one rank, 12 of opt-6.7b's layers, 1 x 4"),
+    ("z3_13b10l_one_mb2x2_ac", [*ONE, *LAYERS("llama-2-13b", 10), "train.global_batch=4", "plan.zero_stage=3",
+                                "plan.micro_batch=2", *AC], 90, "ZeRO-3 on one rank, 10 of llama-2-13b's layers, 2 x 2"),
+    ("z3offall_7b8l_one_mb1x4", [*ONE, *L7B(8), "train.global_batch=4", *OFFALL, "plan.micro_batch=1", *AC], 130,
+     "ZeRO-3 with both offloads on one rank, 8 layers, micro-batch 1 x 4"),
 ]
 
 
