@@ -118,11 +118,12 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-12-01-s10-h200x1/call1/regime_runs.json",
                "results/2026-12-01-s10-h200x1/call2/regime_runs.json",
                "results/2026-12-01-s10-h200x1/call3/regime_runs.json",
-               # the same kind, the next session: plans at the card and a ZeRO-1 offload plan with accumulation
-               # (results/2026-12-01-s11-h200x1/preregistered)
+               # the same kind, the next session: plans at the card, a ZeRO-1 offload plan with accumulation, zeroth
+               # order, ZeRO-3 on one rank and offload at small micro-batches (results/2026-12-01-s11-h200x1/preregistered)
                "results/2026-12-01-s11-h200x1/call1/regime_runs.json",
                "results/2026-12-01-s11-h200x1/call2/regime_runs.json",
-               "results/2026-12-01-s11-h200x1/call3/regime_runs.json"]
+               "results/2026-12-01-s11-h200x1/call3/regime_runs.json",
+               "results/2026-12-01-s11-h200x1/call4/regime_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's

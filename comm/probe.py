@@ -18,10 +18,7 @@ What is measured (each part is skipped, with the reason recorded, when it cannot
   the OpenMP threads `meshpilot run` gives one offloading rank (``adam_threads``: the rate per thread of a rank,
   compute-bound) and with every core this process may use (the node's ceiling, shared by its ranks when they hit
   the host's memory bandwidth); the first construction compiles (or loads) the extension and its time is
-  reported separately;
-- ZeRO-3 fetch: the host milliseconds per fetched parameter tensor per pass of a real one-rank DeepSpeed ZeRO-3
-  engine over a stack of small linears, less the same stack's forward without DeepSpeed and the modules' hooks
-  (:mod:`.zero3_probe`): the host CPU's floor of ZeRO-3's passes (``calibration.zero3_fetch_ms``).
+  reported separately.
 
 :func:`run_probe` returns a :class:`ProbeReport`; :func:`calibrated_profile` turns it into
 a cluster profile (the base cluster mapping with ``calibration:`` filled) that loads as
@@ -45,7 +42,6 @@ import torch
 from .ports import free_port
 from .collective_timing import CollectiveSample
 from .cost_model import COLLECTIVES, alpha_beta_time
-from .zero3_probe import Zero3Sample, probe_zero3_fetch
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +75,13 @@ class ProbeSettings:
     adam_steps: int = 5
     adam_threads: int | None = None                   # a rank's OpenMP threads; None: every core (one measurement)
     timeout_s: float = 300.0
-    zero3_module_hook_s: float = 1.0e-4               # the simulator's per-module hook time, subtracted (zero3_probe)
-    skip: tuple[str, ...] = ()                        # any of: collectives, matmul, copies, cpu_adam, zero3
+    skip: tuple[str, ...] = ()                        # any of: collectives, matmul, copies, cpu_adam
 
     @staticmethod
     def for_machine(quick: bool = False, skip: Sequence[str] = (), world: int | None = None,
-                    adam_threads: int | None = None, zero3_module_hook_s: float = 1.0e-4) -> "ProbeSettings":
+                    adam_threads: int | None = None) -> "ProbeSettings":
         """Defaults for this machine: NCCL over every visible GPU, else 2 gloo workers on CPU. ``adam_threads``: the
-        OpenMP threads of one offloading rank (the cluster's ``threads_per_rank``); ``zero3_module_hook_s``: the
-        simulator's constant (SimulatorConstants.zero3_module_hook_s)."""
+        OpenMP threads of one offloading rank (the cluster's ``threads_per_rank``)."""
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus:
             sizes = (MiB, 16 * MiB, 256 * MiB) if quick else tuple(MiB * 4**i for i in range(6))  # 1 MiB .. 1 GiB
@@ -96,16 +90,14 @@ class ProbeSettings:
                                  matmul_tokens=8192, matmul_hidden=4096, matmul_ffn=11008,
                                  matmul_iters=5 if quick else 10, copy_bytes=(256 if quick else 1024) * MiB,
                                  adam_params=2**24 if quick else 2**26, adam_steps=3 if quick else 5,
-                                 adam_threads=adam_threads, timeout_s=600.0,
-                                 zero3_module_hook_s=zero3_module_hook_s, skip=tuple(skip))
+                                 adam_threads=adam_threads, timeout_s=600.0, skip=tuple(skip))
         sizes = (256 * 1024, MiB, 4 * MiB) if quick else (256 * 1024, MiB, 4 * MiB, 16 * MiB)
         return ProbeSettings(device="cpu", world=world or 2, collective_sizes=sizes,
                              collective_warmup=1, collective_iters=3 if quick else 5,
                              matmul_tokens=128 if quick else 256, matmul_hidden=256 if quick else 512,
                              matmul_ffn=688 if quick else 1376,
                              matmul_iters=3 if quick else 5, adam_params=2**20 if quick else 2**22,
-                             adam_steps=3 if quick else 5, adam_threads=adam_threads,
-                             zero3_module_hook_s=zero3_module_hook_s, skip=tuple(skip))
+                             adam_steps=3 if quick else 5, adam_threads=adam_threads, skip=tuple(skip))
 
 
 # --- results --------------------------------------------------------------------------------
@@ -149,7 +141,6 @@ class ProbeReport:
     copies: list[CopySample] = field(default_factory=list)
     cpu_adam: CpuAdamSample | None = None           # every core of this process
     cpu_adam_rank: CpuAdamSample | None = None      # one offloading rank's threads (settings.adam_threads)
-    zero3: Zero3Sample | None = None                # ZeRO-3's host time per fetched tensor (zero3_probe)
     skipped: dict[str, str] = field(default_factory=dict)    # part -> reason
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -200,7 +191,6 @@ class ProbeReport:
             cpu_adam_gparams_per_s=r(self.cpu_adam.gparams_per_s if self.cpu_adam else None),
             cpu_adam_gparams_per_thread=r(self.cpu_adam_rank.gparams_per_s / self.cpu_adam_rank.threads
                                           if self.cpu_adam_rank and self.cpu_adam_rank.threads else None),
-            zero3_fetch_ms=r(self.zero3.fetch_ms if self.zero3 else None),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,8 +200,7 @@ class ProbeReport:
                     latency_sample=self.latency_sample.to_dict() if self.latency_sample else None,
                     matmul=[asdict(s) for s in self.matmul], copies=[asdict(c) for c in self.copies],
                     cpu_adam=asdict(self.cpu_adam) if self.cpu_adam else None,
-                    cpu_adam_rank=asdict(self.cpu_adam_rank) if self.cpu_adam_rank else None,
-                    zero3=asdict(self.zero3) if self.zero3 else None)
+                    cpu_adam_rank=asdict(self.cpu_adam_rank) if self.cpu_adam_rank else None)
 
 
 # --- collectives: one process per GPU (NCCL) or gloo workers ---------------------------------
@@ -394,7 +383,7 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
 
 # --- the whole probe ---------------------------------------------------------------------------
 
-PARTS = ("collectives", "matmul", "copies", "cpu_adam", "zero3")
+PARTS = ("collectives", "matmul", "copies", "cpu_adam")
 
 
 def device_name(settings: ProbeSettings) -> str:
@@ -445,14 +434,6 @@ def run_probe(settings: ProbeSettings, progress: Progress = _noop) -> ProbeRepor
         except Exception as e:  # the extension needs a compiler toolchain: report, don't fail the probe
             report.skipped["cpu_adam"] = f"DeepSpeedCPUAdam unavailable: {type(e).__name__}: {e}"
             log.warning("probe: CPU Adam skipped: %s", e)
-    if "zero3" not in report.skipped:
-        progress("ZeRO-3: fetch time per tensor on one rank")
-        try:
-            report.zero3 = probe_zero3_fetch(settings.device, settings.zero3_module_hook_s,
-                                             timeout_s=settings.timeout_s)
-        except Exception as e:  # DeepSpeed or a one-rank group unavailable: report, don't fail the probe
-            report.skipped["zero3"] = f"ZeRO-3 engine unavailable: {type(e).__name__}: {e}"
-            log.warning("probe: ZeRO-3 fetch skipped: %s", e)
     if not on_gpu:
         report.skipped.setdefault("gpu", "no CUDA device: matmul measured on CPU, collectives over gloo")
     return report

@@ -20,19 +20,18 @@ from rich.table import Table
 from meshpilot.orchestrator.config.clusters import cluster_preset
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.config.loader import job_from_dict
-from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("probe", help="measure collectives, matmul rate, host copies, CPU Adam and ZeRO-3's fetch "
-                                     "time; write a calibrated cluster profile")
+    p = sub.add_parser("probe", help="measure collectives, matmul rate, host copies and CPU Adam; "
+                                     "write a calibrated cluster profile")
     p.add_argument("--out", default="profile.yaml", help="cluster profile YAML to write (default: profile.yaml)")
     p.add_argument("--cluster", default="local",
                    help="base cluster preset or YAML whose calibration is filled (default: local, detected)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and iterations (about a minute)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: collectives,matmul,copies,cpu_adam,zero3")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: collectives,matmul,copies,cpu_adam")
     p.add_argument("--world", type=int, default=None,
                    help="processes for the collectives (default: every visible GPU, or 2 gloo workers on CPU)")
     p.add_argument("--json", dest="json_out", default=None, help="also write every raw measurement to this JSON")
@@ -57,8 +56,7 @@ def run(args) -> int:
         raise ConfigError("--out", str(out), reason="the folder does not exist")
 
     settings = ProbeSettings.for_machine(quick=args.quick, skip=skip, world=args.world,
-                                         adam_threads=_rank_threads(base),
-                                         zero3_module_hook_s=SimulatorConstants().zero3_module_hook_s)
+                                         adam_threads=_rank_threads(base))
     console.print(f"probing on {settings.device} ({settings.world} collective ranks"
                   f"{', quick' if args.quick else ''})")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -129,11 +127,6 @@ def _profile_text(profile: dict[str, Any], report) -> str:
     if report.cpu_adam:
         a = report.cpu_adam
         lines.append(f"# CPU Adam: {a.params} params, build/load {a.load_s:.1f} s, step {a.median_step_s * 1e3:.2f} ms")
-    if report.zero3:
-        z = report.zero3
-        lines.append(f"# ZeRO-3: {z.layers} x 7 linears of {z.hidden}, forward {z.zero3_forward_s * 1e3:.2f} ms against "
-                     f"{z.plain_forward_s * 1e3:.2f} without DeepSpeed, {z.fetched_tensors} fetched tensors, "
-                     f"{z.modules} modules")
     for part, why in report.skipped.items():
         lines.append(f"# skipped {part}: {why}")
     return "\n".join(lines) + "\n" + yaml.safe_dump(profile, sort_keys=False)

@@ -234,8 +234,7 @@ class CalibrationConfig:
     cpu_adam_rank_gparams_per_s: Optional[float] = None  # CPUAdam of one offloading rank in training (replaces the
     #                                                      per-thread and per-node model when set)
     zero3_fetch_ms: Optional[float] = None     # ZeRO-3 host time per fetched tensor per pass (ms): the host CPU's part of
-    #                                            a pass's floor; replaces the constants' zero3_fetch_s when set. Also
-    #                                            measured by `meshpilot probe` on a one-rank engine (comm/zero3_probe.py)
+    #                                            a pass's floor; replaces the constants' zero3_fetch_s when set
     device_fixed_gib: Optional[float] = None   # per rank, device memory outside the modelled tensors, allocator reserve
     #                                            and NCCL buffers (CUDA context and what the model misses); replaces the
     #                                            constants' cuda_context_gib (CPU workers: cpu_worker_runtime_gib)
