@@ -15,7 +15,6 @@ run of the same call.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
