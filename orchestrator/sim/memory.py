@@ -625,8 +625,10 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
     # retry needs are free of live tensors by then, or runs out of memory (measured: two ZeRO-0 plans modelled at
     # 146.2 and 146.9 GiB, live tensors 118.9 and 120.0, ran at 134.7 and 138.2 GiB on a 140.4 GiB H200, regime runs
     # 2026-11-30-s6 regimes8:tp2_7b_mb8 and 2026-12-01-s10 call1:z0_opt27b_one_mb16; ZeRO-3 plans with overlap_comm
-    # whose side-stream reserve grew past the model ran at 140.3, 2026-11-30-s9). Where the live tensors alone pass
-    # the card nothing can be released: the model's peak stands
+    # whose side-stream reserve grew past the model ran at 140.3, 2026-11-30-s9). Tested on seven new plans at the
+    # card, live tensors 112.5-139.3 GiB: six ran at 130.2-138.7, the seventh failed at its second step on the step's
+    # 16 GiB flat copy (2026-12-01-s11-h200x1/call1). Where the live tensors alone pass the card nothing can be
+    # released: the model's peak stands
     live_floor = np.maximum(allocated, build_alloc) + nccl + fixed * 2**30 + stream_pools
     card = job.cluster.gpu.memory_gib * 2**30 if on_gpu else np.inf
     at_card = (peak > card) & (live_floor <= card)

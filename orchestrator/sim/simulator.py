@@ -221,9 +221,10 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
         at_card = (f"at the card: its live tensors need {floor:.1f} GiB, and the allocator's reserve as modelled would "
                    f"take it to {modelled:.1f} GiB; PyTorch's allocator returns its free cached segments and retries "
                    "when the card is full, so the plan runs at the card if the blocks it then needs hold no live "
-                   "tensor, or runs out of memory (two such plans ran, at 134.7 and 138.2 GiB of 140.4 GiB: "
-                   "benchmarks/results/2026-11-30-s6-h200x2/regimes8, 2026-12-01-s10-h200x1/call1); the "
-                   "out-of-memory fallback takes over if it fails")
+                   "tensor, or runs out of memory (of nine such plans on H200, eight ran at 130.2-138.7 GiB of "
+                   "140.4 and the one whose live tensors left 1.1 GiB failed at its second step: "
+                   "benchmarks/results/2026-12-01-s11-h200x1/call1); the out-of-memory fallback takes over if it "
+                   "fails")
     if at_card and bool(scores.fits[i]):
         notes.append("risky, " + at_card)
     elif bool(scores.risky[i]) and not has_room:
