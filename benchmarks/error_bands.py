@@ -136,7 +136,7 @@ HOST_EDGE_RUNS = ["results/2026-11-30-h200x2/host/host_memory_runs.json",
                   "results/2026-11-30-s8-h200x2/host3/host_memory_runs.json"]
 # not scored for host memory: the runs whose host peaks set estimate.cpu_process_gib and cpu_after_build_gib (z1_mb1x8
 # and 7b_mb1; l3_8b_mb1 and choice2/auto set the constant's earlier value), and the ZO2 run whose host peak was set by
-# the closing checksum's copy of the model (changed in commit f8c9396; sim/memory.py host_memory_terms)
+# the closing checksum's copy of the model (changed in commit f8c9396; sim/host_memory.py host_memory_terms)
 HOST_NOT_HELD_OUT = {"results/2026-11-30-s3-h200x2/z3time/7b_mb1", "results/2026-11-30-s3-h200x2/z3new/l3_8b_mb1",
                      "results/2026-11-30-s3-h200x2/choice2/auto", "results/2026-11-30-h200x2/host2/zo2_opt13b",
                      "results/2026-11-30-s6-h200x2/choice8b/z1_mb1x8"}
@@ -180,7 +180,7 @@ SUPERSEDED = {
 # step and outcome still are)
 HOST_SUPERSEDED = {
     "2026-12-01-s10-h200x1/call2:z1off_13b10l_one_mb4":
-        "its host memory led to dropping the host accumulation buffers at ZeRO-1 (sim/memory.py host_memory_terms)"}
+        "its host memory led to dropping the host accumulation buffers at ZeRO-1 (sim/host_memory.py host_memory_terms)"}
 
 
 def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:

@@ -11,7 +11,7 @@ largest one's. This probe measures, in one process on one GPU:
 - ``copy``: the rise of the process's RssAnon + RssShmem (sampled every millisecond) over ``dst.copy_(src)`` for n elements, host fp32 to
   GPU bf16 (the step's copy), and host fp32 to GPU fp32 (no conversion) as the control;
 - ``pin``: the rise of RssAnon + RssShmem for ``torch.zeros(n).pin_memory()`` at sizes below and above a power of
-  two (the host allocator's rounding, which ``sim/memory.py host_memory_terms`` assumes);
+  two (the host allocator's rounding, which ``sim/host_memory.py host_memory_terms`` assumes);
 - ``page_tables``: /proc/meminfo PageTables and MemTotal - MemAvailable against the RSS of a touched 8 GiB pageable
   block and of pinned ones of 8, 2 and 16 GiB (what the node's used memory counts beside the processes' own pages).
 

@@ -229,7 +229,7 @@ CASES = [
      "HF llama 3B ZeRO-1 (the set's m3b-z1-dp2-mb2, a calibration row there: the loaded model's hole)"),
     # 2026-12-01 session 10, on the 1 x H200 device machine (16 cores, 128 GiB host; run with --cpu-cores 16): a host
     # no constant was fitted on. Host memory at its edge on either side, where one GPU's offloaded partition is the
-    # whole model and its pinned buffers round up to the next power of two (sim/memory.py host_memory_terms): llama-2-7b
+    # whole model and its pinned buffers round up to the next power of two (sim/host_memory.py host_memory_terms): llama-2-7b
     # cut to 18-22 layers jumps from 72 to 116-119 GiB of ZeRO-2 host memory between 18 and 20 layers. One GPU's
     # ZeRO-0 reserve at the card's edge on either side (the side-by-side reserve, 0-20% over on earlier plans)
     ("z3offall_7b20l_one_mb8", [*ONE, *L7B(20), "train.global_batch=8", *OFFALL, "plan.micro_batch=8", *AC], 170,

@@ -14,7 +14,7 @@ from meshpilot.orchestrator.config.loader import load_job
 from meshpilot.orchestrator.errors import ConfigError
 from meshpilot.orchestrator.sim.calibration import measured_from_results, node_host_memory_gib
 from meshpilot.orchestrator.sim.estimate import SimulatorConstants
-from meshpilot.orchestrator.sim.memory import pow2_ceil
+from meshpilot.orchestrator.sim.host_memory import pow2_ceil
 from meshpilot.orchestrator.sim.simulator import simulate
 from meshpilot.orchestrator.train.memory_peaks import (GIB, PeakSampler, host_memory_gib, node_memory_bytes,
                                                        process_host_bytes)

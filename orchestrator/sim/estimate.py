@@ -204,7 +204,7 @@ class SimulatorConstants:
     RSS less the ZeRO-3 defragmentation copy, which counts the file-backed pages and the wrong moment (below)."""
     cpu_after_build_gib: float = 0.75
     """Host memory a training process allocates after ZeRO-3's engine build has freed its defragmentation copy
-    (``w P_s``, sim/memory.py host_memory_terms): the copy's moment holds the process baseline less this. Measured:
+    (``w P_s``, sim/host_memory.py host_memory_terms): the copy's moment holds the process baseline less this. Measured:
     built-in llama-2-7b ZeRO-3 on 2 x H200 (benchmarks/results/2026-11-30-s3-h200x2/z3time/7b_mb1, no op build)
     peaked at 13.85 GiB on the node, 6.92 per rank: the 6.28 GiB copy + 0.65, against the 1.40 of cpu_process_gib.
     What the 0.75 GiB is made of (NCCL's host state, the engine's and the data loader's) is not itemised."""
@@ -226,7 +226,7 @@ class SimulatorConstants:
     monitor too. Measured on the lent H200 hosts: 0.88-2.09 GiB before a run on a settled node, median 0.96 over the
     runs `python benchmarks/error_bands.py` lists."""
     cpu_pinned_buffer_gib: float = 1.0
-    """Not read: the host model counts the pinned buffers themselves (memory.host_memory_terms). Kept so
+    """Not read: the host model counts the pinned buffers themselves (host_memory.host_memory_terms). Kept so
     that the constant files committed under benchmarks/results/2026-11-27-* still load."""
 
     def replace(self, **kw: Any) -> "SimulatorConstants":
