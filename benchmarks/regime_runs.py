@@ -333,7 +333,8 @@ CASES = [
                                *AC], 100, "ZeRO-3 on one rank at micro-batch 1 x 8 with checkpointing"),
     # fourth call: ZeRO-3 passes bound by the host's fetch time (call 3's one-rank plan ran 31% faster than predicted
     # with the constants' 1.2 ms per fetched tensor), predicted with the fetch time `meshpilot probe` measures on the
-    # machine first (comm/zero3_probe.py): other shapes, micro-batch 1 with accumulation
+    # machine first (comm/zero3_probe.py of commit 027fbaa, removed after this call: it measured 1.5x too little,
+    # results/2026-12-01-s11-h200x1/README.md): other shapes, micro-batch 1 with accumulation
     ("z3_7b8l_one_mb1x4_ac", [*ONE, *L7B(8), "train.global_batch=4", "plan.zero_stage=3", "plan.micro_batch=1",
                               *AC], 90, "ZeRO-3 on one rank, 8 of llama-2-7b's layers, micro-batch 1 x 4"),
     ("z3_opt67_12l_one_mb1x4", [*ONE, *LAYERS("opt-6.7b", 12), "train.global_batch=4", "plan.zero_stage=3",
