@@ -95,9 +95,10 @@ Peak (what NVML reports) = max(reserved, the engine build's reserve at stages 1-
 CUDA context + NCCL buffers, but not past the card where the live tensors fit it: the allocator returns its free
 cached segments to the driver when a cudaMalloc fails and retries, so such a plan runs at the card or runs out of
 memory, depending on whether the blocks it then needs hold live tensors (``at_card``; the simulator calls it risky).
-The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__ holds the parameters and their flat copy at once (2 w·P_r allocated) and clones the rank's partition
-(w·P_s) into a segment of its own; with optimizer offload, where the run itself is small, that is the
-peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97 reserved). ``calibration.device_fixed_gib`` (a
+The engine build (:func:`engine_build_terms`): DeepSpeedZeroOptimizer.__init__ holds the parameters and their flat
+copy at once (2 w·P_r allocated) and clones the rank's partition (w·P_s) into a segment of its own; with optimizer
+offload, where the run itself is small, that is the peak (built-in llama-2-7b dp=2: 25.10 GiB allocated, 31.97
+reserved). ``calibration.device_fixed_gib`` (a
 per-rank constant fitted by ``meshpilot calibrate``: measured peak minus the rest of this model)
 replaces the CUDA context (CPU workers: runtime) term when set, and ``calibration.host_process_gib`` the constants'
 ``cpu_process_gib`` in the host memory of every rank of a node. Host memory per node = ranks on the node x
