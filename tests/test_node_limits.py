@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from meshpilot.orchestrator.config.node_limits import (cgroup_memory, cpu_quota_cores, memory_limit, node_cpu_cores,
-                                                       node_memory, own_cgroup_dirs)
+from meshpilot.orchestrator.config.node_limits import (cpu_quota_cores, memory_limit, node_cpu_cores, node_memory,
+                                                       own_cgroup_dirs)
 from meshpilot.orchestrator.train.memory_peaks import node_memory_bytes
 
 GIB = 2**30
@@ -64,8 +64,8 @@ def test_cgroup_v1_limit(tmp_path):
     (mem / "memory.stat").write_text(f"cache {20 * GIB}\nrss {30 * GIB}\ntotal_inactive_file {15 * GIB}\n"
                                      f"total_active_file {5 * GIB}\n")
     (mem / "memory.limit_in_bytes").write_text(f"{64 * GIB}\n")
-    assert cgroup_memory(str(tmp_path / "cg1"), None) == (64 * GIB, 30 * GIB, "cgroup v1")
-    assert node_memory(info, str(tmp_path / "cg1"), None).total_bytes == 64 * GIB
+    m = node_memory(info, str(tmp_path / "cg1"), None)
+    assert (m.total_bytes, m.used_bytes, m.source) == (64 * GIB, 30 * GIB, "cgroup v1")
     (mem / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert node_memory(info, str(tmp_path / "cg1"), None).source == "meminfo"
 
@@ -104,7 +104,8 @@ def test_a_limit_above_this_process_binds_too(tmp_path):
     (v1 / "memory.usage_in_bytes").write_text(f"{10 * GIB}\n")
     (v1 / "memory.stat").write_text(f"total_inactive_file {GIB}\ntotal_active_file {GIB}\n")
     proc.write_text("4:memory:/slurm/uid_0/job_7\n3:cpuset:/\n0::/\n")
-    assert cgroup_memory(str(tmp_path / "v1"), str(proc)) == (32 * GIB, 8 * GIB, "cgroup v1")
+    m = node_memory(info, str(tmp_path / "v1"), str(proc))
+    assert (m.total_bytes, m.used_bytes, m.source) == (32 * GIB, 8 * GIB, "cgroup v1")
 
 
 def test_cpu_quota(tmp_path):

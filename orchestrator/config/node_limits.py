@@ -135,18 +135,6 @@ def _cgroup_limits(root: str, proc_cgroup: str | None) -> list[tuple[int, Path, 
     return [(r[0], d, files) for d, files in dirs for r in [_cgroup_dir_memory(d, files)] if r]
 
 
-def cgroup_memory(root: str = CGROUP_ROOT, proc_cgroup: str | None = "/proc/self/cgroup") -> tuple[int, int, str] | None:
-    """(limit, used without file pages, "cgroup v2" | "cgroup v1") of the smallest memory-cgroup limit over the mount's
-    root (Ray's view) and the cgroups above this process (``proc_cgroup``; None: the root only); None where no limit is
-    set or the files cannot be read."""
-    limits = _cgroup_limits(root, proc_cgroup)
-    if not limits:
-        return None
-    limit, d, files = min(limits, key=lambda x: x[0])
-    read = _cgroup_dir_memory(d, files)
-    return None if read is None else (limit, read[1], _version(files))
-
-
 @dataclass(frozen=True)
 class MemoryLimit:
     """Where this node's binding memory limit is, found once: MemTotal (``cgroup_dir`` None) or a memory cgroup.
