@@ -343,6 +343,24 @@ CASES = [
                                 "plan.micro_batch=2", *AC], 90, "ZeRO-3 on one rank, 10 of llama-2-13b's layers, 2 x 2"),
     ("z3offall_7b8l_one_mb1x4", [*ONE, *L7B(8), "train.global_batch=4", *OFFALL, "plan.micro_batch=1", *AC], 130,
      "ZeRO-3 with both offloads on one rank, 8 layers, micro-batch 1 x 4"),
+    # 2026-12-01 session 12: the offloaded step's host passes beside CPUAdam (sim/step_time.py host_step_passes: the
+    # fp32 gradient scaling and the fp32 -> 16-bit cast, at the rates `meshpilot probe` now times), on shapes no
+    # offload case ran; the no-clip twin drops the scaling pass at ZeRO-2 (bf16 without clipping skips it)
+    ("z2off_13b8l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=2",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-2 + optimizer offload, 8 of llama-2-13b's layers, one GPU"),
+    ("z2off_13b8l_one_mb8_noclip", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=2",
+                                    "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC, "train.grad_clip=0"], 130,
+     "the same without gradient clipping: no scaling pass in the step"),
+    ("z3offall_opt67_12l_one_mb8", [*ONE, *LAYERS("opt-6.7b", 12), "train.global_batch=8", *OFFALL,
+                                    "plan.micro_batch=8", *AC], 150,
+     "ZeRO-3 with both offloads, 12 of opt-6.7b's layers: scaling and the cast into the host partition"),
+    ("z1off_opt67_12l_one_mb4x2", [*ONE, *LAYERS("opt-6.7b", 12), "train.global_batch=8", "plan.zero_stage=1",
+                                   "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 130,
+     "ZeRO-1 + optimizer offload, 12 of opt-6.7b's layers, 2 micro-batches per step"),
+    ("z3offopt_13b8l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=3",
+                                "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-3 + optimizer offload, 8 of llama-2-13b's layers: the scaling pass; the cast is the blocking copy"),
 ]
 
 

@@ -18,7 +18,9 @@ What is measured (each part is skipped, with the reason recorded, when it cannot
   the OpenMP threads `meshpilot run` gives one offloading rank (``adam_threads``: the rate per thread of a rank,
   compute-bound) and with every core this process may use (the node's ceiling, shared by its ranks when they hit
   the host's memory bandwidth); the first construction compiles (or loads) the extension and its time is
-  reported separately.
+  reported separately. Beside each Adam measurement, on the same threads and buffers, the two host passes of
+  DeepSpeed's offloaded step around CPUAdam: the in-place scaling of the fp32 gradient partition
+  (``unscale_and_clip_grads``) and the cast of the updated fp32 partition into a pinned 16-bit host tensor.
 
 :func:`run_probe` returns a :class:`ProbeReport`; :func:`calibrated_profile` turns it into
 a cluster profile (the base cluster mapping with ``calibration:`` filled) that loads as
@@ -128,6 +130,8 @@ class CpuAdamSample:
     median_step_s: float
     gparams_per_s: float
     threads: int = 0      # OpenMP threads of the measurement (0: not recorded)
+    grad_scale_gparams_per_s: float | None = None  # fp32 gradient *= scalar, in place, same threads
+    cast_gparams_per_s: float | None = None        # fp32 -> pinned bf16 host copy, same threads
 
 
 @dataclass
@@ -191,6 +195,8 @@ class ProbeReport:
             cpu_adam_gparams_per_s=r(self.cpu_adam.gparams_per_s if self.cpu_adam else None),
             cpu_adam_gparams_per_thread=r(self.cpu_adam_rank.gparams_per_s / self.cpu_adam_rank.threads
                                           if self.cpu_adam_rank and self.cpu_adam_rank.threads else None),
+            host_grad_scale_gparams_per_s=r(self.cpu_adam_rank.grad_scale_gparams_per_s if self.cpu_adam_rank else None),
+            host_cast_gparams_per_s=r(self.cpu_adam_rank.cast_gparams_per_s if self.cpu_adam_rank else None),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -352,7 +358,10 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
 def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads: int | None = None) -> CpuAdamSample:
     """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step), with
     ``threads`` OpenMP threads (torch.set_num_threads, which the extension's OpenMP loops follow; default: every
-    core this process may use), restored afterwards."""
+    core this process may use), restored afterwards; and, on the same threads and parameters, the offloaded
+    step's two host passes beside it (DeepSpeed 0.19 stage_1_and_2.py / stage3.py ``step``): the in-place
+    scaling of the fp32 gradients (``unscale_and_clip_grads``, 8 bytes a parameter) and the cast of the fp32
+    parameters into a pinned 16-bit tensor (6 bytes a parameter)."""
     from meshpilot.orchestrator.config.node_limits import node_cpu_cores
     progress("CPU Adam: build/load the DeepSpeed extension")
     t0 = time.perf_counter()
@@ -363,22 +372,32 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
     n = int(threads or node_cpu_cores())
     before = torch.get_num_threads()
     torch.set_num_threads(n)
+
+    def median_s(fn) -> float:
+        fn()                              # warm-up: first touch of the pages, the optimizer's states
+        times = []
+        for _ in range(settings.adam_steps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
     try:
         progress(f"CPU Adam: {settings.adam_params / 1e6:.0f}M parameters x {settings.adam_steps} steps, {n} threads")
         p = torch.nn.Parameter(torch.randn(settings.adam_params))
         p.grad = torch.randn(settings.adam_params)
         opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
-        opt.step()                        # warm-up: allocates the exp_avg / exp_avg_sq states
-        times = []
-        for _ in range(settings.adam_steps):
-            t = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t)
+        med = median_s(opt.step)
+        scale = torch.tensor(1.0)         # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
+        grad_scale_s = median_s(lambda: p.grad.mul_(1.0 / scale))
+        half = torch.empty(settings.adam_params, dtype=torch.bfloat16, pin_memory=torch.cuda.is_available())
+        cast_s = median_s(lambda: half.copy_(p.data))
     finally:
         torch.set_num_threads(before)
-    med = statistics.median(times)
+    g = settings.adam_params / 1e9
     return CpuAdamSample(params=settings.adam_params, steps=settings.adam_steps, load_s=load_s,
-                         median_step_s=med, gparams_per_s=settings.adam_params / med / 1e9, threads=n)
+                         median_step_s=med, gparams_per_s=g / med, threads=n,
+                         grad_scale_gparams_per_s=g / grad_scale_s, cast_gparams_per_s=g / cast_s)
 
 
 # --- the whole probe ---------------------------------------------------------------------------

@@ -249,3 +249,38 @@ def test_zero12_gradient_copies_by_hand():
     # the offload path copies to the host instead (its transfers are offload time): the all-gather alone is left
     assert off.time_breakdown_s["dp_reduction_exposed"] == pytest.approx(
         z2_8.time_breakdown_s["dp_reduction_exposed"] - 8 * copies, rel=1e-9)
+
+
+def test_offloaded_step_host_passes_by_hand():
+    """Beside CPUAdam the offloaded step scales the fp32 gradients in place and casts the updated parameters into a
+    16-bit host tensor (DeepSpeed 0.19 stage_1_and_2.py / stage3.py step), at the rates the probe times on a rank's
+    threads: ZeRO-2 both passes (no scaling in bf16 without clipping), ZeRO-3 the scaling and, with parameter offload,
+    the cast (without it the cast is the blocking copy counted under offload_transfers). Without probed pass rates the
+    passes' bytes (8 and 6) go at the host bandwidth of the probed Adam (28 bytes a parameter); without a probed Adam
+    the constants' effective rate holds them."""
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.sim.memory import model_terms, rank_params
+    from meshpilot.orchestrator.sim.simulator import simulate
+
+    base = ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=1", "cluster.cpu_cores=16", "plan=auto",
+            "train.global_batch=8", "train.seq_len=2048", "cluster.calibration.cpu_adam_gparams_per_thread=0.5",
+            "cluster.calibration.cpu_adam_gparams_per_s=100"]                 # 8 threads x 0.5: 4 G/s, node not binding
+    rates = ["cluster.calibration.host_grad_scale_gparams_per_s=2", "cluster.calibration.host_cast_gparams_per_s=5"]
+    _, ps, _, _ = rank_params(model_terms(load_job(None, base).model), 1, 1, 1)
+
+    def cpu(overrides, stage, params=None):
+        plan = Plan(dp=1, zero_stage=stage, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
+                    offload_params=params or "none", activation_checkpointing="full")
+        return simulate(load_job(None, base + overrides), plan).time_breakdown_s["cpu_optimizer"]
+
+    adam, scale, cast = ps / 4e9, ps / 2e9, ps / 5e9
+    assert cpu(rates, 2) == pytest.approx(adam + scale + cast, rel=1e-9)
+    assert cpu(rates + ["train.grad_clip=0"], 2) == pytest.approx(adam + cast, rel=1e-9)
+    assert cpu(rates, 3) == pytest.approx(adam + scale, rel=1e-9)
+    assert cpu(rates, 3, "cpu") == pytest.approx(adam + scale + cast, rel=1e-9)
+    assert cpu([], 2) == pytest.approx(adam + ps * (8 + 6) / (28 * 4e9), rel=1e-9)     # bytes at Adam's bandwidth
+    plain = [o for o in base if "cpu_adam" not in o]
+    job = load_job(None, plain)
+    e = simulate(job, Plan(dp=1, zero_stage=2, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
+                           activation_checkpointing="full"))
+    assert e.time_breakdown_s["cpu_optimizer"] == pytest.approx(ps / (8 * 0.14e9), rel=1e-9)   # constants: no passes

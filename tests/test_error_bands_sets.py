@@ -1,5 +1,6 @@
-"""The scored sets of benchmarks/error_bands.py name runs that exist: every case a SUPERSEDED or HOST_SUPERSEDED key
-names is a case of a results file of REGIME_RUNS (a key that names nothing would leave the run it meant scored)."""
+"""The scored sets of benchmarks/error_bands.py name runs that exist: every case a SUPERSEDED, HOST_SUPERSEDED or
+STEP_SUPERSEDED key names is a case of a results file of REGIME_RUNS (a key that names nothing would leave the run it
+meant scored)."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,6 +29,7 @@ def test_every_superseded_key_names_a_regime_run():
         f = eb.HERE / rel
         assert f.exists(), rel
         known |= {eb.case_key(f, r["case"]) for r in json.loads(f.read_text())["rows"]}
-    for key in [*eb.SUPERSEDED, *eb.HOST_SUPERSEDED]:
+    for key in [*eb.SUPERSEDED, *eb.HOST_SUPERSEDED, *eb.STEP_SUPERSEDED]:
         assert key in known, key
-    assert not set(eb.SUPERSEDED) & set(eb.HOST_SUPERSEDED)       # a run is left out whole or for its host only
+    # a run is left out whole, or for its host or its step only
+    assert not set(eb.SUPERSEDED) & (set(eb.HOST_SUPERSEDED) | set(eb.STEP_SUPERSEDED))

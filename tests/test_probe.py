@@ -82,9 +82,12 @@ def test_cpu_adam_per_thread_comes_from_the_rank_measurement():
     from meshpilot.orchestrator.sim.estimate import SimulatorConstants
     from meshpilot.orchestrator.sim.step_time import cpu_adam_rate
     node = CpuAdamSample(params=3 * 10**9, steps=3, load_s=0.0, median_step_s=1.0, gparams_per_s=3.0, threads=16)
-    rank = CpuAdamSample(params=24 * 10**8, steps=3, load_s=0.0, median_step_s=1.0, gparams_per_s=2.4, threads=8)
+    rank = CpuAdamSample(params=24 * 10**8, steps=3, load_s=0.0, median_step_s=1.0, gparams_per_s=2.4, threads=8,
+                         grad_scale_gparams_per_s=9.0, cast_gparams_per_s=7.0)
     cal = ProbeReport(device_name="x", date="d", settings=ProbeSettings(), cpu_adam=node, cpu_adam_rank=rank).calibration()
     assert cal["cpu_adam_gparams_per_thread"] == pytest.approx(0.3) and cal["cpu_adam_gparams_per_s"] == 3.0
+    # the step's host passes are the rank's (its threads), not the node's
+    assert cal["host_grad_scale_gparams_per_s"] == 9.0 and cal["host_cast_gparams_per_s"] == 7.0
     probed = {k: cal[k] for k in ("cpu_adam_gparams_per_thread", "cpu_adam_gparams_per_s")}
     job = job_from_dict({"model": "tiny-llama", "cluster": "h200-sxm-4"},
                         ["cluster.gpus_per_node=2", "cluster.cpu_cores=16",
@@ -342,6 +345,8 @@ def test_cpu_adam_probe_rate_matches_its_timing():
     one = probe_cpu_adam(ProbeSettings(adam_params=2**18, adam_steps=3), threads=1)
     assert one.threads == 1 and torch.get_num_threads() == threads          # the process's threads restored
     assert 1e-5 < s.gparams_per_s < 100          # params per second of 2 shared cores: well below 1e11
+    # the host passes beside Adam move 8 and 6 bytes a parameter against Adam's 28: each faster than Adam's step
+    assert s.grad_scale_gparams_per_s > s.gparams_per_s and s.cast_gparams_per_s > s.gparams_per_s
 
 
 # --- the GPU accuracy harness: config list and scheduling (no GPU needed) ---------------------------

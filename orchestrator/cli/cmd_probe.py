@@ -127,6 +127,10 @@ def _profile_text(profile: dict[str, Any], report) -> str:
     if report.cpu_adam:
         a = report.cpu_adam
         lines.append(f"# CPU Adam: {a.params} params, build/load {a.load_s:.1f} s, step {a.median_step_s * 1e3:.2f} ms")
+        r = report.cpu_adam_rank or a
+        if r.grad_scale_gparams_per_s and r.cast_gparams_per_s:
+            lines.append(f"# its host passes, {r.threads} threads: gradient scaling {r.grad_scale_gparams_per_s:.2f}, "
+                         f"fp32 -> 16-bit cast {r.cast_gparams_per_s:.2f} G params/s")
     for part, why in report.skipped.items():
         lines.append(f"# skipped {part}: {why}")
     return "\n".join(lines) + "\n" + yaml.safe_dump(profile, sort_keys=False)

@@ -230,6 +230,9 @@ class CalibrationConfig:
     cpu_adam_gparams_per_s: Optional[float] = None  # DeepSpeed CPUAdam, billions of parameters per second per node
     cpu_adam_gparams_per_thread: Optional[float] = None  # the same on one rank's OpenMP threads, per thread (replaces
     #                                                      the constants' cpu_adam_gparams_per_core)
+    host_grad_scale_gparams_per_s: Optional[float] = None  # one rank's threads scaling fp32 gradients in place, G
+    #                                                        params/s (the offloaded step's unscale/clip pass)
+    host_cast_gparams_per_s: Optional[float] = None  # one rank's threads casting fp32 into pinned 16-bit host memory
     # fitted from recorded runs by `meshpilot calibrate` (orchestrator/sim/calibration.py):
     cpu_adam_rank_gparams_per_s: Optional[float] = None  # CPUAdam of one offloading rank in training (replaces the
     #                                                      per-thread and per-node model when set)

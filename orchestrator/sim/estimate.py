@@ -167,6 +167,14 @@ class SimulatorConstants:
     1.6 G params/s and its two ranks 0.8 each, where ZeRO-1 and ZeRO-2 offload ranks measured 1.2-1.4
     (the thread bound, 8 x 0.14; benchmarks/results/2026-11-30-s4-h200x2, regime_runs and offfix: rows
     that are therefore no longer independent checks of this rate)."""
+    cpu_adam_bytes_per_param: float = 28.0
+    """Host memory bytes CPUAdam moves per parameter: fp32 parameter, gradient, exp_avg and exp_avg_sq read (16),
+    parameter and both moments written (12). Converts a probed Adam rate into the rank's host bandwidth where the
+    probe did not time the step's other host passes (older profiles; step_time.host_step_passes)."""
+    host_grad_scale_bytes_per_param: float = 8.0
+    """Bytes of the offloaded step's in-place scaling of the fp32 gradients (read 4, write 4)."""
+    host_cast_bytes_per_param: float = 6.0
+    """Bytes of the offloaded step's cast of the fp32 parameters into a 16-bit host tensor (read 4, write 2)."""
     host_cast_copy_gparams_per_s: float = 1.72
     """Parameters per second, per rank, of a blocking copy from a pinned fp32 host tensor into a 16-bit GPU tensor
     (how ZeRO-3 with optimizer offload puts the updated parameters back): PyTorch casts on the host into pageable

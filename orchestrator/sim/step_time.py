@@ -89,8 +89,13 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   node): compute-bound on the rank's threads (``cluster.cpu_threads_per_rank``, by default what
   the Ray gang gives it: ``clusters.threads_per_rank``) until the node's ranks share its memory
   bandwidth (4 x H200 host, 8 threads per
-  rank: 2 ranks ran 1.1 G params/s each, 4 ranks 0.8 each). ``calibration.cpu_adam_rank_gparams_per_s``
-  (fitted by ``meshpilot calibrate`` from offload runs) replaces this rate when set.
+  rank: 2 ranks ran 1.1 G params/s each, 4 ranks 0.8 each). Beside CPUAdam the offloaded step makes two
+  memory-bound host passes over the partition on the same threads, the in-place scaling of the fp32 gradients
+  (unscale/clip, 8 bytes a parameter) and the cast of the updated parameters into a 16-bit host tensor (6 bytes;
+  stages 1-2, and stage 3 with parameter offload): :func:`host_step_passes`, at rates `meshpilot probe` times
+  beside CPUAdam. The constants' CPUAdam rate, measured over whole offloaded steps, holds them.
+  ``calibration.cpu_adam_rank_gparams_per_s`` (fitted by ``meshpilot calibrate`` from offload runs, the
+  passes included) replaces this rate when set.
 - optimizer step: memory bound, (``optimizer_bytes_per_param`` + ``grad_clip_bytes_per_param`` when
   clipping) x owned parameters / (HBM x efficiency), plus ``step_overhead_s`` and
   ``step_tensor_s`` per parameter tensor (DeepSpeed's per-tensor loops: norm, clip, copy-back).
@@ -163,6 +168,36 @@ def cpu_adam_rate(cl: ClusterConfig, c: SimulatorConstants, ranks_per_node):
     rank = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * per_thread * 1e9
     node = (cl.calibration.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s) * 1e9
     return np.minimum(rank, node / ranks_per_node)
+
+
+def host_step_passes(job: JobConfig, c: SimulatorConstants, adam_rate, st, off_p):
+    """Host seconds per owned parameter of the offloaded step's passes beside CPUAdam (DeepSpeed 0.19
+    stage_1_and_2.py / stage3.py ``step``), on the rank's threads:
+
+    - ``unscale_and_clip_grads`` multiplies the fp32 gradient partition in place (8 bytes a parameter); stages 1-2
+      skip it when there is neither clipping nor a loss scale (bf16 without ``train.grad_clip``), stage 3 never;
+    - the updated fp32 partition is cast into a 16-bit host tensor (6 bytes a parameter): stages 1-2 into the pinned
+      buffer they then copy up, stage 3 with parameter offload into its host partition (without parameter offload
+      stage 3 copies to the GPU with the cast on the way, ``host_cast_copy_gparams_per_s``: not here).
+
+    Rates: probed on the rank's threads (``calibration.host_grad_scale_gparams_per_s``, ``host_cast_gparams_per_s``),
+    else the bytes at the host bandwidth a probed CPUAdam rate implies (``cpu_adam_bytes_per_param``), sharing the
+    node's memory like CPUAdam does (``adam_rate`` is already the node-shared rate). Without a probed CPUAdam rate the
+    constants' rate is an effective one measured over whole offloaded steps, which holds these passes: 0."""
+    cal = job.cluster.calibration
+    if not cal.cpu_adam_gparams_per_thread:
+        return np.zeros_like(np.asarray(adam_rate, dtype=float))
+    host_bw = adam_rate * c.cpu_adam_bytes_per_param                       # bytes/s of the rank's threads
+    alone = threads_per_rank(job.cluster.cpu_cores, job.cluster.gpus_per_node, job.cluster.cpu_threads_per_rank) \
+        * cal.cpu_adam_gparams_per_thread * 1e9
+    share = adam_rate / alone                                                 # < 1 where the node's ranks share
+    scale_s = (1.0 / (cal.host_grad_scale_gparams_per_s * 1e9 * share) if cal.host_grad_scale_gparams_per_s
+               else c.host_grad_scale_bytes_per_param / host_bw)
+    cast_s = (1.0 / (cal.host_cast_gparams_per_s * 1e9 * share) if cal.host_cast_gparams_per_s
+              else c.host_cast_bytes_per_param / host_bw)
+    scaled = (st == 3) | bool(job.train.grad_clip) | (job.train.precision == Precision.FP16)
+    cast = (st < 3) | off_p
+    return np.where(scaled, scale_s, 0.0) + np.where(cast, cast_s, 0.0)
 
 
 def dp_communication(ds: DeepSpeedSettings, st, ga, gpu_b, stretch, z3_pass_host, grad_ar, grad_rs, param_ag,
@@ -298,9 +333,11 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     offload = (np.where(off_o, down / d2h + up / h2d + cast_copy, 0.0)
                + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
     adam_rate = cpu_adam_rate(cl, c, np.minimum(a.world, cl.gpus_per_node))
+    passes = host_step_passes(job, c, adam_rate, st, off_p)
     if cal.cpu_adam_rank_gparams_per_s:        # fitted from training runs by `meshpilot calibrate`: replaces the model
         adam_rate = np.full_like(adam_rate, cal.cpu_adam_rank_gparams_per_s * 1e9, dtype=float)
-    cpu_opt = np.where(off_o, ps / adam_rate, 0.0)
+        passes = np.zeros_like(adam_rate)      # ... and holds the step's other host passes
+    cpu_opt = np.where(off_o, ps / adam_rate + ps * passes, 0.0)
     hbm = cl_hbm
     opt_params = np.where(st == 0, pr, ps)
     # memory-bound Adam over the owned fp32 states, the gradient-norm/clip pass over the owned fp32 gradients
