@@ -1,14 +1,16 @@
 """The offloaded step's host rates (`meshpilot probe`'s CPU Adam part) at the probe's size and at a training-sized
-partition, on one rank's threads.
+partition, on one rank's threads, measured as the probe does and in-process.
 
 `meshpilot probe` times DeepSpeedCPUAdam, the in-place fp32 gradient scaling and the fp32 -> pinned 16-bit cast
-on ``adam_params`` parameters (2^26 on a GPU machine: 1 GiB of Adam state). A rank of a 7B-class plan updates
-billions. This script calls the probe's own function (:func:`meshpilot.comm.probe.probe_cpu_adam`) at each size of
-``--gparams`` with the threads `meshpilot run` gives one rank here (``clusters.threads_per_rank``), so the rates the
-simulator takes from the probe can be checked against the rates at the size a plan runs. Host memory: 18 bytes a
-parameter (fp32 parameter, gradient, two moments, the 16-bit copy).
+on ``adam_params`` parameters (2^26 on a GPU machine: 1 GiB of Adam state), in a fresh process started with
+``OMP_NUM_THREADS`` set to the threads (:func:`meshpilot.comm.probe.probe_cpu_adam`), as `meshpilot run` starts a
+rank. A rank of a 7B-class plan updates billions. Per size of ``--gparams`` this script calls the probe's function
+with the threads `meshpilot run` gives one rank here (``clusters.threads_per_rank``) and, with ``--in-process``, the
+same measurement in this process after ``torch.set_num_threads`` (how the probe measured before 2026-12-01-s12),
+so the rates the simulator takes from the probe can be checked against the size a plan runs and against the way
+they were measured before. Host memory: 18 bytes a parameter (fp32 parameter, gradient, two moments, 16-bit copy).
 
-    python benchmarks/cpu_step_scale_probe.py --out $R/cpustep --gparams 0.067 2.1
+    python benchmarks/cpu_step_scale_probe.py --out $R/cpustep --gparams 0.067 2.1 --in-process
 """
 from __future__ import annotations
 
@@ -31,21 +33,30 @@ def main() -> int:
                     help="partition sizes in G parameters (default: the probe's 2^26 and 2.1)")
     ap.add_argument("--threads", type=int, default=None, help="default: what `meshpilot run` gives one rank here")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--in-process", action="store_true", help="also measure in this process after set_num_threads")
     a = ap.parse_args()
     import torch
 
-    from meshpilot.comm.probe import ProbeSettings, probe_cpu_adam
+    from meshpilot.comm.probe import ProbeSettings, _time_cpu_adam, probe_cpu_adam
     from meshpilot.orchestrator.config.clusters import threads_per_rank
     threads = a.threads or threads_per_rank(os.cpu_count() or 1, max(1, torch.cuda.device_count()))
     rows = []
-    print(f"{'G params':>9s} {'threads':>7s} {'Adam G/s':>9s} {'scale G/s':>10s} {'cast G/s':>9s} "
+    print(f"{'G params':>9s} {'threads':>7s} {'how':>11s} {'Adam G/s':>9s} {'scale G/s':>10s} {'cast G/s':>9s} "
           f"{'(scale+cast)/Adam time':>23s}")
     for g in a.gparams:
-        s = probe_cpu_adam(ProbeSettings(adam_params=int(g * 1e9), adam_steps=a.steps), threads=threads)
-        extra = s.gparams_per_s / s.grad_scale_gparams_per_s + s.gparams_per_s / s.cast_gparams_per_s
-        rows.append(asdict(s))
-        print(f"{g:9.3f} {threads:7d} {s.gparams_per_s:9.3f} {s.grad_scale_gparams_per_s:10.3f} "
-              f"{s.cast_gparams_per_s:9.3f} {extra:23.2f}", flush=True)
+        settings = ProbeSettings(adam_params=int(g * 1e9), adam_steps=a.steps)
+        ways = [("child", lambda: probe_cpu_adam(settings, threads=threads))]
+        if a.in_process:
+            def in_process():
+                torch.set_num_threads(threads)
+                return _time_cpu_adam(settings, threads)
+            ways.append(("in-process", in_process))
+        for how, measure in ways:
+            s = measure()
+            extra = s.gparams_per_s / s.grad_scale_gparams_per_s + s.gparams_per_s / s.cast_gparams_per_s
+            rows.append(dict(asdict(s), how=how))
+            print(f"{g:9.3f} {threads:7d} {how:>11s} {s.gparams_per_s:9.3f} {s.grad_scale_gparams_per_s:10.3f} "
+                  f"{s.cast_gparams_per_s:9.3f} {extra:23.2f}", flush=True)
     write_json(a.out / "cpu_step_scale_probe.json", dict(metadata(), command=" ".join([sys.executable, *sys.argv]),
                                                           threads=threads, rows=rows))
     print(json.dumps({"wrote": str(a.out / "cpu_step_scale_probe.json")}))

@@ -356,22 +356,56 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
 # --- CPU Adam ----------------------------------------------------------------------------------
 
 def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads: int | None = None) -> CpuAdamSample:
-    """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step), with
-    ``threads`` OpenMP threads (torch.set_num_threads, which the extension's OpenMP loops follow; default: every
-    core this process may use), restored afterwards; and, on the same threads and parameters, the offloaded
-    step's two host passes beside it (DeepSpeed 0.19 stage_1_and_2.py / stage3.py ``step``): the in-place
-    scaling of the fp32 gradients (``unscale_and_clip_grads``, 8 bytes a parameter) and the cast of the fp32
-    parameters into a pinned 16-bit tensor (6 bytes a parameter)."""
+    """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step) with
+    ``threads`` OpenMP threads (default: every core this process may use); and, on the same threads and parameters,
+    the offloaded step's two host passes beside it (DeepSpeed 0.19 stage_1_and_2.py / stage3.py ``step``): the
+    in-place scaling of the fp32 gradients (``unscale_and_clip_grads``, 8 bytes a parameter) and the cast of the fp32
+    parameters into a pinned 16-bit tensor (6 bytes a parameter).
+
+    Measured in a fresh process started with ``OMP_NUM_THREADS=threads``, as `meshpilot run` starts a rank
+    (launch/actor.py sets it before torch loads), not after ``torch.set_num_threads`` in this one."""
+    import multiprocessing as mp
+
     from meshpilot.orchestrator.config.node_limits import node_cpu_cores
-    progress("CPU Adam: build/load the DeepSpeed extension")
+    n = int(threads or node_cpu_cores())
+    progress(f"CPU Adam: {settings.adam_params / 1e6:.0f}M parameters x {settings.adam_steps} steps, {n} threads "
+             "(a fresh process; the first one builds or loads the DeepSpeed extension)")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(n)                     # the child's environment at its start
+    try:
+        child = ctx.Process(target=_cpu_adam_child, args=(settings, n, queue), daemon=True)
+        child.start()
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+    try:
+        out = queue.get(timeout=settings.timeout_s)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    if isinstance(out, str):
+        raise RuntimeError(out)
+    return out
+
+
+def _cpu_adam_child(settings: ProbeSettings, threads: int, queue) -> None:
+    """:func:`probe_cpu_adam`'s measurement, in the child it starts; puts a CpuAdamSample or the error's text."""
+    try:
+        queue.put(_time_cpu_adam(settings, threads))
+    except Exception as e:  # the extension needs a compiler toolchain: the parent reports it
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def _time_cpu_adam(settings: ProbeSettings, threads: int) -> CpuAdamSample:
     t0 = time.perf_counter()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
-    warm = [torch.nn.Parameter(torch.zeros(16))]
-    DeepSpeedCPUAdam(warm, lr=1e-3)
+    DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(16))], lr=1e-3)
     load_s = time.perf_counter() - t0
-    n = int(threads or node_cpu_cores())
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
 
     def median_s(fn) -> float:
         fn()                              # warm-up: first touch of the pages, the optimizer's states
@@ -382,21 +416,17 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    try:
-        progress(f"CPU Adam: {settings.adam_params / 1e6:.0f}M parameters x {settings.adam_steps} steps, {n} threads")
-        p = torch.nn.Parameter(torch.randn(settings.adam_params))
-        p.grad = torch.randn(settings.adam_params)
-        opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
-        med = median_s(opt.step)
-        scale = torch.tensor(1.0)         # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
-        grad_scale_s = median_s(lambda: p.grad.mul_(1.0 / scale))
-        half = torch.empty(settings.adam_params, dtype=torch.bfloat16, pin_memory=torch.cuda.is_available())
-        cast_s = median_s(lambda: half.copy_(p.data))
-    finally:
-        torch.set_num_threads(before)
+    p = torch.nn.Parameter(torch.randn(settings.adam_params))
+    p.grad = torch.randn(settings.adam_params)
+    opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
+    med = median_s(opt.step)
+    scale = torch.tensor(1.0)             # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
+    grad_scale_s = median_s(lambda: p.grad.mul_(1.0 / scale))
+    half = torch.empty(settings.adam_params, dtype=torch.bfloat16, pin_memory=torch.cuda.is_available())
+    cast_s = median_s(lambda: half.copy_(p.data))
     g = settings.adam_params / 1e9
     return CpuAdamSample(params=settings.adam_params, steps=settings.adam_steps, load_s=load_s,
-                         median_step_s=med, gparams_per_s=g / med, threads=n,
+                         median_step_s=med, gparams_per_s=g / med, threads=threads,
                          grad_scale_gparams_per_s=g / grad_scale_s, cast_gparams_per_s=g / cast_s)
 
 

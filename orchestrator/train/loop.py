@@ -86,9 +86,9 @@ def train(ctx: RunContext, engine: TrainEngine, stop: StopRequest, phases: Start
     step = start_step
     if rank == 0:
         log.info("rank 0: start-up after the process group: %s", phases)
-        log.info("rank 0: training %s from step %d to %d (%d tokens/step, %.3g model FLOPs/token)",
+        log.info("rank 0: training %s from step %d to %d (%d tokens/step, %.3g model FLOPs/token, %d torch threads)",
                  " ".join(f"{k}={v}" for k, v in asdict(plan).items()), start_step, t.steps, tokens_per_step,
-                 model_flops_per_token(job.model, t.seq_len, zeroth_order=plan.zeroth_order))
+                 model_flops_per_token(job.model, t.seq_len, zeroth_order=plan.zeroth_order), torch.get_num_threads())
     try:
         while step < t.steps:
             lr = lr_at(step, lr=t.lr, warmup=t.warmup_steps, total=t.steps)
