@@ -6,11 +6,13 @@ on ``adam_params`` parameters (2^26 on a GPU machine: 1 GiB of Adam state), in a
 ``OMP_NUM_THREADS`` set to the threads (:func:`meshpilot.comm.probe.probe_cpu_adam`), as `meshpilot run` starts a
 rank. A rank of a 7B-class plan updates billions. Per size of ``--gparams`` this script calls the probe's function
 with the threads `meshpilot run` gives one rank here (``clusters.threads_per_rank``) and, with ``--in-process``, the
-same measurement in this process after ``torch.set_num_threads`` (how the probe measured before 2026-12-01-s12),
-so the rates the simulator takes from the probe can be checked against the size a plan runs and against the way
-they were measured before. Host memory: 18 bytes a parameter (fp32 parameter, gradient, two moments, 16-bit copy).
+same measurement in this process after ``torch.set_num_threads`` (how the probe measured before 2026-12-01-s12)
+and, with ``--unpinned``, on pageable parameters and gradients (the probe pins them on a GPU machine), so the rates
+the simulator takes from the probe can be checked against the size a plan runs and against the way they were
+measured before. Host memory: 18 bytes a parameter (fp32 parameter, gradient, two moments, 16-bit copy).
 
     python benchmarks/cpu_step_scale_probe.py --out $R/cpustep --gparams 0.067 2.1 --in-process
+    python benchmarks/cpu_step_scale_probe.py --out $R/cpustep --gparams 0.067 0.268 2.1 --unpinned --repeats 3
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: what `meshpilot run` gives one rank here")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--in-process", action="store_true", help="also measure in this process after set_num_threads")
+    ap.add_argument("--unpinned", action="store_true", help="also measure with pageable parameters and gradients")
+    ap.add_argument("--repeats", type=int, default=1, help="measurements of each size and way (fresh processes)")
     a = ap.parse_args()
     import torch
 
@@ -46,12 +50,14 @@ def main() -> int:
     for g in a.gparams:
         settings = ProbeSettings(adam_params=int(g * 1e9), adam_steps=a.steps)
         ways = [("child", lambda: probe_cpu_adam(settings, threads=threads))]
+        if a.unpinned:
+            ways.append(("unpinned", lambda: probe_cpu_adam(settings, threads=threads, pinned=False)))
         if a.in_process:
             def in_process():
                 torch.set_num_threads(threads)
                 return _time_cpu_adam(settings, threads)
             ways.append(("in-process", in_process))
-        for how, measure in ways:
+        for how, measure in [w for w in ways for _ in range(a.repeats)]:
             s = measure()
             extra = s.gparams_per_s / s.grad_scale_gparams_per_s + s.gparams_per_s / s.cast_gparams_per_s
             rows.append(dict(asdict(s), how=how))

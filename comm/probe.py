@@ -355,12 +355,15 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
 
 # --- CPU Adam ----------------------------------------------------------------------------------
 
-def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads: int | None = None) -> CpuAdamSample:
+def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads: int | None = None,
+                   pinned: bool | None = None) -> CpuAdamSample:
     """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step) with
     ``threads`` OpenMP threads (default: every core this process may use); and, on the same threads and parameters,
     the offloaded step's two host passes beside it (DeepSpeed 0.19 stage_1_and_2.py / stage3.py ``step``): the
     in-place scaling of the fp32 gradients (``unscale_and_clip_grads``, 8 bytes a parameter) and the cast of the fp32
-    parameters into a pinned 16-bit tensor (6 bytes a parameter).
+    parameters into a pinned 16-bit tensor (6 bytes a parameter). ``pinned`` (default: where there is a GPU): the
+    fp32 parameters and gradients in page-locked memory, as DeepSpeed's offload keeps its fp32 partition and its
+    gradient with ``pin_memory`` (the Adam moments it creates are pageable).
 
     Measured in a fresh process started with ``OMP_NUM_THREADS=threads``, as `meshpilot run` starts a rank
     (launch/actor.py sets it before torch loads), not after ``torch.set_num_threads`` in this one."""
@@ -375,7 +378,7 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(n)                     # the child's environment at its start
     try:
-        child = ctx.Process(target=_cpu_adam_child, args=(settings, n, queue), daemon=True)
+        child = ctx.Process(target=_cpu_adam_child, args=(settings, n, pinned, queue), daemon=True)
         child.start()
     finally:
         if before is None:
@@ -393,15 +396,15 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
     return out
 
 
-def _cpu_adam_child(settings: ProbeSettings, threads: int, queue) -> None:
+def _cpu_adam_child(settings: ProbeSettings, threads: int, pinned: bool | None, queue) -> None:
     """:func:`probe_cpu_adam`'s measurement, in the child it starts; puts a CpuAdamSample or the error's text."""
     try:
-        queue.put(_time_cpu_adam(settings, threads))
+        queue.put(_time_cpu_adam(settings, threads, pinned))
     except Exception as e:  # the extension needs a compiler toolchain: the parent reports it
         queue.put(f"{type(e).__name__}: {e}")
 
 
-def _time_cpu_adam(settings: ProbeSettings, threads: int) -> CpuAdamSample:
+def _time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = None) -> CpuAdamSample:
     t0 = time.perf_counter()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(16))], lr=1e-3)
@@ -416,8 +419,9 @@ def _time_cpu_adam(settings: ProbeSettings, threads: int) -> CpuAdamSample:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    p = torch.nn.Parameter(torch.randn(settings.adam_params))
-    p.grad = torch.randn(settings.adam_params)
+    pin = torch.cuda.is_available() if pinned is None else pinned
+    p = torch.nn.Parameter(torch.randn(settings.adam_params).pin_memory() if pin else torch.randn(settings.adam_params))
+    p.grad = torch.randn(settings.adam_params).pin_memory() if pin else torch.randn(settings.adam_params)
     opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
     med = median_s(opt.step)
     scale = torch.tensor(1.0)             # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
