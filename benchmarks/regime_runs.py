@@ -361,6 +361,16 @@ CASES = [
     ("z3offopt_13b8l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=3",
                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
      "ZeRO-3 + optimizer offload, 8 of llama-2-13b's layers: the scaling pass; the cast is the blocking copy"),
+    # fourth call: the same model, CPU Adam probed on 2^28 page-locked parameters in a fresh process (comm/probe.py)
+    ("z2off_opt67_10l_one_mb8", [*ONE, *LAYERS("opt-6.7b", 10), "train.global_batch=8", "plan.zero_stage=2",
+                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-2 + optimizer offload, 10 of opt-6.7b's layers"),
+    ("z1off_13b8l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=1",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-1 + optimizer offload, 8 of llama-2-13b's layers"),
+    ("z3offall_13b8l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", *OFFALL,
+                                "plan.micro_batch=8", *AC], 150,
+     "ZeRO-3 with both offloads, 8 of llama-2-13b's layers"),
 ]
 
 

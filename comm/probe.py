@@ -73,7 +73,10 @@ class ProbeSettings:
     matmul_iters: int = 3
     copy_bytes: int = 64 * MiB
     copy_iters: int = 5
-    adam_params: int = 2**22
+    adam_params: int = 2**22                          # a GPU machine: 2**28 (1 GiB of fp32 parameters). On one 1 x H200
+    #   host 2**26 measured a rank's CPU Adam at 2.52 and 3.22 G/s in two fresh processes, 2**28 at 2.451 and 2.455,
+    #   and that host's ZeRO-2 offload step implied 2.1-2.8 (DeepSpeed's optimizer_step timer, 1.61-1.79 s for 2.87 G
+    #   parameters, less the cast and the copy up: results/2026-12-01-s12-h200x1, call 3)
     adam_steps: int = 5
     adam_threads: int | None = None                   # a rank's OpenMP threads; None: every core (one measurement)
     timeout_s: float = 300.0
@@ -91,7 +94,7 @@ class ProbeSettings:
                                  collective_warmup=5, collective_iters=10 if quick else 20,
                                  matmul_tokens=8192, matmul_hidden=4096, matmul_ffn=11008,
                                  matmul_iters=5 if quick else 10, copy_bytes=(256 if quick else 1024) * MiB,
-                                 adam_params=2**24 if quick else 2**26, adam_steps=3 if quick else 5,
+                                 adam_params=2**26 if quick else 2**28, adam_steps=3 if quick else 5,
                                  adam_threads=adam_threads, timeout_s=600.0, skip=tuple(skip))
         sizes = (256 * 1024, MiB, 4 * MiB) if quick else (256 * 1024, MiB, 4 * MiB, 16 * MiB)
         return ProbeSettings(device="cpu", world=world or 2, collective_sizes=sizes,
