@@ -337,3 +337,25 @@ def test_memory_history_is_refused_where_recording_crashed_every_run(tmp_path, m
     # a CPU cluster records nothing: no refusal
     check_recording(load_job(str(QUICKSTART), [*base, *overrides, "cluster.accelerator=cpu"]),
                     resolve_plan(load_job(str(QUICKSTART), [*base, *overrides, "cluster.accelerator=cpu"])))
+
+
+def test_auto_and_the_oom_fallback_pass_over_plans_whose_recording_crashed():
+    """With ``train.memory_history`` and checkpointing fixed, ``plan: auto`` would pick ZeRO-3 (whose recording crashed
+    every run with checkpointing: check_recording); it takes the best-ranked plan that can record instead, and the
+    out-of-memory fallback skips the refused plans too. Without recording both keep the ZeRO-3 plans."""
+    from meshpilot.orchestrator.run.protocol import FailureKind
+    from meshpilot.orchestrator.run.session import fallback_plan, plan_job, records_safely
+    from meshpilot.orchestrator.sim.planner import search
+    base = ["model=llama-3-8b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto", "train.global_batch=16",
+            "train.seq_len=8192", "plan.activation_checkpointing=full"]
+    plain = load_job(str(QUICKSTART), base)
+    chosen, _ = plan_job(plain)
+    assert chosen.zero_stage == 3 and chosen.checkpoints_activations             # what auto takes without recording
+    job = load_job(str(QUICKSTART), [*base, "train.memory_history=true"])
+    assert not records_safely(job, chosen)
+    plan, est = plan_job(job)
+    ranked = [search(job, top=1).arrays.plan(int(i)) for i in search(job, top=1).ranked]
+    assert plan == next(p for p in ranked if p.zero_stage < 3) and est.fits
+    fb, _ = fallback_plan(job, [plan], FailureKind.GPU_OOM, 1e9)
+    assert records_safely(job, fb) and fb != plan
+    assert fallback_plan(plain, [plan], FailureKind.GPU_OOM, 1e9)[0].zero_stage == 3

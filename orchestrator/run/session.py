@@ -86,6 +86,11 @@ def plan_job(job: JobConfig, *, force: bool = False) -> tuple[Plan, Estimate]:
     for note in check_inputs(job, check_output=False):
         log.warning("%s", note)
     plan = choose_plan(job)
+    if job.plan.auto and not records_safely(job, plan):
+        # plan: auto with the allocator's history: the best-ranked fitting plan whose recording has not crashed
+        res = search(job, top=1)
+        plan = next((p for p in map(res.arrays.plan, map(int, res.ranked)) if records_safely(job, p)), plan)
+        log.info("train.memory_history: plan: auto takes %s, the best-ranked plan that can record", plan.describe())
     check_recording(job, plan)
     return plan, fit_check(job, plan, force=force)
 
@@ -107,6 +112,16 @@ def check_recording(job: JobConfig, plan: Plan) -> None:
                                  "engine in the recomputed block)",
                           fix="set train.memory_history=false, or record the plan without checkpointing "
                               "(plan.activation_checkpointing=none)")
+
+
+def records_safely(job: JobConfig, plan: Plan) -> bool:
+    """Whether :func:`check_recording` lets ``plan`` run (``plan: auto`` and the out-of-memory fallback pass over the
+    plans it refuses instead of failing on them)."""
+    try:
+        check_recording(job, plan)
+    except ConfigError:
+        return False
+    return True
 
 
 def fit_check(job: JobConfig, plan: Plan, *, force: bool = False) -> Estimate:
@@ -236,7 +251,7 @@ def observed_error(job: JobConfig, kind: FailureKind, predicted_gib: float, meas
 def fallback_plan(job: JobConfig, failed: list[Plan], kind: FailureKind, below_gib: float,
                   *, headroom: float = 0.05, regime: str = "", error: float = 0.0) -> Optional[tuple[Plan, Estimate]]:
     """The planner's best-ranked fitting plan (those with their measured error band first), not
-    one of ``failed``, whose predicted peak (per GPU for a GPU OOM, host memory per node for a host
+    one of ``failed`` nor one whose recording ``train.memory_history`` refuses, whose predicted peak (per GPU for a GPU OOM, host memory per node for a host
     OOM) is below ``below_gib``; None if none. A plan of the failed plan's ``regime`` must moreover
     fit with the ``error`` that regime just showed (:func:`observed_error`): its margin was too small."""
     from meshpilot.orchestrator.sim.error_bands import REGIMES
@@ -253,7 +268,7 @@ def fallback_plan(job: JobConfig, failed: list[Plan], kind: FailureKind, below_g
         if regime and REGIMES[int(codes[i])] == regime and float(vals[i]) * (1.0 + error) > cap:
             continue
         p = res.arrays.plan(i)
-        if plan_fingerprint(p) in tried:
+        if plan_fingerprint(p) in tried or not records_safely(job, p):
             continue
         return p, simulate(job, p, headroom=headroom)
     return None
