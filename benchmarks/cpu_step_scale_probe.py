@@ -41,7 +41,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from meshpilot.comm.probe import ProbeSettings, _time_cpu_adam, probe_cpu_adam
+    from meshpilot.comm.probe import ProbeSettings, probe_cpu_adam, time_cpu_adam
     from meshpilot.orchestrator.config.clusters import threads_per_rank
     threads = a.threads or threads_per_rank(os.cpu_count() or 1, max(1, torch.cuda.device_count()))
     rows = []
@@ -55,7 +55,7 @@ def main() -> int:
         if a.in_process:
             def in_process():
                 torch.set_num_threads(threads)
-                return _time_cpu_adam(settings, threads)
+                return time_cpu_adam(settings, threads)
             ways.append(("in-process", in_process))
         for how, measure in [w for w in ways for _ in range(a.repeats)]:
             s = measure()

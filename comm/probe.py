@@ -402,12 +402,13 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
 def _cpu_adam_child(settings: ProbeSettings, threads: int, pinned: bool | None, queue) -> None:
     """:func:`probe_cpu_adam`'s measurement, in the child it starts; puts a CpuAdamSample or the error's text."""
     try:
-        queue.put(_time_cpu_adam(settings, threads, pinned))
+        queue.put(time_cpu_adam(settings, threads, pinned))
     except Exception as e:  # the extension needs a compiler toolchain: the parent reports it
         queue.put(f"{type(e).__name__}: {e}")
 
 
-def _time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = None) -> CpuAdamSample:
+def time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = None) -> CpuAdamSample:
+    """:func:`probe_cpu_adam`'s measurement in this process, whose OpenMP threads the caller has set to ``threads``."""
     t0 = time.perf_counter()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(16))], lr=1e-3)
