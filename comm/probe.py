@@ -181,6 +181,8 @@ class ProbeReport:
 
     def calibration(self) -> dict[str, Any]:
         """The ``cluster.calibration`` mapping (fields of CalibrationConfig); None = not measured."""
+        rank = self.cpu_adam_rank
+
         def r(x: float | None, digits: int = 4) -> float | None:      # significant digits
             return None if x is None else float(f"{float(x):.{digits}g}")
         return dict(
@@ -198,8 +200,8 @@ class ProbeReport:
             cpu_adam_gparams_per_s=r(self.cpu_adam.gparams_per_s if self.cpu_adam else None),
             cpu_adam_gparams_per_thread=r(self.cpu_adam_rank.gparams_per_s / self.cpu_adam_rank.threads
                                           if self.cpu_adam_rank and self.cpu_adam_rank.threads else None),
-            host_grad_scale_gparams_per_s=r(self.cpu_adam_rank.grad_scale_gparams_per_s if self.cpu_adam_rank else None),
-            host_cast_gparams_per_s=r(self.cpu_adam_rank.cast_gparams_per_s if self.cpu_adam_rank else None),
+            host_grad_scale_gparams_per_s=r(rank.grad_scale_gparams_per_s if rank else None),
+            host_cast_gparams_per_s=r(rank.cast_gparams_per_s if rank else None),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -251,9 +251,10 @@ def observed_error(job: JobConfig, kind: FailureKind, predicted_gib: float, meas
 def fallback_plan(job: JobConfig, failed: list[Plan], kind: FailureKind, below_gib: float,
                   *, headroom: float = 0.05, regime: str = "", error: float = 0.0) -> Optional[tuple[Plan, Estimate]]:
     """The planner's best-ranked fitting plan (those with their measured error band first), not
-    one of ``failed`` nor one whose recording ``train.memory_history`` refuses, whose predicted peak (per GPU for a GPU OOM, host memory per node for a host
-    OOM) is below ``below_gib``; None if none. A plan of the failed plan's ``regime`` must moreover
-    fit with the ``error`` that regime just showed (:func:`observed_error`): its margin was too small."""
+    one of ``failed`` nor one whose recording ``train.memory_history`` refuses (:func:`records_safely`),
+    whose predicted peak (per GPU for a GPU OOM, host memory per node for a host OOM) is below
+    ``below_gib``; None if none. A plan of the failed plan's ``regime`` must moreover fit with the
+    ``error`` that regime just showed (:func:`observed_error`): its margin was too small."""
     from meshpilot.orchestrator.sim.error_bands import REGIMES
     res = search(job, headroom=headroom, top=1)
     tried = {plan_fingerprint(p) for p in failed}
