@@ -283,4 +283,30 @@ def test_offloaded_step_host_passes_by_hand():
     job = load_job(None, plain)
     e = simulate(job, Plan(dp=1, zero_stage=2, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
                            activation_checkpointing="full"))
-    assert e.time_breakdown_s["cpu_optimizer"] == pytest.approx(ps / (8 * 0.14e9), rel=1e-9)   # constants: no passes
+    # the constants' effective rate holds the passes
+    assert e.time_breakdown_s["cpu_optimizer"] == pytest.approx(ps / (8 * 0.14e9), rel=1e-9)
+
+
+def test_an_offload_plan_says_how_far_its_host_step_may_be_off():
+    """An optimizer-offload plan's note gives the host step's seconds and what the lent hosts showed: unprobed, that
+    the constants' CPU Adam rate is used and `meshpilot probe` measures it; probed, how far training strayed from the
+    probe. A rate fitted from the user's runs (calibrate) and a plan without offload carry no such note."""
+    from meshpilot.orchestrator.plan.plan import Plan
+    from meshpilot.orchestrator.sim.simulator import simulate
+
+    base = ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=1", "plan=auto", "train.global_batch=8",
+            "train.seq_len=2048"]
+    off = Plan(dp=1, zero_stage=2, micro_batch=8, grad_accum=1, offload_optimizer="cpu",
+               activation_checkpointing="full")
+
+    def step_notes(overrides, plan=off):
+        e = simulate(load_job(None, base + overrides), plan)
+        return e, [n for n in e.notes if n.startswith("step time")]
+
+    e, [n] = step_notes([])
+    assert f"{e.time_breakdown_s['cpu_optimizer']:.2f} s" in n and "run `meshpilot probe`" in n
+    _, [n] = step_notes(["cluster.calibration.cpu_adam_gparams_per_thread=0.4"])
+    assert "0.86-1.4x the probe's rate" in n
+    assert step_notes(["cluster.calibration.cpu_adam_rank_gparams_per_s=2.5"])[1] == []
+    plain = Plan(dp=1, zero_stage=2, micro_batch=8, grad_accum=1, activation_checkpointing="full")
+    assert step_notes([], plain)[1] == []

@@ -236,6 +236,16 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
     elif bool(scores.risky[i]):
         notes.append(f"risky: fits as predicted, but not with the measured error band of its regime ({regime}: "
                      f"up to {peak + margin:.1f} GiB per GPU, {cpu + float(scores.host_margin_gib[i]):.1f} GiB host)")
+    cal = cl.calibration
+    if bool(arrays.offloads_optimizer[i]) and cl.accelerator == Accelerator.GPU and not cal.cpu_adam_rank_gparams_per_s:
+        # the offloaded step's host time: CPU Adam (and its passes) dominate it, and it varies from host to host
+        seen = ("a rank's CPU Adam ran 0.86-1.4x the probe's rate in training on three lent H200 hosts"
+                if cal.cpu_adam_gparams_per_thread else
+                "CPU Adam is at the constants' rate: run `meshpilot probe` on the machine (a rank's CPU Adam ran "
+                "2.2-3.9 G parameters/s in training on three lent H200 hosts, 8 threads each)")
+        notes.append(f"step time: {tim.get('cpu_optimizer', 0.0):.2f} s of it is the optimizer step on the host; "
+                     f"{seen} (benchmarks/results/2026-12-01-s12-h200x1); `meshpilot calibrate` fits the rate "
+                     "from your runs")
     if job.train.expandable_segments and cl.accelerator == Accelerator.GPU:
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
