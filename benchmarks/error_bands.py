@@ -329,6 +329,8 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
                          source=f"{f.relative_to(HERE)}:{r['case']}",
                          measured_step_s=None if case_key(f, r["case"]) in STEP_SUPERSEDED else step,
                          predicted_step_s=e.step_time_s,
+                         superseded_step=(step, (r.get("predicted") or {}).get("step_time_s"))
+                         if case_key(f, r["case"]) in STEP_SUPERSEDED else None,
                          fits_with_margin=bool(e.fits_with_margin),
                          fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
                          request_beyond_room=not e.largest_request_has_room,
@@ -450,7 +452,8 @@ def main() -> int:
                   measurements=[str(Path(u).relative_to(HERE.parent)) for u in used],
                   # as run summaries record it for an uncalibrated cluster
                   constants_fingerprint=constants_fingerprint(SimulatorConstants(), CalibrationConfig()),
-                  rows=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+                  rows=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                         if k != "superseded_step"} for r in rows])
     host_rows = [(r["measured_host_gib"], r["predicted_host_gib"]) for r in rows if r.get("measured_host_gib")]
     bands = bands_from_rows([(r["regime"], r["measured_gib"], r["predicted_gib"]) for r in rows], source, host_rows)
     print(f"\n{'regime':18s} {'runs':>4s} {'band':>6s} {'MAPE %':>7s}  evidence")
@@ -514,6 +517,11 @@ def main() -> int:
         if st:
             print(f"their step times: {len(st)} runs, MAPE {100.0 * sum(map(abs, st)) / len(st):.1f}%, "
                   f"largest {100.0 * max(st, key=abs):+.1f}%")
+        sup = [(r["predicted_step_s"], *r["superseded_step"]) for r in held if r.get("superseded_step")]
+        if sup:   # not held out: how the model at hand and the one they were predicted with did on them
+            print(f"the {len(sup)} runs of STEP_SUPERSEDED (not held out): step MAPE "
+                  f"{100.0 * sum(abs(p - m) / m for p, m, _ in sup) / len(sup):.1f}% now, "
+                  f"{100.0 * sum(abs(t - m) / m for _, m, t in sup) / len(sup):.1f}% as predicted before they ran")
     alloc = allocated_rows()
     if alloc:
         errs = sorted(((pa - ma) / ma, c) for c, pa, ma, _, _ in alloc)
