@@ -1,7 +1,8 @@
 """Host memory and cores as a container's cgroup limits them (orchestrator/config/node_limits.py).
 
 The cgroup and /proc files are written by each test (the kernel's formats, the numbers chosen by hand), so the
-rules are checked whatever machine runs the suite; the last test reads this machine's own files.
+rules are checked whatever machine runs the suite; the last two read this machine's own files, one of them through a
+real memory cgroup it makes where the machine allows it.
 """
 from __future__ import annotations
 
@@ -135,6 +136,42 @@ def test_this_machine():
     assert m.total_bytes <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < m.used_bytes < m.total_bytes
     assert 1 <= node_cpu_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_real_memory_cgroup_binds():
+    """A real kernel cgroup, where this machine lets the suite make one (root with a writable memory hierarchy; CI's
+    machine may not, and then the test says so): a child process moves itself into a new memory cgroup under its own
+    with a 2 GiB limit, touches 256 MiB and reads node_memory(). The kernel's own files must give the limit as the
+    node's total and at least the touched memory as used, from the cgroup the process is in."""
+    import subprocess
+    import sys
+    own = own_cgroup_dirs()
+    if not own:
+        pytest.skip("this process sits at the root of its memory hierarchy (no cgroup to make one under)")
+    parent, files = own[0]
+    limit_file = files[0]
+    d = parent / f"meshpilot-test-{os.getpid()}"
+    try:
+        d.mkdir()
+    except OSError as e:
+        pytest.skip(f"memory cgroups are not writable here ({parent}: {e.strerror})")
+    try:
+        try:
+            (d / limit_file).write_text(f"{2 * GIB}\n")
+        except OSError as e:
+            pytest.skip(f"a memory limit cannot be set here ({d / limit_file}: {e.strerror})")
+        code = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
+                "b = bytearray(256 * 2**20); b[::4096] = b'x' * len(b[::4096]);"
+                "from meshpilot.orchestrator.config.node_limits import node_memory;"
+                "m = node_memory(); print(m.total_bytes, m.used_bytes, m.source)")
+        out = subprocess.run([sys.executable, "-c", code, str(d / "cgroup.procs")], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        total, used, source = out.stdout.split(maxsplit=2)
+        assert int(total) == 2 * GIB and source.strip() == ("cgroup v2" if limit_file == "memory.max" else "cgroup v1")
+        assert 256 * 2**20 <= int(used) < 2 * GIB
+    finally:
+        d.rmdir()
 
 
 if __name__ == "__main__":
