@@ -164,10 +164,15 @@ def cpu_adam_rate(cl: ClusterConfig, c: SimulatorConstants, ranks_per_node):
     (~30 bytes per parameter: fp32 param, m, v read and written, fp32 grad, 16-bit copy; a probed
     ``calibration.cpu_adam_gparams_per_s`` replaces the constants' ceiling, a probed
     ``calibration.cpu_adam_gparams_per_thread`` their rate per thread)."""
-    per_thread = cl.calibration.cpu_adam_gparams_per_thread or c.cpu_adam_gparams_per_core
-    rank = threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * per_thread * 1e9
     node = (cl.calibration.cpu_adam_gparams_per_s or c.cpu_adam_node_gparams_per_s) * 1e9
-    return np.minimum(rank, node / ranks_per_node)
+    return np.minimum(cpu_adam_thread_rate(cl, c), node / ranks_per_node)
+
+
+def cpu_adam_thread_rate(cl: ClusterConfig, c: SimulatorConstants) -> float:
+    """One rank's CPU Adam, parameters per second, bound by its threads alone (before the node's ceiling):
+    ``threads_per_rank`` x the probed (else the constants') rate per thread."""
+    per_thread = cl.calibration.cpu_adam_gparams_per_thread or c.cpu_adam_gparams_per_core
+    return threads_per_rank(cl.cpu_cores, cl.gpus_per_node, cl.cpu_threads_per_rank) * per_thread * 1e9
 
 
 def host_step_passes(job: JobConfig, c: SimulatorConstants, adam_rate, st, off_p):
@@ -191,9 +196,7 @@ def host_step_passes(job: JobConfig, c: SimulatorConstants, adam_rate, st, off_p
     if not cal.cpu_adam_gparams_per_thread:
         return np.zeros_like(np.asarray(adam_rate, dtype=float))
     host_bw = adam_rate * c.cpu_adam_bytes_per_param                       # bytes/s of the rank's threads
-    alone = threads_per_rank(job.cluster.cpu_cores, job.cluster.gpus_per_node, job.cluster.cpu_threads_per_rank) \
-        * cal.cpu_adam_gparams_per_thread * 1e9
-    share = adam_rate / alone                                                 # < 1 where the node's ranks share
+    share = adam_rate / cpu_adam_thread_rate(job.cluster, c)                  # < 1 where the node's ranks share
     scale_s = (1.0 / (cal.host_grad_scale_gparams_per_s * 1e9 * share) if cal.host_grad_scale_gparams_per_s
                else c.host_grad_scale_bytes_per_param / host_bw)
     cast_s = (1.0 / (cal.host_cast_gparams_per_s * 1e9 * share) if cal.host_cast_gparams_per_s
