@@ -324,18 +324,17 @@ def regime_rows() -> tuple[list[dict[str, Any]], list[str]]:
         if peak is None:
             continue
         host = next(iter((m.get("host_node") or {}).values()), None) or {}
+        key, then = case_key(f, r["case"]), r.get("predicted") or {}
         rows.append(dict(name=r["case"], regime=regime_of(plan, job.cluster.gpus_per_node, job), status=r["outcome"],
                          measured_gib=peak, predicted_gib=e.peak_memory_gib,
                          source=f"{f.relative_to(HERE)}:{r['case']}",
-                         measured_step_s=None if case_key(f, r["case"]) in STEP_SUPERSEDED else step,
+                         measured_step_s=None if key in STEP_SUPERSEDED else step,
                          predicted_step_s=e.step_time_s,
-                         superseded_step=(step, (r.get("predicted") or {}).get("step_time_s"))
-                         if case_key(f, r["case"]) in STEP_SUPERSEDED else None,
+                         superseded_step=(step, then.get("step_time_s")) if key in STEP_SUPERSEDED else None,
                          fits_with_margin=bool(e.fits_with_margin),
-                         fits_with_margin_then=(r.get("predicted") or {}).get("fits_with_margin"),
+                         fits_with_margin_then=then.get("fits_with_margin"),
                          request_beyond_room=not e.largest_request_has_room,
-                         measured_host_gib=None if case_key(f, r["case"]) in HOST_SUPERSEDED
-                         else host.get("measured"),
+                         measured_host_gib=None if key in HOST_SUPERSEDED else host.get("measured"),
                          predicted_host_gib=e.cpu_memory_gib_per_node,
                          op_built_in_run=built_an_op(f.parent / r["case"])))
     return rows, [str(HERE / p) for p in REGIME_RUNS if (HERE / p).exists()]
