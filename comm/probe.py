@@ -426,8 +426,13 @@ def time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = N
         return statistics.median(times)
 
     pin = torch.cuda.is_available() if pinned is None else pinned
-    p = torch.nn.Parameter(torch.randn(settings.adam_params).pin_memory() if pin else torch.randn(settings.adam_params))
-    p.grad = torch.randn(settings.adam_params).pin_memory() if pin else torch.randn(settings.adam_params)
+
+    def fp32() -> torch.Tensor:
+        t = torch.randn(settings.adam_params)
+        return t.pin_memory() if pin else t
+
+    p = torch.nn.Parameter(fp32())
+    p.grad = fp32()
     opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
     med = median_s(opt.step)
     scale = torch.tensor(1.0)             # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
