@@ -12,6 +12,7 @@ tokens/s and NVML peak. The summary gives the chosen plan's tokens/s over the be
     python benchmarks/plan_choice_runs.py --out $R/choice --budget-s 560
     python benchmarks/plan_choice_runs.py --out $R/choice8b --job llama-3-8b --timeout-s 90 --budget-s 240
     python benchmarks/plan_choice_runs.py --out /tmp/c --dry-run
+    python benchmarks/plan_choice_runs.py --out /tmp/c --job llama-2-7b-one --cpu-cores 16 --host-gib 125.8 --dry-run
 """
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ JOBS = {
         "z1_mb8x2": ["plan.dp=1", "plan.zero_stage=1", "plan.micro_batch=8", "plan.activation_checkpointing=none"],
         "z0_mb4x4": ["plan.dp=1", "plan.zero_stage=0", "plan.micro_batch=4", "plan.activation_checkpointing=none"],
     }),
+    # 2026-12-01 session 13: llama-2-7b on one GPU of the 1 x H200 kind (--cpu-cores 16 --host-gib 125.8), where only
+    # ZeRO-3 fits (planned 8 x 2 with checkpointing), against the faster plan the band makes risky (16 x 1, 132.6 GiB
+    # predicted), the next micro-batch and the fastest plan with parameter offload
+    "llama-2-7b-one": (["model=llama-2-7b", "cluster.gpus_per_node=1"], {
+        "z3_mb16x1_ckpt": ["plan.dp=1", "plan.zero_stage=3", "plan.micro_batch=16", "plan.activation_checkpointing=full"],
+        "z3_mb4x4_ckpt": ["plan.dp=1", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=full"],
+        "z3offp_mb16x1_ckpt": ["plan.dp=1", "plan.zero_stage=3", "plan.micro_batch=16",
+                               "plan.activation_checkpointing=full", "plan.offload_params=cpu"],
+    }),
 }
 TIMEOUT_S = 150.0
 
@@ -85,9 +95,11 @@ def main() -> int:
                         f"{k}: {', '.join(v[1])}" for k, v in JOBS.items()) + "; default all)")
     ap.add_argument("--timeout-s", type=float, default=TIMEOUT_S, help=f"per run (default {TIMEOUT_S:.0f})")
     ap.add_argument("--cpu-cores", type=int, default=32, help="cluster.cpu_cores (default 32, the 2 x H200 kind)")
+    ap.add_argument("--host-gib", type=float, default=256.0,
+                    help="cluster.cpu_memory_gib of a dry run (default 256, the 2 x H200 kind; a run takes the machine's)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    host_gib = 256.0 if a.dry_run else round(host_total_gib(), 1) or 256.0
+    host_gib = a.host_gib if a.dry_run else round(host_total_gib(), 1) or 256.0
     model_sets, alternatives = JOBS[a.job]
     # the job's own settings after COMMON, so that a job may name its GPUs per node
     base = [f"cluster.cpu_cores={a.cpu_cores}", f"cluster.cpu_memory_gib={host_gib}", *COMMON, *model_sets]
