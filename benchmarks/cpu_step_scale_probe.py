@@ -49,13 +49,13 @@ def main() -> int:
           f"{'(scale+cast)/Adam time':>23s}")
     for g in a.gparams:
         settings = ProbeSettings(adam_params=int(g * 1e9), adam_steps=a.steps)
-        ways = [("child", lambda: probe_cpu_adam(settings, threads=threads))]
+        ways = [("child", lambda: probe_cpu_adam(settings, threads=threads, cast_copies=False))]
         if a.unpinned:
-            ways.append(("unpinned", lambda: probe_cpu_adam(settings, threads=threads, pinned=False)))
+            ways.append(("unpinned", lambda: probe_cpu_adam(settings, threads=threads, pinned=False, cast_copies=False)))
         if a.in_process:
             def in_process():
                 torch.set_num_threads(threads)
-                return time_cpu_adam(settings, threads)
+                return time_cpu_adam(settings, threads, cast_copies=False)
             ways.append(("in-process", in_process))
         for how, measure in [w for w in ways for _ in range(a.repeats)]:
             s = measure()

@@ -13,14 +13,21 @@ What is measured (each part is skipped, with the reason recorded, when it cannot
   gradient (k,T)@(T,n), 2*T*k*n FLOP each. The reported rate is total FLOP / total time
   of the mix (the rate of one layer's matmuls, forward and backward);
 - host copies: pinned host -> device and device -> host bandwidth of one large buffer, and the blocking
-  fp32-host -> bf16-device copy (cast on the host) through which ZeRO-3 with optimizer offload returns parameters;
+  fp32-host -> bf16-device copy (cast on the host) through which ZeRO-3 with optimizer offload returns parameters,
+  in this process (a rank's own threads measure it again below);
 - CPU Adam: DeepSpeed's DeepSpeedCPUAdam step throughput in parameters per second, after warm-up, twice: with
   the OpenMP threads `meshpilot run` gives one offloading rank (``adam_threads``: the rate per thread of a rank,
   compute-bound) and with every core this process may use (the node's ceiling, shared by its ranks when they hit
   the host's memory bandwidth); the first construction compiles (or loads) the extension and its time is
   reported separately. Beside each Adam measurement, on the same threads and buffers, the two host passes of
   DeepSpeed's offloaded step around CPUAdam: the in-place scaling of the fp32 gradient partition
-  (``unscale_and_clip_grads``) and the cast of the updated fp32 partition into a pinned 16-bit host tensor.
+  (``unscale_and_clip_grads``) and the cast of the updated fp32 partition into a pinned 16-bit host tensor. On a
+  GPU machine the rank's measurement also times the two blocking copies with which ZeRO-3 puts a sub-group of
+  ``cast_copy_params`` updated parameters back (``stage3.py _reassign_or_swap_out_partitioned_parameters``: the
+  16-bit partition ``.copy_()`` of the fp32 one), both cast on the host by torch: pinned fp32 host -> 16-bit GPU
+  (optimizer offload; torch converts into a pageable 16-bit host tensor, then copies it up) and fp32 GPU -> pinned
+  16-bit host (parameter offload without optimizer offload; torch copies down into a pageable fp32 host tensor, then
+  converts it). Both run on the rank's threads, through fresh pageable memory, at the size of a sub-group.
 
 :func:`run_probe` returns a :class:`ProbeReport`; :func:`calibrated_profile` turns it into
 a cluster profile (the base cluster mapping with ``calibration:`` filled) that loads as
@@ -78,6 +85,10 @@ class ProbeSettings:
     #   and that host's ZeRO-2 offload step implied 2.1-2.8 (DeepSpeed's optimizer_step timer, 1.61-1.79 s for 2.87 G
     #   parameters, less the cast and the copy up: results/2026-12-01-s12-h200x1, call 3)
     adam_steps: int = 5
+    # the blocking cast copies of ZeRO-3's step, on a rank's threads: DeepSpeed's sub_group_size (1e9) on a GPU
+    # machine. One 1 x H200 host ran the fp32 host -> bf16 GPU copy at 1.51 G/s on 1e9 elements with 8 threads, 1.78
+    # on 2.68e8 with 8 and 2.13 on 1e9 with 16 (results/2026-12-01-s13-h200x1, call 1)
+    cast_copy_params: int = 2**22
     adam_threads: int | None = None                   # a rank's OpenMP threads; None: every core (one measurement)
     timeout_s: float = 300.0
     skip: tuple[str, ...] = ()                        # any of: collectives, matmul, copies, cpu_adam
@@ -95,6 +106,7 @@ class ProbeSettings:
                                  matmul_tokens=8192, matmul_hidden=4096, matmul_ffn=11008,
                                  matmul_iters=5 if quick else 10, copy_bytes=(256 if quick else 1024) * MiB,
                                  adam_params=2**26 if quick else 2**28, adam_steps=3 if quick else 5,
+                                 cast_copy_params=2**28 if quick else 10**9,
                                  adam_threads=adam_threads, timeout_s=600.0, skip=tuple(skip))
         sizes = (256 * 1024, MiB, 4 * MiB) if quick else (256 * 1024, MiB, 4 * MiB, 16 * MiB)
         return ProbeSettings(device="cpu", world=world or 2, collective_sizes=sizes,
@@ -135,6 +147,10 @@ class CpuAdamSample:
     threads: int = 0      # OpenMP threads of the measurement (0: not recorded)
     grad_scale_gparams_per_s: float | None = None  # fp32 gradient *= scalar, in place, same threads
     cast_gparams_per_s: float | None = None        # fp32 -> pinned bf16 host copy, same threads
+    # blocking copies cast on the host, same threads (a GPU machine): pinned fp32 host -> bf16 GPU, fp32 GPU -> pinned
+    # bf16 host
+    cast_copy_h2d_gparams_per_s: float | None = None
+    cast_copy_d2h_gparams_per_s: float | None = None
 
 
 @dataclass
@@ -196,7 +212,10 @@ class ProbeReport:
             collective_latency_us=r(self.latency_us()),
             h2d_gbs=r(self.copy_gbs("h2d")),
             d2h_gbs=r(self.copy_gbs("d2h")),
-            host_cast_copy_gparams_per_s=r(self.cast_copy_gparams_per_s()),
+            # a rank's threads at a sub-group's size where measured (ZeRO-3's step runs it so), else this process's
+            host_cast_copy_gparams_per_s=r(rank.cast_copy_h2d_gparams_per_s if rank and rank.cast_copy_h2d_gparams_per_s
+                                           else self.cast_copy_gparams_per_s()),
+            host_cast_copy_d2h_gparams_per_s=r(rank.cast_copy_d2h_gparams_per_s if rank else None),
             cpu_adam_gparams_per_s=r(self.cpu_adam.gparams_per_s if self.cpu_adam else None),
             cpu_adam_gparams_per_thread=r(self.cpu_adam_rank.gparams_per_s / self.cpu_adam_rank.threads
                                           if self.cpu_adam_rank and self.cpu_adam_rank.threads else None),
@@ -361,14 +380,15 @@ def probe_copies(settings: ProbeSettings, progress: Progress = _noop) -> list[Co
 # --- CPU Adam ----------------------------------------------------------------------------------
 
 def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads: int | None = None,
-                   pinned: bool | None = None) -> CpuAdamSample:
+                   pinned: bool | None = None, cast_copies: bool = True) -> CpuAdamSample:
     """DeepSpeedCPUAdam step throughput on fp32 parameters with fp32 gradients (ZeRO-Offload's CPU step) with
     ``threads`` OpenMP threads (default: every core this process may use); and, on the same threads and parameters,
     the offloaded step's two host passes beside it (DeepSpeed 0.19 stage_1_and_2.py / stage3.py ``step``): the
     in-place scaling of the fp32 gradients (``unscale_and_clip_grads``, 8 bytes a parameter) and the cast of the fp32
     parameters into a pinned 16-bit tensor (6 bytes a parameter). ``pinned`` (default: where there is a GPU): the
     fp32 parameters and gradients in page-locked memory, as DeepSpeed's offload keeps its fp32 partition and its
-    gradient with ``pin_memory`` (the Adam moments it creates are pageable).
+    gradient with ``pin_memory`` (the Adam moments it creates are pageable). ``cast_copies`` (a GPU machine): ZeRO-3's
+    two blocking cast copies on the same threads too (:func:`time_cast_copies`).
 
     Measured in a fresh process started with ``OMP_NUM_THREADS=threads``, as `meshpilot run` starts a rank
     (launch/actor.py sets it before torch loads), not after ``torch.set_num_threads`` in this one."""
@@ -377,13 +397,15 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
     from meshpilot.orchestrator.config.node_limits import node_cpu_cores
     n = int(threads or node_cpu_cores())
     progress(f"CPU Adam: {settings.adam_params / 1e6:.0f}M parameters x {settings.adam_steps} steps, {n} threads "
-             "(a fresh process; the first one builds or loads the DeepSpeed extension)")
+             "(a fresh process; the first one builds or loads the DeepSpeed extension)"
+             + (f", then ZeRO-3's cast copies of {settings.cast_copy_params:,} elements"
+                if cast_copies and torch.cuda.is_available() else ""))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(n)                     # the child's environment at its start
     try:
-        child = ctx.Process(target=_cpu_adam_child, args=(settings, n, pinned, queue), daemon=True)
+        child = ctx.Process(target=_cpu_adam_child, args=(settings, n, pinned, cast_copies, queue), daemon=True)
         child.start()
     finally:
         if before is None:
@@ -401,31 +423,49 @@ def probe_cpu_adam(settings: ProbeSettings, progress: Progress = _noop, threads:
     return out
 
 
-def _cpu_adam_child(settings: ProbeSettings, threads: int, pinned: bool | None, queue) -> None:
+def _cpu_adam_child(settings: ProbeSettings, threads: int, pinned: bool | None, cast_copies: bool, queue) -> None:
     """:func:`probe_cpu_adam`'s measurement, in the child it starts; puts a CpuAdamSample or the error's text."""
     try:
-        queue.put(time_cpu_adam(settings, threads, pinned))
+        queue.put(time_cpu_adam(settings, threads, pinned, cast_copies))
     except Exception as e:  # the extension needs a compiler toolchain: the parent reports it
         queue.put(f"{type(e).__name__}: {e}")
 
 
-def time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = None) -> CpuAdamSample:
+def time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = None,
+                  cast_copies: bool = True) -> CpuAdamSample:
     """:func:`probe_cpu_adam`'s measurement in this process, whose OpenMP threads the caller has set to ``threads``."""
     t0 = time.perf_counter()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(16))], lr=1e-3)
     load_s = time.perf_counter() - t0
-
-    def median_s(fn) -> float:
-        fn()                              # warm-up: first touch of the pages, the optimizer's states
-        times = []
-        for _ in range(settings.adam_steps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     pin = torch.cuda.is_available() if pinned is None else pinned
+    adam_s, grad_scale_s, cast_s = _time_adam_and_passes(settings, pin)
+    h2d, d2h = time_cast_copies(settings) if cast_copies and torch.cuda.is_available() else (None, None)
+    g = settings.adam_params / 1e9
+    return CpuAdamSample(params=settings.adam_params, steps=settings.adam_steps, load_s=load_s,
+                         median_step_s=adam_s, gparams_per_s=g / adam_s, threads=threads,
+                         grad_scale_gparams_per_s=g / grad_scale_s, cast_gparams_per_s=g / cast_s,
+                         cast_copy_h2d_gparams_per_s=h2d, cast_copy_d2h_gparams_per_s=d2h)
+
+
+def _median_s(fn, repeats: int, sync: Callable[[], Any] = lambda: None) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up (the first touch of its pages), each followed
+    by ``sync``."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _time_adam_and_passes(settings: ProbeSettings, pin: bool) -> tuple[float, float, float]:
+    """Seconds of one DeepSpeedCPUAdam step over ``adam_params`` fp32 parameters (page-locked where ``pin``), of the
+    in-place gradient scaling and of the cast into a 16-bit host tensor, on this process's threads."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     def fp32() -> torch.Tensor:
         t = torch.randn(settings.adam_params)
@@ -434,15 +474,32 @@ def time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = N
     p = torch.nn.Parameter(fp32())
     p.grad = fp32()
     opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
-    med = median_s(opt.step)
+    adam_s = _median_s(opt.step, settings.adam_steps)
     scale = torch.tensor(1.0)             # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
-    grad_scale_s = median_s(lambda: p.grad.mul_(1.0 / scale))
+    grad_scale_s = _median_s(lambda: p.grad.mul_(1.0 / scale), settings.adam_steps)
     half = torch.empty(settings.adam_params, dtype=torch.bfloat16, pin_memory=torch.cuda.is_available())
-    cast_s = median_s(lambda: half.copy_(p.data))
-    g = settings.adam_params / 1e9
-    return CpuAdamSample(params=settings.adam_params, steps=settings.adam_steps, load_s=load_s,
-                         median_step_s=med, gparams_per_s=g / med, threads=threads,
-                         grad_scale_gparams_per_s=g / grad_scale_s, cast_gparams_per_s=g / cast_s)
+    cast_s = _median_s(lambda: half.copy_(p.data), settings.adam_steps)
+    return adam_s, grad_scale_s, cast_s
+
+
+def time_cast_copies(settings: ProbeSettings) -> tuple[float, float]:
+    """G parameters/s of ZeRO-3's two blocking cast copies of one ``cast_copy_params`` sub-group on GPU 0, with this
+    process's threads (module docstring): pinned fp32 host -> bf16 GPU and fp32 GPU -> pinned bf16 host. Each is
+    torch's ``copy_`` without ``non_blocking``, so torch converts on the host through a fresh pageable temporary: the
+    page faults of that temporary and the pageable transfer are part of every copy, as in training. Median of
+    ``min(adam_steps, 3)`` after one warm-up."""
+    n = settings.cast_copy_params
+    dev = torch.device("cuda", 0)
+
+    def rate(dst: torch.Tensor, src: torch.Tensor) -> float:
+        return n / 1e9 / _median_s(lambda: dst.copy_(src), min(settings.adam_steps, 3),
+                                   lambda: torch.cuda.synchronize(dev))
+
+    h2d = rate(torch.empty(n, dtype=torch.bfloat16, device=dev),
+               torch.empty(n, dtype=torch.float32, pin_memory=True).fill_(1.0))
+    d2h = rate(torch.empty(n, dtype=torch.bfloat16, pin_memory=True), torch.ones(n, dtype=torch.float32, device=dev))
+    torch.cuda.empty_cache()
+    return h2d, d2h
 
 
 # --- the whole probe ---------------------------------------------------------------------------
@@ -489,12 +546,14 @@ def run_probe(settings: ProbeSettings, progress: Progress = _noop) -> ProbeRepor
         else:
             report.skipped["copies"] = "no GPU: host<->device copies not measured"
     if "cpu_adam" not in report.skipped:
+        from meshpilot.orchestrator.config.node_limits import node_cpu_cores
+        # a rank's threads measured apart unless a rank gets every core (then one measurement serves both); the
+        # cast copies belong to the rank's measurement
+        apart = bool(settings.adam_threads) and settings.adam_threads != int(node_cpu_cores())
         try:
-            report.cpu_adam = probe_cpu_adam(settings, progress)
-            if settings.adam_threads and settings.adam_threads != report.cpu_adam.threads:
-                report.cpu_adam_rank = probe_cpu_adam(settings, progress, settings.adam_threads)
-            else:                         # a rank gets every core: one measurement serves both
-                report.cpu_adam_rank = report.cpu_adam
+            report.cpu_adam = probe_cpu_adam(settings, progress, cast_copies=not apart)
+            report.cpu_adam_rank = (probe_cpu_adam(settings, progress, settings.adam_threads) if apart
+                                    else report.cpu_adam)
         except Exception as e:  # the extension needs a compiler toolchain: report, don't fail the probe
             report.skipped["cpu_adam"] = f"DeepSpeedCPUAdam unavailable: {type(e).__name__}: {e}"
             log.warning("probe: CPU Adam skipped: %s", e)

@@ -98,12 +98,19 @@ def test_cpu_adam_per_thread_comes_from_the_rank_measurement():
 
 def test_cast_copy_rate_is_parameters_per_second_of_the_fp32_side():
     """4 GB of fp32 in 1.0 s is 1 G parameters per second; pinned copies do not count."""
-    from meshpilot.comm.probe import CopySample
+    from meshpilot.comm.probe import CopySample, CpuAdamSample
     r = ProbeReport(device_name="x", date="d", settings=ProbeSettings(),
                     copies=[CopySample("h2d", 10**9, 0.02, 50.0), CopySample("cast_h2d", 4 * 10**9, 1.0, 4.0)])
     cal = r.calibration()
     assert cal["host_cast_copy_gparams_per_s"] == pytest.approx(1.0) and cal["h2d_gbs"] == pytest.approx(50.0)
     assert ProbeReport(device_name="x", date="d", settings=ProbeSettings()).cast_copy_gparams_per_s() is None
+    # a rank's threads, at a sub-group's size, measure ZeRO-3's copies as its step runs them: they replace this
+    # process's measurement, and give the copy the other way (parameter offload, the optimizer on the GPU)
+    rank = CpuAdamSample(params=2**28, steps=3, load_s=0.0, median_step_s=0.1, gparams_per_s=2.6, threads=8,
+                         cast_copy_h2d_gparams_per_s=1.5, cast_copy_d2h_gparams_per_s=0.35)
+    both = ProbeReport(device_name="x", date="d", settings=ProbeSettings(), cpu_adam=rank, cpu_adam_rank=rank,
+                       copies=[CopySample("cast_h2d", 4 * 10**9, 1.0, 4.0)]).calibration()
+    assert both["host_cast_copy_gparams_per_s"] == 1.5 and both["host_cast_copy_d2h_gparams_per_s"] == 0.35
 
 
 # --- the CPU probe: real gloo processes --------------------------------------------------------

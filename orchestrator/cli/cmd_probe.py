@@ -131,6 +131,10 @@ def _profile_text(profile: dict[str, Any], report) -> str:
         if r.grad_scale_gparams_per_s and r.cast_gparams_per_s:
             lines.append(f"# its host passes, {r.threads} threads: gradient scaling {r.grad_scale_gparams_per_s:.2f}, "
                          f"fp32 -> 16-bit cast {r.cast_gparams_per_s:.2f} G params/s")
+        if r.cast_copy_h2d_gparams_per_s and r.cast_copy_d2h_gparams_per_s:
+            lines.append(f"# ZeRO-3's blocking cast copies of {report.settings.cast_copy_params:,} elements, same threads: "
+                         f"fp32 host -> 16-bit GPU {r.cast_copy_h2d_gparams_per_s:.3f}, fp32 GPU -> 16-bit host "
+                         f"{r.cast_copy_d2h_gparams_per_s:.3f} G params/s")
     for part, why in report.skipped.items():
         lines.append(f"# skipped {part}: {why}")
     return "\n".join(lines) + "\n" + yaml.safe_dump(profile, sort_keys=False)

@@ -226,6 +226,7 @@ class CalibrationConfig:
     h2d_gbs: Optional[float] = None            # pinned host -> device
     d2h_gbs: Optional[float] = None            # device -> pinned host
     host_cast_copy_gparams_per_s: Optional[float] = None  # blocking pinned fp32 host -> 16-bit device copy, G params/s
+    host_cast_copy_d2h_gparams_per_s: Optional[float] = None  # blocking fp32 device -> pinned 16-bit host copy, G params/s
     #                                                       (ZeRO-3 optimizer offload's way back; `meshpilot probe`)
     cpu_adam_gparams_per_s: Optional[float] = None  # DeepSpeed CPUAdam, billions of parameters per second per node
     cpu_adam_gparams_per_thread: Optional[float] = None  # the same on one rank's OpenMP threads, per thread (replaces
