@@ -6,7 +6,9 @@ ZeRO-3 with optimizer offload (stage3.py, DeepSpeed 0.19) puts the updated param
 fp32 host tensor into a 16-bit GPU tensor. PyTorch converts the dtype of a blocking host-to-device copy on the host,
 into a new (pageable) 16-bit host tensor, and then copies that, so the path is a host-side conversion and a pageable
 transfer, not a pinned one. Stages 1-2 convert into a pinned 16-bit buffer first and copy that asynchronously
-(stage_1_and_2.py). The gradient paths are pinned copies (16-bit per micro-batch, fp32 at the boundary).
+(stage_1_and_2.py). The gradient paths are pinned copies (16-bit per micro-batch, fp32 at the boundary). ZeRO-3 with
+parameter offload and the optimizer on the GPU makes the step's copy the other way, fp32 GPU -> pinned 16-bit host,
+which torch copies down into a new pageable fp32 host tensor and converts there.
 
 Per path: GB/s of the GPU-side bytes and parameters per second, median of ``--iters`` after one warm-up, for a
 tensor of ``--gparams`` G elements, with the rank's OpenMP threads (``--threads``, default: what `meshpilot run`
@@ -54,6 +56,9 @@ def _rank(gpu: int, n: int, threads: int, iters: int, barrier, queue) -> None:
     paths = {
         # stage 3 + optimizer offload: the updated fp32 partition into the GPU's 16-bit partition (blocking)
         "fp32_host_to_bf16_gpu_blocking": lambda: bf16_gpu.copy_(fp32_pinned),
+        # stage 3 + parameter offload with the optimizer on the GPU: the updated fp32 partition into the host's
+        # 16-bit partition (blocking; torch copies down into a pageable fp32 tensor and converts it on the host)
+        "fp32_gpu_to_bf16_host_blocking": lambda: bf16_pinned.copy_(fp32_gpu),
         # stages 1-2: host conversion into a pinned 16-bit buffer, then an asynchronous pinned copy
         "fp32_host_to_bf16_pinned": lambda: bf16_pinned.copy_(fp32_pinned),
         "bf16_pinned_h2d": lambda: bf16_gpu.copy_(bf16_pinned, non_blocking=True),
@@ -65,7 +70,7 @@ def _rank(gpu: int, n: int, threads: int, iters: int, barrier, queue) -> None:
     for name, fn in paths.items():
         barrier.wait()
         s = _timed(fn, iters)
-        gpu_bytes = n * (4 if name.startswith("fp32_d2h") else 2)
+        gpu_bytes = n * (4 if name.startswith(("fp32_d2h", "fp32_gpu")) else 2)
         out[name] = dict(seconds=s, gpu_side_gbs=gpu_bytes / s / 1e9, gparams_per_s=n / s / 1e9)
     queue.put((gpu, out))
 

@@ -220,6 +220,18 @@ def test_zero3_optimizer_offload_transfers_hand_computed():
     uploads = (2 + 1) * 2 * ps / 50e9                # forward, backward and recompute each upload the partition
     assert both.time_breakdown_s["offload_transfers"] == pytest.approx(
         float((2 * ps + 4 * ps) / 40e9 + 2 * ps / 50e9 + uploads), rel=1e-9)
+    # parameter offload with the optimizer on the GPU: the uploads, and the updated fp32 partition comes down through
+    # a blocking copy cast on the host (host_cast_copy_d2h_gparams_per_s; probed where set)
+    params_only = Plan(dp=2, zero_stage=3, micro_batch=8, grad_accum=1, offload_params="cpu",
+                       activation_checkpointing="full")
+    e = simulate(job, params_only, constants=SimulatorConstants(host_cast_copy_d2h_gparams_per_s=0.5))
+    assert e.time_breakdown_s["offload_transfers"] == pytest.approx(float(uploads + ps / 0.5e9), rel=1e-9)
+    assert e.time_breakdown_s["cpu_optimizer"] == 0.0
+    probed_back = load_job(None, ["model=llama-2-7b", "cluster=h200-sxm-4", "cluster.gpus_per_node=2", "plan=auto",
+                                  "train.global_batch=16", "train.seq_len=2048", "cluster.calibration.h2d_gbs=50",
+                                  "cluster.calibration.host_cast_copy_d2h_gparams_per_s=0.25"])
+    e = simulate(probed_back, params_only, constants=SimulatorConstants(host_cast_copy_d2h_gparams_per_s=0.5))
+    assert e.time_breakdown_s["offload_transfers"] == pytest.approx(float(uploads + ps / 0.25e9), rel=1e-9)
 
 
 def test_zero12_gradient_copies_by_hand():

@@ -217,6 +217,11 @@ def test_zero3_offload_host_terms_by_hand():
     opt = simulate(_llama13b("plan.dp=2", "plan.zero_stage=3", "plan.offload_optimizer=cpu", "plan.micro_batch=1"))
     assert opt.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(
         2 * (fp32 + sub_grads + grad16 + 2 * 10**9), rel=1e-12)
+    # parameter offload with the optimizer on the GPU: the step's copy comes down from the GPU's fp32 partition into
+    # a pageable fp32 host tensor before torch converts it into the flat bf16 partition: 4 x 1e9 bytes beside it
+    par = simulate(_llama13b("plan.dp=2", "plan.zero_stage=3", "plan.offload_params=cpu", "plan.micro_batch=1"))
+    assert par.memory_breakdown_gib["cpu_offload"] * 2**30 == pytest.approx(
+        2 * (flat16 + init_parts + 4 * 10**9), rel=1e-12)
 
 
 def test_zo2_host_terms_by_hand():

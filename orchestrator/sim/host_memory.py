@@ -105,9 +105,12 @@ def host_memory_terms(total: float, job: JobConfig, a: PlanArrays, ds: DeepSpeed
     per rank from the first step to the second at sub-groups of 1e9 and 0.32 at 5e8, as predicted before the
     runs (2026-11-30-s8-h200x2/host4). The 4 min(P_s, sub_group_size) fp32 buffer DeepSpeed allocates while
     the engine is built is freed before any moment exists and is not part of the peak. Parameter offload: the
-    16-bit partition ``pin(w P_s)`` (the flat CPU buffer), into which the step's copy converts without a
-    temporary, plus the per-parameter partitions zero.Init pinned when the model was built (``sum_t pin(w n_t /
-    dp)``), which torch's host allocator keeps cached after DeepSpeed copies them into the flat buffer.
+    16-bit partition ``pin(w P_s)`` (the flat CPU buffer), plus the per-parameter partitions zero.Init pinned when
+    the model was built (``sum_t pin(w n_t / dp)``), which torch's host allocator keeps cached after DeepSpeed copies
+    them into the flat buffer. With optimizer offload the step's copy converts into that buffer on the host without
+    a temporary; with the optimizer on the GPU the sub-group's updated fp32 partition comes down by a blocking
+    ``cpu_16bit.copy_(gpu_fp32)``, which torch copies into a pageable fp32 host tensor and converts from there:
+    4 min(P_s, sub_group_size) more while it runs.
     ZO2 (strategies/zo/zo2.py): one pinned store per block (``pin(w n_block / slices)``) and a pinned
     stash of every resident parameter (``sum_t pin(w n_t)``: embeddings, head, final norm); every
     zeroth-order rank first builds the whole model on the host (w P), still alive while ZO2 fills its
@@ -144,7 +147,7 @@ def host_memory_terms(total: float, job: JobConfig, a: PlanArrays, ds: DeepSpeed
     init_parts = np.zeros(a.n)                                # zero.Init's pinned per-parameter partitions
     if off_p.any():
         init_parts[off_p] = pinned_tensor_bytes(m, w, a.tp[off_p], a.ep[off_p], a.dp[off_p], pinned=pinned)
-    param_off = pin(w * ps) + init_parts
+    param_off = pin(w * ps) + init_parts + np.where(off_o, 0.0, 4.0 * np.minimum(ps, sg))
     pc = param_counts(m)
     slices = np.maximum(a.zo2_slices, 1)
     stores = (pc.dense_layers * pin(w * np.ceil(pc.layer_dense / slices))

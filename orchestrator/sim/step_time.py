@@ -82,7 +82,9 @@ Per micro-batch of b sequences of s tokens on a rank with tensor-parallel degree
   to be added to the next (stage 2: down ga w P_s, up (ga - 1) w P_s; stage 1 accumulates on the GPU
   and makes that round trip once); stage 3 moves w P_s down per micro-batch, after the first bringing the host's
   sum up to be added on the GPU (up (ga - 1) w P_s), w P_s up and 4 P_s down at the boundary, and puts the
-  parameters back through a blocking copy cast on the host (``host_cast_copy_gparams_per_s``). Measured (llama-2-7b
+  parameters back through a blocking copy cast on the host (``host_cast_copy_gparams_per_s``; with parameter offload
+  and the optimizer on the GPU the copy goes the other way, GPU fp32 to host 16-bit through a pageable fp32 host
+  tensor, ``host_cast_copy_d2h_gparams_per_s``). Measured (llama-2-7b
   ZeRO-2 + optimizer offload, 2 x 4 micro-batches, 2 x H200): the backward took 2.5 s beyond its
   compute (benchmarks/results/2026-11-30-h200x2/host2). Parameter offload uploads w P_s per forward and
   backward pass; CPUAdam updates P_s parameters at min(threads x r_thread, R_node / ranks on the
@@ -330,14 +332,19 @@ def time_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorConsta
     # fp32 partition comes back by a blocking copy into the 16-bit GPU partition
     # (_reassign_or_swap_out_partitioned_parameters), which PyTorch casts on the host into pageable memory before it
     # copies: ``host_cast_copy_gparams_per_s`` (with parameter offload the partition is on the host: no transfer).
+    # Parameter offload without optimizer offload makes the same copy the other way: the fp32 partition and its step
+    # are on the GPU, the 16-bit partition on the host, and ``cpu_16bit.copy_(gpu_fp32)`` (blocking) goes down into a
+    # pageable fp32 host tensor that torch then converts: ``host_cast_copy_d2h_gparams_per_s``.
     acc = ga > 1
     down = np.select([st == 2, st == 1], [np.where(acc, ga * w * ps, 0.0) + 4.0 * ps,
                                           np.where(acc, w * ps, 0.0) + 4.0 * ps], ga * w * ps + 4.0 * ps)
     up = np.select([st == 2, st == 1], [ga * w * ps, np.where(acc, 2.0 * w * ps, w * ps)], ga * w * ps)
     cast_rate = (cal.host_cast_copy_gparams_per_s or c.host_cast_copy_gparams_per_s) * 1e9   # probed where set
     cast_copy = np.where((st == 3) & ~off_p, ps / cast_rate, 0.0)
+    back_rate = (cal.host_cast_copy_d2h_gparams_per_s or c.host_cast_copy_d2h_gparams_per_s) * 1e9
+    param_back = np.where((st == 3) & off_p & ~off_o, ps / back_rate, 0.0)
     offload = (np.where(off_o, down / d2h + up / h2d + cast_copy, 0.0)
-               + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0))
+               + np.where(off_p, ga * (2.0 + ac) * w * ps / h2d, 0.0) + param_back)
     adam_rate = cpu_adam_rate(cl, c, np.minimum(a.world, cl.gpus_per_node))
     passes = host_step_passes(job, c, adam_rate, st, off_p)
     if cal.cpu_adam_rank_gparams_per_s:        # fitted from training runs by `meshpilot calibrate`: replaces the model
