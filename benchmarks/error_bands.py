@@ -48,6 +48,10 @@ CHOICE_HF7B = [f"results/2026-11-30-s9-h200x2/call5/choice_hf7b/{n}" for n in ("
 # plan: auto on opt-2.7b on one GPU of the 1 x H200 kind and two alternatives
 # (results/2026-12-01-s10-h200x1/preregistered/choice_one)
 CHOICE_ONE = [f"results/2026-12-01-s10-h200x1/call4_choice_one/{n}" for n in ("auto", "z1_mb8x2", "z0_mb4x4")]
+# plan: auto on llama-2-7b on one GPU of the same kind and three alternatives
+# (results/2026-12-01-s13-h200x1/preregistered/call1)
+CHOICE_7B_ONE = [f"results/2026-12-01-s13-h200x1/call1/choice/{n}"
+                 for n in ("auto", "z3_mb16x1_ckpt", "z3_mb4x4_ckpt", "z3offp_mb16x1_ckpt")]
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
@@ -76,9 +80,12 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # memory unchanged since before it ran)
             "results/2026-11-30-s4-h200x2/offfix/run",
             # 2026-11-30-s6: llama-3-8b's plan: auto and two plans it passed over (plan_choice_runs.py --job llama-3-8b)
-            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3, *CHOICE_HF7B, *CHOICE_ONE]
-# not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py)
-STEP_NOT_HELD_OUT = set(CHOICE_8B)
+            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3, *CHOICE_HF7B, *CHOICE_ONE, *CHOICE_7B_ONE]
+# not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py), and
+# the parameter-offload run of CHOICE_7B_ONE whose optimizer phase (19.8 s against 1.0 predicted) and host peak led to
+# the copy back of parameter offload with the optimizer on the GPU (sim/step_time.py, sim/host_memory.py)
+CHOICE_7B_ONE_OFFP = "results/2026-12-01-s13-h200x1/call1/choice/z3offp_mb16x1_ckpt"
+STEP_NOT_HELD_OUT = {*CHOICE_8B, CHOICE_7B_ONE_OFFP}
 # not held out for GPU memory: the same plan as regimes7:z2_l3_8b_mb8, whose allocator history set ZeRO-2's
 # gradient phases (SUPERSEDED)
 GPU_NOT_HELD_OUT = {"results/2026-11-30-s6-h200x2/choice8b/z2_mb8x1_ckpt"}
@@ -144,7 +151,7 @@ HOST_EDGE_RUNS = ["results/2026-11-30-h200x2/host/host_memory_runs.json",
 # the closing checksum's copy of the model (changed in commit f8c9396; sim/host_memory.py host_memory_terms)
 HOST_NOT_HELD_OUT = {"results/2026-11-30-s3-h200x2/z3time/7b_mb1", "results/2026-11-30-s3-h200x2/z3new/l3_8b_mb1",
                      "results/2026-11-30-s3-h200x2/choice2/auto", "results/2026-11-30-h200x2/host2/zo2_opt13b",
-                     "results/2026-11-30-s6-h200x2/choice8b/z1_mb1x8"}
+                     "results/2026-11-30-s6-h200x2/choice8b/z1_mb1x8", CHOICE_7B_ONE_OFFP}
 # cases that ran a runtime since corrected, not scored (listed by the report): the parameter-offload runs were built in
 # fp32 under zero.Init, so every pass ran in fp32 (2026-11-30-s4-h200x2/trace; engine_deepspeed._default_model_factory)
 _NO_LONGER_HELD_OUT = "so it is no longer held out"
@@ -199,6 +206,11 @@ STEP_SUPERSEDED = {f"2026-12-01-{k}": "its optimizer phase led to the offloaded 
                              "s11-h200x1/call1:z1off_7b16l_one_mb4x2", "s11-h200x1/call3:z3offall_7b16l_one_mb1x8",
                              "s11-h200x1/call3:z3offopt_7b16l_one_mb8", "s11-h200x1/call3:z2off_7b12l_one_mb1x8",
                              "s11-h200x1/call4:z3offall_7b8l_one_mb1x4")}
+# its optimizer phase, about a second over the model, led to probing ZeRO-3's blocking cast copy on a rank's threads
+# at a sub-group's size (comm/probe.py time_cast_copies; 2026-12-01-s13 call 1 measured that copy 1.45x slower than the
+# probe's own process did)
+STEP_SUPERSEDED["2026-12-01-s12-h200x1/call2:z3offopt_13b8l_one_mb8"] = (
+    "its optimizer phase led to probing ZeRO-3's cast copy on a rank's threads at a sub-group's size (comm/probe.py)")
 
 
 def loop_rows() -> tuple[list[dict[str, Any]], list[str]]:

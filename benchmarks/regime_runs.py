@@ -371,6 +371,17 @@ CASES = [
     ("z3offall_13b8l_one_mb8", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", *OFFALL,
                                 "plan.micro_batch=8", *AC], 150,
      "ZeRO-3 with both offloads, 8 of llama-2-13b's layers"),
+    # 2026-12-01 session 13: ZeRO-3's blocking cast copies probed on a rank's threads at a sub-group's size, and the
+    # copy back of parameter offload with the optimizer on the GPU (sim/step_time.py)
+    ("z3offp_7b16l_one_mb8", [*ONE, *L7B(16), "train.global_batch=8", "plan.zero_stage=3", "plan.offload_params=cpu",
+                              "plan.micro_batch=8", *AC], 160,
+     "ZeRO-3 + parameter offload, the optimizer on the GPU, 16 of llama-2-7b's layers"),
+    ("z3offp_opt67_12l_one_mb4x2", [*ONE, *LAYERS("opt-6.7b", 12), "train.global_batch=8", "plan.zero_stage=3",
+                                    "plan.offload_params=cpu", "plan.micro_batch=4", *AC], 160,
+     "ZeRO-3 + parameter offload, the optimizer on the GPU, 12 of opt-6.7b's layers, 2 micro-batches per step"),
+    ("z3offopt_7b20l_one_mb8", [*ONE, *L7B(20), "train.global_batch=8", "plan.zero_stage=3",
+                                "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 150,
+     "ZeRO-3 + optimizer offload, 20 of llama-2-7b's layers: the cast copy on the rank's threads"),
 ]
 
 
