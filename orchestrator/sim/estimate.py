@@ -181,11 +181,12 @@ class SimulatorConstants:
     memory and copies that. Measured, 2 x H200 host, 8 threads per rank, 1 G elements: 1.86 G/s with one rank
     copying, 1.72 with both at once, against 27 G/s (55 GB/s) for a pinned 16-bit copy
     (benchmarks/offload_copy_probe.py, results/2026-11-30-s5-h200x2/copyprobe)."""
-    host_cast_copy_d2h_gparams_per_s: float = 1.72
+    host_cast_copy_d2h_gparams_per_s: float = 0.33
     """Parameters per second, per rank, of a blocking copy from an fp32 GPU tensor into a pinned 16-bit host tensor
     (how ZeRO-3 with parameter offload and the optimizer on the GPU puts the updated parameters back): PyTorch copies
-    down into a pageable fp32 host tensor and converts that on the host. Not measured yet: the opposite copy's rate
-    (`meshpilot probe` measures both on a rank's threads)."""
+    down into a pageable fp32 host tensor and converts that on the host. Measured, 1 x H200 host, 8 threads, 1 G
+    elements: 0.33 G/s, against 1.59 for the opposite copy on the same machine (benchmarks/offload_copy_probe.py,
+    results/2026-12-01-s13-h200x1/call2copy; `meshpilot probe` measures both on a rank's threads)."""
     pcie_efficiency: float = 0.9963
     """Achieved / profile host-device bandwidth for DeepSpeed's bucketed copies (without calibration).
     First principles 0.9; fitted 0.9963."""
