@@ -69,6 +69,12 @@ JOBS = {
         "z3offp_mb16x1_ckpt": ["plan.dp=1", "plan.zero_stage=3", "plan.micro_batch=16",
                                "plan.activation_checkpointing=full", "plan.offload_params=cpu"],
     }),
+    # the same session: opt-6.7b on the same kind (planned ZeRO-3 8 x 2 with checkpointing), against the next
+    # micro-batch and the fastest plan without checkpointing
+    "opt-6.7b-one": (["model=opt-6.7b", "cluster.gpus_per_node=1"], {
+        "z3_mb4x4_ckpt": ["plan.dp=1", "plan.zero_stage=3", "plan.micro_batch=4", "plan.activation_checkpointing=full"],
+        "z3_mb2x8": ["plan.dp=1", "plan.zero_stage=3", "plan.micro_batch=2", "plan.activation_checkpointing=none"],
+    }),
 }
 TIMEOUT_S = 150.0
 

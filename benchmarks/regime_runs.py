@@ -382,6 +382,10 @@ CASES = [
     ("z3offopt_7b20l_one_mb8", [*ONE, *L7B(20), "train.global_batch=8", "plan.zero_stage=3",
                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 150,
      "ZeRO-3 + optimizer offload, 20 of llama-2-7b's layers: the cast copy on the rank's threads"),
+    # third call: the constants' copy-back rate (set from call 2's offload_copy_probe.py), no probe
+    ("z3offp_13b8l_one_mb4x2", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=3",
+                                "plan.offload_params=cpu", "plan.micro_batch=4", *AC], 170,
+     "ZeRO-3 + parameter offload, the optimizer on the GPU, 8 of llama-2-13b's layers, 2 micro-batches per step"),
 ]
 
 
