@@ -52,6 +52,8 @@ CHOICE_ONE = [f"results/2026-12-01-s10-h200x1/call4_choice_one/{n}" for n in ("a
 # (results/2026-12-01-s13-h200x1/preregistered/call1)
 CHOICE_7B_ONE = [f"results/2026-12-01-s13-h200x1/call1/choice/{n}"
                  for n in ("auto", "z3_mb16x1_ckpt", "z3_mb4x4_ckpt", "z3offp_mb16x1_ckpt")]
+# and on opt-6.7b, predicted with the constants after the copy back of parameter offload (preregistered/call3)
+CHOICE_OPT67_ONE = [f"results/2026-12-01-s13-h200x1/call3_choice/{n}" for n in ("auto", "z3_mb4x4_ckpt", "z3_mb2x8")]
 RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z2_off",
             "results/2026-11-29-h200x2/run_z3", "results/2026-11-29-s2-h200x2/z3knobs/meshpilot",
             "results/2026-11-29-s2-h200x2/z3knobs/ds_defaults", "results/2026-11-29-s2-h200x2/z3knobs/overlap",
@@ -80,7 +82,8 @@ RUN_DIRS = ["results/2026-11-29-h200x2/run_z2", "results/2026-11-29-h200x2/run_z
             # memory unchanged since before it ran)
             "results/2026-11-30-s4-h200x2/offfix/run",
             # 2026-11-30-s6: llama-3-8b's plan: auto and two plans it passed over (plan_choice_runs.py --job llama-3-8b)
-            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3, *CHOICE_HF7B, *CHOICE_ONE, *CHOICE_7B_ONE]
+            *CHOICE_8B, *CHOICE_8B2, *CHOICE_8B3, *CHOICE_HF7B, *CHOICE_ONE, *CHOICE_7B_ONE,
+            *CHOICE_OPT67_ONE]
 # not held out for step time: the runs after which the ZeRO 1-2 gradient copies were added (sim/step_time.py), and
 # the parameter-offload run of CHOICE_7B_ONE whose optimizer phase (19.8 s against 1.0 predicted) and host peak led to
 # the copy back of parameter offload with the optimizer on the GPU (sim/step_time.py, sim/host_memory.py)
@@ -137,7 +140,8 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-12-01-s12-h200x1/call2/regime_runs.json",
                "results/2026-12-01-s12-h200x1/call4/regime_runs.json",
                # 2026-12-01-s13: ZeRO-3's cast copies probed on a rank's threads, parameter offload's copy back
-               "results/2026-12-01-s13-h200x1/call2/regime_runs.json"]
+               "results/2026-12-01-s13-h200x1/call2/regime_runs.json",
+               "results/2026-12-01-s13-h200x1/call3/regime_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's
