@@ -232,6 +232,9 @@ def test_zero3_optimizer_offload_transfers_hand_computed():
                                   "cluster.calibration.host_cast_copy_d2h_gparams_per_s=0.25"])
     e = simulate(probed_back, params_only, constants=SimulatorConstants(host_cast_copy_d2h_gparams_per_s=0.5))
     assert e.time_breakdown_s["offload_transfers"] == pytest.approx(float(uploads + ps / 0.25e9), rel=1e-9)
+    # the estimate says where those seconds go, and whether the rate was probed
+    assert any("probed on this machine" in n and "GPU's fp32 partition" in n for n in e.notes)
+    assert not any("GPU's fp32 partition" in n for n in both.notes)
 
 
 def test_zero12_gradient_copies_by_hand():

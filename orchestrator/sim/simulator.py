@@ -246,6 +246,14 @@ def estimate_at(job: JobConfig, arrays: PlanArrays, scores: Scores, i: int, head
         notes.append(f"step time: {tim.get('cpu_optimizer', 0.0):.2f} s of it is the optimizer step on the host; "
                      f"{seen} (benchmarks/results/2026-12-01-s12-h200x1); `meshpilot calibrate` fits the rate "
                      "from your runs")
+    if (bool(arrays.offloads_params[i]) and not bool(arrays.offloads_optimizer[i]) and int(arrays.zero[i]) == 3
+            and cl.accelerator == Accelerator.GPU):
+        # the optimizer on the GPU, the 16-bit partition on the host: the step's copy back is host-bound and slow
+        rate = ("probed on this machine" if cal.host_cast_copy_d2h_gparams_per_s else
+                "the constants' 0.33 G parameters/s, measured on one lent H200 host: run `meshpilot probe` here")
+        notes.append(f"step time: {tim.get('offload_transfers', 0.0):.2f} s of it is parameter offload's transfers, "
+                     "most of it the updated parameters' blocking copy from the GPU's fp32 partition into the "
+                     f"host's 16-bit one, cast on the host ({rate}; benchmarks/results/2026-12-01-s13-h200x1)")
     if job.train.expandable_segments and cl.accelerator == Accelerator.GPU:
         notes.append("train.expandable_segments: the allocator's reserve is modelled for PyTorch's default mode; "
                      "with expandable segments the measured peaks ranged from 5% above to 17% below its prediction "
