@@ -386,6 +386,10 @@ CASES = [
     ("z3offp_13b8l_one_mb4x2", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=8", "plan.zero_stage=3",
                                 "plan.offload_params=cpu", "plan.micro_batch=4", *AC], 170,
      "ZeRO-3 + parameter offload, the optimizer on the GPU, 8 of llama-2-13b's layers, 2 micro-batches per step"),
+    # fourth call: ZeRO-3 with optimizer offload and accumulation, the probe's cast copy on the rank's threads
+    ("z3offopt_opt67_14l_one_mb4x2", [*ONE, *LAYERS("opt-6.7b", 14), "train.global_batch=8", "plan.zero_stage=3",
+                                      "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 170,
+     "ZeRO-3 + optimizer offload, 14 of opt-6.7b's layers, 2 micro-batches per step"),
 ]
 
 
