@@ -141,7 +141,8 @@ REGIME_RUNS = ["results/2026-11-30-s4-h200x2/regimes1/regime_runs.json",
                "results/2026-12-01-s12-h200x1/call4/regime_runs.json",
                # 2026-12-01-s13: ZeRO-3's cast copies probed on a rank's threads, parameter offload's copy back
                "results/2026-12-01-s13-h200x1/call2/regime_runs.json",
-               "results/2026-12-01-s13-h200x1/call3/regime_runs.json"]
+               "results/2026-12-01-s13-h200x1/call3/regime_runs.json",
+               "results/2026-12-01-s13-h200x1/call4/regime_runs.json"]
 # rows of MEASUREMENTS that measured a configuration meshpilot does not run, listed by the report but not scored
 # (kind "zo"): measure_zo's MeZO loop on transformers' LlamaForCausalLM, whose loss forms every token's logits at once
 # (10 bytes per logit: benchmarks/hf_forward_only_loss_bytes.py, results/2026-11-30-s7-cpu/hf_loss). meshpilot's
