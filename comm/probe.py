@@ -448,24 +448,12 @@ def time_cpu_adam(settings: ProbeSettings, threads: int, pinned: bool | None = N
                          cast_copy_h2d_gparams_per_s=h2d, cast_copy_d2h_gparams_per_s=d2h)
 
 
-def _median_s(fn, repeats: int, sync: Callable[[], Any] = lambda: None) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up (the first touch of its pages), each followed
-    by ``sync``."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _time_adam_and_passes(settings: ProbeSettings, pin: bool) -> tuple[float, float, float]:
     """Seconds of one DeepSpeedCPUAdam step over ``adam_params`` fp32 parameters (page-locked where ``pin``), of the
-    in-place gradient scaling and of the cast into a 16-bit host tensor, on this process's threads."""
+    in-place gradient scaling and of the cast into a 16-bit host tensor, on this process's threads; each the median
+    after one warm-up (the first touch of the pages, the optimizer's states)."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
+    cpu = torch.device("cpu")
 
     def fp32() -> torch.Tensor:
         t = torch.randn(settings.adam_params)
@@ -474,11 +462,11 @@ def _time_adam_and_passes(settings: ProbeSettings, pin: bool) -> tuple[float, fl
     p = torch.nn.Parameter(fp32())
     p.grad = fp32()
     opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.0)
-    adam_s = _median_s(opt.step, settings.adam_steps)
+    adam_s = _time_device(opt.step, cpu, warmup=1, iters=settings.adam_steps)
     scale = torch.tensor(1.0)             # DeepSpeed multiplies by 1 / a 0-dim tensor (the clip coefficient)
-    grad_scale_s = _median_s(lambda: p.grad.mul_(1.0 / scale), settings.adam_steps)
+    grad_scale_s = _time_device(lambda: p.grad.mul_(1.0 / scale), cpu, warmup=1, iters=settings.adam_steps)
     half = torch.empty(settings.adam_params, dtype=torch.bfloat16, pin_memory=torch.cuda.is_available())
-    cast_s = _median_s(lambda: half.copy_(p.data), settings.adam_steps)
+    cast_s = _time_device(lambda: half.copy_(p.data), cpu, warmup=1, iters=settings.adam_steps)
     return adam_s, grad_scale_s, cast_s
 
 
@@ -491,9 +479,8 @@ def time_cast_copies(settings: ProbeSettings) -> tuple[float, float]:
     n = settings.cast_copy_params
     dev = torch.device("cuda", 0)
 
-    def rate(dst: torch.Tensor, src: torch.Tensor) -> float:
-        return n / 1e9 / _median_s(lambda: dst.copy_(src), min(settings.adam_steps, 3),
-                                   lambda: torch.cuda.synchronize(dev))
+    def rate(dst: torch.Tensor, src: torch.Tensor) -> float:   # CUDA events: the host's conversion lies between them
+        return n / 1e9 / _time_device(lambda: dst.copy_(src), dev, warmup=1, iters=min(settings.adam_steps, 3))
 
     h2d = rate(torch.empty(n, dtype=torch.bfloat16, device=dev),
                torch.empty(n, dtype=torch.float32, pin_memory=True).fill_(1.0))
