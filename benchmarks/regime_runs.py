@@ -390,6 +390,24 @@ CASES = [
     ("z3offopt_opt67_14l_one_mb4x2", [*ONE, *LAYERS("opt-6.7b", 14), "train.global_batch=8", "plan.zero_stage=3",
                                       "plan.offload_optimizer=cpu", "plan.micro_batch=4", *AC], 170,
      "ZeRO-3 + optimizer offload, 14 of opt-6.7b's layers, 2 micro-batches per step"),
+    # 2026-12-01 session 14: the loss's logit-sized tensors in the engine build's clone block or segments of their
+    # own (sim/loss_blocks.py), optimizer offload at ZeRO 1-2 with checkpointing, on shapes and micro-batches no case
+    # ran: from no new segment (13B layers at 6) to one at the second step (opt-6.7b's 12 layers)
+    ("z2off_13b8l_one_mb6", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=6", "plan.zero_stage=2",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=6", *AC], 130,
+     "ZeRO-2 + optimizer offload, 8 of llama-2-13b's layers at micro-batch 6: the loss fits the clone's block"),
+    ("z2off_13b8l_one_mb7", [*ONE, *LAYERS("llama-2-13b", 8), "train.global_batch=7", "plan.zero_stage=2",
+                             "plan.offload_optimizer=cpu", "plan.micro_batch=7", *AC], 130,
+     "the same at micro-batch 7: one fp32 logit tensor in a segment of its own"),
+    ("z2off_7b16l_one_mb12", [*ONE, *L7B(16), "train.global_batch=12", "plan.zero_stage=2",
+                              "plan.offload_optimizer=cpu", "plan.micro_batch=12", *AC], 130,
+     "ZeRO-2 + optimizer offload, 16 of llama-2-7b's layers at micro-batch 12: two fp32 logit tensors outside it"),
+    ("z2off_opt67_12l_one_mb8", [*ONE, *LAYERS("opt-6.7b", 12), "train.global_batch=8", "plan.zero_stage=2",
+                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-2 + optimizer offload, 12 of opt-6.7b's layers: a third segment at the second step"),
+    ("z1off_opt67_10l_one_mb8", [*ONE, *LAYERS("opt-6.7b", 10), "train.global_batch=8", "plan.zero_stage=1",
+                                 "plan.offload_optimizer=cpu", "plan.micro_batch=8", *AC], 130,
+     "ZeRO-1 + optimizer offload, 10 of opt-6.7b's layers: all three fp32 logit tensors outside the clone's block"),
 ]
 
 

@@ -141,6 +141,7 @@ from meshpilot.orchestrator.sim.elementwise import elementwise_bytes_vs_llama
 from meshpilot.orchestrator.sim.estimate import SimulatorConstants
 from meshpilot.orchestrator.sim.flops import matmul_params
 from meshpilot.orchestrator.sim.host_memory import host_memory_terms, parameter_tensors
+from meshpilot.orchestrator.sim.loss_blocks import loss_segments
 
 
 # --- published formulas (paper mode, for tests and explanation) ----------------------------
@@ -589,6 +590,12 @@ def memory_terms(mt: ModelTerms, job: JobConfig, a: PlanArrays, c: SimulatorCons
         c.cuda_context_gib if on_gpu else c.cpu_worker_runtime_gib)
     # the engine's construction, before the first step (engine_build_terms): a peak of its own at stages 1-2
     build_alloc, build_reserved = engine_build_terms(a, pr, ps, n_max, w, on_gpu)
+    # with optimizer offload the steps find the build's free blocks: the loss's logit-sized tensors, larger than every
+    # construction block, go into the clone's block or segments of their own (sim/loss_blocks.py); with checkpointing
+    # nothing else that large is alive then
+    loss_new = loss_segments(off12 & on_gpu & (not hf) & a.checkpoints_activations, np.where(ps > n_max, w * ps, 0.0),
+                             a.micro_batch * float(job.train.seq_len), mt.vocab / a.tp, 4.0 * n_max)
+    build_reserved = build_reserved + loss_new
     # (blocks cached by the build belong to the compute stream's pool: the side streams' pools come on top)
     # the caching allocator keeps every block it was given; a block serves a later request only where that fits
     # inside it, so the big flat buffers of the step (the fp32 gradient partition and its 16-bit flat copy, a
